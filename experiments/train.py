@@ -1,0 +1,153 @@
+"""Train an MLP VAE with one optimizer and write metrics, parameters and image grids.
+
+Example:
+  python experiments/train.py --dataset mnist --data-dir ../shared/data/mnist \
+      --optimizer adam --lr 1e-3 --epochs 10 --batch-size 128 --seed 0 \
+      --binarize dynamic --workdir runs/adam
+
+Outputs in --workdir (each written atomically):
+  metrics.json      {"config", "history": [...], "final": {...}}
+  params/           orbax checkpoint of the final parameters (for --init-from)
+  reconstructions.png, samples.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import inspect
+import sys
+import time
+from pathlib import Path
+
+import jax
+import optax
+
+import savae_jax as sv
+from savae_jax import checkpoint
+
+# Optax's optimizer aliases: every public callable of optax whose first
+# parameter is `learning_rate` (adam, adamw, rmsprop, sgd, lion, ...).
+OPTAX_ALIASES = sorted(
+    name for name, fn in vars(optax).items()
+    if not name.startswith("_") and inspect.isfunction(fn)
+    and list(inspect.signature(fn).parameters)[:1] == ["learning_rate"]
+)
+
+
+def positive(kind):
+    """argparse type: a number > 0 of type ``kind``."""
+
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--dataset", default="digits", help=f"one of {', '.join(sv.data.DATASETS)}")
+    p.add_argument("--data-dir", default=None, help="folder with MNIST IDX files or a TFDS data dir")
+    p.add_argument("--optimizer", default="adam", help="an optax alias: adam, rmsprop, sgd, ...")
+    p.add_argument("--lr", type=positive(float), default=1e-3)
+    p.add_argument("--epochs", type=positive(int), default=10)
+    p.add_argument("--batch-size", type=positive(int), default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--binarize", choices=["dynamic", "static", "none"], default="dynamic")
+    p.add_argument("--hidden", type=positive(int), default=500)
+    p.add_argument("--latents", type=positive(int), default=20)
+    p.add_argument("--beta", type=float, default=1.0)
+    p.add_argument("--workdir", default="runs/train")
+    p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch log lines stay)")
+    return p
+
+
+def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
+    """``optax.<name>(lr)``; ValueError naming --optimizer for anything else."""
+    if name not in OPTAX_ALIASES:
+        raise ValueError(
+            f"--optimizer: unknown optimizer {name!r}; choose an optax alias such as "
+            f"adam, rmsprop or sgd (all: {', '.join(OPTAX_ALIASES)})"
+        )
+    return getattr(optax, name)(lr)
+
+
+def save_grids(workdir: Path, key, params, model, test_images, binarize) -> None:
+    """Write reconstructions.png (inputs over reconstructions) and samples.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    key_bin, key_rec, key_prior = jax.random.split(key, 3)
+    x = test_images[:16]
+    if binarize is not None:
+        x = sv.data.binarize(key_bin, x)
+    rec = sv.models.reconstruct(key_rec, params, model, x)
+    samples = sv.models.sample_prior(key_prior, params, model, 64, test_images.shape[1:])
+    for name, images, title in [
+        ("reconstructions.png", np.concatenate([np.asarray(x), np.asarray(rec)]),
+         "test inputs (top two rows) and reconstructions (bottom two)"),
+        ("samples.png", np.asarray(samples), "samples from the prior (Bernoulli means)"),
+    ]:
+        grid = sv.evaluation.image_grid(images)
+        fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1]))
+        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(title, fontsize=8)
+        ax.axis("off")
+        checkpoint.save_figure(fig, workdir / name)
+        plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        optimizer = make_optimizer(args.optimizer, args.lr)
+        workdir = Path(args.workdir)
+        if workdir.exists() and not workdir.is_dir():
+            raise ValueError(f"--workdir: {workdir} exists and is not a folder")
+        train = sv.load(args.dataset, "train", args.data_dir)
+        test = sv.load(args.dataset, "test", args.data_dir)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    binarize = None if args.binarize == "none" else args.binarize
+    config = vars(args) | {"backend": jax.default_backend(),
+                           "devices": [str(d) for d in jax.devices()]}
+
+    model = sv.MLPVAE(hidden=args.hidden, latents=args.latents)
+    key_init, key_fit, key_grid = jax.random.split(jax.random.key(args.seed), 3)
+    params = sv.models.init(key_init, model, train.images[:1])
+    loss_fn = sv.make_loss(model, beta=args.beta)
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    log(f"{args.dataset}: {len(train.images)} train / {len(test.images)} test images "
+        f"{train.images.shape[1:]}, {args.optimizer} lr={args.lr}, backend {jax.default_backend()}")
+
+    start = time.perf_counter()
+    params, history = sv.fit(
+        key_fit, params, loss_fn, optimizer, train, args.epochs, args.batch_size, test,
+        binarize=binarize, progress=not args.quiet, log=log,
+    )
+    metrics = {
+        "config": config,
+        "history": history,
+        "final": {
+            "test_neg_elbo": history[-1]["test_neg_elbo"],
+            "train_seconds": sum(row["seconds"] for row in history),
+            "wall_seconds": time.perf_counter() - start,
+        },
+    }
+    workdir.mkdir(parents=True, exist_ok=True)
+    checkpoint.save_params(workdir / "params", params)
+    save_grids(workdir, key_grid, params, model, test.images, binarize)
+    checkpoint.atomic_write_json(workdir / "metrics.json", metrics)
+    log(f"final test negative ELBO {metrics['final']['test_neg_elbo']:.3f} nats; "
+        f"wrote {workdir / 'metrics.json'}")
+    return metrics
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

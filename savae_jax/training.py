@@ -1,0 +1,223 @@
+"""One training loop for every optimizer: Optax transformations and annealers.
+
+``fit`` turns the optimizer into a pure ``step(key, state, x) -> (state, loss,
+stats)``, jit-compiles it once, and drives it over epochs of device-side
+batches. Gradient methods and simulated annealing therefore share the data
+order, the keys, the loss and the evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, NamedTuple
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from savae_jax import data as data_lib
+from savae_jax import evaluation
+
+
+class Algorithm(NamedTuple):
+    """An optimizer seen by ``fit``: pure functions over an opaque state.
+
+    Attributes:
+      init: ``init(params) -> state``.
+      step: ``step(key, state, x) -> (state, loss, stats)``; ``loss`` is the
+        training loss on ``x`` and ``stats`` a dict of scalar diagnostics.
+      params: ``params(state) -> params`` (the parameters to evaluate).
+    """
+
+    init: Callable[[Any], Any]
+    step: Callable[..., tuple[Any, jax.Array, dict]]
+    params: Callable[[Any], Any]
+
+
+def optax_algorithm(loss_fn, optimizer: optax.GradientTransformation) -> Algorithm:
+    """Wrap an Optax transformation: one gradient step per batch.
+
+    ``GradientTransformationExtraArgs`` (e.g. ``optax.lbfgs``) also receive
+    ``value``, ``grad`` and ``value_fn`` for the current batch and key.
+    """
+    extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
+
+    def init(params):
+        return params, optimizer.init(params)
+
+    def step(key, state, x):
+        params, opt_state = state
+        loss, grads = jax.value_and_grad(loss_fn)(params, key, x)
+        if extra_args:
+            updates, opt_state = optimizer.update(
+                grads, opt_state, params,
+                value=loss, grad=grads, value_fn=lambda p: loss_fn(p, key, x),
+            )
+        else:
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+        return (optax.apply_updates(params, updates), opt_state), loss, {}
+
+    return Algorithm(init, step, lambda state: state[0])
+
+
+def annealing_algorithm(annealer) -> Algorithm:
+    """Wrap a ``simulated_annealing(...)`` pair: one annealing step per batch.
+
+    The logged loss is the incumbent's loss on the batch after the step; the
+    stats are the temperature, radius and cumulative acceptance rate.
+    """
+
+    def step(key, state, x):
+        state, info = annealer.step(key, state, x)
+        stats = {
+            "temperature": info.temperature,
+            "radius": info.radius,
+            "acceptance_rate": info.acceptance_rate,
+        }
+        return state, info.loss, stats
+
+    return Algorithm(annealer.init, step, lambda state: state.params)
+
+
+def as_algorithm(loss_fn, optimizer) -> Algorithm:
+    """Turn what users pass as ``optimizer`` into an ``Algorithm``.
+
+    Accepts an ``optax.GradientTransformation``, an annealer (anything with
+    ``init`` and ``step``, as returned by ``annealing.simulated_annealing``),
+    or an ``Algorithm`` itself.
+    """
+    if isinstance(optimizer, Algorithm):
+        return optimizer
+    if isinstance(optimizer, optax.GradientTransformation):
+        return optax_algorithm(loss_fn, optimizer)
+    if hasattr(optimizer, "init") and hasattr(optimizer, "step"):
+        return annealing_algorithm(optimizer)
+    raise ValueError(
+        "optimizer must be an optax.GradientTransformation or an annealer with "
+        f"init/step (savae_jax.annealing.simulated_annealing), got {type(optimizer).__name__}"
+    )
+
+
+def make_train_step(algorithm: Algorithm, binarize: str | None = None, static_seed: int = 0):
+    """The per-batch step ``fit`` jits: gather and binarise the batch, then step.
+
+    Returns ``train_step(state, key, images, idx) -> (state, loss, stats)``;
+    ``images`` stays on the device and ``idx`` selects the batch, so no data
+    crosses from the host inside the loop.
+    """
+
+    def train_step(state, key, images, idx):
+        key_batch, key_step = jax.random.split(key)
+        x = data_lib.make_batch(images, idx, key_batch, binarize, static_seed)
+        return algorithm.step(key_step, state, x)
+
+    return train_step
+
+
+def _images(data, name: str):
+    images = data.images if hasattr(data, "images") else data
+    data_lib.validate_images(images, name=name)
+    return jnp.asarray(images, jnp.float32)
+
+
+def fit(
+    key: jax.Array,
+    params,
+    loss_fn,
+    optimizer,
+    train,
+    epochs: int,
+    batch_size: int = 128,
+    test=None,
+    *,
+    binarize: str | None = None,
+    static_seed: int = 0,
+    eval_key: jax.Array | None = None,
+    eval_batch_size: int = 1000,
+    progress: bool = False,
+    log: Callable[[str], None] | None = None,
+):
+    """Train ``params`` on ``train`` with any optimizer; one jit compile in all.
+
+    Args:
+      key: PRNG key; epoch ``e`` uses ``fold_in(key, e)`` (split into the
+        permutation key and one key per step), so a run is a pure function
+        of ``key`` and resuming at an epoch boundary is exact.
+      params: initial parameters (e.g. ``models.init(...)``).
+      loss_fn: ``loss_fn(params, key, x) -> scalar`` (``make_loss(model)``).
+      optimizer: an ``optax.GradientTransformation``, an annealer from
+        ``annealing.simulated_annealing``, or an ``Algorithm``.
+      train: a ``data.Dataset`` or an (N, H, W, C) array in [0, 1].
+      epochs: number of passes over ``train`` (>= 1).
+      batch_size: examples per step; the last partial batch is dropped.
+      test: optional held-out ``Dataset``/array; its mean loss over every
+        example at ``eval_key`` is recorded after each epoch.
+      binarize: None, "dynamic" or "static" (see ``data.make_batch``); the test
+        set is binarised the same way at the fixed evaluation key.
+      static_seed: seed of the "static" binarisation.
+      eval_key: evaluation key; default ``jax.random.key(evaluation.EVAL_SEED)``.
+      eval_batch_size: chunk size of the test evaluation.
+      progress: show a tqdm bar with the running loss.
+      log: called with one line of text per epoch (e.g. ``print``).
+    Returns:
+      ``(params, history)``: final parameters and a list of per-epoch dicts
+      ``{"epoch", "train_loss", "test_neg_elbo", "seconds", **stats}``;
+      ``seconds`` is the epoch's training time (evaluation excluded).
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    if binarize not in data_lib.BINARIZE:
+        raise ValueError(f"binarize must be one of {data_lib.BINARIZE}, got {binarize!r}")
+    images = _images(train, "train")
+    test_images = None if test is None else _images(test, "test")
+    num_examples = images.shape[0]
+    steps_per_epoch = data_lib.num_batches(num_examples, batch_size)
+    algorithm = as_algorithm(loss_fn, optimizer)
+    # Compiled once: a second trace (new shapes or a Python value that leaks
+    # into the trace) would be a bug, so it fails loudly.
+    train_step = jax.jit(chex.assert_max_traces(make_train_step(algorithm, binarize, static_seed), n=1))
+
+    state = algorithm.init(params)
+    history = []
+    for epoch in range(epochs):
+        key_perm, key_steps = jax.random.split(jax.random.fold_in(key, epoch))
+        idx = data_lib.epoch_indices(key_perm, num_examples, batch_size)
+        step_keys = jax.random.split(key_steps, steps_per_epoch)
+        start = time.perf_counter()
+        loss_sum = jnp.zeros(())
+        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}",
+                   disable=not progress, leave=False)
+        for i in bar:
+            state, loss, stats = train_step(state, step_keys[i], images, idx[i])
+            loss_sum = loss_sum + loss
+            # Reading the loss syncs with the device: only a few times per epoch.
+            if progress and (i + 1) % max(1, steps_per_epoch // 20) == 0:
+                bar.set_postfix(loss=f"{float(loss_sum) / (i + 1):.3f}")
+        train_loss = float(loss_sum) / steps_per_epoch
+        seconds = time.perf_counter() - start
+        bar.close()
+        row = {"epoch": epoch + 1, "train_loss": train_loss, "test_neg_elbo": None,
+               "seconds": seconds}
+        row.update({name: float(value) for name, value in stats.items()})
+        if test_images is not None:
+            row["test_neg_elbo"] = evaluation.evaluate(
+                loss_fn, algorithm.params(state), test_images, eval_key,
+                eval_batch_size, binarize, static_seed,
+            )
+        history.append(row)
+        if log is not None:
+            log(format_row(row))
+    return algorithm.params(state), history
+
+
+def format_row(row: dict) -> str:
+    """One human-readable log line for a history row."""
+    parts = [f"epoch {row['epoch']}", f"train_loss {row['train_loss']:.3f}"]
+    if row.get("test_neg_elbo") is not None:
+        parts.append(f"test_neg_elbo {row['test_neg_elbo']:.3f}")
+    parts.append(f"{row['seconds']:.2f}s")
+    parts += [f"{k} {v:.4g}" for k, v in row.items()
+              if k not in ("epoch", "train_loss", "test_neg_elbo", "seconds")]
+    return "  ".join(parts)
