@@ -112,6 +112,9 @@ def main(argv=None) -> dict:
             raise ValueError(f"--workdir: {workdir} exists and is not a folder")
         train = sv.load(args.dataset, "train", args.data_dir)
         test = sv.load(args.dataset, "test", args.data_dir)
+        if args.batch_size > len(train.images):
+            raise ValueError(f"--batch-size: {args.batch_size} is larger than the "
+                             f"{len(train.images)} training images")
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     binarize = None if args.binarize == "none" else args.binarize

@@ -15,15 +15,24 @@ from savae_jax import data as data_lib
 EVAL_SEED = 0
 
 
-def per_example_loss(loss_fn, params, key: jax.Array, x: jax.Array) -> jax.Array:
-    """``loss_fn`` on each example alone, example i with key ``fold_in(key, i)``.
+def per_example_loss(loss_fn, params, key: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
+    """``loss_fn`` on each example alone; example ``index[i]`` uses ``fold_in(key, index[i])``.
 
-    Works for any ``loss_fn(params, key, x) -> scalar`` that averages over the
-    batch: with a batch of one the mean is that example's loss.
-    Returns an array of shape (B,).
+    Keying by the example's index in the dataset (not its place in a chunk)
+    makes the result independent of how the data is chunked. Works for any
+    ``loss_fn(params, key, x) -> scalar`` that averages over the batch: with a
+    batch of one the mean is that example's loss. Returns shape (B,).
     """
-    keys = jax.vmap(functools.partial(jax.random.fold_in, key))(jnp.arange(x.shape[0]))
+    keys = jax.vmap(functools.partial(jax.random.fold_in, key))(index)
     return jax.vmap(lambda k, xi: loss_fn(params, k, xi[None]))(keys, x)
+
+
+def _eval_images(images, idx, key, binarize, static_seed):
+    """The examples ``idx``; "dynamic" binarisation is keyed per example index too."""
+    if binarize != "dynamic":
+        return data_lib.make_batch(images, idx, None, binarize, static_seed)
+    keys = jax.vmap(functools.partial(jax.random.fold_in, key))(idx)
+    return jax.vmap(data_lib.binarize)(keys, images[idx])
 
 
 @functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size", "binarize", "static_seed"))
@@ -32,19 +41,17 @@ def _evaluate(loss_fn, params, key, images, *, batch_size, binarize, static_seed
     num_chunks = -(-n // batch_size)
     # Pad the index list to whole chunks; padded slots are masked out below.
     idx = jnp.arange(num_chunks * batch_size, dtype=jnp.int32)
-    mask = (idx < n).astype(jnp.float32).reshape(num_chunks, batch_size)
+    mask = (idx < n).reshape(num_chunks, batch_size)
     idx = jnp.where(idx < n, idx, 0).reshape(num_chunks, batch_size)
     key_bin, key_loss = jax.random.split(key)
 
     def chunk_sum(args):
-        i, chunk_idx, chunk_mask = args
-        x = data_lib.make_batch(
-            images, chunk_idx, jax.random.fold_in(key_bin, i), binarize, static_seed
-        )
-        losses = per_example_loss(loss_fn, params, jax.random.fold_in(key_loss, i), x)
-        return jnp.sum(jnp.where(chunk_mask > 0, losses, 0.0))
+        chunk_idx, chunk_mask = args
+        x = _eval_images(images, chunk_idx, key_bin, binarize, static_seed)
+        losses = per_example_loss(loss_fn, params, key_loss, x, chunk_idx)
+        return jnp.sum(jnp.where(chunk_mask, losses, 0.0))
 
-    sums = jax.lax.map(chunk_sum, (jnp.arange(num_chunks), idx, mask))
+    sums = jax.lax.map(chunk_sum, (idx, mask))
     return jnp.sum(sums) / n
 
 
