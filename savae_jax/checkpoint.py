@@ -87,3 +87,61 @@ def load_params(path, like=None, name: str = "path"):
                 f"(expected {expected}, found {got})"
             )
     return restored
+
+
+class RunCheckpointer:
+    """Whole-run checkpoints: a state pytree plus JSON metadata, every few steps.
+
+    Orbax writes each checkpoint into a temporary folder and renames it when
+    complete, so a process killed mid-write leaves the previous checkpoints
+    intact. ``restore`` walks back from the newest step and skips (and
+    reports) any checkpoint it cannot read.
+
+    Args:
+      directory: folder holding one sub-folder per saved step.
+      max_to_keep: how many recent checkpoints survive (>= 2 so a damaged
+        newest one still has a predecessor).
+    """
+
+    def __init__(self, directory, max_to_keep: int = 2):
+        if max_to_keep < 2:
+            raise ValueError(f"max_to_keep must be >= 2, got {max_to_keep}")
+        self.directory = Path(directory).absolute()
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
+        )
+        self._manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def steps(self) -> list[int]:
+        """Steps with a committed checkpoint, oldest first."""
+        self._manager.reload()
+        return sorted(self._manager.all_steps())
+
+    def save(self, step: int, state, meta: dict) -> None:
+        """Save ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``; blocks until committed."""
+        args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+        self._manager.save(step, args=args, force=True)
+        self._manager.wait_until_finished()
+
+    def restore(self, like, log=None):
+        """The newest readable checkpoint as ``(step, state, meta)``, or None if there is none.
+
+        Args:
+          like: a pytree with the saved state's structure, shapes and dtypes.
+          log: called with a message for every checkpoint that had to be skipped.
+        """
+        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+        for step in reversed(self.steps()):
+            try:
+                restored = self._manager.restore(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+            except Exception as err:  # a damaged checkpoint: report it, use the one before
+                if log is not None:
+                    log(f"checkpoint {self.directory / str(step)} is unreadable "
+                        f"({type(err).__name__}: {str(err)[:200]}); trying the previous one")
+                continue
+            return step, restored["state"], restored["meta"]
+        return None
+
+    def close(self) -> None:
+        self._manager.close()

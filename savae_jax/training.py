@@ -121,6 +121,61 @@ def _images(data, name: str):
     return jnp.asarray(images, jnp.float32)
 
 
+def epoch_plan(key: jax.Array, epoch: int, num_examples: int, batch_size: int):
+    """Batch indices (steps, batch_size) and one key per step for ``epoch``.
+
+    A pure function of ``(key, epoch)``: any step of any epoch can be
+    recomputed, which is what makes resuming mid-epoch exact.
+    """
+    key_perm, key_steps = jax.random.split(jax.random.fold_in(key, epoch))
+    idx = data_lib.epoch_indices(key_perm, num_examples, batch_size)
+    return idx, jax.random.split(key_steps, idx.shape[0])
+
+
+def iterate(
+    key: jax.Array,
+    algorithm: Algorithm,
+    state,
+    images: jax.Array,
+    batch_size: int = 128,
+    *,
+    binarize: str | None = None,
+    static_seed: int = 0,
+    start_step: int = 0,
+):
+    """Run ``algorithm`` step after step; yields ``(step, state, loss, stats)`` forever.
+
+    Step ``s`` (counted from 0) uses batch ``s % steps_per_epoch`` of epoch
+    ``s // steps_per_epoch`` and that batch's key from ``epoch_plan``, so
+    ``iterate(..., start_step=s)`` from a saved state continues exactly as an
+    uninterrupted run would. The step is jit-compiled once; the caller
+    decides when to stop, evaluate or save. ``step`` in the output counts the
+    steps done so far (``start_step + 1`` for the first).
+
+    Args:
+      key: the run's key (the same one for every step; see ``epoch_plan``).
+      algorithm: an ``Algorithm`` (see ``as_algorithm``).
+      state: its state (``algorithm.init(params)`` or a restored one).
+      images: (N, H, W, C) float32 array in [0, 1], validated by the caller.
+      batch_size: examples per step; the remainder of each epoch is dropped.
+      binarize, static_seed: as in ``data.make_batch``.
+      start_step: number of steps already done.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    steps_per_epoch = data_lib.num_batches(images.shape[0], batch_size)
+    train_step = jax.jit(make_train_step(algorithm, binarize, static_seed))
+    step, epoch, plan = start_step, None, None
+    while True:
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            plan = epoch_plan(key, epoch, images.shape[0], batch_size)
+        idx, step_keys = plan
+        i = step % steps_per_epoch
+        state, loss, stats = train_step(state, step_keys[i], images, idx[i])
+        step += 1
+        yield step, state, loss, stats
+
+
 def fit(
     key: jax.Array,
     params,
@@ -140,10 +195,12 @@ def fit(
 ):
     """Train ``params`` on ``train`` with any optimizer; one jit compile in all.
 
+    To refine a gradient optimum by annealing (x0 = x*), call ``fit`` twice:
+    first with an Optax optimizer, then with an annealer from the result.
+
     Args:
-      key: PRNG key; epoch ``e`` uses ``fold_in(key, e)`` (split into the
-        permutation key and one key per step), so a run is a pure function
-        of ``key`` and resuming at an epoch boundary is exact.
+      key: PRNG key; epoch ``e`` uses ``fold_in(key, e)`` (see ``epoch_plan``),
+        so a run is a pure function of ``key``.
       params: initial parameters (e.g. ``models.init(...)``).
       loss_fn: ``loss_fn(params, key, x) -> scalar`` (``make_loss(model)``).
       optimizer: an ``optax.GradientTransformation``, an annealer from
@@ -171,25 +228,19 @@ def fit(
         raise ValueError(f"binarize must be one of {data_lib.BINARIZE}, got {binarize!r}")
     images = _images(train, "train")
     test_images = None if test is None else _images(test, "test")
-    num_examples = images.shape[0]
-    steps_per_epoch = data_lib.num_batches(num_examples, batch_size)
+    steps_per_epoch = data_lib.num_batches(images.shape[0], batch_size)
     algorithm = as_algorithm(loss_fn, optimizer)
-    # Compiled once per fit: every step sees the same shapes and dtypes
-    # (tests/test_training.py counts the traces).
-    train_step = jax.jit(make_train_step(algorithm, binarize, static_seed))
+    steps = iterate(key, algorithm, algorithm.init(params), images, batch_size,
+                    binarize=binarize, static_seed=static_seed)
 
-    state = algorithm.init(params)
     history = []
     for epoch in range(epochs):
-        key_perm, key_steps = jax.random.split(jax.random.fold_in(key, epoch))
-        idx = data_lib.epoch_indices(key_perm, num_examples, batch_size)
-        step_keys = jax.random.split(key_steps, steps_per_epoch)
         start = time.perf_counter()
         loss_sum = jnp.zeros(())
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{epochs}",
                    disable=not progress, leave=False)
         for i in bar:
-            state, loss, stats = train_step(state, step_keys[i], images, idx[i])
+            _, state, loss, stats = next(steps)
             loss_sum = loss_sum + loss
             # Reading the loss syncs with the device: only a few times per epoch.
             if progress and (i + 1) % max(1, steps_per_epoch // 20) == 0:

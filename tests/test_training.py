@@ -115,3 +115,24 @@ def test_bad_fit_arguments_name_the_argument(digits, change, name):
     kwargs.update(change)
     with pytest.raises(ValueError, match=name):
         sv.fit(**kwargs)
+
+
+def test_iterate_resumes_mid_epoch_exactly(digits):
+    train, _ = digits
+    _, params, loss_fn = small_setup(train.images)
+    algorithm = sv.training.as_algorithm(loss_fn, optax.adam(1e-3))
+    images = jnp.asarray(train.images)
+    key = jax.random.key(4)
+
+    def run(state, start, stop):
+        for step, state, loss, _ in sv.training.iterate(key, algorithm, state, images, 128,
+                                                         binarize="dynamic", start_step=start):
+            if step == stop:
+                return state, loss
+
+    # 11 steps per epoch: stop at 7 (mid-epoch 0), resume to 25 (mid-epoch 2).
+    straight, loss_straight = run(algorithm.init(params), 0, 25)
+    halfway, _ = run(algorithm.init(params), 0, 7)
+    resumed, loss_resumed = run(halfway, 7, 25)
+    chex.assert_trees_all_equal(straight, resumed)
+    assert float(loss_straight) == float(loss_resumed)
