@@ -118,7 +118,13 @@ class RunCheckpointer:
         return sorted(self._manager.all_steps())
 
     def save(self, step: int, state, meta: dict) -> None:
-        """Save ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``; blocks until committed."""
+        """Save ``state`` (a pytree of arrays) and ``meta`` (JSON) as ``step``; blocks until committed.
+
+        Saving a step that exists replaces it (the older checkpoints stay as
+        the fallback while the new one is written).
+        """
+        if step in self.steps():
+            self._manager.delete(step)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
@@ -127,20 +133,25 @@ class RunCheckpointer:
         """The newest readable checkpoint as ``(step, state, meta)``, or None if there is none.
 
         Args:
-          like: a pytree with the saved state's structure, shapes and dtypes.
+          like: a pytree with the saved state's structure, shapes and dtypes,
+            or a function ``meta -> pytree`` when the structure depends on the
+            metadata (e.g. which phase of a run was saved).
           log: called with a message for every checkpoint that had to be skipped.
         """
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
         for step in reversed(self.steps()):
             try:
-                restored = self._manager.restore(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+                meta = self._manager.restore(
+                    step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                template = like(meta) if callable(like) else like
+                target = jax.tree.map(ocp.utils.to_shape_dtype_struct, template)
+                state = self._manager.restore(
+                    step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
             except Exception as err:  # a damaged checkpoint: report it, use the one before
                 if log is not None:
                     log(f"checkpoint {self.directory / str(step)} is unreadable "
                         f"({type(err).__name__}: {str(err)[:200]}); trying the previous one")
                 continue
-            return step, restored["state"], restored["meta"]
+            return step, state, meta
         return None
 
     def close(self) -> None:

@@ -143,13 +143,14 @@ def iterate(
     static_seed: int = 0,
     start_step: int = 0,
 ):
-    """Run ``algorithm`` step after step; yields ``(step, state, loss, stats)`` forever.
+    """Compile ``algorithm``'s step, then return an iterator of ``(step, state, loss, stats)``.
 
     Step ``s`` (counted from 0) uses batch ``s % steps_per_epoch`` of epoch
     ``s // steps_per_epoch`` and that batch's key from ``epoch_plan``, so
     ``iterate(..., start_step=s)`` from a saved state continues exactly as an
-    uninterrupted run would. The step is jit-compiled once; the caller
-    decides when to stop, evaluate or save. ``step`` in the output counts the
+    uninterrupted run would. The step is compiled once, before this function
+    returns; the iterator never ends: the caller decides when to stop,
+    evaluate or save. ``step`` in the output counts the
     steps done so far (``start_step + 1`` for the first).
 
     Args:
@@ -163,8 +164,16 @@ def iterate(
     """
     images = jnp.asarray(images, jnp.float32)
     steps_per_epoch = data_lib.num_batches(images.shape[0], batch_size)
-    train_step = jax.jit(make_train_step(algorithm, binarize, static_seed))
-    step, epoch, plan = start_step, None, None
+    # Compile ahead of time, here rather than at the first step, so callers
+    # that time the steps do not time the compiler.
+    idx, step_keys = epoch_plan(key, start_step // steps_per_epoch, images.shape[0], batch_size)
+    train_step = jax.jit(make_train_step(algorithm, binarize, static_seed)).lower(
+        state, step_keys[0], images, idx[0]).compile()
+    return _steps(train_step, key, state, images, batch_size, steps_per_epoch, start_step)
+
+
+def _steps(train_step, key, state, images, batch_size, steps_per_epoch, step):
+    epoch, plan = None, None
     while True:
         if step // steps_per_epoch != epoch:
             epoch = step // steps_per_epoch
