@@ -1,0 +1,71 @@
+"""Simulated annealing for any parameter pytree (blackjax-style, optax-style schedules).
+
+    sa = simulated_annealing(loss_fn, num_proposals=256,
+                             proposal=low_rank(scale=1e-3, rank=1),
+                             temperature=exponential(t0=1.0, decay=0.999),
+                             acceptance=metropolis())
+    state = sa.init(params)
+    state, info = jax.jit(sa.step)(key, state, batch)
+"""
+
+from savae_jax.annealing.acceptance import Acceptance, greedy, metropolis, threshold
+from savae_jax.annealing.kernel import (
+    AnnealInfo,
+    AnnealState,
+    ScheduleState,
+    SimulatedAnnealing,
+    build_kernel,
+    init,
+    simulated_annealing,
+)
+from savae_jax.annealing.optax import as_optax
+from savae_jax.annealing.proposals import Prepared, Proposal, cauchy, gaussian, langevin, low_rank
+from savae_jax.annealing.schedules import (
+    AdaptiveState,
+    ReheatState,
+    Schedule,
+    ScheduleEvent,
+    StatefulSchedule,
+    adaptive,
+    as_stateful,
+    constant,
+    exponential,
+    fast,
+    linear,
+    logarithmic,
+    reheat,
+)
+
+__all__ = [
+    "Acceptance",
+    "AdaptiveState",
+    "AnnealInfo",
+    "AnnealState",
+    "Prepared",
+    "Proposal",
+    "ReheatState",
+    "Schedule",
+    "ScheduleEvent",
+    "ScheduleState",
+    "SimulatedAnnealing",
+    "StatefulSchedule",
+    "adaptive",
+    "as_optax",
+    "as_stateful",
+    "build_kernel",
+    "cauchy",
+    "constant",
+    "exponential",
+    "fast",
+    "gaussian",
+    "greedy",
+    "init",
+    "langevin",
+    "linear",
+    "logarithmic",
+    "low_rank",
+    "metropolis",
+    "reheat",
+    "simulated_annealing",
+    "threshold",
+]
