@@ -66,6 +66,7 @@ def run_method(
     binarize: str | None,
     eval_every: int,
     budget_evals: int,
+    checkpoint_every: int | None = None,
     budget_seconds: float | None = None,
     checkpoint_dir=None,
     resume: bool = False,
@@ -83,7 +84,10 @@ def run_method(
       images, test_images: validated (N, H, W, C) arrays in [0, 1].
       loss_fn: the shared ``loss_fn(params, key, x)``; also the evaluation.
       batch_size, binarize: as in ``training.iterate``.
-      eval_every: steps between history rows (and checkpoints).
+      eval_every: steps between history rows.
+      checkpoint_every: steps between checkpoints, a multiple of
+        ``eval_every`` (checkpoints are taken at rows); None: every row. The
+        end of the method is always saved.
       budget_evals: evaluations the method may spend; phase ``p`` gets
         ``share * budget_evals`` and stops before it would exceed that.
       budget_seconds: optional wall-clock budget of training time (evaluation
@@ -103,6 +107,10 @@ def run_method(
     """
     if eval_every < 1:
         raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    checkpoint_every = checkpoint_every or eval_every
+    if checkpoint_every < 1 or checkpoint_every % eval_every:
+        raise ValueError(f"checkpoint_every must be a positive multiple of eval_every={eval_every}, "
+                         f"got {checkpoint_every}")
     saver = None if checkpoint_dir is None else checkpoint.RunCheckpointer(checkpoint_dir)
     pos, history = Position(), []
     state = phases[0].algorithm.init(params)
@@ -162,7 +170,8 @@ def run_method(
         bar.update(phase.cost * count)
         bar.set_postfix({k: f"{row[k]:.3g}" for k in ("train_loss", "temperature", "acceptance_rate")
                          if k in row})
-        save(finished=False)
+        if pos.total_steps % checkpoint_every == 0:
+            save(finished=False)
     bar.close()
     save(finished=True)
     return phases[pos.phase].algorithm.params(state), history

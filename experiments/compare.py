@@ -1,0 +1,343 @@
+"""Compare simulated annealing, hybrids and Optax baselines at equal budgets.
+
+    python experiments/compare.py                      # digits, every method, ~2 min on 2 CPU cores
+    python experiments/compare.py --dataset mnist --data-dir ../shared/data/mnist \
+        --budget-evals 300000 --workdir runs/compare-mnist
+
+Every method starts from the same parameters (same init key), sees the same
+data order and keys, minimises the same loss and is scored by the same
+evaluation (full test set, fixed evaluation key). Budgets are in loss
+evaluations (one forward pass of one batch; a gradient step counts 3) and,
+with --budget-seconds, in training seconds too.
+
+Methods: adam, rmsprop, sgd (Optax); sa (annealing from the random init);
+sa-refine (Adam for a share of the budget, then annealing from its optimum);
+langevin-sa (annealing with gradient-informed Langevin proposals).
+
+Outputs in --workdir (each file written atomically): config.json,
+results.json, history_<method>.csv, summary.md, test_neg_elbo_vs_seconds.png,
+test_neg_elbo_vs_evals.png, sa_traces.png, reconstructions_<method>.png,
+samples_<method>.png; checkpoints/<method>/ (run state, for --resume) and
+params/<method>/ (final parameters).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+import savae_jax as sv  # noqa: E402
+from savae_jax import checkpoint, runner, training  # noqa: E402
+
+METHODS = ("adam", "rmsprop", "sgd", "sa", "sa-refine", "langevin-sa")
+
+# Per-method hyperparameters; --config FILE and --set METHOD.KEY=VALUE override them.
+METHOD_DEFAULTS = {
+    "adam": {"lr": 1e-3},
+    "rmsprop": {"lr": 1e-3},
+    "sgd": {"lr": 1e-2},
+    "sa": {"proposal": "low_rank", "proposals": 64, "scale": 0.02, "t0": 0.5, "decay": 0.995},
+    "sa-refine": {"adam_share": 0.5, "adam_lr": 1e-3, "proposal": "low_rank", "proposals": 64,
+                  "scale": 0.002, "t0": 0.05, "decay": 0.99},
+    "langevin-sa": {"proposal": "langevin", "proposals": 16, "langevin_step": 1e-3,
+                    "langevin_optimizer": "adam", "langevin_lr": 1e-3, "t0": 0.01, "decay": 0.995},
+}
+
+DEFAULTS = {
+    "dataset": "digits",
+    "data_dir": None,
+    "methods": ",".join(METHODS),
+    "budget_evals": 30000,
+    "budget_seconds": None,
+    "seed": 0,
+    "batch_size": 128,
+    "binarize": "dynamic",
+    "hidden": 500,
+    "latents": 20,
+    "eval_every": 100,
+    "checkpoint_every": 500,
+    "method_config": METHOD_DEFAULTS,
+}
+
+# Settings that may differ between a run and its --resume.
+NOT_COMPARED = ("resume", "quiet", "workdir")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add = p.add_argument
+    add("--dataset", help=f"one of {', '.join(sv.data.DATASETS)} (default digits)")
+    add("--data-dir", help="folder with MNIST IDX files or a TFDS data dir")
+    add("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
+    add("--budget-evals", type=int, help="loss evaluations per method (default 30000)")
+    add("--budget-seconds", type=float, help="training seconds per method (optional)")
+    add("--seed", type=int, help="one seed for init, data order and every method's keys")
+    add("--batch-size", type=int)
+    add("--binarize", choices=["dynamic", "static", "none"])
+    add("--hidden", type=int)
+    add("--latents", type=int)
+    add("--eval-every", type=int, help="steps between test evaluations (default 100)")
+    add("--checkpoint-every", type=int, help="steps between checkpoints, a multiple of --eval-every (default 500)")
+    add("--config", help="JSON file with any of these settings (flags win over it)")
+    add("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
+        help="override one method hyperparameter, e.g. --set sa.scale=0.05 (JSON values)")
+    add("--workdir", default="runs/compare")
+    add("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
+    add("--quiet", action="store_true", help="no progress bars")
+    return p
+
+
+def resolve_config(args) -> dict:
+    """Defaults, then --config FILE, then flags, then --set; validated. ValueError names the flag."""
+    config = json.loads(json.dumps(DEFAULTS))
+    if args.config:
+        try:
+            from_file = json.loads(Path(args.config).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"--config: cannot read {args.config}: {err}") from err
+        unknown = set(from_file) - set(DEFAULTS)
+        if unknown:
+            raise ValueError(f"--config: unknown settings {sorted(unknown)}")
+        for method, overrides in from_file.pop("method_config", {}).items():
+            config["method_config"].setdefault(method, {}).update(overrides)
+        config.update(from_file)
+    for key in DEFAULTS:
+        value = getattr(args, key, None)
+        if value is not None and key != "method_config":
+            config[key] = value
+    for item in args.set:
+        target, sep, raw = item.partition("=")
+        method, dot, name = target.partition(".")
+        if not (sep and dot and name):
+            raise ValueError(f"--set: expected METHOD.KEY=VALUE, got {item!r}")
+        if method not in METHODS:
+            raise ValueError(f"--set: unknown method {method!r} in {item!r}; choose from {', '.join(METHODS)}")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw  # a bare word such as gaussian
+        config["method_config"][method][name] = value
+
+    methods = [m.strip() for m in str(config["methods"]).split(",") if m.strip()]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or not methods:
+        raise ValueError(f"--methods: unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
+    config["methods"] = ",".join(methods)
+    if config["dataset"] not in sv.data.DATASETS:
+        raise ValueError(f"--dataset: unknown dataset {config['dataset']!r}; choose from "
+                         f"{', '.join(sv.data.DATASETS)}")
+    for key in ("budget_evals", "batch_size", "hidden", "latents", "eval_every", "checkpoint_every"):
+        if not (isinstance(config[key], int) and config[key] > 0):
+            raise ValueError(f"--{key.replace('_', '-')}: must be a positive integer, got {config[key]!r}")
+    if config["checkpoint_every"] % config["eval_every"]:
+        raise ValueError(f"--checkpoint-every: must be a multiple of --eval-every "
+                         f"({config['eval_every']}), got {config['checkpoint_every']}")
+    if config["budget_seconds"] is not None and not config["budget_seconds"] > 0:
+        raise ValueError(f"--budget-seconds: must be > 0, got {config['budget_seconds']}")
+    if config["binarize"] not in ("dynamic", "static", "none"):
+        raise ValueError(f"--binarize: must be dynamic, static or none, got {config['binarize']!r}")
+    return config
+
+
+def build_phases(method: str, settings: dict, loss_fn) -> list[runner.Phase]:
+    """A method's phases from its settings (ValueError names the offending --set key)."""
+    prefix = f"--set {method}."
+    if method in ("adam", "rmsprop", "sgd"):
+        optimizer = common.make_optimizer(method, settings["lr"], f"{prefix}lr")
+        return [runner.Phase(method, training.as_algorithm(loss_fn, optimizer), runner.GRAD_COST)]
+    sa_settings = {k: v for k, v in settings.items() if k not in ("adam_share", "adam_lr")}
+    annealer = training.as_algorithm(loss_fn, common.make_annealer(loss_fn, sa_settings, prefix))
+    sa_phase = runner.Phase("sa", annealer, common.annealing_cost(sa_settings))
+    if method != "sa-refine":
+        return [sa_phase]
+    share = settings["adam_share"]
+    if not 0 < share < 1:
+        raise ValueError(f"{prefix}adam_share: must be in (0, 1), got {share}")
+    adam = common.make_optimizer("adam", settings["adam_lr"], f"{prefix}adam_lr")
+    return [runner.Phase("adam", training.as_algorithm(loss_fn, adam), runner.GRAD_COST, share),
+            sa_phase._replace(share=1 - share)]
+
+
+def check_workdir(workdir: Path, config: dict, resume: bool) -> None:
+    """Refuse an unusable workdir before any training (errors name --workdir / --resume)."""
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir: {workdir} exists and is not a folder")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_bytes(workdir / ".write-test", b"")
+        (workdir / ".write-test").unlink()
+    except OSError as err:
+        raise ValueError(f"--workdir: cannot write to {workdir}: {err}") from err
+    saved_path = workdir / "config.json"
+    if not saved_path.exists():
+        return
+    if not resume:
+        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it "
+                         "or choose another --workdir (nothing was overwritten)")
+    saved = json.loads(saved_path.read_text())["config"]
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
+             for k in sorted(set(saved) | set(config))
+             if k not in NOT_COMPARED and saved.get(k) != config.get(k)]
+    if diffs:
+        raise ValueError("--resume: the run in --workdir has a different config:\n  " + "\n  ".join(diffs))
+
+
+def environment() -> dict:
+    versions = {name: metadata.version(name) for name in
+                ("jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy", "savae_jax")}
+    return {"versions": versions, "python": sys.version.split()[0], "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "device_kind": jax.devices()[0].device_kind}
+
+
+def summarize(results: dict, config: dict) -> str:
+    """summary.md: methods ranked by final test negative ELBO, with ratios to Adam."""
+    ranked = sorted(results.items(), key=lambda item: item[1]["final_test_neg_elbo"])
+    ref = results.get("adam")
+    lines = [f"# {config['dataset']}: budget {config['budget_evals']} evaluations per method"
+             + (f", {config['budget_seconds']} s" if config["budget_seconds"] else ""),
+             "",
+             "| rank | method | final test -ELBO (nats) | best test -ELBO | evals | steps | seconds "
+             "| evals / Adam | time / Adam |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for rank, (name, r) in enumerate(ranked, 1):
+        ratio = lambda key: f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"  # noqa: E731
+        lines.append(f"| {rank} | {name} | {r['final_test_neg_elbo']:.2f} | {r['best_test_neg_elbo']:.2f} "
+                     f"| {r['evals']} | {r['steps']} | {r['seconds']:.1f} | {ratio('evals')} | {ratio('seconds')} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(path: Path, history: list[dict]) -> None:
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns)
+    writer.writeheader()
+    writer.writerows(history)
+    checkpoint.atomic_write_text(path, buf.getvalue())
+
+
+def plot(workdir: Path, results: dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for axis, label in (("seconds", "training seconds"), ("evals", "loss evaluations")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, r in results.items():
+            ax.plot([row[axis] for row in r["history"]], [row["test_neg_elbo"] for row in r["history"]],
+                    label=name, marker=".")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test negative ELBO (nats)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        checkpoint.save_figure(fig, workdir / f"test_neg_elbo_vs_{axis}.png")
+        plt.close(fig)
+    annealed = {n: r for n, r in results.items() if any("temperature" in row for row in r["history"])}
+    if annealed:
+        fig, (ax_t, ax_a) = plt.subplots(1, 2, figsize=(10, 3.5))
+        for name, r in annealed.items():
+            rows = [row for row in r["history"] if "temperature" in row]
+            ax_t.plot([row["step"] for row in rows], [row["temperature"] for row in rows], label=name)
+            ax_a.plot([row["step"] for row in rows], [row["acceptance_rate"] for row in rows], label=name)
+        ax_t.set(xlabel="step", ylabel="temperature (nats)", yscale="log")
+        ax_a.set(xlabel="step", ylabel="cumulative acceptance rate")
+        ax_t.legend()
+        checkpoint.save_figure(fig, workdir / "sa_traces.png")
+        plt.close(fig)
+
+
+def save_grids(workdir: Path, name: str, key, params, model, test_images, binarize) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    key_bin, key_rec, key_prior = jax.random.split(key, 3)
+    x = test_images[:16]
+    if binarize is not None:
+        x = sv.data.binarize(key_bin, x)
+    rec = sv.models.reconstruct(key_rec, params, model, x)
+    samples = sv.models.sample_prior(key_prior, params, model, 32, test_images.shape[1:])
+    for kind, images in (("reconstructions", np.concatenate([np.asarray(x), np.asarray(rec)])),
+                         ("samples", np.asarray(samples))):
+        grid = sv.evaluation.image_grid(images)
+        fig, ax = plt.subplots(figsize=(4, 4 * grid.shape[0] / grid.shape[1]))
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{name}: {kind}", fontsize=8)
+        ax.axis("off")
+        checkpoint.save_figure(fig, workdir / f"{kind}_{name}.png")
+        plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    try:
+        config = resolve_config(args)
+        binarize = None if config["binarize"] == "none" else config["binarize"]
+        model = sv.MLPVAE(hidden=config["hidden"], latents=config["latents"])
+        loss_fn = sv.make_loss(model)
+        methods = {m: build_phases(m, config["method_config"][m], loss_fn)
+                   for m in config["methods"].split(",")}
+        train = sv.load(config["dataset"], "train", config["data_dir"])
+        test = sv.load(config["dataset"], "test", config["data_dir"])
+        sv.data.num_batches(len(train.images), config["batch_size"])
+        check_workdir(workdir, config, args.resume)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err).replace("batch_size", "--batch-size"))
+
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    if not (workdir / "config.json").exists():
+        checkpoint.atomic_write_json(workdir / "config.json", {"config": config, **environment()})
+    key_init, key_run, key_grid = jax.random.split(jax.random.key(config["seed"]), 3)
+    params0 = sv.models.init(key_init, model, train.images[:1])
+    log(f"{config['dataset']}: {len(train.images)} train / {len(test.images)} test, "
+        f"budget {config['budget_evals']} evals per method, backend {jax.default_backend()}")
+
+    results = {}
+    for name, phases in methods.items():
+        params, history = runner.run_method(
+            key_run, phases, params0, train.images, test.images, loss_fn,
+            batch_size=config["batch_size"], binarize=binarize, eval_every=config["eval_every"],
+            budget_evals=config["budget_evals"], budget_seconds=config["budget_seconds"],
+            checkpoint_every=config["checkpoint_every"],
+            checkpoint_dir=workdir / "checkpoints" / name, resume=args.resume,
+            progress=not args.quiet, desc=name, log=log,
+        )
+        last = history[-1]
+        results[name] = {
+            "final_test_neg_elbo": last["test_neg_elbo"],
+            "best_test_neg_elbo": min(row["test_neg_elbo"] for row in history),
+            "evals": last["evals"], "steps": last["step"], "seconds": last["seconds"],
+            "history": history,
+        }
+        log(f"{name}: test negative ELBO {last['test_neg_elbo']:.3f} nats after {last['evals']} evals, "
+            f"{last['seconds']:.1f} s")
+        checkpoint.save_params(workdir / "params" / name, params)
+        write_csv(workdir / f"history_{name}.csv", history)
+        save_grids(workdir, name, key_grid, params, model, test.images, binarize)
+        checkpoint.atomic_write_json(workdir / "results.json", results)
+
+    summary = summarize(results, config)
+    checkpoint.atomic_write_text(workdir / "summary.md", summary)
+    plot(workdir, results)
+    print(summary)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

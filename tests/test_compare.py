@@ -1,0 +1,163 @@
+"""experiments/compare.py: outputs, fair budgets, exact resume after SIGKILL, bad input."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import pytest
+
+from savae_jax import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "compare.py"
+sys.path.insert(0, str(ROOT / "experiments"))
+import compare  # noqa: E402
+
+SMALL = ["--hidden", "32", "--latents", "4", "--batch-size", "100",
+         "--set", "sa.proposals=8", "--set", "sa-refine.proposals=8",
+         "--set", "langevin-sa.proposals=4", "--quiet"]
+
+
+def without_seconds(obj):
+    """Results with the wall-clock fields removed (time is never reproducible)."""
+    if isinstance(obj, dict):
+        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [without_seconds(v) for v in obj]
+    return obj
+
+
+def test_compare_writes_every_output_with_fair_budgets(tmp_path):
+    results = compare.main(["--workdir", str(tmp_path), "--budget-evals", "300", "--eval-every", "10",
+                            "--checkpoint-every", "50", *SMALL])
+    assert list(results) == list(compare.METHODS)
+    for name, r in results.items():
+        # Every method spends the budget to within one step's cost, never more.
+        cost = {"sa": 9, "sa-refine": 9, "langevin-sa": 8}.get(name, 3)
+        assert 300 - cost < r["evals"] <= 300, (name, r["evals"])
+        assert r["best_test_neg_elbo"] <= r["final_test_neg_elbo"]
+        assert 20 < r["final_test_neg_elbo"] < 80
+        rows = r["history"]
+        assert [row["evals"] for row in rows] == sorted(row["evals"] for row in rows)
+        if name.startswith(("sa", "langevin")):
+            assert {"temperature", "radius", "acceptance_rate"} <= set(rows[-1])
+    # sa-refine runs Adam first, then annealing from Adam's parameters.
+    assert [row["phase"] for row in results["sa-refine"]["history"]][0] == "adam"
+    assert results["sa-refine"]["history"][-1]["phase"] == "sa"
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert without_seconds(saved) == without_seconds(json.loads(json.dumps(results)))
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["config"]["budget_evals"] == 300 and config["backend"] == "cpu"
+    assert "jax" in config["versions"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert summary.count("\n| ") == 1 + len(compare.METHODS)
+    for name in compare.METHODS:
+        assert (tmp_path / f"history_{name}.csv").read_text().startswith("phase,step,evals")
+        assert (tmp_path / f"reconstructions_{name}.png").stat().st_size > 0
+    for png in ("test_neg_elbo_vs_seconds.png", "test_neg_elbo_vs_evals.png", "sa_traces.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def run(workdir, *extra, **popen):
+    cmd = [sys.executable, str(SCRIPT), "--workdir", str(workdir), "--methods", "adam,sa-refine",
+           "--budget-evals", "600", "--eval-every", "5", "--checkpoint-every", "20", *SMALL, *extra]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    reference = run(straight)
+    victim = run(killed)
+    # Kill as soon as the second method (sa-refine) has a checkpoint: mid-run,
+    # mid-method, with adam finished and sa-refine's Adam phase under way.
+    ckpt_dir = killed / "checkpoints" / "sa-refine"
+    deadline = time.time() + 120
+    while time.time() < deadline and victim.poll() is None:
+        if ckpt_dir.is_dir() and any(p.name.isdigit() for p in ckpt_dir.iterdir()):
+            break
+        time.sleep(0.05)
+    assert victim.poll() is None, victim.communicate()[0]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert not (killed / "summary.md").exists()
+    resumed = run(killed, "--resume")
+    out, _ = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, out
+    assert reference.wait(timeout=300) == 0
+
+    a = json.loads((straight / "results.json").read_text())
+    b = json.loads((killed / "results.json").read_text())
+    assert without_seconds(a) == without_seconds(b)
+    for name in ("adam", "sa-refine"):
+        chex.assert_trees_all_equal(checkpoint.load_params(straight / "params" / name),
+                                    checkpoint.load_params(killed / "params" / name))
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
+    args = ["--workdir", str(tmp_path), "--methods", "adam", "--budget-evals", "90", "--eval-every", "5",
+            "--checkpoint-every", "5", *SMALL]
+    first = compare.main(args)
+    steps = sorted(int(p.name) for p in (tmp_path / "checkpoints" / "adam").iterdir() if p.name.isdigit())
+    assert len(steps) == 2
+    # Damage the newest checkpoint's array store: the run restarts from the one before.
+    newest = tmp_path / "checkpoints" / "adam" / str(steps[-1]) / "state"
+    for path in newest.rglob("*"):
+        if path.is_file():
+            path.write_bytes(b"garbage")
+    again = compare.main([*args, "--resume"])
+    assert "unreadable" in capsys.readouterr().out
+    assert without_seconds(again) == without_seconds(first)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--methods", "adam,newton"], "--methods"),
+    (["--budget-evals", "0"], "--budget-evals"),
+    (["--budget-seconds", "-1"], "--budget-seconds"),
+    (["--set", "sa.scale"], "--set"),
+    (["--set", "bfgs.lr=1"], "--set"),
+    (["--set", "adam.lr=-1"], "adam.lr"),
+    (["--set", "sa.proposal=quantum"], "proposal"),
+    (["--dataset", "svhn"], "--dataset"),
+    (["--batch-size", "100000"], "--batch-size"),
+    (["--eval-every", "10", "--checkpoint-every", "15"], "--checkpoint-every"),
+])
+def test_bad_input_is_refused_before_training(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as exit_info:
+        compare.main(["--workdir", str(tmp_path / "w"), *SMALL, *flags])
+    assert exit_info.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
+
+
+def test_resume_with_a_different_config_is_refused_and_shows_the_difference(tmp_path, capsys):
+    compare.main(["--workdir", str(tmp_path), "--methods", "adam", "--budget-evals", "30", *SMALL])
+    before = (tmp_path / "results.json").read_bytes()
+    with pytest.raises(SystemExit):
+        compare.main(["--workdir", str(tmp_path), "--methods", "adam", "--budget-evals", "60",
+                      *SMALL, "--resume"])
+    err = capsys.readouterr().err
+    assert "--resume" in err and "budget_evals: saved 30, now 60" in err
+    with pytest.raises(SystemExit):  # and without --resume the old run is not overwritten
+        compare.main(["--workdir", str(tmp_path), "--methods", "adam", "--budget-evals", "30", *SMALL])
+    assert "--workdir" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_bytes() == before
+
+
+def test_unwritable_workdir_is_refused(tmp_path, capsys):
+    if os.geteuid() == 0:
+        target = tmp_path / "file"  # root can write anywhere: use a path under a file instead
+        target.write_text("x")
+        workdir = target / "sub"
+    else:
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        workdir = locked / "sub"
+    with pytest.raises(SystemExit):
+        compare.main(["--workdir", str(workdir), *SMALL])
+    assert "--workdir" in capsys.readouterr().err
