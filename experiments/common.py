@@ -124,15 +124,21 @@ def make_annealer(loss_fn, config: dict, prefix: str = "") -> annealing.Simulate
         raise ValueError(f"{prefix}: unknown annealing settings {sorted(unknown)}; "
                          f"known: {', '.join(SA_DEFAULTS)}")
     config = SA_DEFAULTS | config
-    return annealing.simulated_annealing(
-        loss_fn,
-        num_proposals=config["proposals"],
-        proposal=make_proposal(config, prefix),
-        temperature=make_temperature(config, prefix),
-        acceptance=make_acceptance(config, prefix),
-        t_min=config["t_min"],
-        patience=config["patience"],
-    )
+    try:
+        return annealing.simulated_annealing(
+            loss_fn,
+            num_proposals=config["proposals"],
+            proposal=make_proposal(config, prefix),
+            temperature=make_temperature(config, prefix),
+            acceptance=make_acceptance(config, prefix),
+            t_min=config["t_min"],
+            patience=config["patience"],
+        )
+    except (TypeError, ValueError) as err:
+        if str(err).startswith(prefix):
+            raise
+        # The library names its own argument (num_proposals, t0, ...); say which settings too.
+        raise ValueError(f"{prefix}* annealing settings: {err}") from err
 
 
 def annealing_cost(config: dict) -> int:

@@ -14,24 +14,21 @@ Outputs in --workdir (each written atomically):
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import time
 from pathlib import Path
 
 import jax
-import optax
 
-import savae_jax as sv
-from savae_jax import checkpoint
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-# Optax's optimizer aliases: every public callable of optax whose first
-# parameter is `learning_rate` (adam, adamw, rmsprop, sgd, lion, ...).
-OPTAX_ALIASES = sorted(
-    name for name, fn in vars(optax).items()
-    if not name.startswith("_") and inspect.isfunction(fn)
-    and list(inspect.signature(fn).parameters)[:1] == ["learning_rate"]
-)
+import common  # noqa: E402
+
+import savae_jax as sv  # noqa: E402
+from savae_jax import checkpoint  # noqa: E402
+
+# Types of the --sa-* flags whose default is None.
+_SA_NONE_TYPES = {"t_min": float, "patience": int}
 
 
 def positive(kind):
@@ -50,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(sv.data.DATASETS)}")
     p.add_argument("--data-dir", default=None, help="folder with MNIST IDX files or a TFDS data dir")
-    p.add_argument("--optimizer", default="adam", help="an optax alias: adam, rmsprop, sgd, ...")
+    p.add_argument("--optimizer", default="adam",
+                   help="sa (simulated annealing, see --sa-*) or an optax alias: adam, rmsprop, sgd, ...")
     p.add_argument("--lr", type=positive(float), default=1e-3)
     p.add_argument("--epochs", type=positive(int), default=10)
     p.add_argument("--batch-size", type=positive(int), default=128)
@@ -61,17 +59,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beta", type=float, default=1.0)
     p.add_argument("--workdir", default="runs/train")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch log lines stay)")
+    p.add_argument("--init-from", default=None,
+                   help="start from saved parameters (e.g. W/params of an earlier run)")
+    p.add_argument("--pretrain-epochs", type=int, default=0,
+                   help="epochs of --pretrain-optimizer before --optimizer (refine its optimum)")
+    p.add_argument("--pretrain-optimizer", default="adam")
+    p.add_argument("--pretrain-lr", type=positive(float), default=1e-3)
+    sa = p.add_argument_group("simulated annealing (--optimizer sa); one step per batch")
+    for key, default in common.SA_DEFAULTS.items():
+        flag = "--sa-" + key.replace("_", "-")
+        if isinstance(default, bool):
+            sa.add_argument(flag, action="store_true")
+        else:
+            sa.add_argument(flag, type=_SA_NONE_TYPES.get(key, type(default)), default=default)
     return p
 
 
-def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
-    """``optax.<name>(lr)``; ValueError naming --optimizer for anything else."""
-    if name not in OPTAX_ALIASES:
-        raise ValueError(
-            f"--optimizer: unknown optimizer {name!r}; choose an optax alias such as "
-            f"adam, rmsprop or sgd (all: {', '.join(OPTAX_ALIASES)})"
-        )
-    return getattr(optax, name)(lr)
+def sa_config(args) -> dict:
+    """The --sa-* flags as a dict of ``common.SA_DEFAULTS`` keys."""
+    return {key: getattr(args, "sa_" + key) for key in common.SA_DEFAULTS}
+
+
+def make_optimizer(args, loss_fn):
+    """What --optimizer names: an annealer for "sa", else ``optax.<name>(--lr)``."""
+    if args.optimizer == "sa":
+        return common.make_annealer(loss_fn, sa_config(args), prefix="--sa-")
+    return common.make_optimizer(args.optimizer, args.lr)
 
 
 def save_grids(workdir: Path, key, params, model, test_images, binarize) -> None:
@@ -105,8 +118,14 @@ def save_grids(workdir: Path, key, params, model, test_images, binarize) -> None
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    model = sv.MLPVAE(hidden=args.hidden, latents=args.latents)
     try:
-        optimizer = make_optimizer(args.optimizer, args.lr)
+        loss_fn = sv.make_loss(model, beta=args.beta)
+        optimizer = make_optimizer(args, loss_fn)
+        if args.pretrain_epochs < 0:
+            raise ValueError(f"--pretrain-epochs: must be >= 0, got {args.pretrain_epochs}")
+        pretrain = (common.make_optimizer(args.pretrain_optimizer, args.pretrain_lr, "--pretrain-optimizer")
+                    if args.pretrain_epochs else None)
         workdir = Path(args.workdir)
         if workdir.exists() and not workdir.is_dir():
             raise ValueError(f"--workdir: {workdir} exists and is not a folder")
@@ -115,25 +134,31 @@ def main(argv=None) -> dict:
         if args.batch_size > len(train.images):
             raise ValueError(f"--batch-size: {args.batch_size} is larger than the "
                              f"{len(train.images)} training images")
+        key_init, key_pretrain, key_fit, key_grid = jax.random.split(jax.random.key(args.seed), 4)
+        params = sv.models.init(key_init, model, train.images[:1])
+        if args.init_from:
+            params = checkpoint.load_params(args.init_from, like=params, name="--init-from")
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     binarize = None if args.binarize == "none" else args.binarize
     config = vars(args) | {"backend": jax.default_backend(),
                            "devices": [str(d) for d in jax.devices()]}
-
-    model = sv.MLPVAE(hidden=args.hidden, latents=args.latents)
-    key_init, key_fit, key_grid = jax.random.split(jax.random.key(args.seed), 3)
-    params = sv.models.init(key_init, model, train.images[:1])
-    loss_fn = sv.make_loss(model, beta=args.beta)
     log = lambda line: print(line, flush=True)  # noqa: E731
     log(f"{args.dataset}: {len(train.images)} train / {len(test.images)} test images "
-        f"{train.images.shape[1:]}, {args.optimizer} lr={args.lr}, backend {jax.default_backend()}")
+        f"{train.images.shape[1:]}, {args.optimizer}"
+        + ("" if args.optimizer == "sa" else f" lr={args.lr}") + f", backend {jax.default_backend()}")
 
     start = time.perf_counter()
-    params, history = sv.fit(
-        key_fit, params, loss_fn, optimizer, train, args.epochs, args.batch_size, test,
-        binarize=binarize, progress=not args.quiet, log=log,
-    )
+    history = []
+    fit = lambda key, params, optimizer, epochs: sv.fit(  # noqa: E731
+        key, params, loss_fn, optimizer, train, epochs, args.batch_size, test,
+        binarize=binarize, progress=not args.quiet, log=log)
+    if pretrain is not None:
+        log(f"pretraining: {args.pretrain_epochs} epochs of {args.pretrain_optimizer}")
+        params, rows = fit(key_pretrain, params, pretrain, args.pretrain_epochs)
+        history += [row | {"phase": args.pretrain_optimizer} for row in rows]
+    params, rows = fit(key_fit, params, optimizer, args.epochs)
+    history += [row | {"phase": args.optimizer, "epoch": row["epoch"] + args.pretrain_epochs} for row in rows]
     metrics = {
         "config": config,
         "history": history,

@@ -23,6 +23,7 @@ def load_script(name):
 
 
 train_script = load_script("train")
+import common  # noqa: E402  (on sys.path once train.py is loaded)
 SMALL = ["--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet"]
 
 
@@ -51,7 +52,7 @@ def test_train_writes_metrics_grids_and_params(tmp_path):
 
 
 def test_any_optax_alias_is_accepted(tmp_path):
-    assert {"adam", "rmsprop", "sgd", "adamw", "lion"} <= set(train_script.OPTAX_ALIASES)
+    assert {"adam", "rmsprop", "sgd", "adamw", "lion"} <= set(common.OPTAX_ALIASES)
     metrics = train_script.main(["--optimizer", "rmsprop", "--epochs", "1", "--workdir", str(tmp_path), *SMALL])
     assert np.isfinite(metrics["final"]["test_neg_elbo"])
 
@@ -96,3 +97,53 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
         checkpoint.atomic_write_json(path, {"new": 2})
     assert json.loads(path.read_text()) == {"ok": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
+
+
+def test_sa_refines_an_adam_optimum_with_langevin_proposals(tmp_path):
+    """The seed's x0 = x*: Adam first, then annealing from its parameters (--init-from)."""
+    adam = train_script.main(["--epochs", "5", "--workdir", str(tmp_path / "adam"), *SMALL])
+    sa = train_script.main([
+        "--optimizer", "sa", "--epochs", "3", "--init-from", str(tmp_path / "adam" / "params"),
+        "--sa-proposal", "langevin", "--sa-proposals", "8", "--sa-langevin-optimizer", "adam",
+        "--sa-t0", "0.01", "--workdir", str(tmp_path / "sa"), *SMALL])
+    adam_final, sa_final = adam["final"]["test_neg_elbo"], sa["final"]["test_neg_elbo"]
+    print(f"digits test negative ELBO: adam {adam_final:.3f}, adam + langevin SA {sa_final:.3f}")
+    # Started from Adam's result (a fresh model scores ~51 nats, so the first
+    # annealing epoch could not be at or below Adam's score otherwise) and
+    # improved on it (measured: adam 35.2, first SA epoch 32.8, final 30.4).
+    assert sa["history"][0]["test_neg_elbo"] < adam_final + 0.5
+    assert sa_final < adam_final
+    assert all(row["phase"] == "sa" and 0.0 <= row["acceptance_rate"] <= 1.0 for row in sa["history"])
+
+
+def test_pretrain_epochs_then_sa_in_one_run(tmp_path):
+    metrics = train_script.main([
+        "--optimizer", "sa", "--epochs", "1", "--pretrain-epochs", "2", "--sa-proposal", "low_rank",
+        "--sa-proposals", "8", "--sa-acceptance", "greedy", "--workdir", str(tmp_path), *SMALL])
+    assert [(row["phase"], row["epoch"]) for row in metrics["history"]] == [("adam", 1), ("adam", 2), ("sa", 3)]
+    # Greedy annealing never accepts a worse incumbent on its batch, so the
+    # training loss cannot jump; the test score stays near Adam's.
+    assert abs(metrics["history"][2]["test_neg_elbo"] - metrics["history"][1]["test_neg_elbo"]) < 1.0
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--optimizer", "sa", "--sa-proposals", "0"], "num_proposals"),
+    (["--optimizer", "sa", "--sa-proposal", "quantum"], "--sa-proposal"),
+    (["--optimizer", "sa", "--sa-acceptance", "threshold", "--sa-alpha", "1.5"], "alpha"),
+    (["--optimizer", "sa", "--sa-t0", "-1"], "t0"),
+    (["--pretrain-epochs", "-1"], "--pretrain-epochs"),
+    (["--init-from", "/nonexistent/params"], "--init-from"),
+])
+def test_bad_sa_flags(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit):
+        train_script.main([*flags, "--workdir", str(tmp_path / "w"), *SMALL])
+    assert needle in capsys.readouterr().err
+
+
+def test_init_from_another_model_shape_is_refused(tmp_path, capsys):
+    train_script.main(["--epochs", "1", "--workdir", str(tmp_path / "a"), *SMALL])
+    with pytest.raises(SystemExit):
+        train_script.main(["--epochs", "1", "--init-from", str(tmp_path / "a" / "params"),
+                           "--workdir", str(tmp_path / "b"), "--hidden", "16", "--latents", "4", "--quiet"])
+    err = capsys.readouterr().err
+    assert "--init-from" in err and "another model shape" in err
