@@ -38,8 +38,9 @@ class Algorithm(NamedTuple):
 def optax_algorithm(loss_fn, optimizer: optax.GradientTransformation) -> Algorithm:
     """Wrap an Optax transformation: one gradient step per batch.
 
-    ``GradientTransformationExtraArgs`` (e.g. ``optax.lbfgs``) also receive
-    ``value``, ``grad`` and ``value_fn`` for the current batch and key.
+    ``GradientTransformationExtraArgs`` (``optax.lbfgs``,
+    ``annealing.as_optax``) also receive ``value``, ``grad`` and
+    ``value_fn(params)``: the loss on this batch with this step's noise.
     """
     extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 

@@ -353,7 +353,7 @@ def test_as_optax_composes_with_chain_and_matches_step():
     model, loss_fn, params, x = tiny_vae()
     args = (8, an.gaussian(0.01), an.exponential(1.0, 0.9), an.metropolis())
     sa = an.simulated_annealing(loss_fn, *args)
-    tx = optax.chain(an.as_optax(*args), optax.scale(1.0))
+    tx = optax.chain(an.as_optax(*args, loss_fn=loss_fn), optax.scale(1.0))
     opt_state = tx.init(params)
     state = sa.init(params)
     p = params
@@ -362,7 +362,7 @@ def test_as_optax_composes_with_chain_and_matches_step():
     def opt_step(key, p, opt_state):
         updates, opt_state = tx.update(
             jax.tree_util.tree_map(jnp.zeros_like, p), opt_state, p,
-            key=key, batch=x, value_fn=loss_fn, value=jnp.float32(0.0))
+            key=key, batch=x, value=jnp.float32(0.0))
         return optax.apply_updates(p, updates), opt_state
 
     step = jax.jit(sa.step)
@@ -378,14 +378,20 @@ def test_as_optax_composes_with_chain_and_matches_step():
     assert int(opt_state[0].count) == 5
 
 
-def test_as_optax_requires_key_and_value_fn():
-    tx = an.as_optax(4, an.gaussian(0.1), 1.0, an.metropolis())
+def test_as_optax_requires_value_fn_and_derives_a_key_from_its_seed():
+    tx = an.as_optax(4, an.gaussian(0.1), 1.0, an.metropolis(), seed=3)
     params = jnp.zeros(3)
     state = tx.init(params)
-    with pytest.raises(ValueError, match="key"):
-        tx.update(params, state, params, value_fn=lambda p, k, b: jnp.sum(p))
     with pytest.raises(ValueError, match="value_fn"):
         tx.update(params, state, params, key=jax.random.key(0))
+    # Without key=, step `count` uses fold_in(key(seed), count): reproducible.
+    value_fn = lambda p: jnp.sum(jnp.square(p - 1.0))  # noqa: E731
+    first, _ = tx.update(params, state, params, value_fn=value_fn)
+    again, _ = tx.update(params, state, params, value_fn=value_fn)
+    explicit, _ = tx.update(params, state, params, value_fn=value_fn,
+                            key=jax.random.fold_in(jax.random.key(3), 0))
+    np.testing.assert_array_equal(first, again)
+    np.testing.assert_array_equal(first, explicit)
 
 
 # ---------------------------------------------------------------- 6. end to end

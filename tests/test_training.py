@@ -136,3 +136,21 @@ def test_iterate_resumes_mid_epoch_exactly(digits):
     resumed, loss_resumed = run(halfway, 7, 25)
     chex.assert_trees_all_equal(straight, resumed)
     assert float(loss_straight) == float(loss_resumed)
+
+
+def test_annealing_runs_in_fit_natively_and_through_optax(digits):
+    train, test = digits
+    _, params, loss_fn = small_setup(train.images)
+    an = sv.annealing
+    settings = (8, an.gaussian(0.01), an.exponential(0.01, 0.99), an.greedy())
+    native = an.simulated_annealing(loss_fn, *settings)
+    as_tx = optax.chain(an.as_optax(*settings), optax.scale(1.0))
+    for optimizer in (native, as_tx):
+        new_params, history = sv.fit(jax.random.key(5), params, loss_fn, optimizer, train, 2,
+                                     test=test, binarize="dynamic")
+        # Greedy annealing from a fresh model improves the training loss it sees.
+        assert history[-1]["train_loss"] < history[0]["train_loss"]
+        assert not np.array_equal(new_params["params"]["decoder"]["logits"]["bias"],
+                                  params["params"]["decoder"]["logits"]["bias"])
+        if optimizer is native:  # the annealer's diagnostics reach the history
+            assert {"temperature", "radius", "acceptance_rate"} <= set(history[0])

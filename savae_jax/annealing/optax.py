@@ -7,6 +7,7 @@ one annealing step from ``params`` and returns ``new_params - params``.
 
 from __future__ import annotations
 
+import jax
 import optax as _optax
 
 from savae_jax.annealing.kernel import _validate, build_kernel, init as _init
@@ -21,6 +22,7 @@ def as_optax(
     t_min: float | None = None,
     patience: int | None = None,
     loss_fn=None,
+    seed: int = 0,
 ) -> _optax.GradientTransformationExtraArgs:
     """SA as an optax transformation (same arguments as ``simulated_annealing``).
 
@@ -32,11 +34,18 @@ def as_optax(
         langevin proposal computes its own).
       - ``params``: the current parameters (required); they replace the
         state's incumbent, so the step starts from what the loop holds.
-      - ``key``: PRNG key of this step (required; used exactly as
-        ``step(key, state, batch)`` uses it).
+      - ``key``: PRNG key of this step, used exactly as
+        ``step(key, state, batch)`` uses it. Loops that pass only Optax's
+        standard extra args (``savae_jax.fit``, ``optax.chain`` in user code)
+        may leave it out: the step then uses
+        ``fold_in(jax.random.key(seed), state.count)``, a fresh key per step.
       - ``batch``: the data passed to ``loss_fn`` as its third argument.
-      - ``value_fn``: ``loss_fn(params, key, batch)``; required unless
-        ``loss_fn`` was given here.
+      - ``value_fn``: ``value_fn(params) -> scalar``, Optax's convention (as
+        in ``optax.lbfgs``): the loss on this step's batch with its noise
+        fixed, so all proposals share it (common random numbers). Required
+        unless ``loss_fn`` was given here, in which case the step calls
+        ``loss_fn(params, key_loss, batch)`` with its own loss key exactly as
+        ``simulated_annealing(...).step`` does.
       - ``value``: ignored (the incumbent is re-evaluated with the step's
         own loss key so that it shares the proposals' noise).
       - other extra args (from ``optax.chain``) are ignored.
@@ -55,9 +64,12 @@ def as_optax(
         if params is None:
             raise ValueError("params is required by the annealing transformation")
         if key is None:
-            raise ValueError("key is required by the annealing transformation (update(..., key=...))")
-        fn = loss_fn if loss_fn is not None else value_fn
-        if fn is None:
+            key = jax.random.fold_in(jax.random.key(seed), state.count)
+        if loss_fn is not None:
+            fn = loss_fn
+        elif value_fn is not None:
+            fn = lambda p, k, b: value_fn(p)  # noqa: E731  (noise fixed by the caller)
+        else:
             raise ValueError("value_fn is required unless loss_fn was given to as_optax")
         step = build_kernel(fn, num_proposals, proposal, temperature, acceptance, radius, t_min, patience)
         new_state, _ = step(key, state._replace(params=params), batch)
