@@ -67,7 +67,7 @@ DEFAULTS = {
     "hidden": 500,
     "latents": 20,
     "eval_every": 100,
-    "checkpoint_every": 500,
+    "checkpoint_every": None,  # None: every 5th evaluation
     "method_config": METHOD_DEFAULTS,
 }
 
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--hidden", type=int)
     add("--latents", type=int)
     add("--eval-every", type=int, help="steps between test evaluations (default 100)")
-    add("--checkpoint-every", type=int, help="steps between checkpoints, a multiple of --eval-every (default 500)")
+    add("--checkpoint-every", type=int, help="steps between checkpoints, a multiple of --eval-every (default 5x --eval-every)")
     add("--config", help="JSON file with any of these settings (flags win over it)")
     add("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
         help="override one method hyperparameter, e.g. --set sa.scale=0.05 (JSON values)")
@@ -138,6 +138,8 @@ def resolve_config(args) -> dict:
     if config["dataset"] not in sv.data.DATASETS:
         raise ValueError(f"--dataset: unknown dataset {config['dataset']!r}; choose from "
                          f"{', '.join(sv.data.DATASETS)}")
+    if config["checkpoint_every"] is None and isinstance(config["eval_every"], int):
+        config["checkpoint_every"] = 5 * config["eval_every"]
     for key in ("budget_evals", "batch_size", "hidden", "latents", "eval_every", "checkpoint_every"):
         if not (isinstance(config[key], int) and config[key] > 0):
             raise ValueError(f"--{key.replace('_', '-')}: must be a positive integer, got {config[key]!r}")
@@ -303,11 +305,27 @@ def main(argv=None) -> dict:
     log = lambda line: print(line, flush=True)  # noqa: E731
     if not (workdir / "config.json").exists():
         checkpoint.atomic_write_json(workdir / "config.json", {"config": config, **environment()})
-    key_init, key_run, key_grid = jax.random.split(jax.random.key(config["seed"]), 3)
-    params0 = sv.models.init(key_init, model, train.images[:1])
     log(f"{config['dataset']}: {len(train.images)} train / {len(test.images)} test, "
         f"budget {config['budget_evals']} evals per method, backend {jax.default_backend()}")
 
+    try:
+        results = run_all(methods, config, args, workdir, model, loss_fn, train, test, binarize, log)
+    except runner.NonFiniteLossError as err:
+        sys.exit(f"compare.py: stopped: {err}. Results of finished methods are in {workdir}.")
+    except OSError as err:
+        sys.exit(f"compare.py: cannot write to --workdir {workdir}: {err}. "
+                 "Files written before this error are intact; fix the disk and rerun with --resume.")
+    summary = summarize(results, config)
+    checkpoint.atomic_write_text(workdir / "summary.md", summary)
+    plot(workdir, results)
+    print(summary)
+    return results
+
+
+def run_all(methods, config, args, workdir, model, loss_fn, train, test, binarize, log) -> dict:
+    """Run every method in turn; results.json grows after each one."""
+    key_init, key_run, key_grid = jax.random.split(jax.random.key(config["seed"]), 3)
+    params0 = sv.models.init(key_init, model, train.images[:1])
     results = {}
     for name, phases in methods.items():
         params, history = runner.run_method(
@@ -331,11 +349,6 @@ def main(argv=None) -> dict:
         write_csv(workdir / f"history_{name}.csv", history)
         save_grids(workdir, name, key_grid, params, model, test.images, binarize)
         checkpoint.atomic_write_json(workdir / "results.json", results)
-
-    summary = summarize(results, config)
-    checkpoint.atomic_write_text(workdir / "summary.md", summary)
-    plot(workdir, results)
-    print(summary)
     return results
 
 

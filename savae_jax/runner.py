@@ -14,6 +14,7 @@ K + 1 (the proposals and the incumbent).
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Callable, NamedTuple
 
@@ -24,6 +25,10 @@ from tqdm.auto import tqdm
 from savae_jax import checkpoint, evaluation, training
 
 GRAD_COST = 3
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the run stopped before saving it."""
 
 
 class Phase(NamedTuple):
@@ -161,8 +166,18 @@ def run_method(
         seconds = time.perf_counter() - start
         pos = Position(pos.phase, pos.step + count, pos.phase_seconds + seconds,
                        pos.total_steps + count, pos.evals + phase.cost * count, pos.seconds + seconds)
+        train_loss = float(loss_sum) / count
+        if not math.isfinite(train_loss):
+            # A non-finite incumbent (annealing flags it in info.error) or a
+            # diverged gradient step: stop before it reaches a checkpoint.
+            last = saver.steps()[-1] if saver is not None and saver.steps() else None
+            raise NonFiniteLossError(
+                f"{desc or 'run'}: the training loss became {train_loss} between steps "
+                f"{pos.total_steps - count} and {pos.total_steps} (phase {phase.name}); "
+                + (f"the last good checkpoint is step {last} in {saver.directory}" if last is not None
+                   else "no checkpoint was written"))
         row = {"phase": phase.name, "step": pos.total_steps, "evals": pos.evals,
-               "seconds": pos.seconds, "train_loss": float(loss_sum) / count,
+               "seconds": pos.seconds, "train_loss": train_loss,
                "test_neg_elbo": evaluation.evaluate(loss_fn, phase.algorithm.params(state),
                                                     test_images, eval_key, binarize=binarize)}
         row.update({name: float(value) for name, value in stats.items()})
