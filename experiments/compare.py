@@ -48,9 +48,9 @@ METHOD_DEFAULTS = {
     "adam": {"lr": 1e-3},
     "rmsprop": {"lr": 1e-3},
     "sgd": {"lr": 1e-2},
-    "sa": {"proposal": "low_rank", "proposals": 64, "scale": 0.02, "t0": 0.5, "decay": 0.995},
+    "sa": {"proposal": "low_rank", "proposals": 64, "scale": 0.01, "t0": 0.01, "decay": 0.995},
     "sa-refine": {"adam_share": 0.5, "adam_lr": 1e-3, "proposal": "low_rank", "proposals": 64,
-                  "scale": 0.002, "t0": 0.05, "decay": 0.99},
+                  "scale": 0.001, "t0": 0.005, "decay": 0.995},
     "langevin-sa": {"proposal": "langevin", "proposals": 16, "langevin_step": 1e-3,
                     "langevin_optimizer": "adam", "langevin_lr": 1e-3, "t0": 0.01, "decay": 0.995},
 }
@@ -59,14 +59,14 @@ DEFAULTS = {
     "dataset": "digits",
     "data_dir": None,
     "methods": ",".join(METHODS),
-    "budget_evals": 30000,
+    "budget_evals": 15000,
     "budget_seconds": None,
     "seed": 0,
     "batch_size": 128,
     "binarize": "dynamic",
     "hidden": 500,
     "latents": 20,
-    "eval_every": 100,
+    "eval_every": 200,
     "checkpoint_every": None,  # None: every 5th evaluation
     "method_config": METHOD_DEFAULTS,
 }
@@ -81,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     add("--dataset", help=f"one of {', '.join(sv.data.DATASETS)} (default digits)")
     add("--data-dir", help="folder with MNIST IDX files or a TFDS data dir")
     add("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
-    add("--budget-evals", type=int, help="loss evaluations per method (default 30000)")
+    add("--budget-evals", type=int, help="loss evaluations per method (default 15000)")
     add("--budget-seconds", type=float, help="training seconds per method (optional)")
     add("--seed", type=int, help="one seed for init, data order and every method's keys")
     add("--batch-size", type=int)
     add("--binarize", choices=["dynamic", "static", "none"])
     add("--hidden", type=int)
     add("--latents", type=int)
-    add("--eval-every", type=int, help="steps between test evaluations (default 100)")
+    add("--eval-every", type=int, help="steps between test evaluations (default 200)")
     add("--checkpoint-every", type=int, help="steps between checkpoints, a multiple of --eval-every (default 5x --eval-every)")
     add("--config", help="JSON file with any of these settings (flags win over it)")
     add("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
