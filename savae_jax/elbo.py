@@ -6,10 +6,13 @@ pixels, never averaged.
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from savae_jax import models as models_lib
 
 LossFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
@@ -33,6 +36,22 @@ def gaussian_kl(mean: jax.Array, logvar: jax.Array) -> jax.Array:
     return 0.5 * jnp.sum(jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar, axis=-1)
 
 
+def gaussian_kl_per_dim(mean: jax.Array, logvar: jax.Array) -> jax.Array:
+    """KL(q || N(0, I)) of each latent dimension, shape of ``mean`` (B, latents).
+
+    KL_j = 1/2 (exp(logvar_j) + mean_j^2 - 1 - logvar_j); ``gaussian_kl`` is its sum.
+    """
+    return 0.5 * (jnp.exp(logvar) + jnp.square(mean) - 1.0 - logvar)
+
+
+def output_log_likelihood(model, out, x: jax.Array) -> jax.Array:
+    """log p(x|z) per example from a model output (passes ``out.log_scale`` when there is one)."""
+    log_scale = getattr(out, "log_scale", None)
+    if log_scale is None:
+        return model.log_likelihood(out.logits, x)
+    return model.log_likelihood(out.logits, x, log_scale)
+
+
 def elbo(key: jax.Array, params, x: jax.Array, model, beta: float = 1.0) -> ELBOParts:
     """One-sample ELBO per example: E_q[log p(x|z)] - beta * KL(q(z|x) || p(z)).
 
@@ -46,25 +65,136 @@ def elbo(key: jax.Array, params, x: jax.Array, model, beta: float = 1.0) -> ELBO
       ELBOParts with arrays of shape (B,).
     """
     out = model.apply(params, x, key)
-    log_likelihood = model.log_likelihood(out.logits, x)
+    log_likelihood = output_log_likelihood(model, out, x)
     kl = gaussian_kl(out.mean, out.logvar)
     return ELBOParts(log_likelihood - beta * kl, log_likelihood, kl)
 
 
-def make_loss(model, beta: float = 1.0) -> LossFn:
+def _free_bits_loss(key, params, x, model, beta, free_bits):
+    """-mean log p(x|z) + beta * sum_j max(mean_batch KL_j, free_bits)."""
+    out = model.apply(params, x, key)
+    log_likelihood = output_log_likelihood(model, out, x)
+    kl_dims = jnp.mean(gaussian_kl_per_dim(out.mean, out.logvar), axis=0)
+    return -jnp.mean(log_likelihood) + beta * jnp.sum(jnp.maximum(kl_dims, free_bits))
+
+
+def make_loss(model, beta=1.0, free_bits: float | None = None) -> LossFn:
     """The shared objective: ``loss_fn(params, key, x)`` = mean negative ELBO (nats).
+
+    With a constant ``beta`` (a number) the result is
+    ``loss_fn(params, key, x) -> scalar``. With a schedule (any callable
+    ``count -> beta``, e.g. ``savae_jax.beta.linear_warmup``) it is
+    ``loss_fn(params, key, x, step=None)``: ``step`` is the optimizer's step
+    count (``training.optax_algorithm`` passes it when the loss has a ``step``
+    parameter); ``step=None`` (evaluation, the annealer, any caller that uses
+    three arguments) means ``beta.final``, the schedule's settled value; a
+    schedule without ``.final`` (a bare optax schedule) then raises: wrap it
+    as ``savae_jax.beta.BetaSchedule(fn, final)``.
+
+    Free bits (Kingma et al. 2016, IAF paper): with ``free_bits=lam`` the KL
+    term is ``sum_j max(KL_j, lam)``, where KL_j is latent dimension j's KL
+    averaged over the batch, so dimensions below ``lam`` nats get no
+    gradient toward the prior. This is a training objective, not a bound on
+    a single example: report test numbers with ``make_loss(model)``.
 
     Args:
       model: a VAE module (e.g. ``MLPVAE()``).
-      beta: KL weight; must be >= 0.
+      beta: KL weight >= 0, or a schedule ``count -> beta``.
+      free_bits: minimum KL per latent dimension in nats (>= 0), or None.
     Returns:
-      A pure function ``loss_fn(params, key, x) -> scalar`` used by every
-      optimizer: Optax takes its gradient, the annealer its values.
+      A pure loss function used by every optimizer: Optax takes its
+      gradient, the annealer its values. It carries ``.beta`` and
+      ``.free_bits`` for logging.
     """
-    if not beta >= 0:
-        raise ValueError(f"beta must be >= 0, got {beta}")
+    if free_bits is not None and not free_bits >= 0:
+        raise ValueError(f"free_bits must be >= 0 or None, got {free_bits}")
 
-    def loss_fn(params, key, x):
-        return -jnp.mean(elbo(key, params, x, model, beta).elbo)
+    def objective(params, key, x, b):
+        if free_bits is None:
+            return -jnp.mean(elbo(key, params, x, model, b).elbo)
+        return _free_bits_loss(key, params, x, model, b, free_bits)
 
+    if callable(beta):
+        schedule = beta
+        final = getattr(schedule, "final", None)
+
+        def loss_fn(params, key, x, step=None):
+            if step is None:
+                if final is None:
+                    raise ValueError(
+                        "this loss has a beta schedule without .final and was called without "
+                        "step=; pass step= or wrap the schedule as "
+                        "savae_jax.beta.BetaSchedule(fn, final)")
+                b = final
+            else:
+                b = schedule(step)
+            return objective(params, key, x, b)
+    else:
+        if not beta >= 0:
+            raise ValueError(f"beta must be >= 0, got {beta}")
+
+        def loss_fn(params, key, x):
+            return objective(params, key, x, beta)
+
+    loss_fn.beta = beta
+    loss_fn.free_bits = free_bits
     return loss_fn
+
+
+def iwae_bound(key: jax.Array, params, x: jax.Array, model, num_samples: int,
+               chunk_size: int = 100) -> jax.Array:
+    """Importance-weighted bound (Burda et al. 2016) per example, in nats.
+
+    log (1/k) sum_{i<k} p(x, z_i) / q(z_i|x), z_i ~ q(z|x), k = ``num_samples``;
+    k = 1 is the one-sample ELBO with a Monte Carlo KL, and the bound rises
+    toward log p(x) as k grows.
+
+    Sample i uses the noise ``normal(fold_in(key, i), (B, latents))``: the
+    same noise ``elbo(fold_in(key, i), ...)`` draws, so
+    ``iwae_bound(key, ..., 1)`` equals ``log p(x|z) + log p(z) - log q(z|x)``
+    for the z of ``elbo(fold_in(key, 0), ...)``, and the values do not
+    depend on ``chunk_size``. The samples are processed ``chunk_size`` at a
+    time in a ``lax.scan`` with a running log-sum-exp, so memory is
+    O(chunk_size * B * pixels) whatever k is.
+
+    Args:
+      key: PRNG key of the importance samples.
+      params: model parameters.
+      x: images (B, H, W, C).
+      model: a VAE with ``encode``, ``decode`` (or ``decode_params``) and
+        ``log_likelihood`` (``MLPVAE``, ``ConvVAE``).
+      num_samples: k >= 1.
+      chunk_size: samples per scan step (the last chunk is masked).
+    Returns:
+      Shape (B,): the bound for each example.
+    """
+    if num_samples < 1:
+        raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    chunk = min(chunk_size, num_samples)
+    num_chunks = -(-num_samples // chunk)
+    mean, logvar = model.apply(params, x, method=model.encode)
+    std = jnp.exp(0.5 * logvar)
+    batch, latents = mean.shape
+    x_rep = jnp.broadcast_to(x[None], (chunk,) + x.shape).reshape((chunk * batch,) + x.shape[1:])
+    sum_logvar = jnp.sum(logvar, axis=-1)
+
+    def body(carry, c):
+        running_max, running_sum = carry
+        index = c * chunk + jnp.arange(chunk)
+        eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), mean.shape, mean.dtype))(index)
+        z = mean + std * eps  # (chunk, B, latents)
+        log_lik = models_lib.decoder_log_likelihood(
+            model, params, z.reshape(chunk * batch, latents), x_rep).reshape(chunk, batch)
+        # log p(z) - log q(z|x): the 2 pi constants cancel.
+        log_w = log_lik - 0.5 * jnp.sum(jnp.square(z), -1) + 0.5 * (jnp.sum(jnp.square(eps), -1) + sum_logvar)
+        log_w = jnp.where((index < num_samples)[:, None], log_w, -jnp.inf)
+        new_max = jnp.maximum(running_max, jnp.max(log_w, axis=0))
+        running_sum = (running_sum * jnp.exp(running_max - new_max)
+                       + jnp.sum(jnp.exp(log_w - new_max), axis=0))
+        return (new_max, running_sum), None
+
+    init = (jnp.full((batch,), -jnp.inf, mean.dtype), jnp.zeros((batch,), mean.dtype))
+    (log_max, total), _ = jax.lax.scan(body, init, jnp.arange(num_chunks))
+    return log_max + jnp.log(total) - math.log(num_samples)

@@ -1,14 +1,16 @@
-"""Held-out evaluation: negative ELBO over a whole dataset at a fixed key."""
+"""Held-out evaluation at a fixed key: negative ELBO, IWAE-k, posterior diagnostics."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from savae_jax import data as data_lib
+from savae_jax import elbo as elbo_lib
 
 # The default evaluation key: every method in a comparison is scored with the
 # same reparameterisation and binarisation noise.
@@ -91,6 +93,198 @@ def evaluate(
         batch_size=batch_size, binarize=binarize, static_seed=static_seed,
     )
     return float(value)
+
+
+def _chunk_plan(n: int, batch_size: int):
+    """Padded example indices (chunks, batch_size) and their validity mask."""
+    num_chunks = -(-n // batch_size)
+    idx = jnp.arange(num_chunks * batch_size, dtype=jnp.int32)
+    mask = (idx < n).reshape(num_chunks, batch_size)
+    return jnp.where(idx < n, idx, 0).reshape(num_chunks, batch_size), mask
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "model", "num_samples", "chunk_size", "batch_size", "binarize", "static_seed"))
+def _evaluate_iwae(params, key, images, *, model, num_samples, chunk_size, batch_size,
+                   binarize, static_seed):
+    n = images.shape[0]
+    idx, mask = _chunk_plan(n, batch_size)
+    # The same split and the same binarisation as `_evaluate`.
+    key_bin, key_loss = jax.random.split(key)
+
+    def one(k, xi):
+        return elbo_lib.iwae_bound(k, params, xi[None], model, num_samples, chunk_size)[0]
+
+    def chunk_sum(args):
+        chunk_idx, chunk_mask = args
+        x = _eval_images(images, chunk_idx, key_bin, binarize, static_seed)
+        keys = jax.vmap(functools.partial(jax.random.fold_in, key_loss))(chunk_idx)
+        bounds = jax.vmap(one)(keys, x)
+        return jnp.sum(jnp.where(chunk_mask, bounds, 0.0))
+
+    return jnp.sum(jax.lax.map(chunk_sum, (idx, mask))) / n
+
+
+def evaluate_iwae(
+    params,
+    model,
+    images,
+    num_samples: int,
+    key: jax.Array | None = None,
+    batch_size: int = 100,
+    binarize: str | None = None,
+    static_seed: int = 0,
+    chunk_size: int = 100,
+) -> float:
+    """Mean negative IWAE-k bound over all of ``images`` (nats per example).
+
+    The sign matches ``evaluate`` (a loss: lower is better), so
+    ``evaluate(make_loss(model), ...) - evaluate_iwae(...)`` is the ELBO-IWAE
+    gap (>= 0 in expectation); ``-evaluate_iwae(...)`` is the IWAE estimate
+    of the test log-likelihood. The images are binarised exactly as
+    ``evaluate`` does for the same ``key`` (``key_bin, key_loss =
+    split(key)``, dynamic noise keyed by example index), so the ELBO and the
+    IWAE bound score the same binary images. Example ``i`` draws its
+    importance samples from ``iwae_bound(fold_in(key_loss, i), ...)``.
+
+    Memory: ``batch_size * chunk_size`` decoder outputs at a time
+    (``elbo.iwae_bound`` scans over sample chunks with a running
+    log-sum-exp), independent of ``num_samples``.
+
+    Args:
+      params: model parameters.
+      model: the VAE module (hashable: it is a static argument of the jit).
+      images: (N, H, W, C) array in [0, 1].
+      num_samples: k, importance samples per example (e.g. 5000).
+      key: evaluation key; ``None`` means ``jax.random.key(EVAL_SEED)``.
+      batch_size: examples per chunk.
+      binarize, static_seed: as in ``evaluate``.
+      chunk_size: importance samples per scan step.
+    Returns:
+      A Python float.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = jnp.asarray(images)
+    if key is None:
+        key = jax.random.key(EVAL_SEED)
+    batch_size = min(batch_size, images.shape[0])
+    value = _evaluate_iwae(
+        params, key, images, model=model, num_samples=int(num_samples),
+        chunk_size=int(chunk_size), batch_size=batch_size, binarize=binarize,
+        static_seed=static_seed,
+    )
+    return -float(value)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "batch_size", "binarize", "static_seed"))
+def _posteriors(params, key_bin, images, *, model, batch_size, binarize, static_seed):
+    """q(z|x) means and log-variances (N, latents) for every image, binarised as in `evaluate`."""
+    n = images.shape[0]
+    idx, _ = _chunk_plan(n, batch_size)
+
+    def chunk(chunk_idx):
+        x = _eval_images(images, chunk_idx, key_bin, binarize, static_seed)
+        return model.apply(params, x, method=model.encode)
+
+    mean, logvar = jax.lax.map(chunk, idx)
+    latents = mean.shape[-1]
+    return mean.reshape(-1, latents)[:n], logvar.reshape(-1, latents)[:n]
+
+
+@functools.partial(jax.jit, static_argnames=("block",))
+def _mutual_info(key, mean, logvar, *, block):
+    """I(x; z) under q(z|x) p_data(x): mean_i [log q(z_i|x_i) - log q(z_i)].
+
+    z_i ~ q(z|x_i) with noise ``normal(fold_in(key, i))``; the aggregate
+    posterior q(z) is the mixture (1/M) sum_j q(z|x_j) over the same M
+    examples (He et al. 2019's estimator; it equals
+    E_x KL(q(z|x)||p(z)) - KL(q(z)||p(z)) and is at most log M).
+    """
+    m, latents = mean.shape
+    std = jnp.exp(0.5 * logvar)
+    eps = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), (latents,), mean.dtype))(
+        jnp.arange(m))
+    z = mean + std * eps
+    log_norm = -0.5 * latents * math.log(2 * math.pi) - 0.5 * jnp.sum(logvar, -1)  # (M,)
+    log_q_own = log_norm - 0.5 * jnp.sum(jnp.square(eps), -1)
+    num_blocks = -(-m // block)
+    zi = jnp.pad(z, ((0, num_blocks * block - m), (0, 0))).reshape(num_blocks, block, latents)
+
+    def log_q_agg(zb):
+        dev = (zb[:, None, :] - mean[None]) / std[None]  # (block, M, latents)
+        log_dens = log_norm[None] - 0.5 * jnp.sum(jnp.square(dev), -1)
+        return jax.nn.logsumexp(log_dens, axis=1) - math.log(m)
+
+    log_q = jax.lax.map(log_q_agg, zi).reshape(-1)[:m]
+    return jnp.mean(log_q_own - log_q)
+
+
+def diagnostics(
+    params,
+    model,
+    images,
+    key: jax.Array | None = None,
+    batch_size: int = 1000,
+    binarize: str | None = None,
+    static_seed: int = 0,
+    mi_examples: int = 2000,
+    active_threshold: float = 0.01,
+) -> dict:
+    """Posterior diagnostics over a dataset: per-dimension KL, active units, I(x; z).
+
+    * ``kl_per_dim[j]`` = mean over the data of KL(q(z_j|x) || N(0, 1)) (nats);
+      ``kl`` is their sum (the ELBO's KL term averaged over the data).
+    * ``active_units``: number of dimensions j with Var_x(E_q[z_j|x]) >
+      ``active_threshold`` (0.01, Burda et al. 2016); the variances are
+      ``posterior_mean_variance``.
+    * ``mutual_info``: I(x; z) under q(x, z) = p_data(x) q(z|x), estimated as
+      mean_i [log q(z_i|x_i) - log q(z_i)] with one z_i ~ q(z|x_i) per
+      example and q(z) the mixture of the posteriors of the same examples
+      (He et al. 2019, "Lagging inference networks"; equals
+      E_x KL(q(z|x)||p(z)) - KL(q(z)||p(z))). It uses the first
+      ``min(N, mi_examples)`` examples (cost O(M^2 * latents)) and is at
+      most log M (``mi_max``).
+
+    Images are binarised exactly as ``evaluate`` does for the same ``key``.
+
+    Args:
+      params, model: the VAE (``model.encode`` is used).
+      images: (N, H, W, C) array in [0, 1].
+      key: evaluation key; ``None`` means ``jax.random.key(EVAL_SEED)``.
+      batch_size: examples per encoder call.
+      binarize, static_seed: as in ``evaluate``.
+      mi_examples: examples in the mutual-information estimate.
+      active_threshold: variance threshold of an active unit.
+    Returns:
+      A dict of plain Python numbers: ``kl``, ``kl_per_dim`` (list),
+      ``active_units`` (int), ``posterior_mean_variance`` (list),
+      ``mutual_info``, ``mi_examples`` (int, M), ``mi_max`` (log M).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if mi_examples < 1:
+        raise ValueError(f"mi_examples must be >= 1, got {mi_examples}")
+    images = jnp.asarray(images)
+    if key is None:
+        key = jax.random.key(EVAL_SEED)
+    key_bin, key_loss = jax.random.split(key)
+    batch_size = min(batch_size, images.shape[0])
+    mean, logvar = _posteriors(params, key_bin, images, model=model, batch_size=batch_size,
+                               binarize=binarize, static_seed=static_seed)
+    kl_per_dim = np.asarray(jnp.mean(elbo_lib.gaussian_kl_per_dim(mean, logvar), axis=0), np.float64)
+    variance = np.asarray(jnp.var(mean, axis=0), np.float64)
+    m = min(images.shape[0], mi_examples)
+    mi = _mutual_info(key_loss, mean[:m], logvar[:m], block=min(m, 128))
+    return {
+        "kl": float(kl_per_dim.sum()),
+        "kl_per_dim": [float(v) for v in kl_per_dim],
+        "active_units": int(np.sum(variance > active_threshold)),
+        "posterior_mean_variance": [float(v) for v in variance],
+        "mutual_info": float(mi),
+        "mi_examples": int(m),
+        "mi_max": math.log(m),
+    }
 
 
 def image_grid(images, ncols: int = 8) -> np.ndarray:

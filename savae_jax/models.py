@@ -8,29 +8,43 @@ Everything here is a pure function of its inputs: the key is an argument.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-LIKELIHOODS = ("bernoulli",)
+LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
+
+# Floor of a learned log-scale (Gaussian sigma or logistic scale), as in
+# PixelCNN++: without it a decoder can shrink the scale until the density on a
+# well-predicted pixel (e.g. the black background) diverges.
+MIN_LOG_SCALE = -7.0
+
+# 8-bit images: pixel values k / 255, k = 0..255.
+NUM_BINS = 256
 
 
 class VAEOutput(NamedTuple):
     """What a VAE's ``__call__`` returns.
 
     Attributes:
-      logits: decoder output, shape (B, H, W, C): Bernoulli logits of p(x|z).
+      logits: decoder output, shape (B, H, W, C): the location of p(x|z):
+        Bernoulli logits, the Gaussian mean, or the logistic location (both in
+        pixel units, [0, 1]).
       mean: posterior mean, shape (B, latents).
       logvar: posterior log-variance, shape (B, latents).
       z: the reparameterised latent sample, shape (B, latents).
+      log_scale: per-pixel log-scale of p(x|z), shape (B, H, W, C), for the
+        likelihoods with a learned scale ("gaussian" with ``gaussian_sigma=None``,
+        "logistic"); None otherwise.
     """
 
     logits: jax.Array
     mean: jax.Array
     logvar: jax.Array
     z: jax.Array
+    log_scale: jax.Array | None = None
 
 
 def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -50,6 +64,123 @@ def bernoulli_log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:
     return per_pixel.reshape(per_pixel.shape[0], -1).sum(axis=-1)
 
 
+def gaussian_log_prob(mean: jax.Array, log_scale, x: jax.Array) -> jax.Array:
+    """log N(x; mean, exp(log_scale)^2) summed over all but the first axis (nats).
+
+    A density, not a probability: on [0, 1]-scaled data it is not comparable
+    with the discrete likelihoods (add D * ln 255 to a negative log-density
+    for the usual uniform-dequantisation bound on 8-bit data).
+    ``log_scale`` is an array broadcastable to ``x`` or a float.
+    """
+    log_scale = jnp.broadcast_to(jnp.asarray(log_scale, x.dtype), x.shape)
+    per_pixel = (-0.5 * jnp.square((x - mean) * jnp.exp(-log_scale))
+                 - log_scale - 0.5 * math.log(2 * math.pi))
+    return per_pixel.reshape(per_pixel.shape[0], -1).sum(axis=-1)
+
+
+def discretized_logistic_log_prob(loc: jax.Array, log_scale: jax.Array, x: jax.Array,
+                                  num_bins: int = NUM_BINS) -> jax.Array:
+    """log P(x) of a discretized logistic on pixel values k/(num_bins-1), summed per example.
+
+    The logistic(loc, s) density is integrated over the bin [x - h, x + h]
+    with h = 1 / (2 (num_bins - 1)); the first bin extends to -inf and the
+    last to +inf (Salimans et al. 2017, PixelCNN++, here in [0, 1] pixel
+    units), so the probabilities of the ``num_bins`` values sum to 1. The bin
+    mass uses the exact identity
+    sigma(a) - sigma(b) = sigma(a) sigma(-b) (1 - exp(b - a)),
+    which is stable in log space for every a > b (no PixelCNN++ fallback
+    branch needed).
+
+    Args:
+      loc: location, shape of ``x``, in pixel units.
+      log_scale: log s, broadcastable to ``x``.
+      x: pixels in [0, 1] that are multiples of 1/(num_bins - 1).
+      num_bins: number of pixel values (256 for 8-bit images).
+    Returns:
+      Shape (B,): log-probabilities in nats (<= 0).
+    """
+    log_scale = jnp.broadcast_to(jnp.asarray(log_scale, x.dtype), x.shape)
+    half = 0.5 / (num_bins - 1)
+    inv_s = jnp.exp(-log_scale)
+    plus = inv_s * (x - loc + half)
+    minus = inv_s * (x - loc - half)
+    log_cdf_plus = -jax.nn.softplus(-plus)  # log sigma(plus): the bin of 0
+    log_sf_minus = -jax.nn.softplus(minus)  # log (1 - sigma(minus)): the bin of 1
+    log_mass = log_cdf_plus + log_sf_minus + jnp.log(-jnp.expm1(minus - plus))
+    per_pixel = jnp.where(x < half, log_cdf_plus, jnp.where(x > 1.0 - half, log_sf_minus, log_mass))
+    return per_pixel.reshape(per_pixel.shape[0], -1).sum(axis=-1)
+
+
+def log_likelihood(likelihood: str, loc: jax.Array, x: jax.Array, log_scale=None) -> jax.Array:
+    """log p(x|z) per example (nats) for a likelihood name in ``LIKELIHOODS``.
+
+    ``loc`` is the decoder output (Bernoulli logits or location); ``log_scale``
+    is required for "gaussian" and "logistic" (an array or a float).
+    """
+    if likelihood == "bernoulli":
+        return bernoulli_log_prob(loc, x)
+    if log_scale is None:
+        raise ValueError(f"likelihood {likelihood!r} needs log_scale")
+    if likelihood == "gaussian":
+        return gaussian_log_prob(loc, log_scale, x)
+    if likelihood == "logistic":
+        return discretized_logistic_log_prob(loc, log_scale, x)
+    raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+
+
+def mean_image(likelihood: str, loc: jax.Array) -> jax.Array:
+    """The image to show for decoder output ``loc``: E[x|z] (Bernoulli) or loc clipped to [0, 1]."""
+    if likelihood == "bernoulli":
+        return jax.nn.sigmoid(loc)
+    return jnp.clip(loc, 0.0, 1.0)
+
+
+def bits_per_dim(neg_elbo_nats, image_shape) -> float:
+    """Convert nats per example to bits per dimension: nats / (prod(image_shape) * ln 2).
+
+    Meaningful for discrete likelihoods of 8-bit data ("logistic"; "bernoulli"
+    on binary data). ``image_shape`` is (H, W, C) of one example.
+    """
+    return float(neg_elbo_nats) / (math.prod(tuple(image_shape)) * math.log(2.0))
+
+
+def _check_likelihood(likelihood: str, gaussian_sigma) -> None:
+    if likelihood not in LIKELIHOODS:
+        raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if gaussian_sigma is not None and not gaussian_sigma > 0:
+        raise ValueError(f"gaussian_sigma must be > 0 or None, got {gaussian_sigma}")
+
+
+def _learned_scale(likelihood: str, gaussian_sigma) -> bool:
+    return likelihood == "logistic" or (likelihood == "gaussian" and gaussian_sigma is None)
+
+
+class _LikelihoodMixin:
+    """``decode_params`` and ``log_likelihood`` shared by the VAEs (needs ``likelihood``, ``gaussian_sigma``)."""
+
+    def _fixed_log_scale(self):
+        if self.likelihood == "gaussian" and self.gaussian_sigma is not None:
+            return math.log(self.gaussian_sigma)
+        return None
+
+    def _split(self, out):
+        """Decoder head output -> (loc, log_scale or None), log_scale floored at MIN_LOG_SCALE."""
+        if isinstance(out, tuple):
+            loc, raw = out
+            return loc, jnp.maximum(raw, MIN_LOG_SCALE)
+        return out, None
+
+    def log_likelihood(self, logits: jax.Array, x: jax.Array, log_scale=None) -> jax.Array:
+        """log p(x|z) per example in nats, summed over pixels.
+
+        ``log_scale`` is the decoder's learned log-scale (``VAEOutput.log_scale``);
+        a fixed ``gaussian_sigma`` is used when it is None.
+        """
+        if log_scale is None:
+            log_scale = self._fixed_log_scale()
+        return log_likelihood(self.likelihood, logits, x, log_scale)
+
+
 class Encoder(nn.Module):
     """q(z|x): flatten -> Dense(hidden) -> ReLU -> (mean, logvar)."""
 
@@ -66,57 +197,211 @@ class Encoder(nn.Module):
 
 
 class Decoder(nn.Module):
-    """p(x|z): Dense(hidden) -> ReLU -> Dense(prod(image_shape)) logits."""
+    """p(x|z): Dense(hidden) -> ReLU -> Dense(prod(image_shape)) logits.
+
+    With ``scale_head`` a second Dense layer "log_scale" gives a per-pixel
+    log-scale and the output is the pair (loc, raw log-scale).
+    """
 
     hidden: int
+    scale_head: bool = False
 
     @nn.compact
-    def __call__(self, z: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
+    def __call__(self, z: jax.Array, image_shape: tuple[int, ...]):
         h = nn.relu(nn.Dense(self.hidden, name="hidden")(z))
         logits = nn.Dense(math.prod(image_shape), name="logits")(h)
-        return logits.reshape(z.shape[0], *image_shape)
+        logits = logits.reshape(z.shape[0], *image_shape)
+        if not self.scale_head:
+            return logits
+        log_scale = nn.Dense(math.prod(image_shape), name="log_scale")(h)
+        return logits, log_scale.reshape(z.shape[0], *image_shape)
 
 
-class MLPVAE(nn.Module):
+class MLPVAE(_LikelihoodMixin, nn.Module):
     """The Kingma & Welling MLP VAE with one hidden layer each way.
+
+    With the default "bernoulli" likelihood the parameter tree is
+    ``encoder/{hidden,mean,logvar}``, ``decoder/{hidden,logits}``; a learned
+    scale adds ``decoder/log_scale``.
 
     Attributes:
       hidden: width of the encoder's and decoder's hidden layer.
       latents: dimension of z.
-      likelihood: decoder likelihood; "bernoulli" (logits over pixels).
+      likelihood: decoder likelihood: "bernoulli" (logits over pixels; binary
+        or binarised data, the default), "gaussian" (continuous data in
+        [0, 1]) or "logistic" (discretized logistic for 8-bit data, k/255).
+      gaussian_sigma: for "gaussian": a fixed observation std (e.g. 0.1), or
+        None for a learned per-pixel, z-dependent log-std (floored at
+        ``MIN_LOG_SCALE``). Ignored by the other likelihoods.
     """
 
     hidden: int = 500
     latents: int = 20
     likelihood: str = "bernoulli"
+    gaussian_sigma: float | None = None
 
     def setup(self):
         if self.hidden < 1:
             raise ValueError(f"hidden must be >= 1, got {self.hidden}")
         if self.latents < 1:
             raise ValueError(f"latents must be >= 1, got {self.latents}")
-        if self.likelihood not in LIKELIHOODS:
-            raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {self.likelihood!r}")
+        _check_likelihood(self.likelihood, self.gaussian_sigma)
         self.encoder = Encoder(self.hidden, self.latents)
-        self.decoder = Decoder(self.hidden)
+        self.decoder = Decoder(self.hidden, _learned_scale(self.likelihood, self.gaussian_sigma))
 
     def __call__(self, x: jax.Array, key: jax.Array) -> VAEOutput:
         """Encode ``x``, sample z with ``key``, decode; returns a VAEOutput."""
         mean, logvar = self.encoder(x)
         z = reparameterize(key, mean, logvar)
-        return VAEOutput(self.decoder(z, x.shape[1:]), mean, logvar, z)
+        loc, log_scale = self.decode_params(z, x.shape[1:])
+        return VAEOutput(loc, mean, logvar, z, log_scale)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Posterior parameters (mean, logvar) of q(z|x)."""
         return self.encoder(x)
 
-    def decode(self, z: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
-        """Decoder logits for latents ``z``, reshaped to (B, *image_shape)."""
-        return self.decoder(z, tuple(image_shape))
+    def decode_params(self, z: jax.Array, image_shape: tuple[int, ...]):
+        """(loc, log_scale) of p(x|z), each (B, *image_shape); log_scale None when not learned."""
+        return self._split(self.decoder(z, tuple(image_shape)))
 
-    def log_likelihood(self, logits: jax.Array, x: jax.Array) -> jax.Array:
-        """log p(x|z) per example in nats, summed over pixels."""
-        return bernoulli_log_prob(logits, x)
+    def decode(self, z: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
+        """Decoder logits (location) for latents ``z``, reshaped to (B, *image_shape)."""
+        return self.decode_params(z, image_shape)[0]
+
+
+def _conv_stack_shape(image_shape, depth: int) -> tuple[int, int]:
+    h, w = image_shape[0], image_shape[1]
+    for _ in range(depth):
+        h, w = -(-h // 2), -(-w // 2)
+    return h, w
+
+
+class ConvEncoder(nn.Module):
+    """q(z|x): [Conv 4x4 stride 2 -> ReLU] per feature -> flatten -> Dense(hidden) -> ReLU -> (mean, logvar)."""
+
+    features: Sequence[int]
+    hidden: int
+    latents: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        h = x
+        for i, f in enumerate(self.features):
+            h = nn.relu(nn.Conv(f, (4, 4), strides=(2, 2), padding="SAME", name=f"conv{i}")(h))
+        h = h.reshape(h.shape[0], -1)
+        h = nn.relu(nn.Dense(self.hidden, name="hidden")(h))
+        return nn.Dense(self.latents, name="mean")(h), nn.Dense(self.latents, name="logvar")(h)
+
+
+class ConvDecoder(nn.Module):
+    """p(x|z): Dense(hidden) -> Dense to a (H/2^n, W/2^n, features[-1]) map ->
+    [ConvTranspose 4x4 stride 2] per feature -> crop to (H, W).
+
+    The last transposed convolution has C channels (2C with ``scale_head``:
+    location and raw log-scale); the output is cropped from (2^n ceil(H/2^n))
+    to exactly (H, W), so any image size works (28x28 and 32x32 need no crop
+    for n = 2).
+    """
+
+    features: Sequence[int]
+    hidden: int
+    scale_head: bool = False
+
+    @nn.compact
+    def __call__(self, z: jax.Array, image_shape: tuple[int, ...]):
+        height, width, channels = image_shape
+        depth = len(self.features)
+        h0, w0 = _conv_stack_shape(image_shape, depth)
+        h = nn.relu(nn.Dense(self.hidden, name="hidden")(z))
+        h = nn.relu(nn.Dense(h0 * w0 * self.features[-1], name="project")(h))
+        h = h.reshape(z.shape[0], h0, w0, self.features[-1])
+        out_channels = channels * (2 if self.scale_head else 1)
+        ups = list(reversed(self.features[:-1])) + [out_channels]
+        for i, f in enumerate(ups):
+            h = nn.ConvTranspose(f, (4, 4), strides=(2, 2), padding="SAME", name=f"deconv{i}")(h)
+            if i < len(ups) - 1:
+                h = nn.relu(h)
+        h = h[:, :height, :width, :]
+        if not self.scale_head:
+            return h
+        return h[..., :channels], h[..., channels:]
+
+
+class ConvVAE(_LikelihoodMixin, nn.Module):
+    """Convolutional VAE for (H, W, C) images, e.g. 32x32x3 (CIFAR-10) or 28x28x1 (MNIST).
+
+    Encoder: one 4x4 stride-2 convolution per entry of ``features`` (ReLU),
+    then Dense(hidden) and the (mean, logvar) heads. Decoder: the mirror
+    image with transposed convolutions; its output has the input's shape.
+
+    Attributes:
+      latents: dimension of z.
+      features: channels of the convolutions (each halves H and W).
+      hidden: width of the Dense layer between the convolutions and z.
+      likelihood: "bernoulli" (binarised data; the default, as for
+        ``MLPVAE``), "logistic" (discretized logistic per sub-pixel, for 8-bit
+        images such as CIFAR-10; report ``bits_per_dim``) or "gaussian"
+        (continuous data).
+      gaussian_sigma: fixed observation std for "gaussian"; None = learned
+        per-pixel log-std (floored at ``MIN_LOG_SCALE``).
+    """
+
+    latents: int = 128
+    features: Sequence[int] = (32, 64, 128)
+    hidden: int = 512
+    likelihood: str = "bernoulli"
+    gaussian_sigma: float | None = None
+
+    def setup(self):
+        if self.latents < 1:
+            raise ValueError(f"latents must be >= 1, got {self.latents}")
+        if len(self.features) < 1 or min(self.features) < 1:
+            raise ValueError(f"features must be a non-empty sequence of positive ints, got {self.features}")
+        _check_likelihood(self.likelihood, self.gaussian_sigma)
+        self.encoder = ConvEncoder(tuple(self.features), self.hidden, self.latents)
+        self.decoder = ConvDecoder(tuple(self.features), self.hidden,
+                                   _learned_scale(self.likelihood, self.gaussian_sigma))
+
+    def __call__(self, x: jax.Array, key: jax.Array) -> VAEOutput:
+        """Encode ``x``, sample z with ``key``, decode; returns a VAEOutput."""
+        mean, logvar = self.encoder(x)
+        z = reparameterize(key, mean, logvar)
+        loc, log_scale = self.decode_params(z, x.shape[1:])
+        return VAEOutput(loc, mean, logvar, z, log_scale)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Posterior parameters (mean, logvar) of q(z|x)."""
+        return self.encoder(x)
+
+    def decode_params(self, z: jax.Array, image_shape: tuple[int, ...]):
+        """(loc, log_scale) of p(x|z), each (B, *image_shape); log_scale None when not learned."""
+        if len(image_shape) != 3:
+            raise ValueError(f"image_shape must be (H, W, C), got {image_shape}")
+        return self._split(self.decoder(z, tuple(image_shape)))
+
+    def decode(self, z: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
+        """Decoder location for latents ``z``, shape (B, *image_shape)."""
+        return self.decode_params(z, image_shape)[0]
+
+
+def decoder_log_likelihood(model: nn.Module, params, z: jax.Array, x: jax.Array) -> jax.Array:
+    """log p(x|z) per example for latents ``z`` (B, latents) and images ``x`` (B, H, W, C).
+
+    Works for any module with ``decode(z, image_shape)`` and
+    ``log_likelihood(loc, x)``; uses ``decode_params`` (learned scales) when
+    the module has it.
+    """
+
+    def fn(module, z, x):
+        if hasattr(module, "decode_params"):
+            loc, log_scale = module.decode_params(z, x.shape[1:])
+        else:
+            loc, log_scale = module.decode(z, x.shape[1:]), None
+        if log_scale is None:
+            return module.log_likelihood(loc, x)
+        return module.log_likelihood(loc, x, log_scale)
+
+    return model.apply(params, z, x, method=fn)
 
 
 def init(key: jax.Array, model: nn.Module, x: jax.Array):
@@ -137,12 +422,12 @@ def init(key: jax.Array, model: nn.Module, x: jax.Array):
 
 
 def sample_prior(key: jax.Array, params, model: nn.Module, num: int, image_shape) -> jax.Array:
-    """Draw ``num`` images' Bernoulli means sigmoid(decode(z)) with z ~ N(0, I)."""
+    """Draw ``num`` images' means with z ~ N(0, I) (Bernoulli: sigmoid(decode(z)); see ``mean_image``)."""
     z = jax.random.normal(key, (num, model.latents))
     logits = model.apply(params, z, tuple(image_shape), method=model.decode)
-    return jax.nn.sigmoid(logits)
+    return mean_image(getattr(model, "likelihood", "bernoulli"), logits)
 
 
 def reconstruct(key: jax.Array, params, model: nn.Module, x: jax.Array) -> jax.Array:
-    """Bernoulli means of p(x|z) for one posterior sample z ~ q(z|x)."""
-    return jax.nn.sigmoid(model.apply(params, x, key).logits)
+    """Means of p(x|z) for one posterior sample z ~ q(z|x) (Bernoulli: sigmoid of the logits)."""
+    return mean_image(getattr(model, "likelihood", "bernoulli"), model.apply(params, x, key).logits)
