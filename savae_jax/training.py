@@ -8,6 +8,7 @@ order, the keys, the loss and the evaluation.
 
 from __future__ import annotations
 
+import inspect
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -35,13 +36,29 @@ class Algorithm(NamedTuple):
     params: Callable[[Any], Any]
 
 
+def takes_step(loss_fn) -> bool:
+    """Whether ``loss_fn`` has a ``step`` parameter (a scheduled loss, e.g. a beta warm-up)."""
+    try:
+        return "step" in inspect.signature(loss_fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def optax_algorithm(loss_fn, optimizer: optax.GradientTransformation) -> Algorithm:
     """Wrap an Optax transformation: one gradient step per batch.
 
     ``GradientTransformationExtraArgs`` (``optax.lbfgs``,
     ``annealing.as_optax``) also receive ``value``, ``grad`` and
     ``value_fn(params)``: the loss on this batch with this step's noise.
+
+    If ``loss_fn`` has a ``step`` parameter (``make_loss`` with a beta
+    schedule), the state is ``(params, opt_state, count)`` and the loss is
+    called with ``step=count``, the number of steps done (0 at the first);
+    the count is saved with the state, so a resumed run continues the
+    schedule. Otherwise the state is ``(params, opt_state)`` as before.
     """
+    if takes_step(loss_fn):
+        return _counted_optax_algorithm(loss_fn, optimizer)
     extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     def init(params):
@@ -58,6 +75,21 @@ def optax_algorithm(loss_fn, optimizer: optax.GradientTransformation) -> Algorit
         else:
             updates, opt_state = optimizer.update(grads, opt_state, params)
         return (optax.apply_updates(params, updates), opt_state), loss, {}
+
+    return Algorithm(init, step, lambda state: state[0])
+
+
+def _counted_optax_algorithm(loss_fn, optimizer) -> Algorithm:
+    """``optax_algorithm`` for a loss with a ``step`` parameter: the state also counts steps."""
+
+    def init(params):
+        return params, optimizer.init(params), jnp.zeros((), jnp.int32)
+
+    def step(key, state, x):
+        params, opt_state, count = state
+        scheduled = optax_algorithm(lambda p, k, b: loss_fn(p, k, b, step=count), optimizer)
+        (params, opt_state), loss, stats = scheduled.step(key, (params, opt_state), x)
+        return (params, opt_state, count + 1), loss, stats
 
     return Algorithm(init, step, lambda state: state[0])
 
