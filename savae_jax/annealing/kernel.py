@@ -2,7 +2,9 @@
 
 One step from the incumbent x at temperature T = schedule(count):
 
-1. draw K proposals from the proposal kernel (noise generated inside the vmap);
+1. draw K proposals from the proposal kernel (noise generated inside the vmap;
+   full-rank kernels are evaluated ``prep.chunk_size`` proposals at a time,
+   so memory stays O(P) in K);
 2. evaluate all K proposals AND the incumbent in one ``jax.vmap`` on the same
    batch with the same loss key (common random numbers); non-finite proposal
    losses count as +inf;
@@ -191,7 +193,12 @@ def build_kernel(
         # K proposal keys + one for the incumbent (its noise is masked out).
         keys = jax.random.split(key_prop, num_proposals + 1)
         active = jnp.arange(num_proposals + 1) < num_proposals
-        losses = jax.vmap(prep.loss)(keys, active)
+        chunk = getattr(prep, "chunk_size", None)
+        if chunk is None or chunk >= num_proposals + 1:
+            losses = jax.vmap(prep.loss)(keys, active)
+        else:
+            # A vmap over all K would hold K perturbed copies of the params.
+            losses = jax.lax.map(lambda ka: prep.loss(*ka), (keys, active), batch_size=int(chunk))
 
         incumbent_loss = losses[num_proposals]
         raw = losses[:num_proposals]

@@ -18,8 +18,11 @@ step's shared ``key_loss`` and ``batch`` (common random numbers); with
 ``active=False`` it must return the loss of the unperturbed incumbent (the
 kernel evaluates the incumbent as the (K+1)-th member of the same vmap).
 The noise is generated inside the vmapped function, so nothing outside it
-holds K copies of the parameters. ``prep.materialize(key)`` re-generates
-the same noise from the winner's key and returns its parameters.
+holds K copies of the parameters; full-rank kernels (gaussian, cauchy,
+langevin) also set ``prep.chunk_size``, so the kernel evaluates them a chunk
+at a time and at most ``CHUNK_BYTES`` of perturbed copies exist at once.
+``prep.materialize(key)`` re-generates the same noise from the winner's key
+and returns its parameters.
 
 Scales: every kernel's noise standard deviation is ``scale * radius`` where
 ``radius`` is the annealer's radius schedule value (1.0 by default); with
@@ -50,11 +53,16 @@ class Prepared(NamedTuple):
         when ``active`` is False); vmapped by the kernel.
       materialize: ``key -> params`` the proposal drawn from ``key``.
       proposal_state: the kernel's state for the next step.
+      chunk_size: proposals evaluated at once (``jax.lax.map`` over chunks
+        of a vmap); None evaluates all K + 1 in one vmap. Kernels whose
+        proposals each hold a full copy of the parameters set it so that a
+        step's memory is O(chunk_size * P), independent of K.
     """
 
     loss: Callable[[jax.Array, jax.Array], jax.Array]
     materialize: Callable[[jax.Array], Any]
     proposal_state: Any
+    chunk_size: int | None = None
 
 
 class Proposal(NamedTuple):
@@ -101,6 +109,18 @@ def _sample_flat(sampler, key, shapes):
     return out
 
 
+# Bytes of perturbed parameters that full-rank kernels hold at once: chunks
+# of about this size keep a step's memory O(P), not O(K * P), and are no
+# slower than one vmap over all K (the copies stay in cache; see
+# experiments/benchmark.py).
+CHUNK_BYTES = 64 * 2**20
+
+
+def _chunk_size(leaves) -> int:
+    size = sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves if _is_float(leaf))
+    return max(1, CHUNK_BYTES // max(size, 1))
+
+
 def _stateless_init(params):
     return ()
 
@@ -129,7 +149,7 @@ def _additive(sampler, scale, scale_by_rms, rms_floor) -> Proposal:
         def materialize(key):
             return noisy(key, jnp.bool_(True))
 
-        return Prepared(loss, materialize, proposal_state)
+        return Prepared(loss, materialize, proposal_state, _chunk_size(leaves))
 
     return Proposal(_stateless_init, prepare)
 
@@ -208,7 +228,7 @@ def langevin(step_size: float, optimizer=None) -> Proposal:
         def materialize(key):
             return moved(key, jnp.bool_(True))
 
-        return Prepared(loss, materialize, new_state)
+        return Prepared(loss, materialize, new_state, _chunk_size(leaves))
 
     return Proposal(init, prepare)
 

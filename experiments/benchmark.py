@@ -1,0 +1,524 @@
+"""Speed benchmarks: SA step vs the inference roofline, vs evosax, fit overhead, scaling.
+
+Everything is measured side by side in ONE process (shared machines are
+noisy: absolute times mean little, ratios hold): the functions compared are
+compiled first, then run in interleaved rounds and the median of each is kept.
+
+1. ``sa_step``: one annealing step of the MLP VAE 784-500-20 at batch 128 with
+   K proposals (``gaussian`` and ``low_rank``) against the inference roofline,
+   one jitted ``loss_fn`` (forward pass + ELBO) of the unperturbed model over
+   K * 128 examples. ``ratio_to_inference`` = roofline time / step time.
+2. ``evosax``: evosax's ``SimulatedAnnealing`` on the identical objective,
+   batch and K, run as its docs show (ask, vmap the loss over the population,
+   tell), the three jitted together. ``speedup`` = our proposals/s / theirs.
+3. ``fit_overhead``: one Adam epoch on MNIST through ``savae_jax.fit`` vs a
+   minimal hand-written jitted step loop over the same device arrays.
+4. ``scaling``: step time and memory vs K and vs the hidden width.
+
+Memory is the compiled step's ``memory_analysis().temp_size_in_bytes``: the
+scratch memory the step allocates beyond its arguments and outputs, i.e. the
+"extra" memory of a step (the same number on every backend, so it is
+comparable across machines); ``machine.memory_stats`` adds the device's
+allocator statistics where the backend has them (GPU/TPU).
+
+    python experiments/benchmark.py [--quick] [--out results/benchmark.json]
+
+Runs unchanged on CPU, GPU or TPU (the default JAX device).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import savae_jax as sv
+from savae_jax import annealing as an
+
+BATCH = 128
+LATENTS = 20
+HIDDEN = 500
+SCALE = 1e-3  # proposal std, ours and evosax's alike
+MIB = 2.0**20
+
+FULL = dict(
+    ks=(16, 64, 256, 1024), evosax_ks=(64, 256), rounds=3,
+    widths=(125, 250, 500, 1000), width_k=64, fit_examples=None,
+)
+QUICK = dict(
+    ks=(16, 64), evosax_ks=(16,), rounds=2,
+    widths=(125,), width_k=16, fit_examples=2048,
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def machine_info() -> dict:
+    dev = jax.devices()[0]
+    info = {
+        "backend": jax.default_backend(),
+        "device_kind": dev.device_kind,
+        "device_count": jax.device_count(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "memory_source": "compiled.memory_analysis().temp_size_in_bytes (scratch beyond args/outputs)",
+    }
+    try:
+        import jaxlib
+
+        info["jaxlib"] = jaxlib.__version__
+    except Exception:  # pragma: no cover - jaxlib always ships with jax
+        pass
+    stats = _memory_stats()
+    if stats is not None:
+        info["memory_stats"] = "device.memory_stats() peak_bytes_in_use also reported per section"
+    return info
+
+
+def _memory_stats() -> dict | None:
+    try:
+        stats = jax.devices()[0].memory_stats()
+    except Exception:
+        return None
+    return stats or None
+
+
+def _peak_mb() -> float | None:
+    stats = _memory_stats()
+    if stats is None or "peak_bytes_in_use" not in stats:
+        return None
+    return stats["peak_bytes_in_use"] / MIB
+
+
+def compile_fn(fn: Callable, *args):
+    """AOT-compile ``fn`` for ``args``; returns (compiled, seconds to compile)."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def memory(compiled) -> dict:
+    """Temp / argument / output sizes (MiB) of a compiled executable (NaN if unknown)."""
+    try:
+        ma = compiled.memory_analysis()
+        return {
+            "temp_mb": ma.temp_size_in_bytes / MIB,
+            "arg_mb": ma.argument_size_in_bytes / MIB,
+            "out_mb": ma.output_size_in_bytes / MIB,
+        }
+    except Exception:
+        return {"temp_mb": float("nan"), "arg_mb": float("nan"), "out_mb": float("nan")}
+
+
+def time_interleaved(fns: dict[str, tuple[Callable, tuple]], rounds: int) -> dict[str, float]:
+    """Median seconds per call of each ``(f, args)``, run in interleaved rounds after one warm-up."""
+    for f, args in fns.values():
+        jax.block_until_ready(f(*args))
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, (f, args) in fns.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def make_problem(hidden: int):
+    model = sv.models.MLPVAE(hidden=hidden, latents=LATENTS)
+    loss_fn = sv.make_loss(model)
+    x = jax.random.uniform(jax.random.key(0), (BATCH, 28, 28, 1))
+    params = sv.models.init(jax.random.key(1), model, x)
+    return loss_fn, params, x
+
+
+def num_params(params) -> int:
+    return int(sum(leaf.size for leaf in jax.tree_util.tree_leaves(params)))
+
+
+def make_proposal(name: str):
+    if name == "gaussian":
+        return an.gaussian(SCALE)
+    if name == "low_rank":
+        return an.low_rank(SCALE, rank=1)
+    raise ValueError(name)
+
+
+class Cache:
+    """Compiled SA steps and rooflines, shared by the sections (compile once)."""
+
+    def __init__(self):
+        self.problems: dict[int, tuple] = {}
+        self.steps: dict[tuple, tuple] = {}
+        self.rooflines: dict[tuple, tuple] = {}
+
+    def problem(self, hidden: int):
+        if hidden not in self.problems:
+            self.problems[hidden] = make_problem(hidden)
+        return self.problems[hidden]
+
+    def step(self, proposal: str, k: int, hidden: int = HIDDEN):
+        """(compiled step, args, memory dict) of our SA step."""
+        key = (proposal, k, hidden)
+        if key not in self.steps:
+            loss_fn, params, x = self.problem(hidden)
+            sa = an.simulated_annealing(
+                loss_fn, k, make_proposal(proposal), an.exponential(1.0, 0.999), an.metropolis())
+            state = sa.init(params)
+            args = (jax.random.key(3), state, x)
+            compiled, _ = compile_fn(sa.step, *args)
+            self.steps[key] = (compiled, args, memory(compiled))
+        return self.steps[key]
+
+    def roofline(self, k: int, hidden: int = HIDDEN):
+        """(compiled loss_fn over K * 128 examples, args, memory dict)."""
+        key = (k, hidden)
+        if key not in self.rooflines:
+            loss_fn, params, x = self.problem(hidden)
+            xb = jnp.tile(x, (k, 1, 1, 1))
+            args = (params, jax.random.key(2), xb)
+            compiled, _ = compile_fn(loss_fn, *args)
+            self.rooflines[key] = (compiled, args, memory(compiled))
+        return self.rooflines[key]
+
+    def drop(self, hidden: int | None = None, k: int | None = None):
+        """Free compiled executables (and their arguments) no longer needed."""
+        for d in (self.steps, self.rooflines):
+            for key in list(d):
+                kk, hh = (key[1], key[2]) if len(key) == 3 else key
+                if (hidden is None or hh == hidden) and (k is None or kk == k):
+                    del d[key]
+
+
+# --------------------------------------------------------------------------- 1. SA step
+
+
+def bench_sa_step(cache: Cache, ks, rounds: int) -> list[dict]:
+    rows = []
+    for k in ks:
+        fns = {"inference": cache.roofline(k)[:2]}
+        for prop in ("gaussian", "low_rank"):
+            fns[prop] = cache.step(prop, k)[:2]
+        t = time_interleaved(fns, rounds)
+        for prop in ("gaussian", "low_rank"):
+            rows.append({
+                "proposal": prop, "K": k, "step_s": t[prop],
+                "proposals_per_s": k / t[prop],
+                "inference_s": t["inference"],
+                "ratio_to_inference": t["inference"] / t[prop],
+                "temp_mb": cache.step(prop, k)[2]["temp_mb"],
+            })
+        print(f"  sa_step K={k}: " + "  ".join(f"{n} {s:.3f}s" for n, s in t.items()), flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- 2. evosax
+
+
+def evosax_version() -> str | None:
+    try:
+        from importlib.metadata import version
+
+        return version("evosax")
+    except Exception:
+        return None
+
+
+def evosax_step(k: int, loss_fn, params, x):
+    """evosax's SimulatedAnnealing on our objective: (compiled step, args)."""
+    from evosax.algorithms import SimulatedAnnealing
+
+    es = SimulatedAnnealing(
+        population_size=k, solution=params, std_schedule=optax.constant_schedule(SCALE))
+    es_params = es.default_params
+    state = es.init(jax.random.key(0), params, es_params)
+
+    def step(key, state, x):
+        key_ask, key_loss, key_tell = jax.random.split(key, 3)
+        population, state = es.ask(key_ask, state, es_params)
+        # The same loss key for the whole population: common random numbers, as ours.
+        fitness = jax.vmap(loss_fn, in_axes=(0, None, None))(population, key_loss, x)
+        state, metrics = es.tell(key_tell, population, fitness, state, es_params)
+        return state, metrics["best_fitness"]
+
+    args = (jax.random.key(4), state, x)
+    compiled, _ = compile_fn(step, *args)
+    return compiled, args
+
+
+def bench_evosax(cache: Cache, ks, rounds: int):
+    version = evosax_version()
+    if version is None:
+        return {"error": "evosax is not installed (pip install 'savae_jax[bench]')"}, None
+    rows = []
+    try:
+        loss_fn, params, x = cache.problem(HIDDEN)
+        for k in ks:
+            theirs, theirs_args = evosax_step(k, loss_fn, params, x)
+            fns = {"evosax": (theirs, theirs_args)}
+            for prop in ("gaussian", "low_rank"):
+                fns[prop] = cache.step(prop, k)[:2]
+            t = time_interleaved(fns, rounds)
+            theirs_mem = memory(theirs)["temp_mb"]
+            for prop in ("gaussian", "low_rank"):
+                rows.append({
+                    "proposal": prop, "K": k,
+                    "speedup": t["evosax"] / t[prop],
+                    "ours_step_s": t[prop], "theirs_step_s": t["evosax"],
+                    "ours_mem_mb": cache.step(prop, k)[2]["temp_mb"],
+                    "theirs_mem_mb": theirs_mem,
+                })
+            print(f"  evosax K={k}: " + "  ".join(f"{n} {s:.3f}s" for n, s in t.items()), flush=True)
+            del theirs, theirs_args, fns
+    except Exception as err:  # evosax API drift or an incompatible jax: report, do not crash
+        return {"error": f"evosax {version}: {type(err).__name__}: {err}", "version": version}, version
+    return rows, version
+
+
+# --------------------------------------------------------------------------- 3. fit overhead
+
+
+def load_fit_data(examples: int | None):
+    data_dir = os.environ.get("SAVAE_DATA_DIR")
+    candidates = [data_dir] if data_dir else []
+    here = os.path.dirname(os.path.abspath(__file__))
+    candidates.append(os.path.normpath(os.path.join(here, "..", "..", "shared", "data", "mnist")))
+    for d in candidates:
+        try:
+            data = sv.data.load("mnist", "train", data_dir=d)
+            name = "mnist"
+            break
+        except Exception:
+            continue
+    else:
+        data = sv.data.load("digits", "train")
+        name = "digits"
+    images = np.asarray(data.images, np.float32)
+    if examples is not None:
+        images = images[:examples]
+    return name, images
+
+
+def minimal_epoch(loss_fn, optimizer, params, images, key, batch_size: int):
+    """The hand-written baseline: returns ``run() -> (params, mean loss)`` for one epoch, compiled."""
+    n = images.shape[0]
+    steps = n // batch_size
+
+    def step(params, opt_state, key, images, idx):
+        loss, grads = jax.value_and_grad(loss_fn)(params, key, images[idx])
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    opt_state = optimizer.init(params)
+    key_perm, key_steps = jax.random.split(key)
+    idx = jax.random.permutation(key_perm, n)[: steps * batch_size].reshape(steps, batch_size)
+    keys = jax.random.split(key_steps, steps)
+    compiled, _ = compile_fn(step, params, opt_state, keys[0], images, idx[0])
+
+    def run():
+        p, s, total = params, opt_state, 0.0
+        for i in range(steps):
+            p, s, loss = compiled(p, s, keys[i], images, idx[i])
+            total = total + loss
+        return p, float(total) / steps
+
+    return run
+
+
+def bench_fit(examples: int | None, rounds: int) -> dict:
+    name, images_np = load_fit_data(examples)
+    loss_fn, params, _ = make_problem(HIDDEN)
+    optimizer = optax.adam(1e-3)
+    images = jnp.asarray(images_np)
+    minimal = minimal_epoch(loss_fn, optimizer, params, images, jax.random.key(5), BATCH)
+
+    fit_epoch, fit_total, min_epoch = [], [], []
+    minimal()  # warm-up (the compile happened in minimal_epoch)
+    sv.fit(jax.random.key(5), params, loss_fn, optimizer, images, epochs=1, batch_size=BATCH)
+    for _ in range(rounds):
+        start = time.perf_counter()
+        _, history = sv.fit(jax.random.key(5), params, loss_fn, optimizer, images,
+                            epochs=1, batch_size=BATCH)
+        fit_total.append(time.perf_counter() - start)
+        fit_epoch.append(history[0]["seconds"])
+        start = time.perf_counter()
+        minimal()
+        min_epoch.append(time.perf_counter() - start)
+    fit_s, minimal_s = statistics.median(fit_epoch), statistics.median(min_epoch)
+    print(f"  fit {fit_s:.3f}s  minimal {minimal_s:.3f}s  ({name}, {images.shape[0]} examples)", flush=True)
+    return {
+        "fit_s": fit_s, "minimal_s": minimal_s, "ratio": fit_s / minimal_s,
+        "fit_call_s": statistics.median(fit_total),
+        "dataset": name, "examples": int(images.shape[0]),
+        "steps": int(images.shape[0] // BATCH), "optimizer": "adam(1e-3)",
+        "note": "fit_s: the epoch time fit reports (its step is compiled before it); "
+                "fit_call_s: the whole fit() call, compile and setup included",
+    }
+
+
+# --------------------------------------------------------------------------- 4. scaling
+
+
+def bench_scaling(cache: Cache, sa_rows: list[dict], widths, width_k: int, rounds: int) -> list[dict]:
+    rows = []
+    # vs K: from the sa_step measurements (same run); linearity = time per
+    # proposal relative to the smallest K (1.0 = linear; > 1 = superlinear).
+    for prop in ("gaussian", "low_rank"):
+        mine = sorted((r for r in sa_rows if r["proposal"] == prop), key=lambda r: r["K"])
+        base = mine[0]["step_s"] / mine[0]["K"]
+        for r in mine:
+            rows.append({
+                "axis": "K", "proposal": prop, "K": r["K"], "hidden": HIDDEN,
+                "params": num_params(cache.problem(HIDDEN)[1]),
+                "step_s": r["step_s"], "proposals_per_s": r["proposals_per_s"],
+                "per_proposal_ms": 1e3 * r["step_s"] / r["K"],
+                "linearity": (r["step_s"] / r["K"]) / base,
+                "temp_mb": r["temp_mb"],
+                "inference_temp_mb": cache.roofline(r["K"])[2]["temp_mb"],
+            })
+    # vs width at fixed K.
+    for hidden in widths:
+        fns = {"inference": cache.roofline(width_k, hidden)[:2]}
+        for prop in ("gaussian", "low_rank"):
+            fns[prop] = cache.step(prop, width_k, hidden)[:2]
+        t = time_interleaved(fns, rounds)
+        for prop in ("gaussian", "low_rank"):
+            rows.append({
+                "axis": "hidden", "proposal": prop, "K": width_k, "hidden": hidden,
+                "params": num_params(cache.problem(hidden)[1]),
+                "step_s": t[prop], "proposals_per_s": width_k / t[prop],
+                "per_proposal_ms": 1e3 * t[prop] / width_k,
+                "ratio_to_inference": t["inference"] / t[prop],
+                "temp_mb": cache.step(prop, width_k, hidden)[2]["temp_mb"],
+                "inference_temp_mb": cache.roofline(width_k, hidden)[2]["temp_mb"],
+            })
+        print(f"  width {hidden}: " + "  ".join(f"{n} {s:.3f}s" for n, s in t.items()), flush=True)
+        if hidden != HIDDEN:
+            cache.drop(hidden=hidden)
+    return rows
+
+
+# --------------------------------------------------------------------------- targets & output
+
+
+def _slope(xs, ys):
+    xs, ys = np.asarray(xs, float), np.asarray(ys, float)
+    return float(np.polyfit(xs, ys, 1)[0]) if len(xs) > 1 else float("nan")
+
+
+def targets(result: dict, param_mb: float) -> dict:
+    out = {}
+    lr = [r for r in result["sa_step"] if r["proposal"] == "low_rank" and r["K"] >= 256]
+    if lr:
+        worst = min(r["ratio_to_inference"] for r in lr)
+        out["low_rank_ratio_to_inference_K>=256"] = {"target": ">= 0.8", "value": worst, "met": worst >= 0.8}
+    if isinstance(result["evosax"], list) and result["evosax"]:
+        for prop, goal in (("low_rank", 10.0), ("gaussian", 1.0)):
+            vals = [r["speedup"] for r in result["evosax"] if r["proposal"] == prop]
+            worst = min(vals)
+            out[f"evosax_speedup_{prop}"] = {"target": f">= {goal}", "value": worst, "met": worst >= goal}
+    g = [r for r in result["sa_step"] if r["proposal"] == "gaussian"]
+    if len(g) > 1:
+        # Extra memory per extra proposal, in units of the parameter size P:
+        # O(K * P) materialisation shows as ~1 or more, O(P) as ~0.
+        slope = _slope([r["K"] for r in g], [r["temp_mb"] for r in g]) / param_mb
+        out["gaussian_extra_memory_per_proposal_in_P"] = {
+            "target": "O(P): << 1 copy of the params per extra proposal",
+            "value": slope, "met": slope < 0.1,
+            "temp_mb_by_K": {str(r["K"]): r["temp_mb"] for r in g},
+        }
+    ratio = result["fit_overhead"]["ratio"]
+    out["fit_overhead_ratio"] = {"target": "<= 1.10", "value": ratio, "met": ratio <= 1.10}
+    return out
+
+
+def print_table(result: dict) -> None:
+    m = result["machine"]
+    print(f"\nmachine: {m['backend']} / {m['device_kind']} x{m['device_count']}, "
+          f"{m['cpu_count']} CPUs, jax {m['jax']}, evosax {result.get('evosax_version')}")
+    print("\nSA step vs inference roofline (MLP VAE 784-500-20, batch 128)")
+    print(f"{'proposal':<10}{'K':>6}{'step s':>10}{'prop/s':>10}{'infer s':>10}{'ratio':>8}{'temp MiB':>10}")
+    for r in result["sa_step"]:
+        print(f"{r['proposal']:<10}{r['K']:>6}{r['step_s']:>10.4f}{r['proposals_per_s']:>10.1f}"
+              f"{r['inference_s']:>10.4f}{r['ratio_to_inference']:>8.2f}{r['temp_mb']:>10.1f}")
+    print("\nvs evosax SimulatedAnnealing (same objective, batch, K)")
+    if isinstance(result["evosax"], dict):
+        print(f"  {result['evosax']['error']}")
+    else:
+        print(f"{'proposal':<10}{'K':>6}{'speedup':>9}{'ours s':>10}{'theirs s':>10}{'ours MiB':>10}{'theirs MiB':>11}")
+        for r in result["evosax"]:
+            print(f"{r['proposal']:<10}{r['K']:>6}{r['speedup']:>9.2f}{r['ours_step_s']:>10.4f}"
+                  f"{r['theirs_step_s']:>10.4f}{r['ours_mem_mb']:>10.1f}{r['theirs_mem_mb']:>11.1f}")
+    f = result["fit_overhead"]
+    print(f"\nfit overhead (one Adam epoch, {f['dataset']}, {f['examples']} examples): "
+          f"fit {f['fit_s']:.3f}s  minimal {f['minimal_s']:.3f}s  ratio {f['ratio']:.3f}")
+    print("\nscaling")
+    print(f"{'axis':<7}{'proposal':<10}{'K':>6}{'hidden':>7}{'params':>9}{'step s':>10}"
+          f"{'ms/prop':>9}{'lin/ratio':>10}{'temp MiB':>10}{'infer MiB':>10}")
+    for r in result["scaling"]:
+        extra = r["linearity"] if r["axis"] == "K" else r["ratio_to_inference"]
+        print(f"{r['axis']:<7}{r['proposal']:<10}{r['K']:>6}{r['hidden']:>7}{r['params']:>9}"
+              f"{r['step_s']:>10.4f}{r['per_proposal_ms']:>9.3f}{extra:>10.2f}{r['temp_mb']:>10.1f}"
+              f"{r['inference_temp_mb']:>10.1f}")
+    print("\ntargets")
+    for name, t in result["targets"].items():
+        print(f"  {'MET ' if t['met'] else 'MISS'} {name}: {t['value']:.3f} (target {t['target']})")
+
+
+def run(quick: bool) -> dict:
+    cfg = QUICK if quick else FULL
+    start = time.perf_counter()
+    cache = Cache()
+    result: dict[str, Any] = {"machine": machine_info(), "quick": quick,
+                              "config": {k: v for k, v in cfg.items()}}
+    print("sa_step", flush=True)
+    result["sa_step"] = bench_sa_step(cache, cfg["ks"], cfg["rounds"])
+    print("evosax", flush=True)
+    for k in cfg["ks"]:
+        if k not in cfg["evosax_ks"]:
+            cache.drop(hidden=HIDDEN, k=k) if k > max(cfg["evosax_ks"] + (cfg["width_k"],)) else None
+    result["evosax"], result["evosax_version"] = bench_evosax(cache, cfg["evosax_ks"], cfg["rounds"])
+    print("fit_overhead", flush=True)
+    result["fit_overhead"] = bench_fit(cfg["fit_examples"], cfg["rounds"])
+    print("scaling", flush=True)
+    result["scaling"] = bench_scaling(cache, result["sa_step"], cfg["widths"], cfg["width_k"], cfg["rounds"])
+    param_mb = num_params(cache.problem(HIDDEN)[1]) * 4 / MIB
+    result["targets"] = targets(result, param_mb)
+    peak = _peak_mb()
+    if peak is not None:
+        result["machine"]["peak_bytes_in_use_mb"] = peak
+    result["seconds"] = time.perf_counter() - start
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small K and data: a smoke run under a minute")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    result = run(args.quick)
+    print_table(result)
+    print(f"\ntotal {result['seconds']:.1f}s")
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2, default=float)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""experiments/benchmark.py: the --quick run writes complete, finite JSON (never a time threshold)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import savae_jax as sv
+from savae_jax import annealing as an
+from savae_jax.annealing import proposals
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _finite_numbers(obj, path="result"):
+    """Yield (path, value) of every number in a JSON tree."""
+    if isinstance(obj, bool):
+        return
+    if isinstance(obj, (int, float)):
+        yield path, obj
+    elif isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _finite_numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _finite_numbers(v, f"{path}[{i}]")
+
+
+@pytest.fixture(scope="module")
+def quick_result(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--quick", "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "SA step vs inference roofline" in proc.stdout  # the printed table
+    return json.loads(out.read_text())
+
+
+def test_quick_json_is_complete_and_finite(quick_result):
+    r = quick_result
+    for key in ("machine", "sa_step", "evosax", "fit_overhead", "scaling", "targets"):
+        assert key in r, key
+    for key in ("backend", "device_kind", "cpu_count", "jax", "memory_source"):
+        assert key in r["machine"], key
+
+    assert {(row["proposal"], row["K"]) for row in r["sa_step"]} >= {("gaussian", 16), ("low_rank", 16)}
+    for row in r["sa_step"]:
+        for key in ("proposal", "K", "step_s", "proposals_per_s", "ratio_to_inference"):
+            assert key in row, key
+        assert row["step_s"] > 0 and row["ratio_to_inference"] > 0
+
+    if importlib.util.find_spec("evosax") is None:
+        assert "error" in r["evosax"]
+    elif isinstance(r["evosax"], dict):
+        pytest.fail(f"evosax is installed but the comparison failed: {r['evosax']['error']}")
+    else:
+        assert {row["proposal"] for row in r["evosax"]} == {"gaussian", "low_rank"}
+        for row in r["evosax"]:
+            for key in ("proposal", "K", "speedup", "ours_mem_mb", "theirs_mem_mb"):
+                assert key in row, key
+            assert row["speedup"] > 0
+
+    fo = r["fit_overhead"]
+    for key in ("fit_s", "minimal_s", "ratio"):
+        assert fo[key] > 0, key
+
+    axes = {row["axis"] for row in r["scaling"]}
+    assert axes == {"K", "hidden"}
+    for row in r["scaling"]:
+        for key in ("proposal", "K", "hidden", "step_s", "temp_mb"):
+            assert key in row, key
+
+    for path, value in _finite_numbers({k: r[k] for k in ("sa_step", "fit_overhead", "scaling", "targets")}):
+        assert math.isfinite(value), path
+    if isinstance(r["evosax"], list):
+        for path, value in _finite_numbers(r["evosax"]):
+            assert math.isfinite(value), path
+
+
+def test_chunked_gaussian_matches_one_vmap(monkeypatch):
+    """Full-rank proposals evaluated a chunk at a time give the losses of one vmap."""
+    model = sv.models.MLPVAE(hidden=16, latents=4)
+    loss_fn = sv.make_loss(model)
+    x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1))
+    params = sv.models.init(jax.random.key(1), model, x)
+
+    def run():
+        sa = an.simulated_annealing(loss_fn, 13, an.gaussian(0.05), an.exponential(1.0, 0.9), an.metropolis())
+        state, info = jax.jit(sa.step)(jax.random.key(2), sa.init(params), x)
+        return state, info
+
+    ref_state, ref_info = run()
+    monkeypatch.setattr(proposals, "CHUNK_BYTES", 1)  # one proposal at a time
+    state, info = run()
+    np.testing.assert_allclose(float(info.proposal_loss_min), float(ref_info.proposal_loss_min), rtol=1e-6)
+    np.testing.assert_allclose(float(info.proposal_loss_mean), float(ref_info.proposal_loss_mean), rtol=1e-6)
+    assert bool(info.accepted) == bool(ref_info.accepted)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+        state.params, ref_state.params)
+
+
+def test_gaussian_step_memory_does_not_grow_with_k():
+    """No K copies of the parameters: the compiled step's scratch memory is flat in K."""
+    model = sv.models.MLPVAE(hidden=200, latents=8)
+    loss_fn = sv.make_loss(model)
+    x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
+    params = sv.models.init(jax.random.key(1), model, x)
+    param_bytes = sum(leaf.size * 4 for leaf in jax.tree_util.tree_leaves(params))
+
+    def temp_bytes(k):
+        sa = an.simulated_annealing(loss_fn, k, an.gaussian(0.01), 1.0, an.metropolis())
+        compiled = jax.jit(sa.step).lower(jax.random.key(2), sa.init(params), x).compile()
+        ma = compiled.memory_analysis()
+        if ma is None:
+            pytest.skip("memory_analysis unavailable on this backend")
+        return ma.temp_size_in_bytes
+
+    small, large = temp_bytes(256), temp_bytes(1024)
+    # 768 more proposals would need >= 768 * P bytes if materialised.
+    assert large - small < 16 * param_bytes
