@@ -12,6 +12,7 @@ from typing import Any
 
 import optax
 
+import savae_jax as sv
 from savae_jax import annealing
 
 # Every public optax callable whose first parameter is `learning_rate`
@@ -22,6 +23,8 @@ OPTAX_ALIASES = sorted(
     and list(inspect.signature(fn).parameters)[:1] == ["learning_rate"]
 )
 
+MODELS = ("mlp", "conv")
+BETA_SCHEDULES = ("constant", "warmup", "cyclical")
 PROPOSALS = ("gaussian", "cauchy", "low_rank", "langevin")
 SCHEDULES = ("exponential", "linear", "logarithmic", "fast", "adaptive", "constant")
 ACCEPTANCES = ("metropolis", "threshold", "greedy")
@@ -49,6 +52,58 @@ SA_DEFAULTS: dict[str, Any] = {
     "langevin_optimizer": "none",  # langevin drift: "none" (plain gradient) or an optax alias
     "langevin_lr": 1e-3,      # learning rate of that optimizer
 }
+
+
+def add_model_flags(parser) -> None:
+    """--model, --hidden, --latents, --likelihood and the beta/free-bits flags."""
+    group = parser.add_argument_group("model and objective")
+    group.add_argument("--model", choices=MODELS, default=None, help="mlp (default) or conv")
+    group.add_argument("--hidden", type=int, default=None, help="MLP hidden width / conv dense width")
+    group.add_argument("--latents", type=int, default=None)
+    group.add_argument("--likelihood", choices=sv.models.LIKELIHOODS, default=None,
+                       help="bernoulli (default; binarised data), gaussian, logistic (8-bit data, bits/dim)")
+    group.add_argument("--beta", type=float, default=None, help="KL weight (default 1)")
+    group.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=None,
+                       help="constant (default), warmup (0 -> beta over --beta-steps), cyclical")
+    group.add_argument("--beta-steps", type=int, default=None, help="warm-up length or cyclical total steps")
+    group.add_argument("--beta-cycles", type=int, default=None, help="cyclical: number of cycles")
+    group.add_argument("--free-bits", type=float, default=None, help="minimum KL per latent dimension (nats)")
+    group.add_argument("--eval-iwae", type=int, default=None, help="k of the final IWAE-k evaluation (0: skip)")
+
+
+MODEL_DEFAULTS = {"model": "mlp", "hidden": 500, "latents": 20, "likelihood": "bernoulli", "beta": 1.0,
+                  "beta_schedule": "constant", "beta_steps": 10000, "beta_cycles": 4, "free_bits": None}
+
+
+def make_model(config: dict):
+    """The VAE named by config["model"] (ValueError names the flag)."""
+    for key in ("hidden", "latents"):
+        if not (isinstance(config[key], int) and config[key] > 0):
+            raise ValueError(f"--{key}: must be a positive integer, got {config[key]!r}")
+    if config["model"] == "conv":
+        return sv.ConvVAE(latents=config["latents"], hidden=config["hidden"], likelihood=config["likelihood"])
+    if config["model"] != "mlp":
+        raise ValueError(f"--model: unknown model {config['model']!r}; choose one of {', '.join(MODELS)}")
+    return sv.MLPVAE(hidden=config["hidden"], latents=config["latents"], likelihood=config["likelihood"])
+
+
+def make_training_loss(model, config: dict):
+    """The training objective: make_loss with the beta schedule and free bits of ``config``."""
+    beta, kind = config["beta"], config["beta_schedule"]
+    if not (isinstance(beta, (int, float)) and beta >= 0):
+        raise ValueError(f"--beta: must be >= 0, got {beta!r}")
+    if config["free_bits"] is not None and not config["free_bits"] >= 0:
+        raise ValueError(f"--free-bits: must be >= 0, got {config['free_bits']!r}")
+    try:
+        if kind == "warmup":
+            beta = sv.beta.linear_warmup(beta, config["beta_steps"])
+        elif kind == "cyclical":
+            beta = sv.beta.cyclical(beta, config["beta_steps"], config["beta_cycles"])
+        elif kind != "constant":
+            raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(BETA_SCHEDULES)}")
+        return sv.make_loss(model, beta=beta, free_bits=config["free_bits"])
+    except ValueError as err:
+        raise ValueError(f"--beta-schedule {kind}: {err}") from err
 
 
 def make_optimizer(name: str, lr: float, flag: str = "--optimizer") -> optax.GradientTransformation:

@@ -6,7 +6,9 @@ Example:
       --binarize dynamic --workdir runs/adam
 
 Outputs in --workdir (each written atomically):
-  metrics.json      {"config", "history": [...], "final": {...}}
+  metrics.json      {"config", "history": [...], "final": {"test_neg_elbo", "test_neg_iwae"
+                    (with --eval-iwae K), "bits_per_dim" (logistic likelihood), "diagnostics",
+                    "train_seconds", ...}}
   params/           orbax checkpoint of the final parameters (for --init-from)
   reconstructions.png, samples.png
 """
@@ -54,9 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive(int), default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--binarize", choices=["dynamic", "static", "none"], default="dynamic")
-    p.add_argument("--hidden", type=positive(int), default=500)
-    p.add_argument("--latents", type=positive(int), default=20)
-    p.add_argument("--beta", type=float, default=1.0)
+    common.add_model_flags(p)
     p.add_argument("--workdir", default="runs/train")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch log lines stay)")
     p.add_argument("--init-from", default=None,
@@ -118,9 +118,14 @@ def save_grids(workdir: Path, key, params, model, test_images, binarize) -> None
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
-    model = sv.MLPVAE(hidden=args.hidden, latents=args.latents)
     try:
-        loss_fn = sv.make_loss(model, beta=args.beta)
+        model_config = {k: v if getattr(args, k) is None else getattr(args, k)
+                        for k, v in common.MODEL_DEFAULTS.items()}
+        model = common.make_model(model_config)
+        loss_fn = common.make_training_loss(model, model_config)
+        eval_iwae = args.eval_iwae or 0
+        if eval_iwae < 0:
+            raise ValueError(f"--eval-iwae: must be >= 0, got {eval_iwae}")
         optimizer = make_optimizer(args, loss_fn)
         if args.pretrain_epochs < 0:
             raise ValueError(f"--pretrain-epochs: must be >= 0, got {args.pretrain_epochs}")
@@ -141,7 +146,7 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     binarize = None if args.binarize == "none" else args.binarize
-    config = vars(args) | {"backend": jax.default_backend(),
+    config = vars(args) | model_config | {"eval_iwae": eval_iwae, "backend": jax.default_backend(),
                            "devices": [str(d) for d in jax.devices()]}
     log = lambda line: print(line, flush=True)  # noqa: E731
     log(f"{args.dataset}: {len(train.images)} train / {len(test.images)} test images "
@@ -152,22 +157,22 @@ def main(argv=None) -> dict:
     history = []
     fit = lambda key, params, optimizer, epochs: sv.fit(  # noqa: E731
         key, params, loss_fn, optimizer, train, epochs, args.batch_size, test,
-        binarize=binarize, progress=not args.quiet, log=log)
+        binarize=binarize, eval_loss_fn=sv.make_loss(model), progress=not args.quiet, log=log)
     if pretrain is not None:
         log(f"pretraining: {args.pretrain_epochs} epochs of {args.pretrain_optimizer}")
         params, rows = fit(key_pretrain, params, pretrain, args.pretrain_epochs)
         history += [row | {"phase": args.pretrain_optimizer} for row in rows]
     params, rows = fit(key_fit, params, optimizer, args.epochs)
     history += [row | {"phase": args.optimizer, "epoch": row["epoch"] + args.pretrain_epochs} for row in rows]
-    metrics = {
-        "config": config,
-        "history": history,
-        "final": {
-            "test_neg_elbo": history[-1]["test_neg_elbo"],
-            "train_seconds": sum(row["seconds"] for row in history),
-            "wall_seconds": time.perf_counter() - start,
-        },
-    }
+    train_seconds, wall_seconds = sum(row["seconds"] for row in history), time.perf_counter() - start
+    final = sv.evaluation.report(params, model, test.images, binarize=binarize, iwae_samples=eval_iwae)
+    metrics = {"config": config, "history": history,
+               "final": final | {"train_seconds": train_seconds, "wall_seconds": wall_seconds}}
+    if eval_iwae:
+        log(f"test negative IWAE-{eval_iwae} bound {final['test_neg_iwae']:.3f} nats "
+            f"(ELBO gap {final['elbo_iwae_gap']:.3f})")
+    log(f"active units {final['diagnostics']['active_units']}/{model.latents}, "
+        f"KL {final['diagnostics']['kl']:.3f}, MI {final['diagnostics']['mutual_info']:.3f} nats")
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.save_params(workdir / "params", params)
     save_grids(workdir, key_grid, params, model, test.images, binarize)

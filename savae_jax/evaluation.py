@@ -287,6 +287,45 @@ def diagnostics(
     }
 
 
+def report(
+    params,
+    model,
+    images,
+    key: jax.Array | None = None,
+    binarize: str | None = None,
+    iwae_samples: int = 0,
+    static_seed: int = 0,
+) -> dict:
+    """The numbers to believe before a VAE result: ELBO, IWAE-k, posterior diagnostics.
+
+    Args:
+      params, model: the trained VAE.
+      images: the held-out set (N, H, W, C) in [0, 1].
+      key: evaluation key (default: the fixed ``EVAL_SEED`` key).
+      binarize, static_seed: as in ``evaluate``.
+      iwae_samples: k of the IWAE bound; 0 skips it.
+    Returns:
+      ``{"test_neg_elbo", "test_neg_iwae" (if k > 0), "iwae_samples",
+      "elbo_iwae_gap", "bits_per_dim" (discretized likelihoods only),
+      "diagnostics": {...}}`` of plain floats; the ELBO is the true one
+      (beta = 1) whatever objective trained the model.
+    """
+    from savae_jax import elbo as elbo_lib, models
+
+    out = {"test_neg_elbo": evaluate(elbo_lib.make_loss(model), params, images, key,
+                                     binarize=binarize, static_seed=static_seed)}
+    if iwae_samples:
+        out["iwae_samples"] = int(iwae_samples)
+        out["test_neg_iwae"] = evaluate_iwae(params, model, images, iwae_samples, key,
+                                             binarize=binarize, static_seed=static_seed)
+        out["elbo_iwae_gap"] = out["test_neg_elbo"] - out["test_neg_iwae"]
+    if getattr(model, "likelihood", "bernoulli") == "logistic":
+        out["bits_per_dim"] = models.bits_per_dim(out["test_neg_elbo"], np.shape(images)[1:])
+    out["diagnostics"] = diagnostics(params, model, images, key, binarize=binarize,
+                                     static_seed=static_seed)
+    return out
+
+
 def image_grid(images, ncols: int = 8) -> np.ndarray:
     """Tile (N, H, W, C) images into one (rows*H, ncols*W, C) array for plotting."""
     images = np.asarray(images)

@@ -232,6 +232,7 @@ def fit(
     static_seed: int = 0,
     eval_key: jax.Array | None = None,
     eval_batch_size: int = 1000,
+    eval_loss_fn=None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
 ):
@@ -257,6 +258,9 @@ def fit(
       static_seed: seed of the "static" binarisation.
       eval_key: evaluation key; default ``jax.random.key(evaluation.EVAL_SEED)``.
       eval_batch_size: chunk size of the test evaluation.
+      eval_loss_fn: what the test evaluation averages (default ``loss_fn``);
+        pass ``make_loss(model)`` to score the true ELBO when training a
+        beta-VAE or with free bits.
       progress: show a tqdm bar with the running loss.
       log: called with one line of text per epoch (e.g. ``print``).
     Returns:
@@ -295,7 +299,7 @@ def fit(
         row.update({name: float(value) for name, value in stats.items()})
         if test_images is not None:
             row["test_neg_elbo"] = evaluation.evaluate(
-                loss_fn, algorithm.params(state), test_images, eval_key,
+                eval_loss_fn or loss_fn, algorithm.params(state), test_images, eval_key,
                 eval_batch_size, binarize, static_seed,
             )
         history.append(row)

@@ -147,3 +147,25 @@ def test_init_from_another_model_shape_is_refused(tmp_path, capsys):
                            "--workdir", str(tmp_path / "b"), "--hidden", "16", "--latents", "4", "--quiet"])
     err = capsys.readouterr().err
     assert "--init-from" in err and "another model shape" in err
+
+
+def test_iwae_diagnostics_and_beta_warmup_reach_metrics(tmp_path):
+    metrics = train_script.main([
+        "--epochs", "2", "--eval-iwae", "20", "--beta-schedule", "warmup", "--beta-steps", "15",
+        "--free-bits", "0.05", "--workdir", str(tmp_path), *SMALL])
+    final = metrics["final"]
+    # The reported ELBO is the true one (beta = 1), the same number fit logged.
+    assert final["test_neg_elbo"] == pytest.approx(metrics["history"][-1]["test_neg_elbo"], rel=1e-6)
+    assert final["iwae_samples"] == 20
+    assert 0.0 <= final["elbo_iwae_gap"] < 5.0  # IWAE-20 is the tighter bound
+    assert 0 <= final["diagnostics"]["active_units"] <= 4
+    assert len(final["diagnostics"]["kl_per_dim"]) == 4
+
+
+def test_conv_model_with_logistic_likelihood_reports_bits_per_dim(tmp_path):
+    metrics = train_script.main([
+        "--model", "conv", "--likelihood", "logistic", "--binarize", "none", "--epochs", "1",
+        "--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet", "--workdir", str(tmp_path)])
+    final = metrics["final"]
+    assert final["bits_per_dim"] == pytest.approx(final["test_neg_elbo"] / (64 * np.log(2)), rel=1e-6)
+    assert 0.0 < final["bits_per_dim"] < 20.0
