@@ -64,8 +64,8 @@ DEFAULTS = {
     "seed": 0,
     "batch_size": 128,
     "binarize": "dynamic",
-    "hidden": 500,
-    "latents": 20,
+    **common.MODEL_DEFAULTS,
+    "eval_iwae": 100,
     "eval_every": 200,
     "checkpoint_every": None,  # None: every 5th evaluation
     "method_config": METHOD_DEFAULTS,
@@ -86,8 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, help="one seed for init, data order and every method's keys")
     add("--batch-size", type=int)
     add("--binarize", choices=["dynamic", "static", "none"])
-    add("--hidden", type=int)
-    add("--latents", type=int)
     add("--eval-every", type=int, help="steps between test evaluations (default 200)")
     add("--checkpoint-every", type=int, help="steps between checkpoints, a multiple of --eval-every (default 5x --eval-every)")
     add("--config", help="JSON file with any of these settings (flags win over it)")
@@ -96,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workdir", default="runs/compare")
     add("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
     add("--quiet", action="store_true", help="no progress bars")
+    common.add_model_flags(p)
     return p
 
 
@@ -140,6 +139,8 @@ def resolve_config(args) -> dict:
                          f"{', '.join(sv.data.DATASETS)}")
     if config["checkpoint_every"] is None and isinstance(config["eval_every"], int):
         config["checkpoint_every"] = 5 * config["eval_every"]
+    if not (isinstance(config["eval_iwae"], int) and config["eval_iwae"] >= 0):
+        raise ValueError(f"--eval-iwae: must be an integer >= 0, got {config['eval_iwae']!r}")
     for key in ("budget_evals", "batch_size", "hidden", "latents", "eval_every", "checkpoint_every"):
         if not (isinstance(config[key], int) and config[key] > 0):
             raise ValueError(f"--{key.replace('_', '-')}: must be a positive integer, got {config[key]!r}")
@@ -211,13 +212,15 @@ def summarize(results: dict, config: dict) -> str:
     lines = [f"# {config['dataset']}: budget {config['budget_evals']} evaluations per method"
              + (f", {config['budget_seconds']} s" if config["budget_seconds"] else ""),
              "",
-             "| rank | method | final test -ELBO (nats) | best test -ELBO | evals | steps | seconds "
-             "| evals / Adam | time / Adam |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"| rank | method | final test -ELBO (nats) | best test -ELBO | test -IWAE-{config['eval_iwae']} "
+             "| active units | evals | steps | seconds | evals / Adam | time / Adam |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rank, (name, r) in enumerate(ranked, 1):
         ratio = lambda key: f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"  # noqa: E731
+        iwae = f"{r['test_neg_iwae']:.2f}" if "test_neg_iwae" in r else "-"
         lines.append(f"| {rank} | {name} | {r['final_test_neg_elbo']:.2f} | {r['best_test_neg_elbo']:.2f} "
-                     f"| {r['evals']} | {r['steps']} | {r['seconds']:.1f} | {ratio('evals')} | {ratio('seconds')} |")
+                     f"| {iwae} | {r['active_units']} | {r['evals']} | {r['steps']} | {r['seconds']:.1f} "
+                     f"| {ratio('evals')} | {ratio('seconds')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -291,9 +294,9 @@ def main(argv=None) -> dict:
     try:
         config = resolve_config(args)
         binarize = None if config["binarize"] == "none" else config["binarize"]
-        model = sv.MLPVAE(hidden=config["hidden"], latents=config["latents"])
-        loss_fn = sv.make_loss(model)
-        methods = {m: build_phases(m, config["method_config"][m], loss_fn)
+        model = common.make_model(config)
+        train_loss = common.make_training_loss(model, config)
+        methods = {m: build_phases(m, config["method_config"][m], train_loss)
                    for m in config["methods"].split(",")}
         train = sv.load(config["dataset"], "train", config["data_dir"])
         test = sv.load(config["dataset"], "test", config["data_dir"])
@@ -309,7 +312,7 @@ def main(argv=None) -> dict:
         f"budget {config['budget_evals']} evals per method, backend {jax.default_backend()}")
 
     try:
-        results = run_all(methods, config, args, workdir, model, loss_fn, train, test, binarize, log)
+        results = run_all(methods, config, args, workdir, model, train, test, binarize, log)
     except runner.NonFiniteLossError as err:
         sys.exit(f"compare.py: stopped: {err}. Results of finished methods are in {workdir}.")
     except OSError as err:
@@ -322,14 +325,18 @@ def main(argv=None) -> dict:
     return results
 
 
-def run_all(methods, config, args, workdir, model, loss_fn, train, test, binarize, log) -> dict:
-    """Run every method in turn; results.json grows after each one."""
+def run_all(methods, config, args, workdir, model, train, test, binarize, log) -> dict:
+    """Run every method in turn; results.json grows after each one.
+
+    Every method is scored by the true ELBO (beta = 1) whatever it trained on.
+    """
+    eval_loss = sv.make_loss(model)
     key_init, key_run, key_grid = jax.random.split(jax.random.key(config["seed"]), 3)
     params0 = sv.models.init(key_init, model, train.images[:1])
     results = {}
     for name, phases in methods.items():
         params, history = runner.run_method(
-            key_run, phases, params0, train.images, test.images, loss_fn,
+            key_run, phases, params0, train.images, test.images, eval_loss,
             batch_size=config["batch_size"], binarize=binarize, eval_every=config["eval_every"],
             budget_evals=config["budget_evals"], budget_seconds=config["budget_seconds"],
             checkpoint_every=config["checkpoint_every"],
@@ -337,10 +344,15 @@ def run_all(methods, config, args, workdir, model, loss_fn, train, test, binariz
             progress=not args.quiet, desc=name, log=log,
         )
         last = history[-1]
+        report = sv.evaluation.report(params, model, test.images, binarize=binarize,
+                                      iwae_samples=config["eval_iwae"])
         results[name] = {
             "final_test_neg_elbo": last["test_neg_elbo"],
             "best_test_neg_elbo": min(row["test_neg_elbo"] for row in history),
+            **{k: report[k] for k in ("test_neg_iwae", "elbo_iwae_gap", "bits_per_dim") if k in report},
+            "active_units": report["diagnostics"]["active_units"],
             "evals": last["evals"], "steps": last["step"], "seconds": last["seconds"],
+            "diagnostics": report["diagnostics"],
             "history": history,
         }
         log(f"{name}: test negative ELBO {last['test_neg_elbo']:.3f} nats after {last['evals']} evals, "

@@ -42,6 +42,10 @@ def test_compare_writes_every_output_with_fair_budgets(tmp_path):
         assert 300 - cost < r["evals"] <= 300, (name, r["evals"])
         assert r["best_test_neg_elbo"] <= r["final_test_neg_elbo"]
         assert 20 < r["final_test_neg_elbo"] < 80
+        # IWAE-100 (the default final evaluation) is the tighter bound.
+        assert 0.0 <= r["elbo_iwae_gap"] < 5.0
+        assert r["test_neg_iwae"] == pytest.approx(r["final_test_neg_elbo"] - r["elbo_iwae_gap"])
+        assert 0 <= r["active_units"] <= 4 and len(r["diagnostics"]["kl_per_dim"]) == 4
         rows = r["history"]
         assert [row["evals"] for row in rows] == sorted(row["evals"] for row in rows)
         if name.startswith(("sa", "langevin")):
@@ -123,6 +127,9 @@ def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caps
     (["--set", "bfgs.lr=1"], "--set"),
     (["--set", "adam.lr=-1"], "adam.lr"),
     (["--set", "sa.proposal=quantum"], "proposal"),
+    (["--eval-iwae", "-3"], "--eval-iwae"),
+    (["--beta", "-1"], "--beta"),
+    (["--model", "transformer"], "--model"),
     (["--dataset", "svhn"], "--dataset"),
     (["--batch-size", "100000"], "--batch-size"),
     (["--eval-every", "10", "--checkpoint-every", "15"], "--checkpoint-every"),
