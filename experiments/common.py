@@ -179,6 +179,12 @@ def make_annealer(loss_fn, config: dict, prefix: str = "") -> annealing.Simulate
         raise ValueError(f"{prefix}: unknown annealing settings {sorted(unknown)}; "
                          f"known: {', '.join(SA_DEFAULTS)}")
     config = SA_DEFAULTS | config
+    t0, t_min = config["t0"], config["t_min"]
+    if t_min is not None and isinstance(t0, (int, float)) and isinstance(t_min, (int, float)) and t_min >= t0:
+        # Every schedule here starts at t0: the annealer would be done before its first step.
+        flag = f"{prefix}t-min" if prefix.endswith("-") else f"{prefix}t_min"  # --sa-t-min, sa.t_min
+        raise ValueError(f"{flag}: must be < {prefix}t0 = {t0} (every schedule starts at t0, "
+                         f"so the annealer would stop before its first step), got {t_min}")
     try:
         return annealing.simulated_annealing(
             loss_fn,
@@ -194,6 +200,20 @@ def make_annealer(loss_fn, config: dict, prefix: str = "") -> annealing.Simulate
             raise
         # The library names its own argument (num_proposals, t0, ...); say which settings too.
         raise ValueError(f"{prefix}* annealing settings: {err}") from err
+
+
+def probe_step(algorithm, params, image_shape, batch_size: int) -> None:
+    """Trace one training step abstractly (``jax.eval_shape``: no FLOPs, nothing written).
+
+    Errors that only a trace can find (a low-rank proposal's rank larger
+    than a layer, a loss that is not a float scalar) then surface while the
+    scripts still refuse bad flags, before any file is written.
+    """
+    import jax
+    import jax.numpy as jnp
+
+    x = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
+    jax.eval_shape(algorithm.step, jax.random.key(0), algorithm.init(params), x)
 
 
 def annealing_cost(config: dict) -> int:

@@ -40,6 +40,7 @@ import common  # noqa: E402
 
 import savae_jax as sv  # noqa: E402
 from savae_jax import checkpoint, runner, training  # noqa: E402
+from savae_jax import distributed  # noqa: E402
 
 METHODS = ("adam", "rmsprop", "sgd", "sa", "sa-refine", "langevin-sa")
 
@@ -95,6 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
     add("--quiet", action="store_true", help="no progress bars")
     common.add_model_flags(p)
+    distributed.add_arguments(p)
     return p
 
 
@@ -290,6 +292,10 @@ def save_grids(workdir: Path, name: str, key, params, model, test_images, binari
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
+    try:
+        mesh = distributed.from_args(args)  # --distributed: before any other JAX call
+    except ValueError as err:
+        parser.error(str(err))
     workdir = Path(args.workdir)
     try:
         config = resolve_config(args)
@@ -301,6 +307,15 @@ def main(argv=None) -> dict:
         train = sv.load(config["dataset"], "train", config["data_dir"])
         test = sv.load(config["dataset"], "test", config["data_dir"])
         sv.data.num_batches(len(train.images), config["batch_size"])
+        probe_params = sv.models.init(jax.random.key(0), model, train.images[:1])
+        for name, phases in methods.items():  # e.g. a rank larger than a layer: before any file
+            for phase in phases:
+                if phase.name == "sa":
+                    try:
+                        common.probe_step(phase.algorithm, probe_params, train.images.shape[1:],
+                                          config["batch_size"])
+                    except ValueError as err:
+                        raise ValueError(f"--set {name}.*: {err}") from err
         check_workdir(workdir, config, args.resume)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err).replace("batch_size", "--batch-size"))
@@ -312,7 +327,8 @@ def main(argv=None) -> dict:
         f"budget {config['budget_evals']} evals per method, backend {jax.default_backend()}")
 
     try:
-        results = run_all(methods, config, args, workdir, model, train, test, binarize, log)
+        with distributed.use_mesh(mesh):  # None: one device, as without the flags
+            results = run_all(methods, config, args, workdir, model, train, test, binarize, log)
     except runner.NonFiniteLossError as err:
         sys.exit(f"compare.py: stopped: {err}. Results of finished methods are in {workdir}.")
     except OSError as err:

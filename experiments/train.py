@@ -28,6 +28,7 @@ import common  # noqa: E402
 
 import savae_jax as sv  # noqa: E402
 from savae_jax import checkpoint  # noqa: E402
+from savae_jax import distributed  # noqa: E402
 
 # Types of the --sa-* flags whose default is None.
 _SA_NONE_TYPES = {"t_min": float, "patience": int}
@@ -57,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--binarize", choices=["dynamic", "static", "none"], default="dynamic")
     common.add_model_flags(p)
+    distributed.add_arguments(p)
     p.add_argument("--workdir", default="runs/train")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch log lines stay)")
     p.add_argument("--init-from", default=None,
@@ -119,6 +121,10 @@ def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        mesh = distributed.from_args(args)  # --distributed: before any other JAX call
+    except ValueError as err:
+        parser.error(str(err))
+    try:
         model_config = {k: v if getattr(args, k) is None else getattr(args, k)
                         for k, v in common.MODEL_DEFAULTS.items()}
         model = common.make_model(model_config)
@@ -143,6 +149,12 @@ def main(argv=None) -> dict:
         params = sv.models.init(key_init, model, train.images[:1])
         if args.init_from:
             params = checkpoint.load_params(args.init_from, like=params, name="--init-from")
+        if args.optimizer == "sa":  # e.g. --sa-rank larger than a layer: refused before training
+            try:
+                common.probe_step(sv.training.as_algorithm(loss_fn, optimizer), params,
+                                  train.images.shape[1:], args.batch_size)
+            except ValueError as err:
+                raise ValueError(f"--sa-*: {err}") from err
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     binarize = None if args.binarize == "none" else args.binarize
@@ -157,7 +169,8 @@ def main(argv=None) -> dict:
     history = []
     fit = lambda key, params, optimizer, epochs: sv.fit(  # noqa: E731
         key, params, loss_fn, optimizer, train, epochs, args.batch_size, test,
-        binarize=binarize, eval_loss_fn=sv.make_loss(model), progress=not args.quiet, log=log)
+        binarize=binarize, eval_loss_fn=sv.make_loss(model), progress=not args.quiet, log=log,
+        mesh=mesh)
     if pretrain is not None:
         log(f"pretraining: {args.pretrain_epochs} epochs of {args.pretrain_optimizer}")
         params, rows = fit(key_pretrain, params, pretrain, args.pretrain_epochs)

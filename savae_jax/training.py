@@ -18,7 +18,7 @@ import optax
 from tqdm.auto import tqdm
 
 from savae_jax import data as data_lib
-from savae_jax import evaluation
+from savae_jax import distributed, evaluation
 
 
 class Algorithm(NamedTuple):
@@ -132,17 +132,26 @@ def as_algorithm(loss_fn, optimizer) -> Algorithm:
     )
 
 
-def make_train_step(algorithm: Algorithm, binarize: str | None = None, static_seed: int = 0):
+def make_train_step(algorithm: Algorithm, binarize: str | None = None, static_seed: int = 0,
+                    mesh=None, axis_name: str | None = None):
     """The per-batch step ``fit`` jits: gather and binarise the batch, then step.
 
     Returns ``train_step(state, key, images, idx) -> (state, loss, stats)``;
     ``images`` stays on the device and ``idx`` selects the batch, so no data
-    crosses from the host inside the loop.
+    crosses from the host inside the loop. With a ``mesh`` the batch is
+    sharded along ``axis_name`` (data parallel: XLA all-reduces the
+    gradients); the state is left to the caller (``iterate`` replicates it).
     """
+    batch_sharding = None
+    if mesh is not None:
+        axis_name = distributed.mesh_axis(mesh, axis_name)
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
 
     def train_step(state, key, images, idx):
         key_batch, key_step = jax.random.split(key)
         x = data_lib.make_batch(images, idx, key_batch, binarize, static_seed)
+        if batch_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, batch_sharding)
         return algorithm.step(key_step, state, x)
 
     return train_step
@@ -175,6 +184,8 @@ def iterate(
     binarize: str | None = None,
     static_seed: int = 0,
     start_step: int = 0,
+    mesh=None,
+    axis_name: str | None = None,
 ):
     """Compile ``algorithm``'s step, then return an iterator of ``(step, state, loss, stats)``.
 
@@ -194,14 +205,28 @@ def iterate(
       batch_size: examples per step; the remainder of each epoch is dropped.
       binarize, static_seed: as in ``data.make_batch``.
       start_step: number of steps already done.
+      mesh, axis_name: a ``jax.sharding.Mesh`` to run on (see
+        docs/distributed.md): the batch is sharded along ``axis_name`` (None:
+        the mesh's only axis), the state and images are replicated, and an
+        annealer built without a mesh shards its proposals over it. None:
+        one device, or the mesh of an enclosing ``distributed.use_mesh``.
     """
+    if mesh is None and distributed.current_mesh() is not None:
+        mesh, axis_name = distributed.current_mesh()
     images = jnp.asarray(images, jnp.float32)
     steps_per_epoch = data_lib.num_batches(images.shape[0], batch_size)
     # Compile ahead of time, here rather than at the first step, so callers
     # that time the steps do not time the compiler.
     idx, step_keys = epoch_plan(key, start_step // steps_per_epoch, images.shape[0], batch_size)
-    train_step = jax.jit(make_train_step(algorithm, binarize, static_seed)).lower(
-        state, step_keys[0], images, idx[0]).compile()
+    if mesh is None:
+        train_step = jax.jit(make_train_step(algorithm, binarize, static_seed)).lower(
+            state, step_keys[0], images, idx[0]).compile()
+        return _steps(train_step, key, state, images, batch_size, steps_per_epoch, start_step)
+    axis_name = distributed.mesh_axis(mesh, axis_name)
+    state, images = distributed.replicate((state, images), mesh)
+    with distributed.use_mesh(mesh, axis_name):  # annealers built without a mesh use this one
+        train_step = jax.jit(make_train_step(algorithm, binarize, static_seed, mesh, axis_name)).lower(
+            state, step_keys[0], images, idx[0]).compile()
     return _steps(train_step, key, state, images, batch_size, steps_per_epoch, start_step)
 
 
@@ -235,6 +260,7 @@ def fit(
     eval_loss_fn=None,
     progress: bool = False,
     log: Callable[[str], None] | None = None,
+    mesh=None,
 ):
     """Train ``params`` on ``train`` with any optimizer; one jit compile in all.
 
@@ -263,6 +289,9 @@ def fit(
         beta-VAE or with free bits.
       progress: show a tqdm bar with the running loss.
       log: called with one line of text per epoch (e.g. ``print``).
+      mesh: a ``jax.sharding.Mesh`` to train on (``iterate``'s ``mesh``):
+        Optax steps are data parallel, annealers shard their proposals.
+        None: one device (or an enclosing ``distributed.use_mesh``).
     Returns:
       ``(params, history)``: final parameters and a list of per-epoch dicts
       ``{"epoch", "train_loss", "test_neg_elbo", "seconds", **stats}``;
@@ -277,7 +306,9 @@ def fit(
     steps_per_epoch = data_lib.num_batches(images.shape[0], batch_size)
     algorithm = as_algorithm(loss_fn, optimizer)
     steps = iterate(key, algorithm, algorithm.init(params), images, batch_size,
-                    binarize=binarize, static_seed=static_seed)
+                    binarize=binarize, static_seed=static_seed, mesh=mesh)
+    # Across processes the state is a global array: evaluate and return host copies.
+    local = distributed.to_host if jax.process_count() > 1 else (lambda tree: tree)
 
     history = []
     for epoch in range(epochs):
@@ -299,13 +330,13 @@ def fit(
         row.update({name: float(value) for name, value in stats.items()})
         if test_images is not None:
             row["test_neg_elbo"] = evaluation.evaluate(
-                eval_loss_fn or loss_fn, algorithm.params(state), test_images, eval_key,
+                eval_loss_fn or loss_fn, local(algorithm.params(state)), test_images, eval_key,
                 eval_batch_size, binarize, static_seed,
             )
         history.append(row)
         if log is not None:
             log(format_row(row))
-    return algorithm.params(state), history
+    return local(algorithm.params(state)), history
 
 
 def format_row(row: dict) -> str:

@@ -14,6 +14,16 @@ One step from the incumbent x at temperature T = schedule(count):
    steps without improvement of the best loss, and later steps return it
    unchanged.
 
+With a ``mesh`` (a ``jax.sharding.Mesh``), step 2 is sharded over the mesh
+axis with ``jax.shard_map``: each device evaluates its slice of the K + 1
+members (a vmap, or chunks of one, on its slice); the per-member losses are
+gathered and steps 3-5 run replicated. When K + 1 is not a multiple of the
+number of devices the members are PADDED with copies of the incumbent's
+member (``active=False``) that are dropped before the argmin, so they can
+never win and are not counted in ``info``. Member j draws its noise from the
+same ``keys[j]`` as without a mesh, so the sharded step computes the same
+proposals; see docs/distributed.md for the equality achieved.
+
 ``step`` is pure and not jitted here: callers ``jax.jit`` it, and
 ``jax.vmap(step)(keys, states)`` runs independent chains.
 """
@@ -27,7 +37,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import PartitionSpec
 
+from savae_jax import distributed
 from savae_jax.annealing.proposals import Proposal
 from savae_jax.annealing.schedules import ScheduleEvent, as_stateful
 
@@ -162,6 +174,32 @@ def init(params, proposal: Proposal, temperature, radius=None) -> AnnealState:
     )
 
 
+def _evaluate(prep, keys, active):
+    """Losses of the members ``keys``/``active``: one vmap, or chunks of ``prep.chunk_size``."""
+    chunk = getattr(prep, "chunk_size", None)
+    if chunk is None or chunk >= keys.shape[0]:
+        return jax.vmap(prep.loss)(keys, active)
+    # A vmap over all K would hold K perturbed copies of the params.
+    return jax.lax.map(lambda ka: prep.loss(*ka), (keys, active), batch_size=int(chunk))
+
+
+def _evaluate_sharded(prep, keys, active, mesh, axis_name):
+    """``_evaluate`` with the members sharded over ``mesh[axis_name]``, padded to a multiple of it."""
+    members = keys.shape[0]
+    size = mesh.shape[axis_name]
+    pad = -members % size
+    if pad:
+        # Dummy members: copies of the incumbent's member (inactive), dropped below.
+        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
+        active = jnp.concatenate([active, jnp.zeros((pad,), bool)])
+    spec = PartitionSpec(axis_name)
+    losses = jax.shard_map(
+        lambda k, a: _evaluate(prep, k, a), mesh=mesh, in_specs=(spec, spec), out_specs=spec,
+        check_vma=False,
+    )(keys, active)
+    return losses[:members]
+
+
 def build_kernel(
     loss_fn,
     num_proposals: int,
@@ -171,11 +209,17 @@ def build_kernel(
     radius=None,
     t_min: float | None = None,
     patience: int | None = None,
+    mesh=None,
+    axis_name: str | None = None,
 ):
     """The pure ``step(key, state, batch) -> (state, info)`` (see simulated_annealing)."""
     if not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
     _validate(num_proposals, proposal, acceptance, t_min, patience)
+    if mesh is not None:
+        axis_name = distributed.mesh_axis(mesh, axis_name)
+    elif axis_name is not None:
+        raise ValueError(f"axis_name {axis_name!r} given without a mesh")
     num_proposals = int(num_proposals)
     temp = as_stateful(temperature, "temperature")
     rad = as_stateful(1.0 if radius is None else radius, "radius")
@@ -193,12 +237,12 @@ def build_kernel(
         # K proposal keys + one for the incumbent (its noise is masked out).
         keys = jax.random.split(key_prop, num_proposals + 1)
         active = jnp.arange(num_proposals + 1) < num_proposals
-        chunk = getattr(prep, "chunk_size", None)
-        if chunk is None or chunk >= num_proposals + 1:
-            losses = jax.vmap(prep.loss)(keys, active)
+        # The mesh is read when the step is traced: an explicit one, else use_mesh's.
+        sharding = (mesh, axis_name) if mesh is not None else distributed.current_mesh()
+        if sharding is None:
+            losses = _evaluate(prep, keys, active)
         else:
-            # A vmap over all K would hold K perturbed copies of the params.
-            losses = jax.lax.map(lambda ka: prep.loss(*ka), (keys, active), batch_size=int(chunk))
+            losses = _evaluate_sharded(prep, keys, active, *sharding)
 
         incumbent_loss = losses[num_proposals]
         raw = losses[:num_proposals]
@@ -275,6 +319,8 @@ def simulated_annealing(
     radius=None,
     t_min: float | None = None,
     patience: int | None = None,
+    mesh=None,
+    axis_name: str | None = None,
 ) -> SimulatedAnnealing:
     """Build simulated annealing for ``loss_fn(params, key, batch) -> scalar``.
 
@@ -292,13 +338,20 @@ def simulated_annealing(
       t_min: stop (``done``) once T < t_min; > 0 or None.
       patience: stop after this many steps without improvement of the best
         loss; >= 1 or None.
+      mesh: a ``jax.sharding.Mesh`` (e.g. ``savae_jax.distributed.make_mesh()``)
+        to shard the K + 1 loss evaluations of a step over, or None: one
+        device (or the mesh of an enclosing ``distributed.use_mesh`` block).
+        K + 1 need not divide the device count: the members are padded with
+        inactive copies of the incumbent, which never win.
+      axis_name: the mesh axis to shard along; None: the mesh's only axis.
     Returns:
       SimulatedAnnealing(init, step): ``init(params) -> AnnealState``;
       ``step(key, state, batch) -> (AnnealState, AnnealInfo)``, pure, to be
       jitted by the caller. When the incumbent is halted, the step returns the
       state unchanged (with ``done`` set) and ``info.accepted`` False.
     """
-    step = build_kernel(loss_fn, num_proposals, proposal, temperature, acceptance, radius, t_min, patience)
+    step = build_kernel(loss_fn, num_proposals, proposal, temperature, acceptance, radius, t_min, patience,
+                        mesh, axis_name)
 
     def init_fn(params) -> AnnealState:
         return init(params, proposal, temperature, radius)

@@ -125,10 +125,32 @@ def _stateless_init(params):
     return ()
 
 
+def checked_loss(loss_fn):
+    """``loss_fn`` whose output is checked to be a floating-point scalar when traced.
+
+    Shapes and dtypes are static, so the check costs nothing at run time; a
+    batch of losses or an integer loss would otherwise surface as an obscure
+    error deep in the kernel (or silently compare the wrong numbers).
+    """
+
+    def wrapped(params, key, batch):
+        out = loss_fn(params, key, batch)
+        shape, dtype = tuple(jnp.shape(out)), jnp.result_type(out)
+        if shape != () or not jnp.issubdtype(dtype, jnp.floating):
+            raise ValueError(
+                "loss_fn must return a floating-point scalar (the batch's mean loss), "
+                f"got shape {shape} and dtype {dtype}"
+            )
+        return out
+
+    return wrapped
+
+
 def _additive(sampler, scale, scale_by_rms, rms_floor) -> Proposal:
     """Full-rank additive noise theta' = theta + std_leaf * sampler(key_leaf)."""
 
     def prepare(loss_fn, params, key_loss, batch, temperature, radius, proposal_state):
+        loss_fn = checked_loss(loss_fn)
         leaves, treedef = jax.tree_util.tree_flatten(params)
         base = jnp.asarray(scale, jnp.float32) * radius
         stds = [_leaf_std(p, base, scale_by_rms, rms_floor) if _is_float(p) else None for p in leaves]
@@ -202,6 +224,7 @@ def langevin(step_size: float, optimizer=None) -> Proposal:
         return () if optimizer is None else optimizer.init(params)
 
     def prepare(loss_fn, params, key_loss, batch, temperature, radius, proposal_state):
+        loss_fn = checked_loss(loss_fn)
         grads = jax.grad(loss_fn)(params, key_loss, batch)
         if optimizer is None:
             drift = tree_map(lambda g: -step_size * g, grads)
@@ -295,6 +318,7 @@ def low_rank(
     rank = int(rank)
 
     def prepare(loss_fn, params, key_loss, batch, temperature, radius, proposal_state):
+        loss_fn = checked_loss(loss_fn)
         with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
         names = [tuple(_key_name(k) for k in path) for path, _ in with_paths]
         leaves = [leaf for _, leaf in with_paths]
@@ -308,6 +332,13 @@ def low_rank(
                 if k is not None and leaves[k].ndim == 2:
                     dense[mpath] = (k, index.get(prefix + mpath + ("bias",)))
                     break
+        for mpath, (k, _) in dense.items():
+            if rank > min(leaves[k].shape):
+                m, n = leaves[k].shape
+                raise ValueError(
+                    f"rank={rank} is larger than the Dense layer {'/'.join(mpath)} allows: its "
+                    f"kernel is {m}x{n}, so rank must be <= min(m, n) = {min(m, n)}"
+                )
         kernel_ids = {k for k, _ in dense.values()}
         bias_ids = {b for _, b in dense.values() if b is not None}
 

@@ -96,7 +96,11 @@ def as_stateful(schedule: ScheduleLike, name: str = "schedule") -> StatefulSched
             value=lambda state, count: jnp.asarray(fn(count), jnp.float32),
             update=lambda state, count, event: state,
         )
-    _check(name, schedule, lambda v: v >= 0, "a finite number >= 0 or a schedule")
+    if name == "radius":
+        # A constant radius of 0 proposes the incumbent itself: the search could never move.
+        _check(name, schedule, lambda v: v > 0, "a finite number > 0 or a schedule")
+    else:
+        _check(name, schedule, lambda v: v >= 0, "a finite number >= 0 or a schedule")
     const = schedule
     return StatefulSchedule(
         init=lambda: (),

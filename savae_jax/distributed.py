@@ -1,0 +1,220 @@
+"""Scale-out on JAX's own machinery: device meshes and ``jax.distributed``.
+
+One host, many devices::
+
+    mesh = distributed.make_mesh()                      # all devices, axis "devices"
+    sa = simulated_annealing(..., mesh=mesh)            # proposals sharded over devices
+    params, history = fit(..., optimizer=optax.adam(1e-3), mesh=mesh)  # batch sharded
+
+Many processes (hosts, or several processes on one machine)::
+
+    distributed.initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=0)
+    mesh = distributed.make_mesh()                      # now the GLOBAL devices
+
+Scripts that cannot thread a ``mesh`` argument through every call can set a
+default for the block: ``with distributed.use_mesh(mesh): ...``; every
+``simulated_annealing`` step traced and every ``training.iterate``/``fit``
+started inside it behaves as if called with ``mesh=mesh``. Outside any such
+block (the default) nothing changes: ``mesh=None`` is the single-device code.
+
+See docs/distributed.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+DEFAULT_AXIS = "devices"
+
+_MESH: contextvars.ContextVar[tuple[Mesh, str] | None] = contextvars.ContextVar("savae_jax_mesh", default=None)
+
+
+def make_mesh(devices=None, axis_name: str = DEFAULT_AXIS) -> Mesh:
+    """A one-axis ``Mesh`` over ``devices``.
+
+    Args:
+      devices: a list of devices, an int (the first that many of
+        ``jax.devices()``) or None (all of ``jax.devices()``: after
+        :func:`initialize_distributed`, the devices of every process).
+      axis_name: the mesh axis; proposals (annealing) and the batch (Optax)
+        are both sharded along it.
+    """
+    all_devices = jax.devices()
+    if devices is None:
+        devices = all_devices
+    elif isinstance(devices, int) and not isinstance(devices, bool):
+        if not 1 <= devices <= len(all_devices):
+            raise ValueError(f"devices must be between 1 and {len(all_devices)} "
+                             f"(the devices JAX sees), got {devices}")
+        devices = all_devices[:devices]
+    devices = list(devices)
+    if not devices:
+        raise ValueError("devices must not be empty")
+    return Mesh(np.array(devices), (axis_name,))
+
+
+def mesh_axis(mesh: Mesh, axis_name: str | None, argument: str = "axis_name") -> str:
+    """``axis_name``, or the only axis of ``mesh`` when None (ValueError otherwise)."""
+    if not isinstance(mesh, Mesh):
+        raise ValueError(f"mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    if axis_name is None:
+        if len(mesh.axis_names) != 1:
+            raise ValueError(f"{argument} must name one of the mesh axes {mesh.axis_names} "
+                             "(the mesh has more than one)")
+        return mesh.axis_names[0]
+    if axis_name not in mesh.axis_names:
+        raise ValueError(f"{argument} {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
+    return axis_name
+
+
+def current_mesh() -> tuple[Mesh, str] | None:
+    """``(mesh, axis_name)`` of the innermost :func:`use_mesh` block, or None."""
+    return _MESH.get()
+
+
+@contextlib.contextmanager
+def use_mesh(mesh: Mesh | None, axis_name: str | None = None):
+    """Within the block, ``mesh=None`` in the annealer and the training loop means ``mesh``.
+
+    ``use_mesh(None)`` is a no-op block. The annealer reads the mesh when its
+    step is traced (i.e. at the first call of the jitted step), so jit inside
+    the block; ``training.iterate``/``fit`` read it when called.
+
+    Args:
+      mesh: a ``jax.sharding.Mesh`` or None.
+      axis_name: the axis to shard along; None: the mesh's only axis.
+    """
+    token = _MESH.set(None if mesh is None else (mesh, mesh_axis(mesh, axis_name)))
+    try:
+        yield mesh
+    finally:
+        _MESH.reset(token)
+
+
+def replicate(tree, mesh: Mesh):
+    """Put every array of ``tree`` on every device of ``mesh`` (a global array across processes).
+
+    Every process must pass the same values (true for parameters initialised
+    from the same seed and for the same dataset).
+    """
+    sharding = NamedSharding(mesh, P())
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def put(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return x  # already global
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+    return jax.tree_util.tree_map(put, tree)
+
+
+def to_host(tree):
+    """Fully replicated (possibly global) arrays as host-local numpy arrays."""
+    return jax.tree_util.tree_map(
+        lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
+
+
+_ENV = {
+    "coordinator_address": ("JAX_COORDINATOR_ADDRESS", str),
+    "num_processes": ("JAX_NUM_PROCESSES", int),
+    "process_id": ("JAX_PROCESS_ID", int),
+}
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None, *, cpu_collectives: str | None = "gloo",
+                           **kwargs) -> None:
+    """``jax.distributed.initialize`` with values from arguments or the environment.
+
+    Must run before any other JAX call of the process. A None argument is
+    taken from ``JAX_COORDINATOR_ADDRESS`` / ``JAX_NUM_PROCESSES`` /
+    ``JAX_PROCESS_ID`` when set, else left to ``jax.distributed.initialize``
+    (which auto-detects SLURM, Open MPI, Cloud TPU, ...).
+
+    Args:
+      coordinator_address: "host:port" of process 0's coordinator service.
+      num_processes: number of processes.
+      process_id: this process's index in [0, num_processes).
+      cpu_collectives: ``jax_cpu_collectives_implementation`` to set when the
+        CPU backend is used ("gloo": cross-process collectives on CPU;
+        None leaves JAX's setting alone).
+      **kwargs: passed on to ``jax.distributed.initialize``
+        (``local_device_ids``, ``initialization_timeout``, ...).
+    """
+    values = {"coordinator_address": coordinator_address, "num_processes": num_processes,
+              "process_id": process_id}
+    for name, (env, kind) in _ENV.items():
+        if values[name] is None and os.environ.get(env):
+            try:
+                values[name] = kind(os.environ[env])
+            except ValueError as err:
+                raise ValueError(f"{env}: cannot read {name} from {os.environ[env]!r}") from err
+    if values["num_processes"] is not None and values["num_processes"] < 1:
+        raise ValueError(f"num_processes must be >= 1, got {values['num_processes']}")
+    if values["process_id"] is not None and values["num_processes"] is not None and not (
+            0 <= values["process_id"] < values["num_processes"]):
+        raise ValueError(f"process_id must be in [0, {values['num_processes']}), got {values['process_id']}")
+    platforms = os.environ.get("JAX_PLATFORMS", "") or str(jax.config.jax_platforms or "")
+    if cpu_collectives is not None and (platforms == "" or "cpu" in platforms.split(",")):
+        jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
+    jax.distributed.initialize(**{k: v for k, v in values.items() if v is not None}, **kwargs)
+
+
+def add_arguments(parser) -> None:
+    """Add the scale-out flags of the experiment scripts to an argparse parser.
+
+    --distributed, --coordinator, --num-processes, --process-id (see
+    :func:`initialize_distributed`) and --devices (the mesh; see :func:`from_args`).
+    """
+    group = parser.add_argument_group("scale-out (docs/distributed.md)")
+    group.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (multi-process/multi-host) "
+                            "and run on a mesh of every process's devices")
+    group.add_argument("--coordinator", default=None,
+                       help="with --distributed: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS "
+                            "or auto-detected)")
+    group.add_argument("--num-processes", type=int, default=None,
+                       help="with --distributed: number of processes (default: $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, default=None,
+                       help="with --distributed: this process's index (default: $JAX_PROCESS_ID)")
+    group.add_argument("--devices", default=None,
+                       help="shard over a mesh of this many devices, or 'all' (default: one device; "
+                            "with --distributed: all devices of all processes)")
+
+
+def from_args(args) -> Mesh | None:
+    """Initialise ``jax.distributed`` if ``args.distributed``, then the mesh ``--devices`` asks for.
+
+    Call it before any other JAX call of the script. Returns None (one
+    device, the default code path) unless --devices or --distributed is given.
+    """
+    for flag in ("coordinator", "num_processes", "process_id"):
+        if getattr(args, flag) is not None and not args.distributed:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --distributed")
+    if args.distributed:
+        try:
+            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as err:
+            raise ValueError(f"--distributed: {err}") from err
+    devices = args.devices
+    if devices is None and not args.distributed:
+        return None
+    if devices is None or devices == "all":
+        return make_mesh()
+    try:
+        count = int(devices)
+    except ValueError:
+        raise ValueError(f"--devices: must be a number or 'all', got {devices!r}") from None
+    try:
+        return make_mesh(count)
+    except ValueError as err:
+        raise ValueError(f"--devices: {err}") from err

@@ -1,0 +1,361 @@
+"""The bad-input catalogue (issue 7): every bad input gives a clear error naming the argument.
+
+``CASES`` is the catalogue: one row per bad input, tried by one parametrized
+test, and rendered as the table of docs/bad_inputs.md (a test keeps the two
+in sync; regenerate the table with ``python tests/test_bad_inputs.py``).
+
+API cases call the library and expect an exception whose message contains
+the excerpt; CLI cases call ``experiments/{train,compare}.py``'s ``main(argv)``
+and expect argparse's exit (status 2) with the excerpt on stderr and nothing
+written to the (fresh) workdir.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import savae_jax as sv
+import savae_jax.annealing as an
+from savae_jax import checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+DOC = ROOT / "docs" / "bad_inputs.md"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"_bad_inputs_{name}", ROOT / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train_script, compare_script = _script("train"), _script("compare")
+
+TINY = ["--hidden", "32", "--latents", "4", "--quiet"]
+
+
+@functools.cache
+def digits():
+    return sv.load("digits", "train")
+
+
+@functools.cache
+def tiny():
+    """(model, loss_fn, params, batch) of a small MLP VAE on digits."""
+    model = sv.MLPVAE(hidden=32, latents=4)
+    params = sv.models.init(jax.random.key(0), model, digits().images[:1])
+    return model, sv.make_loss(model), params, jnp.asarray(digits().images[:16])
+
+
+def anneal(proposal=None, temperature=1.0, acceptance=None, num_proposals=4, loss_fn=None, **kw):
+    """simulated_annealing on the tiny VAE with defaults for everything not under test."""
+    return an.simulated_annealing(loss_fn or tiny()[1], num_proposals, proposal or an.gaussian(0.01),
+                                  temperature, acceptance or an.metropolis(), **kw)
+
+
+def first_step(sa):
+    """Run one jitted step of ``sa`` from the tiny VAE's params (errors found by tracing surface here)."""
+    _, _, params, x = tiny()
+    return jax.jit(sa.step)(jax.random.key(1), sa.init(params), x)
+
+
+def vector_loss(params, key, x):
+    return jnp.stack([tiny()[1](params, key, x)] * 3)
+
+
+def int_loss(params, key, x):
+    return tiny()[1](params, key, x).astype(jnp.int32)
+
+
+def fit(train=None, epochs=1, batch_size=100, loss_fn=None, optimizer=None):
+    _, loss, params, _ = tiny()
+    return sv.fit(jax.random.key(0), params, loss_fn or loss, optimizer or optax.adam(1e-3),
+                  digits() if train is None else train, epochs, batch_size)
+
+
+def images_with(value):
+    images = np.array(digits().images[:8])
+    images[0, 0, 0, 0] = value
+    return images
+
+
+def saved_params(tmp_path, hidden):
+    """An orbax params checkpoint of an MLP VAE of another width; returns its path."""
+    model = sv.MLPVAE(hidden=hidden, latents=4)
+    path = tmp_path / f"params_h{hidden}"
+    checkpoint.save_params(path, sv.models.init(jax.random.key(0), model, digits().images[:1]))
+    return path
+
+
+def a_file(tmp_path):
+    path = tmp_path / "a_file"
+    path.write_text("not a folder")
+    return path
+
+
+def run_with_other_config(tmp_path):
+    """compare.py --resume in a workdir whose config.json was written by another config."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    saved = compare_script.DEFAULTS | {"methods": "adam", "hidden": 16, "latents": 4,
+                                      "checkpoint_every": 1000}
+    checkpoint.atomic_write_json(workdir / "config.json", {"config": saved})
+    return ["--workdir", str(workdir), "--methods", "adam", "--resume", *TINY]
+
+
+class Case(NamedTuple):
+    """One bad input.
+
+    Attributes:
+      id: short name (the pytest id and the table's first column).
+      input: what is wrong, in words.
+      where: the function or script that refuses it.
+      error: the exception raised (CLI: argparse's exit, status 2).
+      excerpt: a fragment of the message (which names the argument).
+      run: ``tmp_path -> None`` (API: raises) or ``tmp_path -> argv`` (CLI).
+    """
+
+    id: str
+    input: str
+    where: str
+    error: type
+    excerpt: str
+    run: Callable
+
+    @property
+    def cli(self) -> bool:
+        return self.where.endswith(".py")
+
+
+def train_cli(*flags):
+    return lambda tmp: [*flags, "--workdir", str(tmp / "w"), "--epochs", "1", *TINY]
+
+
+def compare_cli(*flags):
+    return lambda tmp: [*flags, "--workdir", str(tmp / "w"), *TINY]
+
+
+E = SystemExit
+CASES = [
+    # ---- annealing: schedules, acceptance, kernel, proposals
+    Case("temperature-negative", "constant temperature -1", "annealing.simulated_annealing", ValueError,
+         "temperature must be a finite number >= 0", lambda tmp: anneal(temperature=-1.0)),
+    Case("t0-zero", "exponential schedule with t0 = 0", "annealing.exponential", ValueError,
+         "t0 must be > 0", lambda tmp: an.exponential(0.0, 0.99)),
+    Case("t0-negative", "logarithmic schedule with t0 = -1", "annealing.logarithmic", ValueError,
+         "t0 must be > 0", lambda tmp: an.logarithmic(-1.0)),
+    Case("decay-one", "exponential decay = 1 (never cools)", "annealing.exponential", ValueError,
+         "decay must be in (0, 1)", lambda tmp: an.exponential(1.0, 1.0)),
+    Case("t-min-zero", "t_min = 0", "annealing.simulated_annealing", ValueError,
+         "t_min must be a finite number > 0", lambda tmp: anneal(t_min=0.0)),
+    Case("alpha-one", "threshold alpha = 1", "annealing.threshold", ValueError,
+         "alpha must be in (0, 1)", lambda tmp: an.threshold(alpha=1.0)),
+    Case("alpha-zero", "threshold alpha = 0", "annealing.threshold", ValueError,
+         "alpha must be in (0, 1)", lambda tmp: an.threshold(alpha=0.0)),
+    Case("d-negative", "threshold d = -0.1", "annealing.threshold", ValueError,
+         "d must be >= 0", lambda tmp: an.threshold(alpha=0.5, d=-0.1)),
+    Case("k-zero", "num_proposals K = 0", "annealing.simulated_annealing", ValueError,
+         "num_proposals must be an integer >= 1", lambda tmp: anneal(num_proposals=0)),
+    Case("rank-zero", "low_rank rank = 0", "annealing.low_rank", ValueError,
+         "rank must be an integer >= 1", lambda tmp: an.low_rank(0.01, rank=0)),
+    Case("rank-above-layer", "low_rank rank 9 > min(m, n) = 4 of a 32x4 Dense kernel",
+         "annealing step (first trace)", ValueError, "rank=9 is larger than the Dense layer",
+         lambda tmp: first_step(anneal(proposal=an.low_rank(0.01, rank=9)))),
+    Case("radius-zero", "constant radius 0", "annealing.simulated_annealing", ValueError,
+         "radius must be a finite number > 0", lambda tmp: anneal(radius=0.0)),
+    Case("radius-negative", "constant radius -1", "annealing.simulated_annealing", ValueError,
+         "radius must be a finite number > 0", lambda tmp: anneal(radius=-1.0)),
+    Case("scale-zero", "proposal scale 0", "annealing.gaussian", ValueError,
+         "scale must be > 0", lambda tmp: an.gaussian(0.0)),
+    Case("params-nan", "NaN in the params given to init", "annealing init", ValueError,
+         "params must be finite", lambda tmp: anneal().init({"w": jnp.array([1.0, jnp.nan])})),
+    Case("params-inf", "inf in the params given to init", "annealing init", ValueError,
+         "params must be finite", lambda tmp: anneal().init(jnp.array([jnp.inf]))),
+    Case("loss-vector-sa", "loss_fn returns a (3,) vector (annealing)", "annealing step (first trace)",
+         ValueError, "loss_fn must return a floating-point scalar",
+         lambda tmp: first_step(anneal(loss_fn=vector_loss))),
+    Case("loss-int-sa", "loss_fn returns an int32 scalar (annealing, low_rank)", "annealing step (first trace)",
+         ValueError, "loss_fn must return a floating-point scalar",
+         lambda tmp: first_step(anneal(proposal=an.low_rank(0.01), loss_fn=int_loss))),
+    Case("loss-vector-optax", "loss_fn returns a (3,) vector (Optax, message from jax.grad)", "fit",
+         TypeError, "Gradient only defined for scalar-output functions",
+         lambda tmp: fit(loss_fn=vector_loss)),
+    Case("loss-int-optax", "loss_fn returns an int32 scalar (Optax, message from jax.grad)", "fit",
+         TypeError, "grad requires real-valued outputs", lambda tmp: fit(loss_fn=int_loss)),
+    # ---- data
+    Case("images-nan", "an image pixel is NaN", "data.make_dataset", ValueError,
+         "images contains NaN", lambda tmp: sv.data.make_dataset(images_with(np.nan), np.zeros(8, int))),
+    Case("images-above-one", "an image pixel is 1.5 (outside [0, 1])", "data.make_dataset", ValueError,
+         "images must have values in [0, 1]",
+         lambda tmp: sv.data.make_dataset(images_with(1.5), np.zeros(8, int))),
+    Case("images-negative-fit", "fit on an array with a pixel -0.5", "fit", ValueError,
+         "train must have values in [0, 1]", lambda tmp: fit(train=images_with(-0.5))),
+    Case("labels-count", "8 images but 7 labels", "data.make_dataset", ValueError,
+         "labels", lambda tmp: sv.data.make_dataset(images_with(0.0), np.zeros(7, int))),
+    Case("dataset-empty", "0 images", "data.make_dataset", ValueError, "images is empty",
+         lambda tmp: sv.data.make_dataset(np.zeros((0, 8, 8, 1), np.float32), np.zeros(0, int))),
+    Case("batch-above-dataset", "batch_size 5000 > 1437 training images", "fit", ValueError,
+         "batch_size", lambda tmp: fit(batch_size=5000)),
+    Case("epochs-zero", "epochs = 0", "fit", ValueError, "epochs must be a positive integer",
+         lambda tmp: fit(epochs=0)),
+    Case("optimizer-unknown", "optimizer given as the string 'adam'", "fit", ValueError,
+         "optimizer must be an optax.GradientTransformation", lambda tmp: fit(optimizer="adam")),
+    Case("dataset-unknown", "dataset 'svhn'", "data.load", ValueError, "Unknown dataset name 'svhn'",
+         lambda tmp: sv.load("svhn")),
+    Case("split-unknown", "split 'validation' of digits", "data.load", ValueError, "Unknown split",
+         lambda tmp: sv.load("digits", "validation")),
+    # ---- objective and evaluation
+    Case("beta-negative", "beta = -1", "make_loss", ValueError, "beta must be >= 0",
+         lambda tmp: sv.make_loss(tiny()[0], beta=-1.0)),
+    Case("free-bits-negative", "free_bits = -1", "make_loss", ValueError, "free_bits must be >= 0",
+         lambda tmp: sv.make_loss(tiny()[0], free_bits=-1.0)),
+    Case("iwae-k-zero", "IWAE with k = 0 samples", "iwae_bound", ValueError, "num_samples must be >= 1",
+         lambda tmp: sv.iwae_bound(jax.random.key(0), tiny()[2], tiny()[3], tiny()[0], 0)),
+    Case("checkpoint-other-shape", "params saved by a hidden=16 model, loaded as hidden=32",
+         "checkpoint.load_params", ValueError, "another model shape",
+         lambda tmp: checkpoint.load_params(saved_params(tmp, 16), like=tiny()[2])),
+    # ---- experiments/train.py
+    Case("cli-train-t0-zero", "--sa-t0 0", "train.py", E, "t0 must be > 0",
+         train_cli("--optimizer", "sa", "--sa-t0", "0")),
+    Case("cli-train-t-min-above-t0", "--sa-t-min 2 with --sa-t0 1", "train.py", E,
+         "--sa-t-min: must be < --sa-t0", train_cli("--optimizer", "sa", "--sa-t0", "1", "--sa-t-min", "2")),
+    Case("cli-train-alpha", "--sa-alpha 1.5 (threshold)", "train.py", E, "alpha must be in (0, 1)",
+         train_cli("--optimizer", "sa", "--sa-acceptance", "threshold", "--sa-alpha", "1.5")),
+    Case("cli-train-d", "--sa-d -1 (threshold)", "train.py", E, "d must be >= 0",
+         train_cli("--optimizer", "sa", "--sa-acceptance", "threshold", "--sa-d", "-1")),
+    Case("cli-train-k", "--sa-proposals 0", "train.py", E, "num_proposals",
+         train_cli("--optimizer", "sa", "--sa-proposals", "0")),
+    Case("cli-train-rank-above-layer", "--sa-rank 9 with --latents 4", "train.py", E,
+         "--sa-*: rank=9 is larger than the Dense layer",
+         train_cli("--optimizer", "sa", "--sa-proposals", "4", "--sa-rank", "9")),
+    Case("cli-train-schedule", "--sa-schedule warp", "train.py", E, "--sa-schedule: unknown schedule",
+         train_cli("--optimizer", "sa", "--sa-schedule", "warp")),
+    Case("cli-train-proposal", "--sa-proposal quantum", "train.py", E, "--sa-proposal: unknown proposal",
+         train_cli("--optimizer", "sa", "--sa-proposal", "quantum")),
+    Case("cli-train-acceptance", "--sa-acceptance coinflip", "train.py", E,
+         "--sa-acceptance: unknown acceptance", train_cli("--optimizer", "sa", "--sa-acceptance", "coinflip")),
+    Case("cli-train-optimizer", "--optimizer newton", "train.py", E, "--optimizer: unknown optimizer",
+         train_cli("--optimizer", "newton")),
+    Case("cli-train-lr", "--lr 0", "train.py", E, "--lr", train_cli("--lr", "0")),
+    Case("cli-train-epochs", "--epochs -2", "train.py", E, "--epochs",
+         lambda tmp: ["--workdir", str(tmp / "w"), *TINY, "--epochs", "-2"]),
+    Case("cli-train-dataset", "--dataset svhn", "train.py", E, "Unknown dataset name 'svhn'",
+         train_cli("--dataset", "svhn")),
+    Case("cli-train-workdir-file", "--workdir is a file", "train.py", E, "--workdir",
+         lambda tmp: ["--workdir", str(a_file(tmp)), "--epochs", "1", *TINY]),
+    Case("cli-train-init-from-shape", "--init-from params of a hidden=16 model", "train.py", E,
+         "--init-from: checkpoint", lambda tmp: train_cli("--init-from", str(saved_params(tmp, 16)))(tmp)),
+    Case("cli-train-iwae", "--eval-iwae -1", "train.py", E, "--eval-iwae", train_cli("--eval-iwae", "-1")),
+    Case("cli-train-beta", "--beta -1", "train.py", E, "--beta", train_cli("--beta", "-1")),
+    Case("cli-train-free-bits", "--free-bits -1", "train.py", E, "--free-bits", train_cli("--free-bits", "-1")),
+    Case("cli-train-batch", "--batch-size 5000 (> 1437 images)", "train.py", E, "--batch-size",
+         train_cli("--batch-size", "5000")),
+    # ---- experiments/compare.py
+    Case("cli-compare-set-syntax", "--set sa.scale (no =VALUE)", "compare.py", E,
+         "--set: expected METHOD.KEY=VALUE", compare_cli("--set", "sa.scale")),
+    Case("cli-compare-set-method", "--set scale=1 (no METHOD.)", "compare.py", E,
+         "--set: expected METHOD.KEY=VALUE", compare_cli("--set", "scale=1")),
+    Case("cli-compare-set-unknown-key", "--set sa.temprature=1 (typo)", "compare.py", E,
+         "unknown annealing settings", compare_cli("--set", "sa.temprature=1")),
+    Case("cli-compare-schedule", "--set sa.schedule=warp", "compare.py", E, "sa.schedule: unknown schedule",
+         compare_cli("--set", "sa.schedule=warp")),
+    Case("cli-compare-acceptance", "--set sa.acceptance=coinflip", "compare.py", E,
+         "sa.acceptance: unknown acceptance", compare_cli("--set", "sa.acceptance=coinflip")),
+    Case("cli-compare-t-min-above-t0", "--set sa.t_min=0.5 (sa.t0 is 0.01)", "compare.py", E,
+         "sa.t_min: must be < --set sa.t0", compare_cli("--set", "sa.t_min=0.5")),
+    Case("cli-compare-rank-above-layer", "--set sa.rank=9 with --latents 4", "compare.py", E,
+         "--set sa.*: rank=9 is larger than the Dense layer",
+         compare_cli("--methods", "sa", "--set", "sa.rank=9")),
+    Case("cli-compare-lr", "--set adam.lr=0", "compare.py", E, "adam.lr", compare_cli("--set", "adam.lr=0")),
+    Case("cli-compare-adam-share", "--set sa-refine.adam_share=1.5", "compare.py", E, "adam_share",
+         compare_cli("--set", "sa-refine.adam_share=1.5")),
+    Case("cli-compare-methods", "--methods adam,newton", "compare.py", E, "--methods",
+         compare_cli("--methods", "adam,newton")),
+    Case("cli-compare-dataset", "--dataset svhn", "compare.py", E, "--dataset", compare_cli("--dataset", "svhn")),
+    Case("cli-compare-budget", "--budget-evals 0", "compare.py", E, "--budget-evals",
+         compare_cli("--budget-evals", "0")),
+    Case("cli-compare-iwae", "--eval-iwae -1", "compare.py", E, "--eval-iwae", compare_cli("--eval-iwae", "-1")),
+    Case("cli-compare-batch", "--batch-size 100000", "compare.py", E, "--batch-size",
+         compare_cli("--batch-size", "100000")),
+    Case("cli-compare-workdir-file", "--workdir is a file", "compare.py", E, "--workdir",
+         lambda tmp: ["--workdir", str(a_file(tmp)), "--methods", "adam", *TINY]),
+    Case("cli-compare-resume-other-config", "--resume in a workdir run with --hidden 16", "compare.py", E,
+         "--resume: the run in --workdir has a different config", run_with_other_config),
+]
+
+NUM_BAD_INPUTS = len(CASES)  # reported in the README's reliability section
+
+
+def table() -> str:
+    """The markdown table of docs/bad_inputs.md, generated from ``CASES``."""
+    esc = lambda text: text.replace("|", "\\|")  # noqa: E731
+    rows = ["| id | input | where | error raised | message excerpt |", "|---|---|---|---|---|"]
+    for c in CASES:
+        error = "exit 2 (argparse usage error)" if c.cli else c.error.__name__
+        rows.append(f"| `{c.id}` | {esc(c.input)} | `{c.where}` | {error} | `{esc(c.excerpt)}` |")
+    return "\n".join(rows) + "\n"
+
+
+def test_catalogue_is_large_and_ids_are_unique():
+    assert NUM_BAD_INPUTS >= 25
+    assert len({c.id for c in CASES}) == NUM_BAD_INPUTS
+
+
+def test_doc_table_matches_the_cases():
+    doc = DOC.read_text()
+    assert table() in doc, "docs/bad_inputs.md is out of date: run `python tests/test_bad_inputs.py`"
+    assert f"**{NUM_BAD_INPUTS} bad inputs**" in doc
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input_gives_a_clear_error(case, tmp_path, capsys):
+    if not case.cli:
+        with pytest.raises(case.error) as info:
+            case.run(tmp_path)
+        assert case.excerpt in str(info.value)
+        return
+    argv = case.run(tmp_path)
+    workdir = Path(argv[argv.index("--workdir") + 1])
+    before = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else None
+    main = train_script.main if case.where == "train.py" else compare_script.main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert case.excerpt in err, err
+    # Refused before any file was written.
+    assert (sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else None) == before
+
+
+def test_zero_temperature_constant_is_greedy_not_an_error():
+    """Documented recovery: a constant T = 0 is allowed and behaves as greedy descent."""
+
+    def quadratic(params, key, x):
+        return jnp.sum(jnp.square(params - 1.0))
+
+    runs = []
+    for acceptance in (an.metropolis(), an.greedy()):
+        sa = an.simulated_annealing(quadratic, 8, an.gaussian(0.5), 0.0, acceptance)
+        state, infos = sa.init(jnp.zeros(3)), []
+        step = jax.jit(sa.step)
+        for i in range(10):
+            state, info = step(jax.random.key(i), state, None)
+            infos.append((bool(info.accepted), float(info.delta)))
+        runs.append(infos)
+    assert runs[0] == runs[1]
+    assert any(accepted for accepted, _ in runs[0])
+    assert all(delta < 0 for accepted, delta in runs[0] if accepted)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(table())

@@ -1,0 +1,293 @@
+"""Fault injection (issue 7): NaN losses, SIGKILL mid-checkpoint, a full disk, and determinism.
+
+Counts reported in the README's reliability section are derived from this
+module's parametrization: ``NUM_FAULTS_INJECTED`` and ``NUM_RUNS_COMPARED``.
+
+NaN/Inf *proposals* (never accepted, counted in ``info.num_nonfinite``) are
+tested in ``tests/test_annealing.py::test_nonfinite_proposals_rejected_and_counted``
+and a NaN incumbent setting ``info.error`` in
+``tests/test_annealing.py::test_nonfinite_incumbent_sets_error``; here the
+incumbent goes NaN in the middle of full runs.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import savae_jax as sv
+import savae_jax.annealing as an
+from savae_jax import checkpoint, runner, training
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "experiments" / "compare.py"
+sys.path.insert(0, str(ROOT / "experiments"))
+import common  # noqa: E402
+import compare  # noqa: E402
+
+TINY = ["--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet"]
+# The subprocess runs of the SIGKILL and determinism tests (the issue's tiny digits config).
+RUN_FLAGS = [*TINY, "--methods", "adam,sa", "--set", "sa.proposals=8", "--eval-every", "5",
+             "--checkpoint-every", "5", "--budget-evals", "600", "--eval-iwae", "10"]
+# The in-process runs of the disk-full tests: a smaller budget, same shape.
+SMALL_FLAGS = [*TINY, "--methods", "adam,sa", "--set", "sa.proposals=8", "--eval-every", "5",
+               "--checkpoint-every", "10", "--budget-evals", "150", "--eval-iwae", "10"]
+
+# (kind, parameter): "tmp" kills while an orbax temporary checkpoint folder
+# exists (a checkpoint write in progress); "delay" kills a random time after
+# the run has made progress.
+KILL_POINTS = [("tmp", None), ("delay", 0), ("tmp", None), ("delay", 1)]
+# (what fails with ENOSPC, on which call): run-state checkpoints mid-Adam,
+# the first annealing checkpoint (Adam finished), a results file write.
+DISK_FAULTS = [("run-checkpoint", 4), ("run-checkpoint", 8), ("atomic-write", 7)]
+NAN_FAULTS = ["nan-incumbent-run_method", "nan-incumbent-compare"]
+DETERMINISM_RUNS = 3
+
+NUM_FAULTS_INJECTED = len(NAN_FAULTS) + len(KILL_POINTS) + len(DISK_FAULTS)
+# Runs whose results are compared with another run's: the NaN test's clean
+# reference, the killed-and-resumed run, each disk-full run after its resume,
+# and the determinism runs (the first of which is the SIGKILL test's reference).
+NUM_RUNS_COMPARED = 2 + 1 + len(DISK_FAULTS) + DETERMINISM_RUNS
+
+
+def without_seconds(obj):
+    """Results with the wall-clock fields removed (time is never reproducible)."""
+    if isinstance(obj, dict):
+        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
+    if isinstance(obj, list):
+        return [without_seconds(v) for v in obj]
+    return obj
+
+
+def results(workdir) -> dict:
+    return without_seconds(json.loads((Path(workdir) / "results.json").read_text()))
+
+
+def assert_same_params(a, b, methods=("adam", "sa")):
+    for name in methods:
+        chex.assert_trees_all_equal(checkpoint.load_params(Path(a) / "params" / name),
+                                    checkpoint.load_params(Path(b) / "params" / name))
+
+
+def nan_on(loss_fn, target):
+    """``loss_fn`` that returns NaN for any batch holding the image ``target`` (a fault injection)."""
+
+    def faulty(params, key, x):
+        hit = jnp.any(jnp.all(x == target, axis=(1, 2, 3)))
+        return jnp.where(hit, jnp.nan, loss_fn(params, key, x))
+
+    return faulty
+
+
+# ------------------------------------------------------------------ NaN incumbent
+
+
+@pytest.mark.slow
+def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    train, test = sv.load("digits", "train"), sv.load("digits", "test")
+    images = jnp.asarray(train.images)
+    model = sv.MLPVAE(hidden=16, latents=3)
+    params = sv.models.init(jax.random.key(0), model, images[:1])
+    loss_fn = sv.make_loss(model)
+    key, batch_size = jax.random.key(1), 100
+    # The image in the 8th batch of the first epoch poisons the loss from then on.
+    idx, _ = training.epoch_plan(jax.random.fold_in(key, 0), 0, len(images), batch_size)
+    target = images[int(idx[7, 0])]
+    hits = [bool(jnp.any(jnp.all(images[row] == target, axis=(1, 2, 3)))) for row in np.asarray(idx)]
+    first_bad = hits.index(True) + 1  # steps count from 1
+    assert first_bad >= 6, first_bad
+
+    def phases(loss):
+        sa = an.simulated_annealing(loss, 4, an.low_rank(0.01), an.exponential(0.01, 0.99), an.metropolis())
+        return [runner.Phase("sa", training.as_algorithm(loss, sa), 5)]
+
+    faulty = phases(nan_on(loss_fn, target))
+    kwargs = dict(batch_size=batch_size, binarize=None, eval_every=2, budget_evals=5 * 40)
+    with pytest.raises(runner.NonFiniteLossError) as info:
+        runner.run_method(key, faulty, params, images, test.images, loss_fn,
+                          checkpoint_dir=tmp_path / "ckpt", **kwargs)
+    row_end = -(-first_bad // 2) * 2  # the history row whose steps include the NaN
+    last_good = row_end - 2
+    message = str(info.value)
+    assert "nan" in message and f"the last good checkpoint is step {last_good}" in message
+    saver = checkpoint.RunCheckpointer(tmp_path / "ckpt")
+    assert saver.steps()[-1] == last_good
+    step, state, meta = saver.restore(faulty[0].algorithm.init(params))
+    assert step == last_good and not meta["finished"]
+    assert all(np.isfinite(row["train_loss"]) for row in meta["history"])
+    # The checkpoint equals a clean run stopped there (run 1 of NUM_RUNS_COMPARED's pair).
+    clean, _ = runner.run_method(key, phases(loss_fn), params, images, test.images, loss_fn,
+                                 **{**kwargs, "budget_evals": 5 * last_good})
+    chex.assert_trees_all_equal(state.params, clean)
+
+
+@pytest.mark.slow
+def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_path, monkeypatch, capsys):
+    train = sv.load("digits", "train")
+    key_run = jax.random.split(jax.random.key(0), 3)[1]  # compare.py's derivation (seed 0)
+    idx, _ = training.epoch_plan(jax.random.fold_in(key_run, 0), 0, len(train.images), 100)
+    target = jnp.asarray(train.images[int(idx[5, 0])])
+    make_annealer = common.make_annealer
+    monkeypatch.setattr(compare.common, "make_annealer",
+                        lambda loss_fn, config, prefix="": make_annealer(nan_on(loss_fn, target), config, prefix))
+    flags = [*TINY, "--methods", "adam,sa", "--set", "sa.proposals=8", "--binarize", "none",
+             "--eval-every", "2", "--checkpoint-every", "4", "--budget-evals", "90", "--eval-iwae", "0"]
+    with pytest.raises(SystemExit) as info:
+        compare.main(["--workdir", str(tmp_path), *flags])
+    message = str(info.value.code)
+    assert message.startswith("compare.py: stopped: sa: the training loss became nan"), message
+    assert "the last good checkpoint is step" in message and str(tmp_path) in message
+    # The finished method's results are intact; the annealer's last checkpoint restores.
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert list(saved) == ["adam"]
+    assert not (tmp_path / "summary.md").exists()
+    model = sv.MLPVAE(hidden=32, latents=4)
+    params = sv.models.init(jax.random.key(0), model, train.images[:1])
+    sa = common.make_annealer(sv.make_loss(model), compare.METHOD_DEFAULTS["sa"] | {"proposals": 8})
+    step, state, meta = checkpoint.RunCheckpointer(tmp_path / "checkpoints" / "sa").restore(sa.init(params))
+    assert f"is step {step} " in message
+    assert meta["history"] and all(np.isfinite(r["train_loss"]) for r in meta["history"])
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params))
+
+
+# ------------------------------------------------------------------ disk full
+
+
+@pytest.fixture(scope="module")
+def small_reference(tmp_path_factory):
+    """An uninterrupted in-process run of SMALL_FLAGS."""
+    workdir = tmp_path_factory.mktemp("small_reference")
+    compare.main(["--workdir", str(workdir), *SMALL_FLAGS])
+    return workdir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("target, fail_at", DISK_FAULTS, ids=[f"{t}-call{n}" for t, n in DISK_FAULTS])
+def test_disk_full_mid_run_is_a_clear_error_and_resume_completes(tmp_path, monkeypatch, small_reference,
+                                                                   target, fail_at):
+    calls = {"n": 0}
+
+    def failing(original):
+        def wrapper(*args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] >= fail_at:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
+            return original(*args, **kwargs)
+
+        return wrapper
+
+    if target == "atomic-write":
+        monkeypatch.setattr(checkpoint, "atomic_write_bytes", failing(checkpoint.atomic_write_bytes))
+    else:
+        monkeypatch.setattr(checkpoint.RunCheckpointer, "save", failing(checkpoint.RunCheckpointer.save))
+    with pytest.raises(SystemExit) as info:
+        compare.main(["--workdir", str(tmp_path), *SMALL_FLAGS])
+    message = str(info.value.code)
+    assert "cannot write to --workdir" in message and "No space left on device" in message, message
+    assert "--resume" in message
+    monkeypatch.undo()
+
+    # Everything written before the fault is intact and valid.
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["config"]["budget_evals"] == 150
+    expected = results(small_reference)
+    if (tmp_path / "results.json").exists():
+        partial = results(tmp_path)
+        assert partial and all(partial[name] == expected[name] for name in partial)
+    assert not list(tmp_path.glob(".*.tmp"))  # no half-written temporary files left behind
+
+    compare.main(["--workdir", str(tmp_path), *SMALL_FLAGS, "--resume"])
+    assert results(tmp_path) == expected
+    assert_same_params(tmp_path, small_reference)
+
+
+# ------------------------------------------------------------------ SIGKILL and determinism
+
+
+def launch(workdir, log_path, *extra):
+    cmd = [sys.executable, str(SCRIPT), "--workdir", str(workdir), *RUN_FLAGS, *extra]
+    log = open(log_path, "w")
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log
+
+
+def finish(proc, log, timeout=600):
+    rc = proc.wait(timeout=timeout)
+    log.close()
+    assert rc == 0, Path(log.name).read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    """An uninterrupted subprocess run of RUN_FLAGS (determinism run 1, the SIGKILL reference)."""
+    workdir = tmp_path_factory.mktemp("reference")
+    finish(*launch(workdir, workdir.parent / "reference.log"))
+    return workdir
+
+
+def orbax_tmp_exists(workdir: Path) -> bool:
+    for sub in ("checkpoints", "params"):
+        for folder in [workdir / sub, *((workdir / sub).glob("*"))] if (workdir / sub).is_dir() else []:
+            try:
+                if any(".orbax-checkpoint-tmp" in e.name for e in os.scandir(folder)):
+                    return True
+            except OSError:  # renamed or removed while we looked
+                pass
+    return False
+
+
+def committed_checkpoints(workdir: Path) -> int:
+    return sum(1 for p in workdir.glob("checkpoints/*/*") if p.name.isdigit())
+
+
+@pytest.mark.slow
+def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(tmp_path, reference_run):
+    workdir = tmp_path / "killed"
+    rng = np.random.default_rng(7)
+    delays = rng.uniform(0.0, 2.0, size=len(KILL_POINTS))
+    kills = 0
+    for i, (kind, _) in enumerate(KILL_POINTS):
+        log_path = tmp_path / f"run{i}.log"
+        proc, log = launch(workdir, log_path, *(["--resume"] if i else []))
+        start_count, deadline = committed_checkpoints(workdir), time.time() + 300
+        while proc.poll() is None and time.time() < deadline:
+            if kind == "tmp" and orbax_tmp_exists(workdir):
+                break
+            if kind == "delay" and committed_checkpoints(workdir) > start_count:
+                time.sleep(delays[i])
+                break
+            time.sleep(0.002)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        log.close()
+        # The next --resume starts from a complete checkpoint: it never has to skip a damaged one.
+        assert "unreadable" not in log_path.read_text()
+    assert kills >= len(KILL_POINTS) - 1
+    log_path = tmp_path / "final.log"
+    finish(*launch(workdir, log_path, "--resume"))
+    assert "unreadable" not in log_path.read_text()
+    assert results(workdir) == results(reference_run)
+    assert_same_params(workdir, reference_run)
+
+
+@pytest.mark.slow
+def test_three_runs_of_compare_give_identical_results(tmp_path, reference_run):
+    procs = [launch(tmp_path / f"run{i}", tmp_path / f"run{i}.log") for i in range(1, DETERMINISM_RUNS)]
+    for proc, log in procs:
+        finish(proc, log)
+    for i in range(1, DETERMINISM_RUNS):
+        assert results(tmp_path / f"run{i}") == results(reference_run)
+        assert_same_params(tmp_path / f"run{i}", reference_run)

@@ -1,0 +1,246 @@
+"""Scale-out: proposals sharded over devices, data-parallel Optax, two processes on loopback.
+
+Multi-device checks run in a subprocess with 8 fake CPU devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8`` must be set before
+JAX starts); one subprocess computes every comparison and the tests read its
+JSON report.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import savae_jax as sv
+from savae_jax import annealing, distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Runs with 8 CPU devices; prints one JSON line of comparisons, each of a
+# mesh run against the same-key run without a mesh (one device).
+SCRIPT = textwrap.dedent(
+    """
+    import json
+    import jax, jax.numpy as jnp, numpy as np, optax
+    import savae_jax as sv
+    from savae_jax import annealing as A, distributed
+
+    assert jax.device_count() == 8, jax.devices()
+    train = sv.load("digits", "train")
+    model = sv.MLPVAE(hidden=32, latents=4)
+    params = sv.models.init(jax.random.key(0), model, train.images[:1])
+    loss_fn = sv.make_loss(model)
+    x = jnp.asarray(train.images[:64])
+    mesh8 = distributed.make_mesh()
+
+    def leaves(tree):
+        return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+    def compare(a, b):
+        la, lb = leaves(a), leaves(b)
+        return {"bitwise": all(np.array_equal(u, v) for u, v in zip(la, lb)),
+                "max_abs": max(float(np.max(np.abs(u.astype(float) - v.astype(float))))
+                               for u, v in zip(la, lb))}
+
+    def anneal(proposal, k, mesh, steps=3):
+        sa = A.simulated_annealing(loss_fn, k, proposal, A.exponential(1.0, 0.9), A.metropolis(),
+                                   mesh=mesh)
+        state, step, infos = sa.init(params), jax.jit(sa.step), []
+        for i in range(steps):
+            state, info = step(jax.random.key(i), state, x)
+            infos.append(info)
+        return state, infos
+
+    out, single = {}, {}
+    proposals = {"low_rank": A.low_rank(0.05, rank=2), "gaussian": A.gaussian(0.05)}
+    # K + 1 = 8 (one member per device), 11 (padded to 16) and 2 (padded to 8).
+    for name, k in [("low_rank", 7), ("low_rank", 10), ("low_rank", 1), ("gaussian", 7), ("gaussian", 10)]:
+        proposal = proposals[name]
+        a, ia = single[name, k] = anneal(proposal, k, None)
+        b, ib = anneal(proposal, k, mesh8)
+        out[f"sa/{name}/{k}"] = {
+            "params": compare(a.params, b.params),
+            "best_params": compare(a.best_params, b.best_params),
+            "loss": compare([i.loss for i in ia], [i.loss for i in ib]),
+            "accepted": [bool(i.accepted) for i in ia] == [bool(i.accepted) for i in ib],
+            "num_nonfinite": [int(i.num_nonfinite) for i in ib],
+            "proposal_loss_mean": compare([i.proposal_loss_mean for i in ia],
+                                          [i.proposal_loss_mean for i in ib]),
+            "num_accepted": int(a.num_accepted),
+        }
+    # Three devices: 11 members padded to 12.
+    a, _ = single["gaussian", 10]
+    b, _ = anneal(proposals["gaussian"], 10, distributed.make_mesh(3))
+    out["sa/gaussian/10/mesh3"] = {"params": compare(a.params, b.params)}
+
+    # Optax, data parallel: one epoch of Adam (23 steps of 64 examples).
+    a, ha = sv.fit(jax.random.key(1), params, loss_fn, optax.adam(3e-3), train, 1, 64,
+                   binarize="dynamic")
+    b, hb = sv.fit(jax.random.key(1), params, loss_fn, optax.adam(3e-3), train, 1, 64,
+                   binarize="dynamic", mesh=mesh8)
+    out["optax"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]],
+                    "replicated": all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(b))}
+
+    # fit(mesh=...) with an annealer built WITHOUT a mesh: proposals sharded via use_mesh.
+    sa = A.simulated_annealing(loss_fn, 10, A.low_rank(0.05), A.exponential(1.0, 0.99), A.metropolis())
+    a, ha = sv.fit(jax.random.key(2), params, loss_fn, sa, train, 1, 64, binarize="dynamic")
+    b, hb = sv.fit(jax.random.key(2), params, loss_fn, sa, train, 1, 64, binarize="dynamic", mesh=mesh8)
+    out["fit_sa"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]]}
+    print("RESULT " + json.dumps(out))
+    """
+)
+
+
+@pytest.fixture(scope="module")
+def eight_devices():
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("proposal, num_proposals",
+                         [("low_rank", 7), ("low_rank", 10), ("low_rank", 1), ("gaussian", 7), ("gaussian", 10)])
+def test_sharded_annealing_equals_one_device(eight_devices, proposal, num_proposals):
+    r = eight_devices[f"sa/{proposal}/{num_proposals}"]
+    # The same proposals are drawn (member j uses keys[j] either way) and the
+    # same one wins: parameters are bitwise equal. Each member's loss is
+    # computed by a vmap of another width on each device, which XLA may round
+    # differently in the last bit (measured: gaussian, 1 ulp), so losses are
+    # compared to 1e-6 relative.
+    assert r["params"]["bitwise"], r
+    assert r["best_params"]["bitwise"], r
+    assert r["accepted"], r
+    assert r["loss"]["max_abs"] <= 1e-6 * 100, r  # losses are ~50 nats
+    assert r["proposal_loss_mean"]["max_abs"] <= 1e-6 * 100, r
+    # Padding members (K + 1 = 11 -> 16, 2 -> 8) never count as proposals.
+    assert r["num_nonfinite"] == [0, 0, 0]
+    if num_proposals > 1:
+        assert r["num_accepted"] > 0  # the comparison covers accepted moves
+
+
+def test_padding_to_a_device_count_that_does_not_divide(eight_devices):
+    assert eight_devices["sa/gaussian/10/mesh3"]["params"]["bitwise"]
+
+
+def test_optax_data_parallel_equals_one_device(eight_devices):
+    r = eight_devices["optax"]
+    # Gradients are means over a batch split in 8: a different summation
+    # order, so equal to 1e-6, not bitwise (measured max |diff| ~1e-7).
+    assert r["params"]["max_abs"] <= 1e-6, r
+    assert abs(r["train_loss"][0] - r["train_loss"][1]) <= 1e-4, r
+    assert r["replicated"]  # params replicated over the mesh
+
+
+def test_fit_mesh_shards_an_annealer_built_without_one(eight_devices):
+    r = eight_devices["fit_sa"]
+    assert r["params"]["bitwise"], r
+    assert r["train_loss"][0] == pytest.approx(r["train_loss"][1], rel=1e-6)
+
+
+def test_no_mesh_is_the_single_device_code():
+    # mesh=None traces no shard_map and no sharding constraint: the old step.
+    model = sv.MLPVAE(hidden=8, latents=2)
+    images = sv.load("digits", "train").images[:8]
+    params = sv.models.init(jax.random.key(0), model, images[:1])
+    sa = annealing.simulated_annealing(sv.make_loss(model), 3, annealing.gaussian(0.1), 1.0,
+                                       annealing.metropolis())
+    jaxpr = str(jax.make_jaxpr(sa.step)(jax.random.key(0), sa.init(params), images))
+    assert "shard_map" not in jaxpr and "sharding_constraint" not in jaxpr
+    # use_mesh is read when the step is traced: trace a fresh function (JAX
+    # caches traces by function, and the block is not part of the cache key).
+    with distributed.use_mesh(distributed.make_mesh(1)):
+        sharded = str(jax.make_jaxpr(lambda *a: sa.step(*a))(jax.random.key(0), sa.init(params), images))
+    assert "shard_map" in sharded
+
+
+def test_bad_mesh_arguments():
+    loss = lambda p, k, b: p  # noqa: E731
+    mesh = distributed.make_mesh(1, axis_name="proposals")
+    with pytest.raises(ValueError, match="axis_name"):
+        annealing.simulated_annealing(loss, 3, annealing.gaussian(0.1), 1.0, annealing.metropolis(),
+                                      axis_name="proposals")
+    with pytest.raises(ValueError, match="axis_name 'data' is not an axis"):
+        annealing.simulated_annealing(loss, 3, annealing.gaussian(0.1), 1.0, annealing.metropolis(),
+                                      mesh=mesh, axis_name="data")
+    with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh"):
+        annealing.simulated_annealing(loss, 3, annealing.gaussian(0.1), 1.0, annealing.metropolis(),
+                                      mesh="cpu")
+    with pytest.raises(ValueError, match="devices must be between 1 and"):
+        distributed.make_mesh(0)
+    with pytest.raises(ValueError, match="devices must be between 1 and"):
+        distributed.make_mesh(jax.device_count() + 1)
+
+
+def test_script_flags_need_distributed():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    distributed.add_arguments(parser)
+    with pytest.raises(ValueError, match="--coordinator needs --distributed"):
+        distributed.from_args(parser.parse_args(["--coordinator", "127.0.0.1:1234"]))
+    with pytest.raises(ValueError, match="--devices: must be a number or 'all'"):
+        distributed.from_args(parser.parse_args(["--devices", "many"]))
+    assert distributed.from_args(parser.parse_args([])) is None
+    assert distributed.from_args(parser.parse_args(["--devices", "1"])).devices.size == 1
+    with pytest.raises(ValueError, match="process_id must be in"):
+        distributed.initialize_distributed("127.0.0.1:1234", num_processes=2, process_id=2)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_processes_on_loopback_agree(tmp_path):
+    """experiments/train.py --distributed: 2 processes x 4 CPU devices, Adam data parallel."""
+    port = _free_port()
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    common = ["--dataset", "digits", "--optimizer", "adam", "--lr", "3e-3", "--epochs", "1",
+              "--batch-size", "64", "--hidden", "32", "--latents", "4", "--quiet"]
+    procs = [subprocess.Popen(
+        [sys.executable, "experiments/train.py", *common, "--distributed", "--coordinator",
+         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
+         "--workdir", str(tmp_path / f"p{i}")],
+        env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)]
+    single = subprocess.run([sys.executable, "experiments/train.py", *common, "--workdir",
+                             str(tmp_path / "single")], env=os.environ | {"JAX_PLATFORMS": "cpu"},
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    logs = []
+    for proc in procs:
+        try:
+            logs.append(proc.communicate(timeout=300)[0])
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            raise
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-4000:]
+    assert single.returncode == 0, single.stderr[-4000:]
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("p0", "p1", "single")]
+    devices = [m["config"]["devices"] for m in metrics]
+    assert len(devices[0]) == 8 and devices[0] == devices[1]  # the global devices
+    # Both processes hold the same (replicated) result, bitwise.
+    assert metrics[0]["history"][0]["train_loss"] == metrics[1]["history"][0]["train_loss"]
+    assert metrics[0]["final"]["test_neg_elbo"] == metrics[1]["final"]["test_neg_elbo"]
+    assert metrics[0]["final"]["diagnostics"] == metrics[1]["final"]["diagnostics"]
+    # Orbax saves the (replicated) parameters from process 0 only.
+    assert not (tmp_path / "p1" / "params").exists()
+    p0 = sv.checkpoint.load_params(tmp_path / "p0" / "params")
+    ps = sv.checkpoint.load_params(tmp_path / "single" / "params")
+    for a, c in zip(jax.tree.leaves(p0), jax.tree.leaves(ps)):
+        np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)  # data parallel vs one device
+    assert metrics[0]["final"]["test_neg_elbo"] == pytest.approx(metrics[2]["final"]["test_neg_elbo"],
+                                                                 abs=1e-4)
