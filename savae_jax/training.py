@@ -18,6 +18,7 @@ import optax
 from tqdm.auto import tqdm
 
 from savae_jax import data as data_lib
+from savae_jax.annealing.proposals import checked_loss
 from savae_jax import distributed, evaluation
 
 
@@ -59,6 +60,9 @@ def optax_algorithm(loss_fn, optimizer: optax.GradientTransformation) -> Algorit
     """
     if takes_step(loss_fn):
         return _counted_optax_algorithm(loss_fn, optimizer)
+    # A non-scalar or integer loss fails here, at the first trace, with a
+    # message naming loss_fn rather than deep inside jax.grad.
+    loss_fn = checked_loss(loss_fn)
     extra_args = isinstance(optimizer, optax.GradientTransformationExtraArgs)
 
     def init(params):
