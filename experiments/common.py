@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from pathlib import Path
 from typing import Any
 
 import optax
@@ -222,3 +223,35 @@ def annealing_cost(config: dict) -> int:
 
     config = SA_DEFAULTS | config
     return config["proposals"] + 1 + (GRAD_COST if config["proposal"] == "langevin" else 0)
+
+
+def save_grids(workdir, key, params, model, test_images, binarize, label: str | None = None) -> None:
+    """Write reconstructions[_label].png (16 test inputs over their reconstructions) and samples[_label].png."""
+    import jax
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from savae_jax import checkpoint
+
+    key_bin, key_rec, key_prior = jax.random.split(key, 3)
+    x = test_images[:16]
+    if binarize is not None:
+        x = sv.data.binarize(key_bin, x)
+    rec = sv.models.reconstruct(key_rec, params, model, x)
+    samples = sv.models.sample_prior(key_prior, params, model, 32, test_images.shape[1:])
+    suffix = f"_{label}" if label else ""
+    for kind, images, title in (
+        ("reconstructions", np.concatenate([np.asarray(x), np.asarray(rec)]),
+         "test inputs (top two rows) and reconstructions (bottom two)"),
+        ("samples", np.asarray(samples), "samples from the prior (likelihood means)"),
+    ):
+        grid = sv.evaluation.image_grid(images)
+        fig, ax = plt.subplots(figsize=(5, 5 * grid.shape[0] / grid.shape[1]))
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{label}: {title}" if label else title, fontsize=8)
+        ax.axis("off")
+        checkpoint.save_figure(fig, Path(workdir) / f"{kind}{suffix}.png")
+        plt.close(fig)

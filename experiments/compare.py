@@ -32,7 +32,6 @@ from importlib import metadata
 from pathlib import Path
 
 import jax
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -266,29 +265,6 @@ def plot(workdir: Path, results: dict) -> None:
         plt.close(fig)
 
 
-def save_grids(workdir: Path, name: str, key, params, model, test_images, binarize) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    key_bin, key_rec, key_prior = jax.random.split(key, 3)
-    x = test_images[:16]
-    if binarize is not None:
-        x = sv.data.binarize(key_bin, x)
-    rec = sv.models.reconstruct(key_rec, params, model, x)
-    samples = sv.models.sample_prior(key_prior, params, model, 32, test_images.shape[1:])
-    for kind, images in (("reconstructions", np.concatenate([np.asarray(x), np.asarray(rec)])),
-                         ("samples", np.asarray(samples))):
-        grid = sv.evaluation.image_grid(images)
-        fig, ax = plt.subplots(figsize=(4, 4 * grid.shape[0] / grid.shape[1]))
-        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"{name}: {kind}", fontsize=8)
-        ax.axis("off")
-        checkpoint.save_figure(fig, workdir / f"{kind}_{name}.png")
-        plt.close(fig)
-
-
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -375,7 +351,7 @@ def run_all(methods, config, args, workdir, model, train, test, binarize, log) -
             f"{last['seconds']:.1f} s")
         checkpoint.save_params(workdir / "params" / name, params)
         write_csv(workdir / f"history_{name}.csv", history)
-        save_grids(workdir, name, key_grid, params, model, test.images, binarize)
+        common.save_grids(workdir, key_grid, params, model, test.images, binarize, label=name)
         checkpoint.atomic_write_json(workdir / "results.json", results)
     return results
 

@@ -89,34 +89,6 @@ def make_optimizer(args, loss_fn):
     return common.make_optimizer(args.optimizer, args.lr)
 
 
-def save_grids(workdir: Path, key, params, model, test_images, binarize) -> None:
-    """Write reconstructions.png (inputs over reconstructions) and samples.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    key_bin, key_rec, key_prior = jax.random.split(key, 3)
-    x = test_images[:16]
-    if binarize is not None:
-        x = sv.data.binarize(key_bin, x)
-    rec = sv.models.reconstruct(key_rec, params, model, x)
-    samples = sv.models.sample_prior(key_prior, params, model, 64, test_images.shape[1:])
-    for name, images, title in [
-        ("reconstructions.png", np.concatenate([np.asarray(x), np.asarray(rec)]),
-         "test inputs (top two rows) and reconstructions (bottom two)"),
-        ("samples.png", np.asarray(samples), "samples from the prior (Bernoulli means)"),
-    ]:
-        grid = sv.evaluation.image_grid(images)
-        fig, ax = plt.subplots(figsize=(6, 6 * grid.shape[0] / grid.shape[1]))
-        ax.imshow(grid.squeeze(-1) if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
-        ax.set_title(title, fontsize=8)
-        ax.axis("off")
-        checkpoint.save_figure(fig, workdir / name)
-        plt.close(fig)
-
-
 def main(argv=None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -188,7 +160,7 @@ def main(argv=None) -> dict:
         f"KL {final['diagnostics']['kl']:.3f}, MI {final['diagnostics']['mutual_info']:.3f} nats")
     workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.save_params(workdir / "params", params)
-    save_grids(workdir, key_grid, params, model, test.images, binarize)
+    common.save_grids(workdir, key_grid, params, model, test.images, binarize)
     checkpoint.atomic_write_json(workdir / "metrics.json", metrics)
     log(f"final test negative ELBO {metrics['final']['test_neg_elbo']:.3f} nats; "
         f"wrote {workdir / 'metrics.json'}")

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import savae_jax as sv
-from savae_jax import evaluation, models
+from savae_jax import evaluation
 
 
 def _dense(kernel, bias):
