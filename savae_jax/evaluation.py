@@ -17,6 +17,16 @@ from savae_jax import elbo as elbo_lib
 EVAL_SEED = 0
 
 
+def _eval_inputs(images, key, batch_size: int):
+    """Shared argument handling of the evaluations: device images, the default key, chunk size."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    images = jnp.asarray(images)
+    if key is None:
+        key = jax.random.key(EVAL_SEED)
+    return images, key, min(batch_size, images.shape[0])
+
+
 def per_example_loss(loss_fn, params, key: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
     """``loss_fn`` on each example alone; example ``index[i]`` uses ``fold_in(key, index[i])``.
 
@@ -82,12 +92,7 @@ def evaluate(
     Returns:
       A Python float.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = jnp.asarray(images)
-    if key is None:
-        key = jax.random.key(EVAL_SEED)
-    batch_size = min(batch_size, images.shape[0])
+    images, key, batch_size = _eval_inputs(images, key, batch_size)
     value = _evaluate(
         loss_fn, params, key, images,
         batch_size=batch_size, binarize=binarize, static_seed=static_seed,
@@ -163,12 +168,7 @@ def evaluate_iwae(
     Returns:
       A Python float.
     """
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = jnp.asarray(images)
-    if key is None:
-        key = jax.random.key(EVAL_SEED)
-    batch_size = min(batch_size, images.shape[0])
+    images, key, batch_size = _eval_inputs(images, key, batch_size)
     value = _evaluate_iwae(
         params, key, images, model=model, num_samples=int(num_samples),
         chunk_size=int(chunk_size), batch_size=batch_size, binarize=binarize,
