@@ -55,6 +55,20 @@ SA_DEFAULTS: dict[str, Any] = {
 }
 
 
+def parse_args(parser, argv):
+    """Parse ``argv`` and set up --distributed / --devices before any other JAX call.
+
+    Returns ``(args, mesh)``; a bad distributed setting is a usage error (exit 2).
+    """
+    from savae_jax import distributed
+
+    args = parser.parse_args(argv)
+    try:
+        return args, distributed.from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+
+
 def add_model_flags(parser) -> None:
     """--model, --hidden, --latents, --likelihood and the beta/free-bits flags."""
     group = parser.add_argument_group("model and objective")

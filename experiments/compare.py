@@ -267,11 +267,7 @@ def plot(workdir: Path, results: dict) -> None:
 
 def main(argv=None) -> dict:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        mesh = distributed.from_args(args)  # --distributed: before any other JAX call
-    except ValueError as err:
-        parser.error(str(err))
+    args, mesh = common.parse_args(parser, argv)
     workdir = Path(args.workdir)
     try:
         config = resolve_config(args)

@@ -91,11 +91,7 @@ def make_optimizer(args, loss_fn):
 
 def main(argv=None) -> dict:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        mesh = distributed.from_args(args)  # --distributed: before any other JAX call
-    except ValueError as err:
-        parser.error(str(err))
+    args, mesh = common.parse_args(parser, argv)
     try:
         model_config = {k: v if getattr(args, k) is None else getattr(args, k)
                         for k, v in common.MODEL_DEFAULTS.items()}

@@ -17,19 +17,11 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare.py"
 sys.path.insert(0, str(ROOT / "experiments"))
 import compare  # noqa: E402
+from conftest import without_seconds  # noqa: E402
 
 SMALL = ["--hidden", "32", "--latents", "4", "--batch-size", "100",
          "--set", "sa.proposals=8", "--set", "sa-refine.proposals=8",
          "--set", "langevin-sa.proposals=4", "--quiet"]
-
-
-def without_seconds(obj):
-    """Results with the wall-clock fields removed (time is never reproducible)."""
-    if isinstance(obj, dict):
-        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [without_seconds(v) for v in obj]
-    return obj
 
 
 def test_compare_writes_every_output_with_fair_budgets(tmp_path):

@@ -98,19 +98,6 @@ def test_bits_per_dim():
     assert models.bits_per_dim(784 * math.log(2), (28, 28, 1)) == pytest.approx(1.0)
 
 
-@pytest.fixture
-def tfds_mock(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    from tensorflow_datasets.testing import mocking
-
-    # As in tests/test_data.py: tfds 4.9.x's mock calls `__getitems__` without self.
-    def _getitems(*args, generator, serialized=False):
-        return [generator[k] for k in args[-1]]
-
-    monkeypatch.setattr(mocking, "_getitems", _getitems)
-    return tfds
-
-
 def test_training_step_on_mock_cifar10_lowers_the_loss(tfds_mock, tmp_path, monkeypatch):
     monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
     with tfds_mock.testing.mock_data(num_examples=8, policy=tfds_mock.testing.MockPolicy.USE_CODE):

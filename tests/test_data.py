@@ -203,21 +203,6 @@ def test_real_mnist(real_mnist):
 # ---------------------------------------------------------------------------
 
 
-@pytest.fixture
-def tfds_mock(monkeypatch):
-    tfds = pytest.importorskip("tensorflow_datasets")
-    from tensorflow_datasets.testing import mocking
-
-    # tfds 4.9.x's mock installs `__getitems__` as a plain instance attribute
-    # (MagicMock does not treat it as a magic method), so it is called without
-    # `self` and fails; accept either calling convention.
-    def _getitems(*args, generator, serialized=False):
-        return [generator[k] for k in args[-1]]
-
-    monkeypatch.setattr(mocking, "_getitems", _getitems)
-    return tfds
-
-
 @pytest.mark.parametrize(
     "name, shape",
     [

@@ -36,6 +36,7 @@ SCRIPT = ROOT / "experiments" / "compare.py"
 sys.path.insert(0, str(ROOT / "experiments"))
 import common  # noqa: E402
 import compare  # noqa: E402
+from conftest import without_seconds  # noqa: E402
 
 TINY = ["--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet"]
 # The subprocess runs of the SIGKILL and determinism tests (the issue's tiny digits config).
@@ -60,15 +61,6 @@ NUM_FAULTS_INJECTED = len(NAN_FAULTS) + len(KILL_POINTS) + len(DISK_FAULTS)
 # reference, the killed-and-resumed run, each disk-full run after its resume,
 # and the determinism runs (the first of which is the SIGKILL test's reference).
 NUM_RUNS_COMPARED = 2 + 1 + len(DISK_FAULTS) + DETERMINISM_RUNS
-
-
-def without_seconds(obj):
-    """Results with the wall-clock fields removed (time is never reproducible)."""
-    if isinstance(obj, dict):
-        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
-    if isinstance(obj, list):
-        return [without_seconds(v) for v in obj]
-    return obj
 
 
 def results(workdir) -> dict:
