@@ -339,7 +339,11 @@ def minimal_epoch(loss_fn, optimizer, params, images, key, batch_size: int):
 
 def bench_fit(examples: int | None, rounds: int) -> dict:
     name, images_np = load_fit_data(examples)
-    loss_fn, params, _ = make_problem(HIDDEN)
+    # Initialised for the images actually loaded: MNIST, or digits (8x8) on a
+    # machine without the MNIST files.
+    model = sv.models.MLPVAE(hidden=HIDDEN, latents=LATENTS)
+    loss_fn = sv.make_loss(model)
+    params = sv.models.init(jax.random.key(1), model, images_np[:1])
     optimizer = optax.adam(1e-3)
     images = jnp.asarray(images_np)
     minimal = minimal_epoch(loss_fn, optimizer, params, images, jax.random.key(5), BATCH)
