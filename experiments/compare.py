@@ -178,10 +178,11 @@ def check_workdir(workdir: Path, config: dict, resume: bool) -> None:
     """Refuse an unusable workdir before any training (errors name --workdir / --resume)."""
     if workdir.exists() and not workdir.is_dir():
         raise ValueError(f"--workdir: {workdir} exists and is not a folder")
+    probe = workdir / f".write-test-{jax.process_index()}"  # one per process: they may share workdir
     try:
         workdir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_bytes(workdir / ".write-test", b"")
-        (workdir / ".write-test").unlink()
+        checkpoint.atomic_write_bytes(probe, b"")
+        probe.unlink()
     except OSError as err:
         raise ValueError(f"--workdir: cannot write to {workdir}: {err}") from err
     saved_path = workdir / "config.json"
@@ -292,8 +293,13 @@ def main(argv=None) -> dict:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err).replace("batch_size", "--batch-size"))
 
-    log = lambda line: print(line, flush=True)  # noqa: E731
-    if not (workdir / "config.json").exists():
+    # Across processes (--distributed) every process runs the same computation
+    # on the same --workdir; process 0 alone prints and writes the files (the
+    # checkpoints and params/ are Orbax's collective saves, written by it too).
+    primary = distributed.is_primary()
+    distributed.barrier("compare.py: workdir checked")  # before process 0 writes config.json
+    log = (lambda line: print(line, flush=True)) if primary else (lambda line: None)  # noqa: E731
+    if primary and not (workdir / "config.json").exists():
         checkpoint.atomic_write_json(workdir / "config.json", {"config": config, **environment()})
     log(f"{config['dataset']}: {len(train.images)} train / {len(test.images)} test, "
         f"budget {config['budget_evals']} evals per method, backend {jax.default_backend()}")
@@ -307,9 +313,10 @@ def main(argv=None) -> dict:
         sys.exit(f"compare.py: cannot write to --workdir {workdir}: {err}. "
                  "Files written before this error are intact; fix the disk and rerun with --resume.")
     summary = summarize(results, config)
-    checkpoint.atomic_write_text(workdir / "summary.md", summary)
-    plot(workdir, results)
-    print(summary)
+    if primary:
+        checkpoint.atomic_write_text(workdir / "summary.md", summary)
+        plot(workdir, results)
+        print(summary)
     return results
 
 
@@ -329,7 +336,7 @@ def run_all(methods, config, args, workdir, model, train, test, binarize, log) -
             budget_evals=config["budget_evals"], budget_seconds=config["budget_seconds"],
             checkpoint_every=config["checkpoint_every"],
             checkpoint_dir=workdir / "checkpoints" / name, resume=args.resume,
-            progress=not args.quiet, desc=name, log=log,
+            progress=not args.quiet and distributed.is_primary(), desc=name, log=log,
         )
         last = history[-1]
         report = sv.evaluation.report(params, model, test.images, binarize=binarize,
@@ -345,10 +352,11 @@ def run_all(methods, config, args, workdir, model, train, test, binarize, log) -
         }
         log(f"{name}: test negative ELBO {last['test_neg_elbo']:.3f} nats after {last['evals']} evals, "
             f"{last['seconds']:.1f} s")
-        checkpoint.save_params(workdir / "params" / name, params)
-        write_csv(workdir / f"history_{name}.csv", history)
-        common.save_grids(workdir, key_grid, params, model, test.images, binarize, label=name)
-        checkpoint.atomic_write_json(workdir / "results.json", results)
+        checkpoint.save_params(workdir / "params" / name, params)  # collective: every process
+        if distributed.is_primary():
+            write_csv(workdir / f"history_{name}.csv", history)
+            common.save_grids(workdir, key_grid, params, model, test.images, binarize, label=name)
+            checkpoint.atomic_write_json(workdir / "results.json", results)
     return results
 
 

@@ -128,7 +128,10 @@ def main(argv=None) -> dict:
     binarize = None if args.binarize == "none" else args.binarize
     config = vars(args) | model_config | {"eval_iwae": eval_iwae, "backend": jax.default_backend(),
                            "devices": [str(d) for d in jax.devices()]}
-    log = lambda line: print(line, flush=True)  # noqa: E731
+    # Across processes (--distributed) every process trains the same replicated
+    # model; process 0 alone prints and writes --workdir (give all the same one).
+    primary = distributed.is_primary()
+    log = (lambda line: print(line, flush=True)) if primary else (lambda line: None)  # noqa: E731
     log(f"{args.dataset}: {len(train.images)} train / {len(test.images)} test images "
         f"{train.images.shape[1:]}, {args.optimizer}"
         + ("" if args.optimizer == "sa" else f" lr={args.lr}") + f", backend {jax.default_backend()}")
@@ -137,7 +140,7 @@ def main(argv=None) -> dict:
     history = []
     fit = lambda key, params, optimizer, epochs: sv.fit(  # noqa: E731
         key, params, loss_fn, optimizer, train, epochs, args.batch_size, test,
-        binarize=binarize, eval_loss_fn=sv.make_loss(model), progress=not args.quiet, log=log,
+        binarize=binarize, eval_loss_fn=sv.make_loss(model), progress=primary and not args.quiet, log=log,
         mesh=mesh)
     if pretrain is not None:
         log(f"pretraining: {args.pretrain_epochs} epochs of {args.pretrain_optimizer}")
@@ -155,9 +158,10 @@ def main(argv=None) -> dict:
     log(f"active units {final['diagnostics']['active_units']}/{model.latents}, "
         f"KL {final['diagnostics']['kl']:.3f}, MI {final['diagnostics']['mutual_info']:.3f} nats")
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.save_params(workdir / "params", params)
-    common.save_grids(workdir, key_grid, params, model, test.images, binarize)
-    checkpoint.atomic_write_json(workdir / "metrics.json", metrics)
+    checkpoint.save_params(workdir / "params", params)  # collective across processes
+    if primary:
+        common.save_grids(workdir, key_grid, params, model, test.images, binarize)
+        checkpoint.atomic_write_json(workdir / "metrics.json", metrics)
     log(f"final test negative ELBO {metrics['final']['test_neg_elbo']:.3f} nats; "
         f"wrote {workdir / 'metrics.json'}")
     return metrics

@@ -123,6 +123,45 @@ def to_host(tree):
         lambda x: np.asarray(x.addressable_data(0)) if isinstance(x, jax.Array) else x, tree)
 
 
+def host_local(tree):
+    """``tree`` as the caller can use it on this process alone.
+
+    Across processes (``jax.process_count() > 1``) the training state is made
+    of global arrays spanning every process's devices; this returns host
+    copies (:func:`to_host`) for evaluation, saving and logging. In one
+    process it returns ``tree`` unchanged.
+    """
+    return to_host(tree) if jax.process_count() > 1 else tree
+
+
+def is_primary() -> bool:
+    """True in process 0, the one process that writes a run's files (always True in one process)."""
+    return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+    """Wait until every process has reached ``barrier(name)``; nothing to do in one process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(value):
+    """Process 0's ``value`` (a bool or a number) in every process; ``value`` itself in one process.
+
+    For decisions that must not differ between processes although their
+    inputs may, such as a wall-clock budget running out: every process must
+    take the same number of steps, or the next collective waits forever.
+    One collective; a float travels as float32 unless x64 is enabled.
+    """
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return type(value)(multihost_utils.broadcast_one_to_all(np.asarray(value)))
+
+
 _ENV = {
     "coordinator_address": ("JAX_COORDINATOR_ADDRESS", str),
     "num_processes": ("JAX_NUM_PROCESSES", int),

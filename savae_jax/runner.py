@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from savae_jax import checkpoint, evaluation, training
+from savae_jax import checkpoint, distributed, evaluation, training
 
 GRAD_COST = 3
 
@@ -98,8 +98,11 @@ def run_method(
       budget_seconds: optional wall-clock budget of training time (evaluation
         and checkpointing excluded), split between phases by share too.
         Time is not reproducible, so a run cut by it resumes exactly only
-        up to where the clock stops it.
+        up to where the clock stops it. Across processes, process 0's clock
+        decides for all (they must take the same steps).
       checkpoint_dir: where to save the run state at every row; None: never.
+        Across processes every process passes the same folder (a shared
+        file system); Orbax writes it from process 0.
       resume: continue from the newest readable checkpoint in
         ``checkpoint_dir`` (a finished method returns at once).
       eval_key: key of the test evaluation (default: the fixed evaluation key).
@@ -117,6 +120,10 @@ def run_method(
         raise ValueError(f"checkpoint_every must be a positive multiple of eval_every={eval_every}, "
                          f"got {checkpoint_every}")
     saver = None if checkpoint_dir is None else checkpoint.RunCheckpointer(checkpoint_dir)
+    # Across processes (jax.distributed) the state is made of global arrays:
+    # every process evaluates, saves and returns host copies; checkpoint_dir
+    # must be one folder that every process sees (Orbax writes it from process 0).
+    local = distributed.host_local
     pos, history = Position(), []
     state = phases[0].algorithm.init(params)
     if resume and saver is not None:
@@ -127,11 +134,11 @@ def run_method(
             _, state, meta = restored
             pos, history = Position(**meta["position"]), meta["history"]
             if meta["finished"]:
-                return phases[pos.phase].algorithm.params(state), history
+                return local(phases[pos.phase].algorithm.params(state)), history
 
     def save(finished: bool):
         if saver is not None:
-            saver.save(pos.total_steps, state, {"position": pos._asdict(), "history": history,
+            saver.save(pos.total_steps, local(state), {"position": pos._asdict(), "history": history,
                                                 "finished": finished})
 
     bar = tqdm(total=budget_evals, initial=pos.evals, desc=desc, disable=not progress,
@@ -153,6 +160,7 @@ def run_method(
             if max_seconds is not None:
                 loss.block_until_ready()  # time only finished work
                 out_of_time = pos.phase_seconds + time.perf_counter() - start >= max_seconds
+                out_of_time = distributed.agree(out_of_time)  # process 0's clock decides for all
             if (pos.total_steps + count) % eval_every == 0:
                 break
         if count == 0:  # this phase's budget is spent: next phase from its parameters
@@ -163,7 +171,7 @@ def run_method(
                 continue
             break
         jax.block_until_ready(state)
-        seconds = time.perf_counter() - start
+        seconds = distributed.agree(time.perf_counter() - start)  # one clock (process 0's) for all
         pos = Position(pos.phase, pos.step + count, pos.phase_seconds + seconds,
                        pos.total_steps + count, pos.evals + phase.cost * count, pos.seconds + seconds)
         train_loss = float(loss_sum) / count
@@ -178,7 +186,7 @@ def run_method(
                    else "no checkpoint was written"))
         row = {"phase": phase.name, "step": pos.total_steps, "evals": pos.evals,
                "seconds": pos.seconds, "train_loss": train_loss,
-               "test_neg_elbo": evaluation.evaluate(loss_fn, phase.algorithm.params(state),
+               "test_neg_elbo": evaluation.evaluate(loss_fn, local(phase.algorithm.params(state)),
                                                     test_images, eval_key, binarize=binarize)}
         row.update({name: float(value) for name, value in stats.items()})
         history.append(row)
@@ -189,4 +197,4 @@ def run_method(
             save(finished=False)
     bar.close()
     save(finished=True)
-    return phases[pos.phase].algorithm.params(state), history
+    return local(phases[pos.phase].algorithm.params(state)), history

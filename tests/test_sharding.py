@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import jax
@@ -163,6 +164,16 @@ def test_no_mesh_is_the_single_device_code():
     assert "shard_map" in sharded
 
 
+def test_process_helpers_are_the_identity_in_one_process():
+    """host_local/agree/barrier change nothing in one process (the multi-process
+    behaviour is exercised by the two-process tests below)."""
+    tree = {"w": jax.numpy.ones(3)}
+    assert distributed.host_local(tree) is tree
+    assert distributed.is_primary()
+    assert distributed.agree(True) is True and distributed.agree(2.25) == 2.25
+    distributed.barrier("nothing to wait for")
+
+
 def test_bad_mesh_arguments():
     loss = lambda p, k, b: p  # noqa: E731
     mesh = distributed.make_mesh(1, axis_name="proposals")
@@ -202,45 +213,110 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_processes_on_loopback_agree(tmp_path):
-    """experiments/train.py --distributed: 2 processes x 4 CPU devices, Adam data parallel."""
+def _two_processes(script: str, args: list[str]) -> list[subprocess.Popen]:
+    """Start ``script`` as processes 0 and 1 of a --distributed run on loopback, 4 CPU devices each."""
     port = _free_port()
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    common = ["--dataset", "digits", "--optimizer", "adam", "--lr", "3e-3", "--epochs", "1",
-              "--batch-size", "64", "--hidden", "32", "--latents", "4", "--quiet"]
-    procs = [subprocess.Popen(
-        [sys.executable, "experiments/train.py", *common, "--distributed", "--coordinator",
-         f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i),
-         "--workdir", str(tmp_path / f"p{i}")],
+    return [subprocess.Popen(
+        [sys.executable, script, *args, "--distributed", "--coordinator", f"127.0.0.1:{port}",
+         "--num-processes", "2", "--process-id", str(i)],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
-    single = subprocess.run([sys.executable, "experiments/train.py", *common, "--workdir",
-                             str(tmp_path / "single")], env=os.environ | {"JAX_PLATFORMS": "cpu"},
-                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+
+
+def _finish(procs, timeout=300) -> list[str]:
+    """Wait for every process; their output; a hung run is killed (and fails the test)."""
     logs = []
-    for proc in procs:
-        try:
-            logs.append(proc.communicate(timeout=300)[0])
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-    for proc, log in zip(procs, logs):
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            proc.kill()
+    return logs
+
+
+def _single(script: str, args: list[str]) -> subprocess.Popen:
+    """The same script as one process on one device (the reference)."""
+    return subprocess.Popen([sys.executable, script, *args], env=os.environ | {"JAX_PLATFORMS": "cpu"},
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+@pytest.mark.slow
+def test_two_processes_on_loopback_agree(tmp_path):
+    """experiments/train.py --distributed: 2 processes x 4 CPU devices, Adam data parallel, one workdir."""
+    common = ["experiments/train.py", "--dataset", "digits", "--optimizer", "adam", "--lr", "3e-3",
+              "--epochs", "1", "--batch-size", "64", "--hidden", "32", "--latents", "4", "--quiet"]
+    procs = _two_processes(common[0], common[1:] + ["--workdir", str(tmp_path / "both")])
+    single = _single(common[0], common[1:] + ["--workdir", str(tmp_path / "single")])
+    logs = _finish(procs + [single])
+    for proc, log in zip(procs + [single], logs):
         assert proc.returncode == 0, log[-4000:]
-    assert single.returncode == 0, single.stderr[-4000:]
-    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("p0", "p1", "single")]
-    devices = [m["config"]["devices"] for m in metrics]
-    assert len(devices[0]) == 8 and devices[0] == devices[1]  # the global devices
-    # Both processes hold the same (replicated) result, bitwise.
-    assert metrics[0]["history"][0]["train_loss"] == metrics[1]["history"][0]["train_loss"]
-    assert metrics[0]["final"]["test_neg_elbo"] == metrics[1]["final"]["test_neg_elbo"]
-    assert metrics[0]["final"]["diagnostics"] == metrics[1]["final"]["diagnostics"]
-    # Orbax saves the (replicated) parameters from process 0 only.
-    assert not (tmp_path / "p1" / "params").exists()
-    p0 = sv.checkpoint.load_params(tmp_path / "p0" / "params")
+    # Process 0 alone prints and writes; process 1 computes silently.
+    assert "final test negative ELBO" in logs[0] and "final test negative ELBO" not in logs[1]
+    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("both", "single")]
+    assert len(metrics[0]["config"]["devices"]) == 8  # the global devices
+    p0 = sv.checkpoint.load_params(tmp_path / "both" / "params")
     ps = sv.checkpoint.load_params(tmp_path / "single" / "params")
     for a, c in zip(jax.tree.leaves(p0), jax.tree.leaves(ps)):
         np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)  # data parallel vs one device
-    assert metrics[0]["final"]["test_neg_elbo"] == pytest.approx(metrics[2]["final"]["test_neg_elbo"],
+    assert metrics[0]["final"]["test_neg_elbo"] == pytest.approx(metrics[1]["final"]["test_neg_elbo"],
                                                                  abs=1e-4)
+
+
+@pytest.mark.slow
+def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path):
+    """compare.py --distributed on one shared --workdir: SIGKILL both processes after the first
+    annealing checkpoint, --resume with two processes, and the results equal a one-device run
+    (annealing bitwise, data-parallel Adam to 1e-4 nats)."""
+    args = ["experiments/compare.py", "--dataset", "digits", "--methods", "adam,sa",
+            "--budget-evals", "600", "--eval-every", "10", "--checkpoint-every", "20",
+            "--batch-size", "64", "--hidden", "32", "--latents", "4", "--eval-iwae", "5",
+            "--set", "sa.proposals=7", "--quiet"]
+    both, ref = tmp_path / "both", tmp_path / "single"
+    single = _single(args[0], args[1:] + ["--workdir", str(ref)])
+    procs = _two_processes(args[0], args[1:] + ["--workdir", str(both)])
+    committed = lambda: [p for p in (both / "checkpoints" / "sa").glob("*") if p.name.isdigit()]  # noqa: E731
+    deadline = time.monotonic() + 300
+    while not committed() and time.monotonic() < deadline and all(p.poll() is None for p in procs):
+        time.sleep(0.2)
+    for proc in procs:
+        proc.kill()
+    logs = _finish(procs)
+    assert committed(), "no annealing checkpoint before the kill:\n" + logs[0][-4000:]
+    assert not (both / "results.json").exists() or "sa" not in json.loads((both / "results.json").read_text())
+    procs = _two_processes(args[0], args[1:] + ["--workdir", str(both), "--resume"])
+    logs = _finish(procs + [single])
+    for proc, log in zip(procs + [single], logs):
+        assert proc.returncode == 0, log[-4000:]
+    assert "| adam |" in logs[0] and logs[1].count("nats") == 0  # one writer: process 0
+    config = json.loads((both / "config.json").read_text())
+    assert len(config["devices"]) == 8
+    got, want = (json.loads((d / "results.json").read_text()) for d in (both, ref))
+    for method, tol in (("sa", 0.0), ("adam", 1e-4)):
+        for a, b in zip(got[method]["history"], want[method]["history"], strict=True):
+            assert a["step"] == b["step"] and a["evals"] == b["evals"]
+            assert a["test_neg_elbo"] == pytest.approx(b["test_neg_elbo"], abs=tol)
+            assert a["train_loss"] == pytest.approx(b["train_loss"], abs=tol)
+        assert got[method]["test_neg_iwae"] == pytest.approx(want[method]["test_neg_iwae"], abs=tol)
+    for name in ("summary.md", "history_sa.csv", "samples_sa.png", "test_neg_elbo_vs_evals.png"):
+        assert (both / name).is_file(), name
+
+
+@pytest.mark.slow
+def test_two_process_compare_with_a_time_budget_stops_together(tmp_path):
+    """--budget-seconds across processes: process 0's clock decides, so both take the same
+    steps (a process that stopped alone would leave the other waiting in a collective)."""
+    args = ["experiments/compare.py", "--dataset", "digits", "--methods", "sa,adam",
+            "--budget-evals", "100000", "--budget-seconds", "1.5", "--eval-every", "5",
+            "--batch-size", "64", "--hidden", "32", "--latents", "4", "--eval-iwae", "0",
+            "--set", "sa.proposals=7", "--quiet", "--workdir", str(tmp_path)]
+    procs = _two_processes(args[0], args[1:])
+    logs = _finish(procs)
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 0, log[-4000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    for method, cost in (("sa", 8), ("adam", 3)):
+        last = results[method]["history"][-1]
+        assert 1.5 - 1e-3 <= last["seconds"] < 60  # stopped by the clock (float32 sums), not by evals
+        assert last["evals"] == cost * last["step"] < 100000
