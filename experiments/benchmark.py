@@ -14,6 +14,10 @@ compiled first, then run in interleaved rounds and the median of each is kept.
 3. ``fit_overhead``: one Adam epoch on MNIST through ``savae_jax.fit`` vs a
    minimal hand-written jitted step loop over the same device arrays.
 4. ``scaling``: step time and memory vs K and vs the hidden width.
+5. ``sharded`` (only with ``--devices N`` or ``--distributed``): the SA step
+   with its K + 1 members sharded over the device mesh against the same step
+   on one device, interleaved; ``speedup`` = one-device time / mesh time,
+   and whether one step from the same key gives the same parameters.
 
 Memory is the compiled step's ``memory_analysis().temp_size_in_bytes``: the
 scratch memory the step allocates beyond its arguments and outputs, i.e. the
@@ -21,7 +25,7 @@ scratch memory the step allocates beyond its arguments and outputs, i.e. the
 comparable across machines); ``machine.memory_stats`` adds the device's
 allocator statistics where the backend has them (GPU/TPU).
 
-    python experiments/benchmark.py [--quick] [--out results/benchmark.json]
+    python experiments/benchmark.py [--quick] [--out results/benchmark.json] [--devices all]
 
 Runs unchanged on CPU, GPU or TPU (the default JAX device).
 """
@@ -44,6 +48,10 @@ import optax
 
 import savae_jax as sv
 from savae_jax import annealing as an
+from savae_jax import distributed
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
 
 BATCH = 128
 LATENTS = 20
@@ -52,11 +60,11 @@ SCALE = 1e-3  # proposal std, ours and evosax's alike
 MIB = 2.0**20
 
 FULL = dict(
-    ks=(16, 64, 256, 1024), evosax_ks=(64, 256), rounds=3,
+    ks=(16, 64, 256, 1024), evosax_ks=(64, 256), rounds=3, sharded_ks=(64, 256),
     widths=(125, 250, 500, 1000), width_k=64, fit_examples=None,
 )
 QUICK = dict(
-    ks=(16, 64), evosax_ks=(16,), rounds=2,
+    ks=(16, 64), evosax_ks=(16,), rounds=2, sharded_ks=(16,),
     widths=(125,), width_k=16, fit_examples=2048,
 )
 
@@ -417,6 +425,35 @@ def bench_scaling(cache: Cache, sa_rows: list[dict], widths, width_k: int, round
 # --------------------------------------------------------------------------- targets & output
 
 
+# --------------------------------------------------------------------------- 5. sharded
+
+
+def bench_sharded(cache: Cache, mesh, ks, rounds: int) -> list[dict]:
+    """The SA step on ``mesh`` vs on one device, same K, same key, interleaved."""
+    rows = []
+    loss_fn, params, x = cache.problem(HIDDEN)
+    for k in ks:
+        for prop in ("gaussian", "low_rank"):
+            single, single_args, _ = cache.step(prop, k)
+            sa = an.simulated_annealing(loss_fn, k, make_proposal(prop), an.exponential(1.0, 0.999),
+                                        an.metropolis(), mesh=mesh)
+            args = distributed.replicate(single_args, mesh)
+            sharded, _ = compile_fn(sa.step, *args)
+            t = time_interleaved({"single": (single, single_args), "sharded": (sharded, args)}, rounds)
+            a = jax.tree_util.tree_leaves(single(*single_args)[0].params)
+            b = jax.tree_util.tree_leaves(distributed.host_local(sharded(*args)[0].params))
+            rows.append({
+                "proposal": prop, "K": k, "devices": mesh.size,
+                "members_per_device": -(-(k + 1) // mesh.size),
+                "single_s": t["single"], "sharded_s": t["sharded"],
+                "speedup": t["single"] / t["sharded"],
+                "same_params": all(np.array_equal(np.asarray(u), np.asarray(v)) for u, v in zip(a, b)),
+            })
+            print(f"  sharded {prop} K={k}: one device {t['single']:.3f}s, "
+                  f"{mesh.size} devices {t['sharded']:.3f}s", flush=True)
+    return rows
+
+
 def _slope(xs, ys):
     xs, ys = np.asarray(xs, float), np.asarray(ys, float)
     return float(np.polyfit(xs, ys, 1)[0]) if len(xs) > 1 else float("nan")
@@ -476,12 +513,18 @@ def print_table(result: dict) -> None:
         print(f"{r['axis']:<7}{r['proposal']:<10}{r['K']:>6}{r['hidden']:>7}{r['params']:>9}"
               f"{r['step_s']:>10.4f}{r['per_proposal_ms']:>9.3f}{extra:>10.2f}{r['temp_mb']:>10.1f}"
               f"{r['inference_temp_mb']:>10.1f}")
+    if result.get("sharded"):
+        print("\nSA step sharded over the mesh vs one device")
+        print(f"{'proposal':<10}{'K':>6}{'devices':>8}{'one dev s':>11}{'mesh s':>9}{'speedup':>9}{'same':>6}")
+        for r in result["sharded"]:
+            print(f"{r['proposal']:<10}{r['K']:>6}{r['devices']:>8}{r['single_s']:>11.4f}"
+                  f"{r['sharded_s']:>9.4f}{r['speedup']:>9.2f}{str(r['same_params']):>6}")
     print("\ntargets")
     for name, t in result["targets"].items():
         print(f"  {'MET ' if t['met'] else 'MISS'} {name}: {t['value']:.3f} (target {t['target']})")
 
 
-def run(quick: bool) -> dict:
+def run(quick: bool, mesh=None) -> dict:
     cfg = QUICK if quick else FULL
     start = time.perf_counter()
     cache = Cache()
@@ -498,6 +541,9 @@ def run(quick: bool) -> dict:
     result["fit_overhead"] = bench_fit(cfg["fit_examples"], cfg["rounds"])
     print("scaling", flush=True)
     result["scaling"] = bench_scaling(cache, result["sa_step"], cfg["widths"], cfg["width_k"], cfg["rounds"])
+    if mesh is not None:
+        print("sharded", flush=True)
+        result["sharded"] = bench_sharded(cache, mesh, cfg["sharded_ks"], cfg["rounds"])
     param_mb = num_params(cache.problem(HIDDEN)[1]) * 4 / MIB
     result["targets"] = targets(result, param_mb)
     peak = _peak_mb()
@@ -511,8 +557,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small K and data: a smoke run under a minute")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    args = parser.parse_args(argv)
-    result = run(args.quick)
+    distributed.add_arguments(parser)
+    args, mesh = common.parse_args(parser, argv)
+    result = run(args.quick, mesh)
+    if not distributed.is_primary():  # across processes, process 0 reports
+        return 0
     print_table(result)
     print(f"\ntotal {result['seconds']:.1f}s")
     if args.out:

@@ -6,20 +6,32 @@ steps x (K proposals + 1 incumbent re-evaluation), passed to scipy as
 reported). Prints a table; ``--json`` also writes the numbers.
 
     python experiments/dual_annealing.py [--runs 64] [--steps 2000] [--proposals 16]
+
+With --devices N (or --distributed, every process's devices) the SA chains
+are sharded over a device mesh (--runs must be a multiple of the device
+count); the chains and their keys are those of the one-device run, so the
+results are the same. Across processes only process 0 runs scipy and prints.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from scipy.optimize import dual_annealing
 
 import savae_jax.annealing as an
+from savae_jax import checkpoint, distributed
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 
 
 def rastrigin(x, key=None, batch=None):
@@ -49,7 +61,12 @@ PROBLEMS = {
 }
 
 
-def run_sa(fn, half_width, radius_end, runs, steps, proposals, dim, seed):
+def run_sa(fn, half_width, radius_end, runs, steps, proposals, dim, seed, mesh=None):
+    """Best loss of each of ``runs`` vmapped chains (numpy) and the wall time.
+
+    With a ``mesh`` the chains are sharded along its axis (data parallel over
+    chains; each step's K proposals stay on the chain's device).
+    """
     sa = an.simulated_annealing(
         fn, proposals, an.cauchy(0.1),
         temperature=an.exponential(5.0, 1e-3 ** (1 / steps)),
@@ -57,19 +74,29 @@ def run_sa(fn, half_width, radius_end, runs, steps, proposals, dim, seed):
         radius=an.exponential(1.0, radius_end ** (1 / steps)),
     )
     x0 = jax.random.uniform(jax.random.key(seed), (runs, dim), minval=-half_width, maxval=half_width)
+    chains = None if mesh is None else NamedSharding(mesh, P(mesh.axis_names[0]))
 
     @jax.jit
     def go(states, key):
         def body(states, key):
             states, _ = jax.vmap(sa.step, in_axes=(0, 0, None))(jax.random.split(key, runs), states, None)
+            if chains is not None:
+                states = jax.lax.with_sharding_constraint(states, chains)
             return states, None
 
         return jax.lax.scan(body, states, jax.random.split(key, steps))[0]
 
+    if chains is not None:
+        x0 = np.asarray(x0)  # every process computes the same x0; each puts its own chains
+        x0 = jax.make_array_from_callback(x0.shape, chains, lambda index: x0[index])
     start = time.perf_counter()
     states = go(jax.vmap(sa.init)(x0), jax.random.key(seed + 1))
-    best = np.asarray(jax.block_until_ready(states.best_loss), np.float64)
-    return best, time.perf_counter() - start
+    best = jax.block_until_ready(states.best_loss)
+    if not best.is_fully_addressable:  # chains on other processes' devices
+        from jax.experimental import multihost_utils
+
+        best = multihost_utils.process_allgather(best, tiled=True)
+    return np.asarray(best, np.float64), time.perf_counter() - start
 
 
 def run_scipy(fn_np, half_width, runs, maxfun, dim, seed):
@@ -92,17 +119,30 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    args = parser.parse_args(argv)
+    distributed.add_arguments(parser)
+    args, mesh = common.parse_args(parser, argv)
+    for flag in ("runs", "steps", "proposals", "dim"):
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag}: must be a positive integer, got {getattr(args, flag)}")
+    if mesh is not None and args.runs % mesh.size:
+        parser.error(f"--runs: the chains are sharded over {mesh.size} devices, so --runs must be a "
+                     f"multiple of {mesh.size}, got {args.runs}")
+    primary = distributed.is_primary()
 
     evals = args.steps * (args.proposals + 1)
     rows = []
     for name in args.problems:
         fn, fn_np, half_width, radius_end = PROBLEMS[name]
-        best, seconds = run_sa(fn, half_width, radius_end, args.runs, args.steps, args.proposals, args.dim, args.seed)
+        best, seconds = run_sa(fn, half_width, radius_end, args.runs, args.steps, args.proposals, args.dim,
+                               args.seed, mesh)
         rows.append(dict(problem=name, method="savae_jax SA", evals=evals, best=best, seconds=seconds))
+        if not primary:
+            continue
         best, nfev, seconds = run_scipy(fn_np, half_width, args.runs, evals, args.dim, args.seed)
         rows.append(dict(problem=name, method="scipy dual_annealing", evals=nfev, best=best, seconds=seconds))
 
+    if not primary:
+        return None
     header = f"{'problem':<10} {'method':<22} {'evals/run':>10} {'median best':>12} {'mean best':>10} {'max best':>9} {'<1e-2':>6} {'wall s':>7}"
     print(f"{args.dim}-D, {args.runs} runs each")
     print(header)
@@ -117,9 +157,9 @@ def main(argv=None):
         print(f"{rec['problem']:<10} {rec['method']:<22} {rec['evals_per_run']:>10.0f} {rec['median_best']:>12.2e} "
               f"{rec['mean_best']:>10.3g} {rec['max_best']:>9.3g} {rec['frac_below_1e_2']:>6.2f} {rec['wall_s']:>7.1f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+        checkpoint.atomic_write_json(args.json, out)
+    return out
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

@@ -36,10 +36,13 @@ def _finite_numbers(obj, path="result"):
 
 @pytest.fixture(scope="module")
 def quick_result(tmp_path_factory):
+    """One --quick run on 2 fake CPU devices with --devices 2 (adds the sharded section)."""
     out = tmp_path_factory.mktemp("bench") / "bench.json"
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--quick", "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--quick", "--devices", "2",
+         "--out", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "SA step vs inference roofline" in proc.stdout  # the printed table
@@ -48,7 +51,7 @@ def quick_result(tmp_path_factory):
 
 def test_quick_json_is_complete_and_finite(quick_result):
     r = quick_result
-    for key in ("machine", "sa_step", "evosax", "fit_overhead", "scaling", "targets"):
+    for key in ("machine", "sa_step", "evosax", "fit_overhead", "scaling", "sharded", "targets"):
         assert key in r, key
     for key in ("backend", "device_kind", "cpu_count", "jax", "memory_source"):
         assert key in r["machine"], key
@@ -80,7 +83,15 @@ def test_quick_json_is_complete_and_finite(quick_result):
         for key in ("proposal", "K", "hidden", "step_s", "temp_mb"):
             assert key in row, key
 
-    for path, value in _finite_numbers({k: r[k] for k in ("sa_step", "fit_overhead", "scaling", "targets")}):
+    # The SA step sharded over the 2 devices takes the same step as on one device.
+    assert {(row["proposal"], row["K"]) for row in r["sharded"]} == {("gaussian", 16), ("low_rank", 16)}
+    for row in r["sharded"]:
+        assert row["devices"] == 2 and row["members_per_device"] == 9  # 17 members padded to 18
+        assert row["same_params"], row
+        assert row["single_s"] > 0 and row["sharded_s"] > 0 and row["speedup"] > 0
+
+    sections = ("sa_step", "fit_overhead", "scaling", "sharded", "targets")
+    for path, value in _finite_numbers({k: r[k] for k in sections}):
         assert math.isfinite(value), path
     if isinstance(r["evosax"], list):
         for path, value in _finite_numbers(r["evosax"]):

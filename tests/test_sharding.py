@@ -94,6 +94,15 @@ SCRIPT = textwrap.dedent(
     a, ha = sv.fit(jax.random.key(2), params, loss_fn, sa, train, 1, 64, binarize="dynamic")
     b, hb = sv.fit(jax.random.key(2), params, loss_fn, sa, train, 1, 64, binarize="dynamic", mesh=mesh8)
     out["fit_sa"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]]}
+
+    # experiments/dual_annealing.py: 16 vmapped chains sharded over the 8 devices.
+    import sys
+    sys.path.insert(0, "experiments")
+    import dual_annealing as D
+    args = (D.rastrigin, 5.12, 1e-2, 16, 30, 7, 10, 0)
+    a, _ = D.run_sa(*args)
+    b, _ = D.run_sa(*args, mesh=mesh8)
+    out["dual_annealing"] = {"best": compare(a, b), "values": a.tolist()}
     print("RESULT " + json.dumps(out))
     """
 )
@@ -140,6 +149,12 @@ def test_optax_data_parallel_equals_one_device(eight_devices):
     assert r["params"]["max_abs"] <= 1e-6, r
     assert abs(r["train_loss"][0] - r["train_loss"][1]) <= 1e-4, r
     assert r["replicated"]  # params replicated over the mesh
+
+
+def test_dual_annealing_chains_sharded_equal_one_device(eight_devices):
+    r = eight_devices["dual_annealing"]
+    assert r["best"]["bitwise"], r  # each chain runs whole on one device: same arithmetic
+    assert len(set(r["values"])) == 16  # 16 distinct chains were compared
 
 
 def test_fit_mesh_shards_an_annealer_built_without_one(eight_devices):
@@ -320,3 +335,20 @@ def test_two_process_compare_with_a_time_budget_stops_together(tmp_path):
         last = results[method]["history"][-1]
         assert 1.5 - 1e-3 <= last["seconds"] < 60  # stopped by the clock (float32 sums), not by evals
         assert last["evals"] == cost * last["step"] < 100000
+
+
+@pytest.mark.slow
+def test_two_process_dual_annealing_equals_one_process(tmp_path):
+    """experiments/dual_annealing.py --distributed: chains on both processes' devices, gathered."""
+    args = ["experiments/dual_annealing.py", "--runs", "8", "--steps", "30", "--proposals", "7",
+            "--problems", "rastrigin"]
+    procs = _two_processes(args[0], args[1:] + ["--json", str(tmp_path / "both.json")])
+    single = _single(args[0], args[1:] + ["--json", str(tmp_path / "single.json")])
+    logs = _finish(procs + [single])
+    for proc, log in zip(procs + [single], logs):
+        assert proc.returncode == 0, log[-4000:]
+    assert "savae_jax SA" in logs[0] and "savae_jax SA" not in logs[1]  # process 0 prints
+    both, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("both", "single"))
+    for a, b in zip(both, one, strict=True):
+        for key in ("median_best", "mean_best", "max_best", "frac_below_1e_2", "evals_per_run"):
+            assert a[key] == b[key], (a, b)
