@@ -155,8 +155,28 @@ def _learned_scale(likelihood: str, gaussian_sigma) -> bool:
     return likelihood == "logistic" or (likelihood == "gaussian" and gaussian_sigma is None)
 
 
-class _LikelihoodMixin:
-    """``decode_params`` and ``log_likelihood`` shared by the VAEs (needs ``likelihood``, ``gaussian_sigma``)."""
+class _VAEBase(nn.Module):
+    """What the VAEs share: apply, encode, decode and the likelihood.
+
+    A subclass defines the fields ``likelihood`` and ``gaussian_sigma``, a
+    ``setup`` with submodules ``encoder`` (x -> (mean, logvar)) and
+    ``decoder``, and ``decode_params(z, image_shape) -> (loc, log_scale)``.
+    """
+
+    def __call__(self, x: jax.Array, key: jax.Array) -> VAEOutput:
+        """Encode ``x``, sample z with ``key``, decode; returns a VAEOutput."""
+        mean, logvar = self.encoder(x)
+        z = reparameterize(key, mean, logvar)
+        loc, log_scale = self.decode_params(z, x.shape[1:])
+        return VAEOutput(loc, mean, logvar, z, log_scale)
+
+    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Posterior parameters (mean, logvar) of q(z|x)."""
+        return self.encoder(x)
+
+    def decode(self, z: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
+        """Decoder location (logits for "bernoulli") for latents ``z``, shape (B, *image_shape)."""
+        return self.decode_params(z, image_shape)[0]
 
     def _fixed_log_scale(self):
         if self.likelihood == "gaussian" and self.gaussian_sigma is not None:
@@ -217,7 +237,7 @@ class Decoder(nn.Module):
         return logits, log_scale.reshape(z.shape[0], *image_shape)
 
 
-class MLPVAE(_LikelihoodMixin, nn.Module):
+class MLPVAE(_VAEBase):
     """The Kingma & Welling MLP VAE with one hidden layer each way.
 
     With the default "bernoulli" likelihood the parameter tree is
@@ -249,24 +269,9 @@ class MLPVAE(_LikelihoodMixin, nn.Module):
         self.encoder = Encoder(self.hidden, self.latents)
         self.decoder = Decoder(self.hidden, _learned_scale(self.likelihood, self.gaussian_sigma))
 
-    def __call__(self, x: jax.Array, key: jax.Array) -> VAEOutput:
-        """Encode ``x``, sample z with ``key``, decode; returns a VAEOutput."""
-        mean, logvar = self.encoder(x)
-        z = reparameterize(key, mean, logvar)
-        loc, log_scale = self.decode_params(z, x.shape[1:])
-        return VAEOutput(loc, mean, logvar, z, log_scale)
-
-    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Posterior parameters (mean, logvar) of q(z|x)."""
-        return self.encoder(x)
-
     def decode_params(self, z: jax.Array, image_shape: tuple[int, ...]):
         """(loc, log_scale) of p(x|z), each (B, *image_shape); log_scale None when not learned."""
         return self._split(self.decoder(z, tuple(image_shape)))
-
-    def decode(self, z: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
-        """Decoder logits (location) for latents ``z``, reshaped to (B, *image_shape)."""
-        return self.decode_params(z, image_shape)[0]
 
 
 def _conv_stack_shape(image_shape, depth: int) -> tuple[int, int]:
@@ -327,7 +332,7 @@ class ConvDecoder(nn.Module):
         return h[..., :channels], h[..., channels:]
 
 
-class ConvVAE(_LikelihoodMixin, nn.Module):
+class ConvVAE(_VAEBase):
     """Convolutional VAE for (H, W, C) images, e.g. 32x32x3 (CIFAR-10) or 28x28x1 (MNIST).
 
     Encoder: one 4x4 stride-2 convolution per entry of ``features`` (ReLU),
@@ -362,26 +367,11 @@ class ConvVAE(_LikelihoodMixin, nn.Module):
         self.decoder = ConvDecoder(tuple(self.features), self.hidden,
                                    _learned_scale(self.likelihood, self.gaussian_sigma))
 
-    def __call__(self, x: jax.Array, key: jax.Array) -> VAEOutput:
-        """Encode ``x``, sample z with ``key``, decode; returns a VAEOutput."""
-        mean, logvar = self.encoder(x)
-        z = reparameterize(key, mean, logvar)
-        loc, log_scale = self.decode_params(z, x.shape[1:])
-        return VAEOutput(loc, mean, logvar, z, log_scale)
-
-    def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """Posterior parameters (mean, logvar) of q(z|x)."""
-        return self.encoder(x)
-
     def decode_params(self, z: jax.Array, image_shape: tuple[int, ...]):
         """(loc, log_scale) of p(x|z), each (B, *image_shape); log_scale None when not learned."""
         if len(image_shape) != 3:
             raise ValueError(f"image_shape must be (H, W, C), got {image_shape}")
         return self._split(self.decoder(z, tuple(image_shape)))
-
-    def decode(self, z: jax.Array, image_shape: tuple[int, ...]) -> jax.Array:
-        """Decoder location for latents ``z``, shape (B, *image_shape)."""
-        return self.decode_params(z, image_shape)[0]
 
 
 def decoder_log_likelihood(model: nn.Module, params, z: jax.Array, x: jax.Array) -> jax.Array:
