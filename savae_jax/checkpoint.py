@@ -63,7 +63,10 @@ def save_params(path, params) -> Path:
 
 
 def load_params(path, like=None, name: str = "path"):
-    """Restore a parameter pytree saved by ``save_params``.
+    """Restore a parameter pytree saved by ``save_params``, onto this process's first device.
+
+    Works the same in every process of a multi-process run (each reads the
+    whole tree; the saved topology does not matter).
 
     Args:
       path: the checkpoint folder.
@@ -74,19 +77,25 @@ def load_params(path, like=None, name: str = "path"):
     path = Path(path).absolute()
     if not path.is_dir():
         raise ValueError(f"{name}: no parameter checkpoint at {path}")
+    checkpointer = ocp.StandardCheckpointer()
     try:
-        restored = ocp.StandardCheckpointer().restore(path)
+        saved = checkpointer.metadata(path).item_metadata.tree
     except Exception as err:  # orbax raises many kinds; the user needs one message
         raise ValueError(f"{name}: could not read a checkpoint at {path}: {err}") from err
     if like is not None:
         expected = jax.tree.map(lambda a: (tuple(np.shape(a)), str(np.asarray(a).dtype)), like)
-        got = jax.tree.map(lambda a: (tuple(np.shape(a)), str(np.asarray(a).dtype)), restored)
+        got = jax.tree.map(lambda m: (tuple(m.shape), str(m.dtype)), saved)
         if expected != got:
             raise ValueError(
                 f"{name}: checkpoint at {path} holds parameters of another model shape "
                 f"(expected {expected}, found {got})"
             )
-    return restored
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
+    try:
+        return checkpointer.restore(path, target)
+    except Exception as err:
+        raise ValueError(f"{name}: could not read a checkpoint at {path}: {err}") from err
 
 
 class RunCheckpointer:

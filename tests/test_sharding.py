@@ -259,9 +259,14 @@ def _single(script: str, args: list[str]) -> subprocess.Popen:
 
 @pytest.mark.slow
 def test_two_processes_on_loopback_agree(tmp_path):
-    """experiments/train.py --distributed: 2 processes x 4 CPU devices, Adam data parallel, one workdir."""
+    """experiments/train.py --distributed: 2 processes x 4 CPU devices, Adam data parallel, one
+    workdir, starting from saved parameters (--init-from, read by every process)."""
+    model = sv.MLPVAE(hidden=32, latents=4)
+    sv.checkpoint.save_params(tmp_path / "init", sv.models.init(jax.random.key(7), model,
+                                                                np.zeros((1, 8, 8, 1), np.float32)))
     common = ["experiments/train.py", "--dataset", "digits", "--optimizer", "adam", "--lr", "3e-3",
-              "--epochs", "1", "--batch-size", "64", "--hidden", "32", "--latents", "4", "--quiet"]
+              "--epochs", "1", "--batch-size", "64", "--hidden", "32", "--latents", "4", "--quiet",
+              "--init-from", str(tmp_path / "init")]
     procs = _two_processes(common[0], common[1:] + ["--workdir", str(tmp_path / "both")])
     single = _single(common[0], common[1:] + ["--workdir", str(tmp_path / "single")])
     logs = _finish(procs + [single])
