@@ -69,6 +69,22 @@ def parse_args(parser, argv):
         parser.error(str(err))
 
 
+def check_same_workdir(workdir) -> None:
+    """Across processes (--distributed), refuse a --workdir that differs between processes.
+
+    Process 0 writes the files and Orbax's checkpoints synchronise every
+    process on one folder: separate folders would hang in the first save.
+    """
+    import zlib
+
+    from savae_jax import distributed
+
+    path = str(Path(workdir).absolute())
+    if not distributed.same_everywhere(zlib.crc32(path.encode())):
+        raise ValueError(f"--workdir: every process of a --distributed run must pass the same folder "
+                         f"(one all processes see); this process has {path}, another has a different one")
+
+
 def add_model_flags(parser) -> None:
     """--model, --hidden, --latents, --likelihood and the beta/free-bits flags."""
     group = parser.add_argument_group("model and objective")

@@ -289,6 +289,7 @@ def main(argv=None) -> dict:
                                           config["batch_size"])
                     except ValueError as err:
                         raise ValueError(f"--set {name}.*: {err}") from err
+        common.check_same_workdir(workdir)
         check_workdir(workdir, config, args.resume)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err).replace("batch_size", "--batch-size"))

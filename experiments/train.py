@@ -106,6 +106,7 @@ def main(argv=None) -> dict:
         pretrain = (common.make_optimizer(args.pretrain_optimizer, args.pretrain_lr, "--pretrain-optimizer")
                     if args.pretrain_epochs else None)
         workdir = Path(args.workdir)
+        common.check_same_workdir(workdir)
         if workdir.exists() and not workdir.is_dir():
             raise ValueError(f"--workdir: {workdir} exists and is not a folder")
         train = sv.load(args.dataset, "train", args.data_dir)

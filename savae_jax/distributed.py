@@ -162,6 +162,20 @@ def agree(value):
     return type(value)(multihost_utils.broadcast_one_to_all(np.asarray(value)))
 
 
+def same_everywhere(value: int) -> bool:
+    """Whether every process passed the same ``value`` (an int, e.g. a hash); True in one process.
+
+    Every process gets the same answer (one all-gather), so they can all stop
+    together with one message instead of some waiting forever in a collective.
+    """
+    if jax.process_count() == 1:
+        return True
+    from jax.experimental import multihost_utils
+
+    values = np.asarray(multihost_utils.process_allgather(np.asarray(value % 2**31, np.int32)))
+    return bool(np.all(values == values.flat[0]))
+
+
 _ENV = {
     "coordinator_address": ("JAX_COORDINATOR_ADDRESS", str),
     "num_processes": ("JAX_NUM_PROCESSES", int),

@@ -228,12 +228,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _two_processes(script: str, args: list[str]) -> list[subprocess.Popen]:
-    """Start ``script`` as processes 0 and 1 of a --distributed run on loopback, 4 CPU devices each."""
+def _two_processes(script: str, args: list[str], own=lambda i: []) -> list[subprocess.Popen]:
+    """Start ``script`` as processes 0 and 1 of a --distributed run on loopback, 4 CPU devices each.
+
+    ``own(i)``: extra arguments of process ``i`` only.
+    """
     port = _free_port()
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     return [subprocess.Popen(
-        [sys.executable, script, *args, "--distributed", "--coordinator", f"127.0.0.1:{port}",
+        [sys.executable, script, *args, *own(i), "--distributed", "--coordinator", f"127.0.0.1:{port}",
          "--num-processes", "2", "--process-id", str(i)],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         for i in range(2)]
@@ -357,3 +360,17 @@ def test_two_process_dual_annealing_equals_one_process(tmp_path):
     for a, b in zip(both, one, strict=True):
         for key in ("median_best", "mean_best", "max_best", "frac_below_1e_2", "evals_per_run"):
             assert a[key] == b[key], (a, b)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["train.py", "compare.py"])
+def test_two_processes_with_different_workdirs_are_refused(tmp_path, script):
+    """Separate folders would hang in Orbax's first collective save: both processes stop at once
+    with a usage error naming --workdir, and nothing is written."""
+    args = [f"experiments/{script}", "--dataset", "digits", "--hidden", "8", "--latents", "2", "--quiet"]
+    procs = _two_processes(args[0], args[1:], own=lambda i: ["--workdir", str(tmp_path / f"p{i}")])
+    logs = _finish(procs, timeout=120)
+    for proc, log in zip(procs, logs):
+        assert proc.returncode == 2, log[-4000:]
+        assert "--workdir: every process of a --distributed run must pass the same folder" in log
+    assert not any(tmp_path.iterdir())
