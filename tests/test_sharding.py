@@ -374,3 +374,12 @@ def test_two_processes_with_different_workdirs_are_refused(tmp_path, script):
         assert proc.returncode == 2, log[-4000:]
         assert "--workdir: every process of a --distributed run must pass the same folder" in log
     assert not any(tmp_path.iterdir())
+
+
+def test_dual_annealing_refuses_runs_not_divisible_by_the_devices():
+    env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "experiments/dual_annealing.py", "--runs", "5", "--devices", "2"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "--runs: the chains are sharded over 2 devices, so --runs must be a multiple of 2, got 5" \
+        in proc.stderr
