@@ -69,6 +69,15 @@ def parse_args(parser, argv):
         parser.error(str(err))
 
 
+def make_log():
+    """``log(line)``: print (flushed) in process 0, nothing in the others (--distributed)."""
+    from savae_jax import distributed
+
+    if distributed.is_primary():
+        return lambda line: print(line, flush=True)
+    return lambda line: None
+
+
 def check_same_workdir(workdir) -> None:
     """Across processes (--distributed), refuse a --workdir that differs between processes.
 

@@ -299,7 +299,7 @@ def main(argv=None) -> dict:
     # checkpoints and params/ are Orbax's collective saves, written by it too).
     primary = distributed.is_primary()
     distributed.barrier("compare.py: workdir checked")  # before process 0 writes config.json
-    log = (lambda line: print(line, flush=True)) if primary else (lambda line: None)  # noqa: E731
+    log = common.make_log()
     if primary and not (workdir / "config.json").exists():
         checkpoint.atomic_write_json(workdir / "config.json", {"config": config, **environment()})
     log(f"{config['dataset']}: {len(train.images)} train / {len(test.images)} test, "

@@ -132,7 +132,7 @@ def main(argv=None) -> dict:
     # Across processes (--distributed) every process trains the same replicated
     # model; process 0 alone prints and writes --workdir (give all the same one).
     primary = distributed.is_primary()
-    log = (lambda line: print(line, flush=True)) if primary else (lambda line: None)  # noqa: E731
+    log = common.make_log()
     log(f"{args.dataset}: {len(train.images)} train / {len(test.images)} test images "
         f"{train.images.shape[1:]}, {args.optimizer}"
         + ("" if args.optimizer == "sa" else f" lr={args.lr}") + f", backend {jax.default_backend()}")

@@ -146,32 +146,40 @@ def checked_loss(loss_fn):
     return wrapped
 
 
+def _full_rank(loss_fn, params, key_loss, batch, sampler, delta, proposal_state) -> Prepared:
+    """Members theta' = theta + delta(i, noise_i) on every float leaf i, noise_i = sampler(key).
+
+    ``loss_fn`` is already checked; inactive members (padding) keep theta.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    floats = [i for i, p in enumerate(leaves) if _is_float(p)]
+
+    def moved(key, active):
+        noise = _sample_flat(sampler, key, [leaves[i].shape for i in floats])
+        out = list(leaves)
+        for i, e in zip(floats, noise):
+            p = leaves[i]
+            out[i] = jnp.where(active, p + delta(i, e).astype(p.dtype), p)
+        return jax.tree_util.tree_unflatten(treedef, out)
+
+    def loss(key, active):
+        return loss_fn(moved(key, active), key_loss, batch)
+
+    def materialize(key):
+        return moved(key, jnp.bool_(True))
+
+    return Prepared(loss, materialize, proposal_state, _chunk_size(leaves))
+
+
 def _additive(sampler, scale, scale_by_rms, rms_floor) -> Proposal:
     """Full-rank additive noise theta' = theta + std_leaf * sampler(key_leaf)."""
 
     def prepare(loss_fn, params, key_loss, batch, temperature, radius, proposal_state):
-        loss_fn = checked_loss(loss_fn)
-        leaves, treedef = jax.tree_util.tree_flatten(params)
         base = jnp.asarray(scale, jnp.float32) * radius
-        stds = [_leaf_std(p, base, scale_by_rms, rms_floor) if _is_float(p) else None for p in leaves]
-
-        floats = [i for i, s in enumerate(stds) if s is not None]
-
-        def noisy(key, active):
-            eps = _sample_flat(sampler, key, [leaves[i].shape for i in floats])
-            out = list(leaves)
-            for i, e in zip(floats, eps):
-                p = leaves[i]
-                out[i] = jnp.where(active, p + (stds[i] * e).astype(p.dtype), p)
-            return jax.tree_util.tree_unflatten(treedef, out)
-
-        def loss(key, active):
-            return loss_fn(noisy(key, active), key_loss, batch)
-
-        def materialize(key):
-            return noisy(key, jnp.bool_(True))
-
-        return Prepared(loss, materialize, proposal_state, _chunk_size(leaves))
+        stds = [_leaf_std(p, base, scale_by_rms, rms_floor) if _is_float(p) else None
+                for p in jax.tree_util.tree_leaves(params)]
+        return _full_rank(checked_loss(loss_fn), params, key_loss, batch, sampler,
+                          lambda i, e: stds[i] * e, proposal_state)
 
     return Proposal(_stateless_init, prepare)
 
@@ -232,26 +240,9 @@ def langevin(step_size: float, optimizer=None) -> Proposal:
         else:
             drift, new_state = optimizer.update(grads, proposal_state, params)
         std = radius * jnp.sqrt(2.0 * step_size * jnp.maximum(temperature, 0.0))
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        drifts = treedef.flatten_up_to(drift)
-
-        floats = [i for i, p in enumerate(leaves) if _is_float(p)]
-
-        def moved(key, active):
-            xi = _sample_flat(jax.random.normal, key, [leaves[i].shape for i in floats])
-            out = list(leaves)
-            for i, e in zip(floats, xi):
-                p = leaves[i]
-                out[i] = jnp.where(active, p + (drifts[i] + std * e).astype(p.dtype), p)
-            return jax.tree_util.tree_unflatten(treedef, out)
-
-        def loss(key, active):
-            return loss_fn(moved(key, active), key_loss, batch)
-
-        def materialize(key):
-            return moved(key, jnp.bool_(True))
-
-        return Prepared(loss, materialize, new_state, _chunk_size(leaves))
+        drifts = jax.tree_util.tree_structure(params).flatten_up_to(drift)
+        return _full_rank(loss_fn, params, key_loss, batch, jax.random.normal,
+                          lambda i, e: drifts[i] + std * e, new_state)
 
     return Proposal(init, prepare)
 
