@@ -17,6 +17,8 @@ from typing import Callable
 
 import jax.numpy as jnp
 
+from savae_jax import validation
+
 
 class BetaSchedule:
     """A callable ``count -> beta`` with the value it settles at, ``final``.
@@ -39,15 +41,9 @@ class BetaSchedule:
         return f"BetaSchedule({self.name}, final={self.final})"
 
 
-def _check(name, value, low=0.0, strict=False):
-    ok = value > low if strict else value >= low
-    if not ok:
-        raise ValueError(f"{name} must be {'>' if strict else '>='} {low}, got {value}")
-
-
 def constant(beta: float = 1.0) -> BetaSchedule:
     """beta(count) = beta for every count."""
-    _check("beta", beta)
+    validation.at_least("beta", beta)
     return BetaSchedule(lambda c: jnp.full_like(c, beta), beta, f"constant({beta})")
 
 
@@ -57,9 +53,9 @@ def linear_warmup(beta: float = 1.0, num_steps: int = 10_000, start: float = 0.0
     beta(count) = start + (beta - start) * min(count / num_steps, 1): ``start``
     (default 0) at count 0, ``beta`` from count ``num_steps`` on.
     """
-    _check("beta", beta)
-    _check("start", start)
-    _check("num_steps", num_steps, 0, strict=True)
+    validation.at_least("beta", beta)
+    validation.at_least("start", start)
+    validation.at_least("num_steps", num_steps, 0, strict=True)
     return BetaSchedule(
         lambda c: start + (beta - start) * jnp.clip(c / num_steps, 0.0, 1.0),
         beta, f"linear_warmup(beta={beta}, num_steps={num_steps}, start={start})")
@@ -75,9 +71,9 @@ def cyclical(beta: float = 1.0, total_steps: int = 10_000, num_cycles: int = 4,
     first ``ratio`` of the cycle, then ``beta`` for the rest. From
     ``total_steps`` on the value stays ``beta``.
     """
-    _check("beta", beta)
-    _check("total_steps", total_steps, 0, strict=True)
-    _check("num_cycles", num_cycles, 0, strict=True)
+    validation.at_least("beta", beta)
+    validation.at_least("total_steps", total_steps, 0, strict=True)
+    validation.at_least("num_cycles", num_cycles, 0, strict=True)
     if not 0.0 < ratio <= 1.0:
         raise ValueError(f"ratio must be in (0, 1], got {ratio}")
     period = total_steps / num_cycles

@@ -14,7 +14,7 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 
-from savae_jax.annealing.schedules import _check
+from savae_jax import validation
 
 Acceptance = Callable[[jax.Array, jax.Array, jax.Array], jax.Array]
 
@@ -44,9 +44,9 @@ def threshold(alpha: float, d: float = 0.0) -> Acceptance:
       alpha: threshold on the Boltzmann factor, in (0, 1).
       d: offset added to the temperature, >= 0.
     """
-    _check("alpha", alpha, lambda v: 0 < v < 1, "in (0, 1)")
-    _check("d", d, lambda v: v >= 0, ">= 0")
-    log_inv_alpha = -math.log(alpha) if not isinstance(alpha, jax.core.Tracer) else -jnp.log(alpha)
+    validation.in_interval("alpha", alpha, 0, 1)
+    validation.non_negative("d", d)
+    log_inv_alpha = -jnp.log(alpha) if validation.is_traced(alpha) else -math.log(alpha)
 
     def accept(key, delta, temperature):
         bound = (jnp.asarray(temperature, jnp.float32) + d) * jnp.asarray(log_inv_alpha, jnp.float32)

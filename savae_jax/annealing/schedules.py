@@ -22,11 +22,12 @@ it is given, so both kinds work everywhere.
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Any, Callable, NamedTuple, Union
 
 import jax
 import jax.numpy as jnp
+
+from savae_jax import validation
 
 Schedule = Callable[[jax.Array], jax.Array]
 
@@ -61,26 +62,6 @@ class StatefulSchedule(NamedTuple):
 ScheduleLike = Union[float, int, jax.Array, Schedule, StatefulSchedule]
 
 
-def _concrete(x) -> bool:
-    """True when ``x`` can be checked in Python (not a tracer): eager validation."""
-    return not isinstance(x, jax.core.Tracer)
-
-
-def _check(name: str, value, ok: Callable[[float], bool], what: str) -> None:
-    if _concrete(value):
-        try:
-            v = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a real number, got {value!r}") from None
-        if not (math.isfinite(v) and ok(v)):
-            raise ValueError(f"{name} must be {what}, got {value!r}")
-
-
-def _check_int(name: str, value, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-
-
 def as_stateful(schedule: ScheduleLike, name: str = "schedule") -> StatefulSchedule:
     """Lift a scalar, a plain ``count -> value`` schedule or a StatefulSchedule.
 
@@ -98,9 +79,9 @@ def as_stateful(schedule: ScheduleLike, name: str = "schedule") -> StatefulSched
         )
     if name == "radius":
         # A constant radius of 0 proposes the incumbent itself: the search could never move.
-        _check(name, schedule, lambda v: v > 0, "a finite number > 0 or a schedule")
+        validation.real(name, schedule, lambda v: v > 0, "a finite number > 0 or a schedule")
     else:
-        _check(name, schedule, lambda v: v >= 0, "a finite number >= 0 or a schedule")
+        validation.real(name, schedule, lambda v: v >= 0, "a finite number >= 0 or a schedule")
     const = schedule
     return StatefulSchedule(
         init=lambda: (),
@@ -111,7 +92,7 @@ def as_stateful(schedule: ScheduleLike, name: str = "schedule") -> StatefulSched
 
 def constant(value: float) -> Schedule:
     """T_k = value."""
-    _check("value", value, lambda v: v >= 0, "a finite number >= 0")
+    validation.real("value", value, lambda v: v >= 0, "a finite number >= 0")
     return lambda count: jnp.full((), value, jnp.float32)
 
 
@@ -122,8 +103,8 @@ def exponential(t0: float, decay: float) -> Schedule:
       t0: initial value, > 0.
       decay: factor per step, 0 < decay < 1.
     """
-    _check("t0", t0, lambda v: v > 0, "> 0")
-    _check("decay", decay, lambda v: 0 < v < 1, "in (0, 1)")
+    validation.positive("t0", t0)
+    validation.in_interval("decay", decay, 0, 1)
 
     def schedule(count):
         k = jnp.asarray(count, jnp.float32)
@@ -140,9 +121,9 @@ def linear(t0: float, t_end: float, steps: int) -> Schedule:
       t_end: value from step ``steps`` on, 0 <= t_end.
       steps: number of steps of the ramp, >= 1.
     """
-    _check("t0", t0, lambda v: v > 0, "> 0")
-    _check("t_end", t_end, lambda v: v >= 0, ">= 0")
-    _check_int("steps", steps, 1)
+    validation.positive("t0", t0)
+    validation.non_negative("t_end", t_end)
+    validation.integer("steps", steps, 1)
 
     def schedule(count):
         frac = jnp.minimum(jnp.asarray(count, jnp.float32) / steps, 1.0)
@@ -158,7 +139,7 @@ def logarithmic(t0: float) -> Schedule:
     Args:
       t0: initial value T_0 (at k = 0, ln(e) = 1), > 0.
     """
-    _check("t0", t0, lambda v: v > 0, "> 0")
+    validation.positive("t0", t0)
 
     def schedule(count):
         k = jnp.asarray(count, jnp.float32)
@@ -173,7 +154,7 @@ def fast(t0: float) -> Schedule:
     Args:
       t0: initial value, > 0.
     """
-    _check("t0", t0, lambda v: v > 0, "> 0")
+    validation.positive("t0", t0)
 
     def schedule(count):
         k = jnp.asarray(count, jnp.float32)
@@ -214,12 +195,12 @@ def adaptive(
       smoothing: weight of the running average's past, in [0, 1).
       t_lo, t_hi: bounds on T, 0 < t_lo < t_hi.
     """
-    _check("t0", t0, lambda v: v > 0, "> 0")
-    _check("target_rate", target_rate, lambda v: 0 < v < 1, "in (0, 1)")
-    _check("adapt_rate", adapt_rate, lambda v: v > 0, "> 0")
-    _check("smoothing", smoothing, lambda v: 0 <= v < 1, "in [0, 1)")
-    _check("t_lo", t_lo, lambda v: v > 0, "> 0")
-    _check("t_hi", t_hi, lambda v: v > float(t_lo), "> t_lo")
+    validation.positive("t0", t0)
+    validation.in_interval("target_rate", target_rate, 0, 1)
+    validation.positive("adapt_rate", adapt_rate)
+    validation.in_interval("smoothing", smoothing, 0, 1, closed_low=True)
+    validation.positive("t_lo", t_lo)
+    validation.real("t_hi", t_hi, lambda v: v > float(t_lo), "> t_lo")
 
     def init():
         return AdaptiveState(
@@ -266,7 +247,7 @@ def reheat(schedule: ScheduleLike, patience: int) -> StatefulSchedule:
       patience: steps without improvement of the best loss that trigger a
         restart, >= 1.
     """
-    _check_int("patience", patience, 1)
+    validation.integer("patience", patience, 1)
     inner = as_stateful(schedule, "schedule")
 
     def init():
