@@ -2,7 +2,7 @@
 
 Protocol (a tiny one, so kernels are pluggable)::
 
-    proposal = Proposal(init, prepare)
+    proposal = Proposal(init, prepare, cost)               # cost: extra evaluations per step
     proposal_state = proposal.init(params)                 # () when stateless
     prep = proposal.prepare(loss_fn, params, key_loss, batch,
                             temperature, radius, proposal_state)
@@ -12,7 +12,7 @@ Protocol (a tiny one, so kernels are pluggable)::
 
 ``prepare`` runs once per step outside the vmap: it computes what all
 proposals share (a gradient, per-leaf scales, the model's Dense layout) and
-returns closures. ``prep.loss(key, active)`` draws ONE proposal's noise from
+returns the functions below, bound to it. ``prep.loss(key, active)`` draws ONE proposal's noise from
 its own key and returns ``loss_fn`` at the perturbed parameters with the
 step's shared ``key_loss`` and ``batch`` (common random numbers); with
 ``active=False`` it must return the loss of the unperturbed incumbent (the
@@ -32,15 +32,16 @@ Scales: every kernel's noise standard deviation is ``scale * radius`` where
 
 from __future__ import annotations
 
+import functools
 import math
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from savae_jax.annealing.schedules import _check
+from savae_jax import validation
+from savae_jax.optimizer import GRAD_COST, checked_loss
 
 tree_map = jax.tree_util.tree_map
 
@@ -68,11 +69,18 @@ class Prepared(NamedTuple):
 class Proposal(NamedTuple):
     """A proposal kernel: ``init(params) -> state`` and ``prepare(...) -> Prepared``.
 
-    ``prepare(loss_fn, params, key_loss, batch, temperature, radius, state)``.
+    Attributes:
+      init: ``init(params) -> state``.
+      prepare: ``prepare(loss_fn, params, key_loss, batch, temperature,
+        radius, state) -> Prepared``.
+      cost: loss evaluations ``prepare`` spends per step on top of the K + 1
+        members' (``GRAD_COST`` for the one gradient of ``langevin``), so an
+        annealer's step costs K + 1 + cost.
     """
 
     init: Callable[[Any], Any]
     prepare: Callable[..., Prepared]
+    cost: int = 0
 
 
 def _is_float(x) -> bool:
@@ -85,10 +93,6 @@ def _leaf_std(leaf, base, scale_by_rms: bool, rms_floor: float):
         return base
     rms = jnp.sqrt(jnp.mean(jnp.square(leaf.astype(jnp.float32))))
     return base * jnp.maximum(rms, rms_floor)
-
-
-def _check_positive(name, value):
-    _check(name, value, lambda v: v > 0, "> 0")
 
 
 def _sample_flat(sampler, key, shapes):
@@ -123,27 +127,6 @@ def _chunk_size(leaves) -> int:
 
 def _stateless_init(params):
     return ()
-
-
-def checked_loss(loss_fn):
-    """``loss_fn`` whose output is checked to be a floating-point scalar when traced.
-
-    Shapes and dtypes are static, so the check costs nothing at run time; a
-    batch of losses or an integer loss would otherwise surface as an obscure
-    error deep in the kernel (or silently compare the wrong numbers).
-    """
-
-    def wrapped(params, key, batch):
-        out = loss_fn(params, key, batch)
-        shape, dtype = tuple(jnp.shape(out)), jnp.result_type(out)
-        if shape != () or not jnp.issubdtype(dtype, jnp.floating):
-            raise ValueError(
-                "loss_fn must return a floating-point scalar (the batch's mean loss), "
-                f"got shape {shape} and dtype {dtype}"
-            )
-        return out
-
-    return wrapped
 
 
 def _full_rank(loss_fn, params, key_loss, batch, sampler, delta, proposal_state) -> Prepared:
@@ -192,8 +175,8 @@ def gaussian(scale: float, scale_by_rms: bool = False, rms_floor: float = 1e-3) 
       scale_by_rms: multiply the std per leaf by max(rms(leaf), rms_floor).
       rms_floor: floor on the RMS, > 0.
     """
-    _check_positive("scale", scale)
-    _check_positive("rms_floor", rms_floor)
+    validation.positive("scale", scale)
+    validation.positive("rms_floor", rms_floor)
     return _additive(jax.random.normal, scale, scale_by_rms, rms_floor)
 
 
@@ -205,8 +188,8 @@ def cauchy(scale: float, scale_by_rms: bool = False, rms_floor: float = 1e-3) ->
       scale_by_rms: multiply the scale per leaf by max(rms(leaf), rms_floor).
       rms_floor: floor on the RMS, > 0.
     """
-    _check_positive("scale", scale)
-    _check_positive("rms_floor", rms_floor)
+    validation.positive("scale", scale)
+    validation.positive("rms_floor", rms_floor)
     return _additive(jax.random.cauchy, scale, scale_by_rms, rms_floor)
 
 
@@ -224,7 +207,7 @@ def langevin(step_size: float, optimizer=None) -> Proposal:
       step_size: Langevin step, > 0 (also sets the noise scale).
       optimizer: optional optax GradientTransformation giving the drift.
     """
-    _check_positive("step_size", step_size)
+    validation.positive("step_size", step_size)
     if optimizer is not None and not (hasattr(optimizer, "init") and hasattr(optimizer, "update")):
         raise ValueError(f"optimizer must be an optax GradientTransformation, got {optimizer!r}")
 
@@ -244,7 +227,7 @@ def langevin(step_size: float, optimizer=None) -> Proposal:
         return _full_rank(loss_fn, params, key_loss, batch, jax.random.normal,
                           lambda i, e: drifts[i] + std * e, new_state)
 
-    return Proposal(init, prepare)
+    return Proposal(init, prepare, GRAD_COST)
 
 
 def _key_name(k) -> str:
@@ -302,103 +285,184 @@ def low_rank(
       scale_by_rms: multiply s per leaf by max(rms(leaf), rms_floor).
       rms_floor: floor on the RMS, > 0.
     """
-    _check_positive("scale", scale)
-    _check_positive("rms_floor", rms_floor)
-    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1:
-        raise ValueError(f"rank must be an integer >= 1, got {rank!r}")
+    validation.positive("scale", scale)
+    validation.positive("rms_floor", rms_floor)
+    validation.integer("rank", rank, 1)
     rank = int(rank)
 
     def prepare(loss_fn, params, key_loss, batch, temperature, radius, proposal_state):
         loss_fn = checked_loss(loss_fn)
-        with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-        names = [tuple(_key_name(k) for k in path) for path, _ in with_paths]
-        leaves = [leaf for _, leaf in with_paths]
-        index = {name: i for i, name in enumerate(names)}
-
-        # module path -> (kernel leaf index, bias leaf index or None)
-        dense: dict[tuple[str, ...], tuple[int, int | None]] = {}
-        for mpath in _dense_paths(loss_fn, params, key_loss, batch):
-            for prefix in (("params",), ()):
-                k = index.get(prefix + mpath + ("kernel",))
-                if k is not None and leaves[k].ndim == 2:
-                    dense[mpath] = (k, index.get(prefix + mpath + ("bias",)))
-                    break
-        for mpath, (k, _) in dense.items():
-            if rank > min(leaves[k].shape):
-                m, n = leaves[k].shape
-                raise ValueError(
-                    f"rank={rank} is larger than the Dense layer {'/'.join(mpath)} allows: its "
-                    f"kernel is {m}x{n}, so rank must be <= min(m, n) = {min(m, n)}"
-                )
-        kernel_ids = {k for k, _ in dense.values()}
-        bias_ids = {b for _, b in dense.values() if b is not None}
-
         base = jnp.asarray(scale, jnp.float32) * radius
-        stds = [_leaf_std(p, base, scale_by_rms, rms_floor) if _is_float(p) else None for p in leaves]
-        coefs = {i: stds[i] / math.sqrt(rank) for i in kernel_ids}
-
-        floats = [i for i, s in enumerate(stds) if s is not None]
-
-        def shapes_of(i):
-            if i in kernel_ids:
-                m, n = leaves[i].shape
-                return [(m, rank), (n, rank)]
-            return [leaves[i].shape]
-
-        def draw(key):
-            """Per leaf: (A, B) for Dense kernels, std-scaled noise for the rest."""
-            shapes = [shape for i in floats for shape in shapes_of(i)]
-            flat = iter(_sample_flat(jax.random.normal, key, shapes))
-            noise = [None] * len(leaves)
-            for i in floats:
-                p = leaves[i]
-                if i in kernel_ids:
-                    noise[i] = (next(flat).astype(p.dtype), next(flat).astype(p.dtype))
-                else:
-                    noise[i] = (stds[i] * next(flat)).astype(p.dtype)
-            return noise
-
-        def loss(key, active):
-            noise = draw(key)
-            perturbed = []
-            for i, (p, e) in enumerate(zip(leaves, noise)):
-                if e is None or i in kernel_ids or i in bias_ids:
-                    perturbed.append(p)  # Dense leaves are perturbed in the interceptor
-                else:
-                    perturbed.append(jnp.where(active, p + e, p))
-            perturbed = jax.tree_util.tree_unflatten(treedef, perturbed)
-
-            def intercept(next_fun, args, kwargs, context):
-                y = next_fun(*args, **kwargs)
-                if context.method_name != "__call__" or not isinstance(context.module, nn.Dense):
-                    return y
-                entry = dense.get(tuple(context.module.path))
-                if entry is None:
-                    return y
-                k, b = entry
-                x = args[0] if args else kwargs["inputs"]
-                a_fac, b_fac = noise[k]
-                delta = (coefs[k] * ((x @ a_fac) @ b_fac.T)).astype(y.dtype)
-                if b is not None:
-                    delta = delta + noise[b].astype(y.dtype)
-                return jnp.where(active, y + delta, y)
-
-            with nn.intercept_methods(intercept):
-                return loss_fn(perturbed, key_loss, batch)
-
-        def materialize(key):
-            noise = draw(key)
-            out = []
-            for i, (p, e) in enumerate(zip(leaves, noise)):
-                if e is None:
-                    out.append(p)
-                elif i in kernel_ids:
-                    a_fac, b_fac = e
-                    out.append(p + (coefs[i] * (a_fac @ b_fac.T)).astype(p.dtype))
-                else:
-                    out.append(p + e)
-            return jax.tree_util.tree_unflatten(treedef, out)
-
-        return Prepared(loss, materialize, proposal_state)
+        layout = _layout(loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
+        loss = functools.partial(_low_rank_loss, layout, loss_fn, key_loss, batch)
+        return Prepared(loss, functools.partial(_low_rank_materialize, layout), proposal_state)
 
     return Proposal(_stateless_init, prepare)
+
+
+class DenseLayer(NamedTuple):
+    """An ``nn.Dense`` module the loss calls, located in the flat params leaves.
+
+    Attributes:
+      kernel: index of its (m, n) kernel leaf.
+      bias: index of its bias leaf, or None.
+      coef: s / sqrt(r), the factor of the kernel's update A @ B.T.
+    """
+
+    kernel: int
+    bias: int | None
+    coef: jax.Array
+
+
+class Layout(NamedTuple):
+    """The params as ``low_rank`` perturbs them; ``prepare`` builds one per step.
+
+    Attributes:
+      leaves: the params' flat leaves.
+      treedef: their tree structure.
+      layers: module path (``('encoder', 'hidden')``) -> :class:`DenseLayer`,
+        for every Dense the loss calls, in call order.
+      stds: leaf index -> noise std, for every floating leaf, in leaf order.
+      rank: r.
+    """
+
+    leaves: list
+    treedef: Any
+    layers: dict[tuple[str, ...], DenseLayer]
+    stds: dict[int, jax.Array]
+    rank: int
+
+    @property
+    def kernel_of(self) -> dict[int, tuple[str, ...]]:
+        """Kernel leaf index -> its module path."""
+        return {layer.kernel: path for path, layer in self.layers.items()}
+
+    @property
+    def bias_of(self) -> dict[int, tuple[str, ...]]:
+        """Bias leaf index -> its module path."""
+        return {layer.bias: path for path, layer in self.layers.items() if layer.bias is not None}
+
+
+class Noise(NamedTuple):
+    """One low-rank proposal's noise, by what it perturbs.
+
+    Attributes:
+      factors: module path -> (A, B), the (m, r) and (n, r) factors of that
+        Dense's kernel update.
+      biases: module path -> the std-scaled noise of that Dense's bias.
+      leaves: leaf index -> the std-scaled noise of every other floating leaf.
+    """
+
+    factors: dict[tuple[str, ...], tuple[jax.Array, jax.Array]]
+    biases: dict[tuple[str, ...], jax.Array]
+    leaves: dict[int, jax.Array]
+
+
+def _dense_leaves(index, leaves, mpath) -> tuple[int, int | None] | None:
+    """(kernel index, floating bias index or None) of the Dense at ``mpath``; None if absent.
+
+    Flax keeps module variables under ``params['params']``; a bare variables
+    dict (no collection level) is accepted too.
+    """
+    for prefix in (("params",), ()):
+        k = index.get(prefix + mpath + ("kernel",))
+        if k is not None and leaves[k].ndim == 2 and _is_float(leaves[k]):
+            b = index.get(prefix + mpath + ("bias",))
+            return k, (b if b is not None and _is_float(leaves[b]) else None)
+    return None
+
+
+def _layout(loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor) -> Layout:
+    """The :class:`Layout` of ``params`` (ValueError if ``rank`` exceeds a Dense kernel's)."""
+    with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    leaves = [leaf for _, leaf in with_paths]
+    index = {tuple(_key_name(k) for k in path): i for i, (path, _) in enumerate(with_paths)}
+    found = {}
+    for mpath in _dense_paths(loss_fn, params, key_loss, batch):
+        entry = _dense_leaves(index, leaves, mpath)
+        if entry is None:
+            continue  # a Dense whose kernel is not in params: left unperturbed
+        m, n = leaves[entry[0]].shape
+        if rank > min(m, n):
+            raise ValueError(
+                f"rank={rank} is larger than the Dense layer {'/'.join(mpath)} allows: its "
+                f"kernel is {m}x{n}, so rank must be <= min(m, n) = {min(m, n)}"
+            )
+        found[mpath] = entry
+    stds = {i: _leaf_std(p, base, scale_by_rms, rms_floor) for i, p in enumerate(leaves) if _is_float(p)}
+    layers = {mpath: DenseLayer(k, b, stds[k] / math.sqrt(rank)) for mpath, (k, b) in found.items()}
+    return Layout(leaves, treedef, layers, stds, rank)
+
+
+def _draw(layout: Layout, key) -> Noise:
+    """One proposal's :class:`Noise`: ONE normal draw split over the floating leaves in leaf order."""
+    kernel_of, bias_of = layout.kernel_of, layout.bias_of
+    shapes = []
+    for i in layout.stds:
+        if i in kernel_of:
+            m, n = layout.leaves[i].shape
+            shapes += [(m, layout.rank), (n, layout.rank)]
+        else:
+            shapes.append(layout.leaves[i].shape)
+    flat = iter(_sample_flat(jax.random.normal, key, shapes))
+    noise = Noise({}, {}, {})
+    for i, std in layout.stds.items():
+        dtype = layout.leaves[i].dtype
+        if i in kernel_of:
+            noise.factors[kernel_of[i]] = (next(flat).astype(dtype), next(flat).astype(dtype))
+        elif i in bias_of:
+            noise.biases[bias_of[i]] = (std * next(flat)).astype(dtype)
+        else:
+            noise.leaves[i] = (std * next(flat)).astype(dtype)
+    return noise
+
+
+def _intercept_dense(layout: Layout, noise: Noise, active, next_fun, args, kwargs, context):
+    """Flax method interceptor: a Dense layer's output plus its proposal's low-rank and bias noise.
+
+    (x @ A) @ B.T costs O(r (m + n)) per row where forming W + A @ B.T
+    would cost O(m n) per proposal.
+    """
+    y = next_fun(*args, **kwargs)
+    if context.method_name != "__call__" or not isinstance(context.module, nn.Dense):
+        return y
+    path = tuple(context.module.path)
+    layer = layout.layers.get(path)
+    if layer is None:
+        return y
+    x = args[0] if args else kwargs["inputs"]
+    a_fac, b_fac = noise.factors[path]
+    delta = (layer.coef * ((x @ a_fac) @ b_fac.T)).astype(y.dtype)
+    if path in noise.biases:
+        delta = delta + noise.biases[path].astype(y.dtype)
+    return jnp.where(active, y + delta, y)
+
+
+def _low_rank_loss(layout: Layout, loss_fn, key_loss, batch, key, active):
+    """The loss of the proposal drawn from ``key`` (of the incumbent when not ``active``)."""
+    noise = _draw(layout, key)
+    # Dense kernels and biases stay as they are: the interceptor perturbs those layers' outputs.
+    leaves = [jnp.where(active, p + noise.leaves[i], p) if i in noise.leaves else p
+              for i, p in enumerate(layout.leaves)]
+    params = jax.tree_util.tree_unflatten(layout.treedef, leaves)
+    with nn.intercept_methods(functools.partial(_intercept_dense, layout, noise, active)):
+        return loss_fn(params, key_loss, batch)
+
+
+def _low_rank_materialize(layout: Layout, key):
+    """The params of the proposal drawn from ``key``: W + coef * A @ B.T formed once."""
+    noise = _draw(layout, key)
+    kernel_of, bias_of = layout.kernel_of, layout.bias_of
+    out = []
+    for i, p in enumerate(layout.leaves):
+        if i in kernel_of:
+            a_fac, b_fac = noise.factors[kernel_of[i]]
+            coef = layout.layers[kernel_of[i]].coef
+            out.append(p + (coef * (a_fac @ b_fac.T)).astype(p.dtype))
+        elif i in bias_of:
+            out.append(p + noise.biases[bias_of[i]])
+        elif i in noise.leaves:
+            out.append(p + noise.leaves[i])
+        else:
+            out.append(p)
+    return jax.tree_util.tree_unflatten(layout.treedef, out)
