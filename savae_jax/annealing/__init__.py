@@ -6,6 +6,9 @@
                              acceptance=metropolis())
     state = sa.init(params)
     state, info = jax.jit(sa.step)(key, state, batch)
+
+``sa`` is a ``savae_jax.optimizer.Optimizer``; ``sa.cost`` is its loss
+evaluations per step (K + 1, plus the proposal's own ``cost``).
 """
 
 from savae_jax.annealing.acceptance import Acceptance, greedy, metropolis, threshold

@@ -14,6 +14,12 @@ One step from the incumbent x at temperature T = schedule(count):
    steps without improvement of the best loss, and later steps return it
    unchanged.
 
+Stopping lives in the state (``done``, ``steps_since_improvement``), not in
+the driver: a halted chain's step is a no-op computed on device, so
+``jax.vmap(step)`` runs chains that stop at different steps in one program,
+and a checkpointed state resumes exactly where it stopped, with no driver
+bookkeeping to save beside it.
+
 With a ``mesh`` (a ``jax.sharding.Mesh``), step 2 is sharded over the mesh
 axis with ``jax.shard_map``: each device evaluates its slice of the K + 1
 members (a vmap, or chunks of one, on its slice); the per-member losses are
@@ -22,7 +28,8 @@ number of devices the members are PADDED with copies of the incumbent's
 member (``active=False``) that are dropped before the argmin, so they can
 never win and are not counted in ``info``. Member j draws its noise from the
 same ``keys[j]`` as without a mesh, so the sharded step computes the same
-proposals; see docs/distributed.md for the equality achieved.
+proposals; see docs/distributed.md for the equality achieved. Without a
+mesh the step never shards, whatever mesh context it is traced in.
 
 ``step`` is pure and not jitted here: callers ``jax.jit`` it, and
 ``jax.vmap(step)(keys, states)`` runs independent chains.
@@ -30,8 +37,6 @@ proposals; see docs/distributed.md for the equality achieved.
 
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -39,9 +44,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec
 
-from savae_jax import distributed
+from savae_jax import distributed, validation
 from savae_jax.annealing.proposals import Proposal
-from savae_jax.annealing.schedules import ScheduleEvent, as_stateful
+from savae_jax.annealing.schedules import ScheduleEvent, StatefulSchedule, as_stateful
+from savae_jax.optimizer import Optimizer
 
 tree_map = jax.tree_util.tree_map
 
@@ -112,17 +118,18 @@ class AnnealInfo(NamedTuple):
     acceptance_rate: jax.Array
     error: jax.Array
 
+    # What a training log records of each step (its schema: keep the order).
+    LOGGED = ("temperature", "radius", "acceptance_rate")
 
-class SimulatedAnnealing(NamedTuple):
-    """The ``(init, step)`` pair: ``state = init(params)``; ``state, info = step(key, state, batch)``."""
 
-    init: Callable[[Any], AnnealState]
-    step: Callable[[jax.Array, AnnealState, Any], tuple[AnnealState, AnnealInfo]]
+# The annealer is an optimizer like any other (``Optimizer(init, step, cost,
+# loss_fn, mesh)``); the old name is kept for code written against it.
+SimulatedAnnealing = Optimizer
 
 
 def _check_params_finite(params) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-        if isinstance(leaf, jax.core.Tracer):
+        if validation.is_traced(leaf):
             continue  # under jit/vmap: cannot be checked eagerly
         arr = np.asarray(leaf)
         if np.issubdtype(arr.dtype, np.inexact) and not np.all(np.isfinite(arr)):
@@ -131,19 +138,13 @@ def _check_params_finite(params) -> None:
             )
 
 
-def _validate(num_proposals, proposal, acceptance, t_min, patience):
-    if isinstance(num_proposals, bool) or not isinstance(num_proposals, numbers.Integral) or num_proposals < 1:
-        raise ValueError(f"num_proposals must be an integer >= 1, got {num_proposals!r}")
-    if not isinstance(proposal, Proposal):
-        raise ValueError(f"proposal must be a Proposal (e.g. gaussian(0.1)), got {proposal!r}")
-    if not callable(acceptance):
-        raise ValueError(f"acceptance must be callable (e.g. metropolis()), got {acceptance!r}")
-    if t_min is not None and not (isinstance(t_min, numbers.Real) and math.isfinite(t_min) and t_min > 0):
-        raise ValueError(f"t_min must be a finite number > 0 or None, got {t_min!r}")
-    if patience is not None and (
-        isinstance(patience, bool) or not isinstance(patience, numbers.Integral) or patience < 1
-    ):
-        raise ValueError(f"patience must be an integer >= 1 or None, got {patience!r}")
+def _validate(num_proposals, proposal, acceptance, t_min, patience) -> None:
+    """Check ``simulated_annealing``'s scalar arguments (ValueError naming the argument)."""
+    validation.integer("num_proposals", num_proposals, 1)
+    validation.instance("proposal", proposal, Proposal, "gaussian(0.1)")
+    validation.is_callable("acceptance", acceptance, "metropolis()")
+    validation.finite_positive("t_min", t_min, optional=True)
+    validation.integer("patience", patience, 1, optional=True)
 
 
 def init(params, proposal: Proposal, temperature, radius=None) -> AnnealState:
@@ -200,6 +201,152 @@ def _evaluate_sharded(prep, keys, active, mesh, axis_name):
     return losses[:members]
 
 
+class _Config(NamedTuple):
+    """What ``build_kernel`` fixes for every step (validated, schedules lifted)."""
+
+    loss_fn: Callable
+    num_proposals: int
+    proposal: Proposal
+    temperature: StatefulSchedule
+    radius: StatefulSchedule
+    acceptance: Callable
+    t_min: float | None
+    patience: int | None
+    mesh: Any  # None: never sharded
+    axis_name: str | None
+
+
+class _Selection(NamedTuple):
+    """The best of a step's K proposals against the incumbent (non-finite losses as +inf)."""
+
+    index: jax.Array  # j, the best proposal
+    loss: jax.Array  # its loss (+inf if no proposal was finite)
+    incumbent_loss: jax.Array
+    delta: jax.Array  # loss - incumbent_loss
+    finite: jax.Array  # (K,) bool, which proposal losses are finite
+    raw: jax.Array  # (K,) the proposal losses as evaluated
+
+
+def _schedule_values(cfg: _Config, state: AnnealState):
+    """This step's temperature T, radius r, and whether the chain is halted (done, or T < t_min)."""
+    t = cfg.temperature.value(state.schedule_state.temperature, state.count)
+    r = cfg.radius.value(state.schedule_state.radius, state.count)
+    halt = state.done
+    if cfg.t_min is not None:
+        halt = halt | (t < cfg.t_min)
+    return t, r, halt
+
+
+def _member_losses(cfg: _Config, prep, keys):
+    """Losses of the K proposals and, last, the incumbent (its noise masked out by ``active``)."""
+    active = jnp.arange(cfg.num_proposals + 1) < cfg.num_proposals
+    if cfg.mesh is None:
+        return _evaluate(prep, keys, active)
+    return _evaluate_sharded(prep, keys, active, cfg.mesh, cfg.axis_name)
+
+
+def _select(losses, num_proposals: int) -> _Selection:
+    """The best proposal of ``losses`` (K proposals, then the incumbent); NaN and inf never win."""
+    incumbent_loss = losses[num_proposals]
+    raw = losses[:num_proposals]
+    finite = jnp.isfinite(raw)
+    prop_losses = jnp.where(finite, raw, jnp.inf)
+    j = jnp.argmin(prop_losses)
+    best = prop_losses[j]
+    return _Selection(j, best, incumbent_loss, best - incumbent_loss, finite, raw)
+
+
+def _track_best(state: AnnealState, params, loss):
+    """Best-so-far params and loss after a step, whether they improved, and the patience counter."""
+    improved = loss < state.best_loss
+    best_params = tree_map(lambda n, o: jnp.where(improved, n, o), params, state.best_params)
+    best_loss = jnp.where(improved, loss, state.best_loss)
+    stale = jnp.where(improved, 0, state.steps_since_improvement + 1).astype(jnp.int32)
+    return best_params, best_loss, improved, stale
+
+
+def _next_schedules(cfg: _Config, state: AnnealState, event: ScheduleEvent) -> ScheduleState:
+    """The schedules' states after a step with outcome ``event``."""
+    sched = state.schedule_state
+    return ScheduleState(
+        cfg.temperature.update(sched.temperature, state.count, event),
+        cfg.radius.update(sched.radius, state.count, event),
+    )
+
+
+def _stops(cfg: _Config, stale, sched: ScheduleState, new_count):
+    """Whether the chain is done after a step: patience exhausted, or the NEXT T below t_min."""
+    done = jnp.zeros((), bool)
+    if cfg.patience is not None:
+        done = done | (stale >= cfg.patience)
+    if cfg.t_min is not None:
+        done = done | (cfg.temperature.value(sched.temperature, new_count) < cfg.t_min)
+    return done
+
+
+def _advance(cfg: _Config, state: AnnealState, prep, key_winner, sel: _Selection, accepted):
+    """The state after a step that accepted the proposal drawn from ``key_winner`` or not."""
+    params = jax.lax.cond(accepted, prep.materialize, lambda k: state.params, key_winner)
+    loss = jnp.where(accepted, sel.loss, sel.incumbent_loss)
+    best_params, best_loss, improved, stale = _track_best(state, params, loss)
+    sched = _next_schedules(cfg, state, ScheduleEvent(accepted, improved))
+    new_count = state.count + 1
+    return AnnealState(
+        params=params,
+        count=new_count.astype(jnp.int32),
+        loss=loss.astype(state.loss.dtype),
+        best_params=best_params,
+        best_loss=best_loss.astype(state.best_loss.dtype),
+        num_accepted=state.num_accepted + accepted.astype(jnp.int32),
+        steps_since_improvement=stale,
+        done=_stops(cfg, stale, sched, new_count),
+        schedule_state=sched,
+        proposal_state=prep.proposal_state,
+    )
+
+
+def _freeze(halt, state: AnnealState, stepped: AnnealState) -> AnnealState:
+    """``state`` itself (marked done) when halted, else ``stepped``: a halted chain never moves."""
+    frozen = state._replace(done=jnp.ones((), bool))
+    return tree_map(lambda f, s: jnp.where(halt, f, s), frozen, stepped)
+
+
+def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState) -> AnnealInfo:
+    """The step's :class:`AnnealInfo`."""
+    num_finite = jnp.sum(sel.finite)
+    mean = jnp.where(
+        num_finite > 0,
+        jnp.sum(jnp.where(sel.finite, sel.raw, 0.0)) / jnp.maximum(num_finite, 1),
+        jnp.inf,
+    )
+    return AnnealInfo(
+        accepted=accepted,
+        delta=sel.delta,
+        temperature=t,
+        radius=r,
+        loss=jnp.where(accepted, sel.loss, sel.incumbent_loss),
+        proposal_loss_min=sel.loss,
+        proposal_loss_mean=mean,
+        num_nonfinite=(cfg.num_proposals - num_finite).astype(jnp.int32),
+        acceptance_rate=new_state.num_accepted / jnp.maximum(new_state.count, 1),
+        error=~jnp.isfinite(sel.incumbent_loss),
+    )
+
+
+def _step(cfg: _Config, key, state: AnnealState, batch):
+    """One annealing step (the module docstring's 1-5)."""
+    key_prop, key_loss, key_accept = jax.random.split(key, 3)
+    t, r, halt = _schedule_values(cfg, state)
+    prep = cfg.proposal.prepare(cfg.loss_fn, state.params, key_loss, batch, t, r, state.proposal_state)
+    # K proposal keys + one for the incumbent, whose noise is masked out.
+    keys = jax.random.split(key_prop, cfg.num_proposals + 1)
+    sel = _select(_member_losses(cfg, prep, keys), cfg.num_proposals)
+    accepted = cfg.acceptance(key_accept, sel.delta, t) & jnp.isfinite(sel.loss) & ~halt
+    stepped = _advance(cfg, state, prep, keys[sel.index], sel, accepted)
+    new_state = _freeze(halt, state, stepped)
+    return new_state, _info(cfg, sel, accepted, t, r, new_state)
+
+
 def build_kernel(
     loss_fn,
     num_proposals: int,
@@ -212,100 +359,21 @@ def build_kernel(
     mesh=None,
     axis_name: str | None = None,
 ):
-    """The pure ``step(key, state, batch) -> (state, info)`` (see simulated_annealing)."""
-    if not callable(loss_fn):
-        raise ValueError(f"loss_fn must be callable, got {loss_fn!r}")
+    """The pure ``step(key, state, batch) -> (state, info)`` (arguments as simulated_annealing)."""
+    validation.is_callable("loss_fn", loss_fn)
     _validate(num_proposals, proposal, acceptance, t_min, patience)
     if mesh is not None:
         axis_name = distributed.mesh_axis(mesh, axis_name)
     elif axis_name is not None:
         raise ValueError(f"axis_name {axis_name!r} given without a mesh")
-    num_proposals = int(num_proposals)
-    temp = as_stateful(temperature, "temperature")
-    rad = as_stateful(1.0 if radius is None else radius, "radius")
+    cfg = _Config(
+        loss_fn, int(num_proposals), proposal, as_stateful(temperature, "temperature"),
+        as_stateful(1.0 if radius is None else radius, "radius"), acceptance, t_min, patience,
+        mesh, axis_name,
+    )
 
     def step(key, state: AnnealState, batch):
-        key_prop, key_loss, key_accept = jax.random.split(key, 3)
-        count = state.count
-        t = temp.value(state.schedule_state.temperature, count)
-        r = rad.value(state.schedule_state.radius, count)
-        halt = state.done
-        if t_min is not None:
-            halt = halt | (t < t_min)
-
-        prep = proposal.prepare(loss_fn, state.params, key_loss, batch, t, r, state.proposal_state)
-        # K proposal keys + one for the incumbent (its noise is masked out).
-        keys = jax.random.split(key_prop, num_proposals + 1)
-        active = jnp.arange(num_proposals + 1) < num_proposals
-        # The mesh is read when the step is traced: an explicit one, else use_mesh's.
-        sharding = (mesh, axis_name) if mesh is not None else distributed.current_mesh()
-        if sharding is None:
-            losses = _evaluate(prep, keys, active)
-        else:
-            losses = _evaluate_sharded(prep, keys, active, *sharding)
-
-        incumbent_loss = losses[num_proposals]
-        raw = losses[:num_proposals]
-        finite = jnp.isfinite(raw)
-        prop_losses = jnp.where(finite, raw, jnp.inf)
-        num_finite = jnp.sum(finite)
-        j = jnp.argmin(prop_losses)
-        best_prop = prop_losses[j]
-        delta = best_prop - incumbent_loss
-        accepted = acceptance(key_accept, delta, t) & jnp.isfinite(best_prop) & ~halt
-
-        params = jax.lax.cond(accepted, prep.materialize, lambda k: state.params, keys[j])
-        loss = jnp.where(accepted, best_prop, incumbent_loss)
-        improved = loss < state.best_loss
-        best_params = tree_map(lambda n, o: jnp.where(improved, n, o), params, state.best_params)
-        best_loss = jnp.where(improved, loss, state.best_loss)
-        stale = jnp.where(improved, 0, state.steps_since_improvement + 1).astype(jnp.int32)
-        event = ScheduleEvent(accepted, improved)
-        sched = ScheduleState(
-            temp.update(state.schedule_state.temperature, count, event),
-            rad.update(state.schedule_state.radius, count, event),
-        )
-        new_count = count + 1
-        done = jnp.zeros((), bool)
-        if patience is not None:
-            done = done | (stale >= patience)
-        if t_min is not None:
-            done = done | (temp.value(sched.temperature, new_count) < t_min)
-        num_accepted = state.num_accepted + accepted.astype(jnp.int32)
-
-        stepped = AnnealState(
-            params=params,
-            count=new_count.astype(jnp.int32),
-            loss=loss.astype(state.loss.dtype),
-            best_params=best_params,
-            best_loss=best_loss.astype(state.best_loss.dtype),
-            num_accepted=num_accepted,
-            steps_since_improvement=stale,
-            done=done,
-            schedule_state=sched,
-            proposal_state=prep.proposal_state,
-        )
-        frozen = state._replace(done=jnp.ones((), bool))
-        new_state = tree_map(lambda f, s: jnp.where(halt, f, s), frozen, stepped)
-
-        mean = jnp.where(
-            num_finite > 0,
-            jnp.sum(jnp.where(finite, raw, 0.0)) / jnp.maximum(num_finite, 1),
-            jnp.inf,
-        )
-        info = AnnealInfo(
-            accepted=accepted,
-            delta=delta,
-            temperature=t,
-            radius=r,
-            loss=loss,
-            proposal_loss_min=best_prop,
-            proposal_loss_mean=mean,
-            num_nonfinite=(num_proposals - num_finite).astype(jnp.int32),
-            acceptance_rate=new_state.num_accepted / jnp.maximum(new_state.count, 1),
-            error=~jnp.isfinite(incumbent_loss),
-        )
-        return new_state, info
+        return _step(cfg, key, state, batch)
 
     return step
 
@@ -321,7 +389,7 @@ def simulated_annealing(
     patience: int | None = None,
     mesh=None,
     axis_name: str | None = None,
-) -> SimulatedAnnealing:
+) -> Optimizer:
     """Build simulated annealing for ``loss_fn(params, key, batch) -> scalar``.
 
     Args:
@@ -337,18 +405,25 @@ def simulated_annealing(
         StatefulSchedule; None means 1.0.
       t_min: stop (``done``) once T < t_min; > 0 or None.
       patience: stop after this many steps without improvement of the best
-        loss; >= 1 or None.
+        loss; >= 1 or None. Stopping is kept in the state, so vmapped chains
+        stop independently and a resumed run stops where it would have (see
+        the module docstring).
       mesh: a ``jax.sharding.Mesh`` (e.g. ``savae_jax.distributed.make_mesh()``)
-        to shard the K + 1 loss evaluations of a step over, or None: one
-        device (or the mesh of an enclosing ``distributed.use_mesh`` block).
-        K + 1 need not divide the device count: the members are padded with
-        inactive copies of the incumbent, which never win.
+        to shard the K + 1 loss evaluations of a step over, or None: the step
+        never shards itself: a step built without ``mesh=`` runs unsharded
+        even when called under a mesh context (``jax.set_mesh``, or
+        ``jax.sharding.use_mesh`` in older JAX), since a context read at
+        trace time would not be part of ``jax.jit``'s cache key. K + 1 need
+        not divide the device count: the members are padded with inactive
+        copies of the incumbent, which never win.
       axis_name: the mesh axis to shard along; None: the mesh's only axis.
     Returns:
-      SimulatedAnnealing(init, step): ``init(params) -> AnnealState``;
-      ``step(key, state, batch) -> (AnnealState, AnnealInfo)``, pure, to be
-      jitted by the caller. When the incumbent is halted, the step returns the
-      state unchanged (with ``done`` set) and ``info.accepted`` False.
+      ``savae_jax.optimizer.Optimizer(init, step, cost, loss_fn, mesh)``:
+      ``init(params) -> AnnealState``; ``step(key, state, batch) ->
+      (AnnealState, AnnealInfo)``, pure, to be jitted by the caller (when the
+      chain is halted, it returns the state unchanged, with ``done`` set, and
+      ``info.accepted`` False); ``cost = K + 1 + proposal.cost`` loss
+      evaluations per step.
     """
     step = build_kernel(loss_fn, num_proposals, proposal, temperature, acceptance, radius, t_min, patience,
                         mesh, axis_name)
@@ -356,4 +431,5 @@ def simulated_annealing(
     def init_fn(params) -> AnnealState:
         return init(params, proposal, temperature, radius)
 
-    return SimulatedAnnealing(init_fn, step)
+    cost = int(num_proposals) + 1 + int(proposal.cost)
+    return Optimizer(init_fn, step, cost, loss_fn, mesh)

@@ -52,7 +52,8 @@ def as_optax(
 
     The returned updates are ``new_params - params``, so
     ``optax.apply_updates(params, updates)`` equals the annealer's new params
-    up to floating-point rounding of that difference.
+    up to floating-point rounding of that difference. The step is built
+    without a mesh, so it never shards its proposals.
     """
     _validate(num_proposals, proposal, acceptance, t_min, patience)
 
