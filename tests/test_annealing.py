@@ -12,6 +12,7 @@ import pytest
 import savae_jax.annealing as an
 from savae_jax.elbo import make_loss
 from savae_jax.models import MLPVAE, init as model_init
+from savae_jax.optimizer import GRAD_COST, Optimizer
 
 
 # ---------------------------------------------------------------- helpers
@@ -324,6 +325,27 @@ def test_hyperparameters_can_be_swept_in_one_vmap():
         assert int(swept.num_accepted[i]) == int(one.num_accepted)
     # The sweep really differs between members (not one run broadcast).
     assert len(set(np.asarray(swept.num_accepted).tolist())) > 1
+
+
+def test_annealer_is_an_optimizer_that_states_its_cost():
+    sa = an.simulated_annealing(identity_loss, 8, an.gaussian(0.1), 1.0, an.metropolis())
+    assert isinstance(sa, Optimizer) and an.SimulatedAnnealing is Optimizer
+    assert sa.cost == 8 + 1 and sa.loss_fn is identity_loss and sa.mesh is None
+    # langevin's one gradient per step is charged on top of the K + 1 evaluations.
+    sa = an.simulated_annealing(identity_loss, 8, an.langevin(0.1), 1.0, an.metropolis())
+    assert an.langevin(0.1).cost == GRAD_COST and sa.cost == 8 + 1 + GRAD_COST
+    assert an.low_rank(0.1).cost == an.cauchy(0.1).cost == 0
+    assert an.AnnealInfo.LOGGED == ("temperature", "radius", "acceptance_rate")
+
+
+def test_step_without_mesh_never_shards_under_a_mesh_context():
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("devices",))
+    args = (identity_loss, 4, shift_proposal(-1.0), 1.0, an.metropolis())
+    plain, sharded = an.simulated_annealing(*args), an.simulated_annealing(*args, mesh=mesh)
+    inputs = (jax.random.key(0), plain.init(jnp.float32(0.0)), None)
+    with jax.set_mesh(mesh):
+        assert "shard_map" not in str(jax.make_jaxpr(plain.step)(*inputs))
+    assert "shard_map" in str(jax.make_jaxpr(sharded.step)(*inputs))
 
 
 def test_init_rejects_nonfinite_params():
