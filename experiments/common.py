@@ -116,15 +116,21 @@ MODEL_DEFAULTS = {"model": "mlp", "hidden": 500, "latents": 20, "likelihood": "b
 
 
 def make_model(config: dict):
-    """The VAE named by config["model"] (ValueError names the flag)."""
-    for key in ("hidden", "latents"):
-        if not (isinstance(config[key], int) and config[key] > 0):
-            raise ValueError(f"--{key}: must be a positive integer, got {config[key]!r}")
-    if config["model"] == "conv":
-        return sv.ConvVAE(latents=config["latents"], hidden=config["hidden"], likelihood=config["likelihood"])
-    if config["model"] != "mlp":
+    """The VAE named by config["model"] (ValueError names the flag).
+
+    The library checks the fields; its message ("hidden must be an integer
+    >= 1, got 0") is reworded to name the flag ("--hidden: must be ...").
+    """
+    if config["model"] not in MODELS:
         raise ValueError(f"--model: unknown model {config['model']!r}; choose one of {', '.join(MODELS)}")
-    return sv.MLPVAE(hidden=config["hidden"], latents=config["latents"], likelihood=config["likelihood"])
+    cls = sv.ConvVAE if config["model"] == "conv" else sv.MLPVAE
+    try:
+        return cls(hidden=config["hidden"], latents=config["latents"], likelihood=config["likelihood"])
+    except ValueError as err:
+        name, _, reason = str(err).partition(" ")
+        if name not in ("hidden", "latents", "likelihood"):
+            raise
+        raise ValueError(f"--{name}: {reason}") from err
 
 
 def make_training_loss(model, config: dict):

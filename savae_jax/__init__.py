@@ -4,9 +4,9 @@ Everything is a pure function of ``(key, params, batch)``; one loss function,
 ``make_loss(model)``, is shared by every optimizer.
 """
 
-from savae_jax import annealing, beta, checkpoint, data, elbo, evaluation, models, runner, training
+from savae_jax import annealing, beta, checkpoint, data, evaluation, models, objectives, runner, training
 from savae_jax.data import Dataset, load
-from savae_jax.elbo import ELBOParts, gaussian_kl, iwae_bound, make_loss
+from savae_jax.objectives import ELBOParts, elbo, gaussian_kl, iwae_bound, make_loss
 from savae_jax.evaluation import diagnostics, evaluate, evaluate_iwae
 from savae_jax.models import ConvVAE, MLPVAE
 from savae_jax.training import Algorithm, fit
@@ -34,6 +34,7 @@ __all__ = [
     "load",
     "make_loss",
     "models",
+    "objectives",
     "runner",
     "training",
 ]

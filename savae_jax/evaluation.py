@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from savae_jax import data as data_lib
-from savae_jax import elbo as elbo_lib
+from savae_jax import models as models_lib
+from savae_jax import objectives
 
 # The default evaluation key: every method in a comparison is scored with the
 # same reparameterisation and binarisation noise.
@@ -25,6 +28,22 @@ def _eval_inputs(images, key, batch_size: int):
     if key is None:
         key = jax.random.key(EVAL_SEED)
     return images, key, min(batch_size, images.shape[0])
+
+
+def _model_first(first, second, name: str):
+    """``(model, params)`` from the first two arguments of ``name``.
+
+    The order is ``(model, params, images)``, as ``evaluate(loss_fn, params,
+    images)``: what to compute, then the parameters, then the data. The old
+    order ``(params, model, images)`` (recognised by the flax Module in second
+    place) still works and gives the same value, with a DeprecationWarning.
+    """
+    if isinstance(second, nn.Module) and not isinstance(first, nn.Module):
+        warnings.warn(f"{name}(params, model, images, ...) is deprecated: call "
+                      f"{name}(model, params, images, ...), the order of evaluate(loss_fn, params, "
+                      "images)", DeprecationWarning, stacklevel=3)
+        return second, first
+    return first, second
 
 
 def per_example_loss(loss_fn, params, key: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
@@ -118,7 +137,7 @@ def _evaluate_iwae(params, key, images, *, model, num_samples, chunk_size, batch
     key_bin, key_loss = jax.random.split(key)
 
     def one(k, xi):
-        return elbo_lib.iwae_bound(k, params, xi[None], model, num_samples, chunk_size)[0]
+        return objectives.iwae_bound(k, params, xi[None], model, num_samples, chunk_size)[0]
 
     def chunk_sum(args):
         chunk_idx, chunk_mask = args
@@ -131,8 +150,8 @@ def _evaluate_iwae(params, key, images, *, model, num_samples, chunk_size, batch
 
 
 def evaluate_iwae(
-    params,
     model,
+    params,
     images,
     num_samples: int,
     key: jax.Array | None = None,
@@ -153,12 +172,12 @@ def evaluate_iwae(
     importance samples from ``iwae_bound(fold_in(key_loss, i), ...)``.
 
     Memory: ``batch_size * chunk_size`` decoder outputs at a time
-    (``elbo.iwae_bound`` scans over sample chunks with a running
+    (``objectives.iwae_bound`` scans over sample chunks with a running
     log-sum-exp), independent of ``num_samples``.
 
     Args:
-      params: model parameters.
       model: the VAE module (hashable: it is a static argument of the jit).
+      params: model parameters.
       images: (N, H, W, C) array in [0, 1].
       num_samples: k, importance samples per example (e.g. 5000).
       key: evaluation key; ``None`` means ``jax.random.key(EVAL_SEED)``.
@@ -168,6 +187,7 @@ def evaluate_iwae(
     Returns:
       A Python float.
     """
+    model, params = _model_first(model, params, "evaluate_iwae")
     images, key, batch_size = _eval_inputs(images, key, batch_size)
     value = _evaluate_iwae(
         params, key, images, model=model, num_samples=int(num_samples),
@@ -221,8 +241,8 @@ def _mutual_info(key, mean, logvar, *, block):
 
 
 def diagnostics(
-    params,
     model,
+    params,
     images,
     key: jax.Array | None = None,
     batch_size: int = 1000,
@@ -249,7 +269,7 @@ def diagnostics(
     Images are binarised exactly as ``evaluate`` does for the same ``key``.
 
     Args:
-      params, model: the VAE (``model.encode`` is used).
+      model, params: the VAE (``model.encode`` is used).
       images: (N, H, W, C) array in [0, 1].
       key: evaluation key; ``None`` means ``jax.random.key(EVAL_SEED)``.
       batch_size: examples per encoder call.
@@ -261,6 +281,7 @@ def diagnostics(
       ``active_units`` (int), ``posterior_mean_variance`` (list),
       ``mutual_info``, ``mi_examples`` (int, M), ``mi_max`` (log M).
     """
+    model, params = _model_first(model, params, "diagnostics")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if mi_examples < 1:
@@ -272,7 +293,7 @@ def diagnostics(
     batch_size = min(batch_size, images.shape[0])
     mean, logvar = _posteriors(params, key_bin, images, model=model, batch_size=batch_size,
                                binarize=binarize, static_seed=static_seed)
-    kl_per_dim = np.asarray(jnp.mean(elbo_lib.gaussian_kl_per_dim(mean, logvar), axis=0), np.float64)
+    kl_per_dim = np.asarray(jnp.mean(objectives.gaussian_kl_per_dim(mean, logvar), axis=0), np.float64)
     variance = np.asarray(jnp.var(mean, axis=0), np.float64)
     m = min(images.shape[0], mi_examples)
     mi = _mutual_info(key_loss, mean[:m], logvar[:m], block=min(m, 128))
@@ -288,8 +309,8 @@ def diagnostics(
 
 
 def report(
-    params,
     model,
+    params,
     images,
     key: jax.Array | None = None,
     binarize: str | None = None,
@@ -299,7 +320,7 @@ def report(
     """The numbers to believe before a VAE result: ELBO, IWAE-k, posterior diagnostics.
 
     Args:
-      params, model: the trained VAE.
+      model, params: the trained VAE.
       images: the held-out set (N, H, W, C) in [0, 1].
       key: evaluation key (default: the fixed ``EVAL_SEED`` key).
       binarize, static_seed: as in ``evaluate``.
@@ -310,18 +331,17 @@ def report(
       "diagnostics": {...}}`` of plain floats; the ELBO is the true one
       (beta = 1) whatever objective trained the model.
     """
-    from savae_jax import elbo as elbo_lib, models
-
-    out = {"test_neg_elbo": evaluate(elbo_lib.make_loss(model), params, images, key,
+    model, params = _model_first(model, params, "report")
+    out = {"test_neg_elbo": evaluate(objectives.make_loss(model), params, images, key,
                                      binarize=binarize, static_seed=static_seed)}
     if iwae_samples:
         out["iwae_samples"] = int(iwae_samples)
-        out["test_neg_iwae"] = evaluate_iwae(params, model, images, iwae_samples, key,
+        out["test_neg_iwae"] = evaluate_iwae(model, params, images, iwae_samples, key,
                                              binarize=binarize, static_seed=static_seed)
         out["elbo_iwae_gap"] = out["test_neg_elbo"] - out["test_neg_iwae"]
     if getattr(model, "likelihood", "bernoulli") == "logistic":
-        out["bits_per_dim"] = models.bits_per_dim(out["test_neg_elbo"], np.shape(images)[1:])
-    out["diagnostics"] = diagnostics(params, model, images, key, binarize=binarize,
+        out["bits_per_dim"] = models_lib.bits_per_dim(out["test_neg_elbo"], np.shape(images)[1:])
+    out["diagnostics"] = diagnostics(model, params, images, key, binarize=binarize,
                                      static_seed=static_seed)
     return out
 

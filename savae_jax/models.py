@@ -14,6 +14,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from savae_jax import validation
+
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
 
 # Floor of a learned log-scale (Gaussian sigma or logistic scale), as in
@@ -160,8 +162,14 @@ class _VAEBase(nn.Module):
 
     A subclass defines the fields ``likelihood`` and ``gaussian_sigma``, a
     ``setup`` with submodules ``encoder`` (x -> (mean, logvar)) and
-    ``decoder``, and ``decode_params(z, image_shape) -> (loc, log_scale)``.
+    ``decoder``, ``decode_params(z, image_shape) -> (loc, log_scale)`` and
+    ``_validate()``, which checks the fields when the module is constructed
+    (a bad size is a ValueError at ``MLPVAE(hidden=0)``, not at ``init``).
     """
+
+    def __post_init__(self):
+        self._validate()
+        super().__post_init__()
 
     def __call__(self, x: jax.Array, key: jax.Array) -> VAEOutput:
         """Encode ``x``, sample z with ``key``, decode; returns a VAEOutput."""
@@ -260,12 +268,12 @@ class MLPVAE(_VAEBase):
     likelihood: str = "bernoulli"
     gaussian_sigma: float | None = None
 
-    def setup(self):
-        if self.hidden < 1:
-            raise ValueError(f"hidden must be >= 1, got {self.hidden}")
-        if self.latents < 1:
-            raise ValueError(f"latents must be >= 1, got {self.latents}")
+    def _validate(self):
+        validation.integer("hidden", self.hidden, 1)
+        validation.integer("latents", self.latents, 1)
         _check_likelihood(self.likelihood, self.gaussian_sigma)
+
+    def setup(self):
         self.encoder = Encoder(self.hidden, self.latents)
         self.decoder = Decoder(self.hidden, _learned_scale(self.likelihood, self.gaussian_sigma))
 
@@ -357,12 +365,14 @@ class ConvVAE(_VAEBase):
     likelihood: str = "bernoulli"
     gaussian_sigma: float | None = None
 
-    def setup(self):
-        if self.latents < 1:
-            raise ValueError(f"latents must be >= 1, got {self.latents}")
+    def _validate(self):
+        validation.integer("latents", self.latents, 1)
+        validation.integer("hidden", self.hidden, 1)
         if len(self.features) < 1 or min(self.features) < 1:
             raise ValueError(f"features must be a non-empty sequence of positive ints, got {self.features}")
         _check_likelihood(self.likelihood, self.gaussian_sigma)
+
+    def setup(self):
         self.encoder = ConvEncoder(tuple(self.features), self.hidden, self.latents)
         self.decoder = ConvDecoder(tuple(self.features), self.hidden,
                                    _learned_scale(self.likelihood, self.gaussian_sigma))

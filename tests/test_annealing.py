@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import savae_jax.annealing as an
-from savae_jax.elbo import make_loss
+from savae_jax.objectives import make_loss
 from savae_jax.models import MLPVAE, init as model_init
 from savae_jax.optimizer import GRAD_COST, Optimizer
 

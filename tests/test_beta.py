@@ -8,7 +8,7 @@ import pytest
 
 import savae_jax as sv
 from savae_jax import beta as beta_lib
-from savae_jax import elbo as elbo_lib
+from savae_jax import objectives as elbo_lib
 from savae_jax import models, optimizer
 
 

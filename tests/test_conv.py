@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import savae_jax as sv
-from savae_jax import data, elbo as elbo_lib, models
+from savae_jax import data, models, objectives
 
 SMALL = dict(latents=4, features=(8, 16), hidden=32)
 
@@ -124,4 +124,4 @@ def test_training_step_on_mock_cifar10_lowers_the_loss(tfds_mock, tmp_path, monk
     # A proper discrete likelihood: at most ~8 bits/dim plus the KL, and finite.
     assert np.isfinite(bpd) and 0.0 < bpd < 12.0
     # The IWAE bound works for the conv model too.
-    assert bool(jnp.all(jnp.isfinite(elbo_lib.iwae_bound(key, params1, x[:2], model, 3))))
+    assert bool(jnp.all(jnp.isfinite(objectives.iwae_bound(key, params1, x[:2], model, 3))))

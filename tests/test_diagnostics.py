@@ -41,7 +41,7 @@ def test_ignored_dimensions_are_inactive_with_zero_kl():
     mean_w[0, 0] = mean_w[1, 1] = 2.0
     logvar_b = np.array([-2.0, -2.0, 0.0, 0.0, 0.0])
     model, params = _model_with_encoder(pixels, hidden, latents, mean_w, logvar_b, rng)
-    d = evaluation.diagnostics(params, model, images, batch_size=128)
+    d = evaluation.diagnostics(model, params, images, batch_size=128)
 
     assert d["active_units"] == 2
     np.testing.assert_allclose(d["kl_per_dim"][2:], 0.0, atol=1e-6)
@@ -63,14 +63,14 @@ def test_mutual_information_limits():
     images = rng.uniform(size=(n, 2, 2, 1)).astype(np.float32)
     # An encoder that ignores x: q(z|x) = N(0, I) for every x, so I(x; z) = 0 exactly.
     model, params = _model_with_encoder(4, 4, latents, np.zeros((4, latents)), np.zeros(latents), rng)
-    d = evaluation.diagnostics(params, model, images)
+    d = evaluation.diagnostics(model, params, images)
     assert abs(d["mutual_info"]) < 1e-5 and d["active_units"] == 0 and d["kl"] < 1e-6
     # A sharp encoder of distinct inputs: each z identifies its x, so the
     # estimate reaches its ceiling log M.
     w = np.zeros((4, latents))
     w[0, 0] = w[1, 1] = 50.0
     model, params = _model_with_encoder(4, 4, latents, w, np.full(latents, -12.0), rng)
-    d = evaluation.diagnostics(params, model, images, mi_examples=150)
+    d = evaluation.diagnostics(model, params, images, mi_examples=150)
     assert d["mi_examples"] == 150
     np.testing.assert_allclose(d["mutual_info"], math.log(150), atol=0.02)
     assert d["active_units"] == 2
@@ -83,7 +83,7 @@ def test_diagnostics_binarises_like_evaluate_and_validates():
     w[0, 0] = 1.0
     model, params = _model_with_encoder(4, 4, 3, w, np.zeros(3), rng)
     key = jax.random.key(7)
-    d = evaluation.diagnostics(params, model, images, key=key, binarize="dynamic")
+    d = evaluation.diagnostics(model, params, images, key=key, binarize="dynamic")
     # The binary images `evaluate` scores for this key: mean of dimension 0 is pixel 0.
     key_bin, _ = jax.random.split(key)
     x = evaluation._eval_images(jnp.asarray(images), jnp.arange(50), key_bin, "dynamic", 0)
@@ -91,4 +91,14 @@ def test_diagnostics_binarises_like_evaluate_and_validates():
     np.testing.assert_allclose(d["posterior_mean_variance"][0], np.var(pixel), rtol=1e-5)
     np.testing.assert_allclose(d["kl_per_dim"][0], 0.5 * np.mean(pixel**2), rtol=1e-5)
     with pytest.raises(ValueError, match="mi_examples"):
-        evaluation.diagnostics(params, model, images, mi_examples=0)
+        evaluation.diagnostics(model, params, images, mi_examples=0)
+
+
+def test_diagnostics_old_argument_order_warns_and_gives_the_same_numbers():
+    rng = np.random.default_rng(3)
+    images = rng.uniform(size=(40, 2, 2, 1)).astype(np.float32)
+    model, params = _model_with_encoder(4, 4, 2, rng.normal(size=(4, 2)), np.zeros(2), rng)
+    want = evaluation.diagnostics(model, params, images, mi_examples=30)
+    with pytest.warns(DeprecationWarning, match=r"diagnostics\(model, params, images"):
+        got = evaluation.diagnostics(params, model, images, mi_examples=30)
+    assert got == want

@@ -10,8 +10,7 @@ import optax
 import pytest
 
 import savae_jax as sv
-from savae_jax import elbo as elbo_lib
-from savae_jax import evaluation, models
+from savae_jax import evaluation, models, objectives
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,7 @@ def _log_normal(z, mean, logvar):
     return -0.5 * jnp.sum(math.log(2 * math.pi) + logvar + jnp.square(z - mean) / jnp.exp(logvar), -1)
 
 
-_iwae = jax.jit(elbo_lib.iwae_bound, static_argnames=("model", "num_samples", "chunk_size"))
+_iwae = jax.jit(objectives.iwae_bound, static_argnames=("model", "num_samples", "chunk_size"))
 
 
 def test_k1_is_the_one_sample_elbo_on_the_same_key_path():
@@ -45,7 +44,7 @@ def test_k1_is_the_one_sample_elbo_on_the_same_key_path():
     bound = _iwae(key, params, x, model=model, num_samples=1)
     # Sample 0 uses fold_in(key, 0): the z that `elbo` draws from that key.
     k0 = jax.random.fold_in(key, 0)
-    parts, out = jax.jit(lambda k: (elbo_lib.elbo(k, params, x, model), model.apply(params, x, k)))(k0)
+    parts, out = jax.jit(lambda k: (objectives.elbo(k, params, x, model), model.apply(params, x, k)))(k0)
     mc_elbo = (parts.log_likelihood + _log_normal(out.z, 0.0, jnp.zeros_like(out.z))
                - _log_normal(out.z, out.mean, out.logvar))
     np.testing.assert_allclose(bound, mc_elbo, rtol=1e-5, atol=1e-5)
@@ -66,7 +65,7 @@ def test_bound_increases_with_k_on_a_trained_model(trained, digits):
     assert means[0] < means[1] < means[2], means
     assert means[2] - means[0] > 0.5, means  # a real gain, not rounding
     # k = 1 is the (analytic-KL) ELBO in expectation: 297 examples, one sample each.
-    elbo = elbo_lib.elbo(jax.random.key(6), params, x, model).elbo
+    elbo = objectives.elbo(jax.random.key(6), params, x, model).elbo
     assert abs(means[0] - float(elbo.mean())) < 1.0, (means[0], float(elbo.mean()))
 
 
@@ -79,15 +78,32 @@ def test_evaluate_iwae_matches_evaluate_conventions(digits):
     key = jax.random.key(9)
 
     def neg_iwae_loss(p, k, x):
-        return -jnp.mean(elbo_lib.iwae_bound(k, p, x, model, 3))
+        return -jnp.mean(objectives.iwae_bound(k, p, x, model, 3))
 
     # "dynamic" is the mode whose images depend on the key.
     want = evaluation.evaluate(neg_iwae_loss, params, images, key, batch_size=20,
                                binarize="dynamic")
-    got = evaluation.evaluate_iwae(params, model, images, 3, key=key, batch_size=16,
+    got = evaluation.evaluate_iwae(model, params, images, 3, key=key, batch_size=16,
                                    binarize="dynamic")
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert got > 0  # a negative log-likelihood in nats
+
+
+def test_old_argument_order_warns_and_gives_the_same_float(digits):
+    """``evaluate_iwae`` and ``report`` take ``(model, params, images)``, as ``evaluate``
+    takes ``(loss_fn, params, images)``; the old ``(params, model, images)`` still
+    works, with a DeprecationWarning, and gives the identical float."""
+    model = sv.MLPVAE(hidden=16, latents=3)
+    params = models.init(jax.random.key(0), model, digits[1].images[:1])
+    images = digits[1].images[:30]
+    new = evaluation.evaluate_iwae(model, params, images, 4, batch_size=16, binarize="dynamic")
+    with pytest.warns(DeprecationWarning, match=r"evaluate_iwae\(model, params, images"):
+        old = evaluation.evaluate_iwae(params, model, images, 4, batch_size=16, binarize="dynamic")
+    assert old == new
+    want = evaluation.report(model, params, images, iwae_samples=2)
+    with pytest.warns(DeprecationWarning, match=r"report\(model, params, images"):
+        got = evaluation.report(params, model, images, iwae_samples=2)
+    assert got == want and want["test_neg_iwae"] == sv.evaluate_iwae(model, params, images, 2)
 
 
 class LinearGaussianVAE(nn.Module):
@@ -141,9 +157,9 @@ def test_linear_gaussian_k5000_matches_closed_form_log_px():
     }}
     xs = jnp.asarray(x, jnp.float32).reshape(6, 1, 1, d)
     key = jax.random.key(0)
-    k1 = np.asarray(jax.vmap(lambda k: elbo_lib.iwae_bound(k, params, xs, model, 1))(
+    k1 = np.asarray(jax.vmap(lambda k: objectives.iwae_bound(k, params, xs, model, 1))(
         jax.random.split(key, 500)).mean(0))
-    k5000 = np.asarray(elbo_lib.iwae_bound(key, params, xs, model, 5000, chunk_size=500))
+    k5000 = np.asarray(objectives.iwae_bound(key, params, xs, model, 5000, chunk_size=500))
     # Tolerance 0.02 nats per example (Monte Carlo error and the O(1/k) bias
     # are ~1e-3 here); the one-sample ELBO is clearly further away.
     np.testing.assert_allclose(k5000, exact, atol=0.02)
@@ -156,6 +172,6 @@ def test_iwae_validates_arguments():
     x = jnp.zeros((1, 2, 2, 1))
     params = models.init(jax.random.key(0), model, x)
     with pytest.raises(ValueError, match="num_samples"):
-        elbo_lib.iwae_bound(jax.random.key(0), params, x, model, 0)
+        objectives.iwae_bound(jax.random.key(0), params, x, model, 0)
     with pytest.raises(ValueError, match="chunk_size"):
-        elbo_lib.iwae_bound(jax.random.key(0), params, x, model, 3, chunk_size=0)
+        objectives.iwae_bound(jax.random.key(0), params, x, model, 3, chunk_size=0)

@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 
 import savae_jax as sv
-from savae_jax import elbo as elbo_lib
-from savae_jax import models
+from savae_jax import models, objectives
 
 
 def test_gaussian_kl_matches_closed_form():
@@ -51,7 +50,7 @@ def test_elbo_of_one_pixel_model_matches_hand_computation():
     log_lik = 0.8 * logit - math.log1p(math.exp(logit))
     kl = 0.5 * (math.exp(logvar) + mean**2 - 1 - logvar)
 
-    parts = elbo_lib.elbo(key, params, x, model, beta=1.0)
+    parts = objectives.elbo(key, params, x, model, beta=1.0)
     np.testing.assert_allclose(parts.log_likelihood, [log_lik], rtol=1e-5)
     np.testing.assert_allclose(parts.kl, [kl], rtol=1e-5)
     np.testing.assert_allclose(parts.elbo, [log_lik - kl], rtol=1e-5)
@@ -79,7 +78,7 @@ def test_loss_is_mean_negative_elbo():
     model = sv.MLPVAE(hidden=16, latents=3)
     x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1))
     params = models.init(jax.random.key(1), model, x)
-    parts = elbo_lib.elbo(jax.random.key(5), params, x, model)
+    parts = objectives.elbo(jax.random.key(5), params, x, model)
     loss = sv.make_loss(model)(params, jax.random.key(5), x)
     np.testing.assert_allclose(loss, -np.mean(parts.elbo), rtol=1e-6)
     # A 64-pixel Bernoulli model at init is near 64 ln 2 = 44.4 nats.
@@ -91,6 +90,49 @@ def test_loss_is_mean_negative_elbo():
 def test_bad_model_arguments(kwargs, name):
     with pytest.raises(ValueError, match=name):
         models.init(jax.random.key(0), sv.MLPVAE(**kwargs), jnp.zeros((1, 8, 8, 1)))
+
+
+@pytest.mark.parametrize("cls", [sv.MLPVAE, sv.ConvVAE])
+@pytest.mark.parametrize("kwargs, message", [
+    ({"hidden": 0}, "hidden must be an integer >= 1, got 0"),
+    ({"latents": -2}, "latents must be an integer >= 1, got -2"),
+    ({"hidden": 2.5}, "hidden must be an integer >= 1, got 2.5"),
+    ({"latents": True}, "latents must be an integer >= 1, got True"),
+])
+def test_model_sizes_are_checked_when_the_model_is_built(cls, kwargs, message):
+    with pytest.raises(ValueError, match=f"^{message}$"):
+        cls(**kwargs)
+
+
+def test_make_model_names_the_flag():
+    """The scripts' ``make_model`` rewords the library's check to name the flag."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "common.py"
+    spec = importlib.util.spec_from_file_location("_models_elbo_common", path)
+    common = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(common)
+    config = dict(common.MODEL_DEFAULTS, hidden=32, latents=4)
+    for model in ("mlp", "conv"):
+        assert common.make_model(dict(config, model=model)).hidden == 32
+        with pytest.raises(ValueError, match=r"^--hidden: must be an integer >= 1, got 0$"):
+            common.make_model(dict(config, model=model, hidden=0))
+        with pytest.raises(ValueError, match=r"^--latents: must be an integer >= 1, got -1$"):
+            common.make_model(dict(config, model=model, latents=-1))
+    with pytest.raises(ValueError, match="^--model: unknown model"):
+        common.make_model(dict(config, model="rnn"))
+
+
+def test_elbo_is_the_function_at_top_level():
+    """``sv.elbo`` is the ELBO itself (the module is ``savae_jax.objectives``)."""
+    model = sv.MLPVAE(hidden=8, latents=2)
+    x = jnp.full((3, 4, 4, 1), 0.5)
+    params = models.init(jax.random.key(0), model, x)
+    parts = sv.elbo(jax.random.key(1), params, x, model, beta=0.5)
+    assert isinstance(parts, sv.ELBOParts) and parts.elbo.shape == (3,)
+    assert sv.elbo is objectives.elbo and sv.make_loss is objectives.make_loss
+    assert sv.iwae_bound is objectives.iwae_bound and sv.gaussian_kl is objectives.gaussian_kl
 
 
 def test_bad_init_rank_and_beta():
