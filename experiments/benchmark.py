@@ -557,7 +557,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small K and data: a smoke run under a minute")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
-    distributed.add_arguments(parser)
+    common.add_scale_out_flags(parser)
     args, mesh = common.parse_args(parser, argv)
     result = run(args.quick, mesh)
     if not distributed.is_primary():  # across processes, process 0 reports

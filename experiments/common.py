@@ -7,6 +7,7 @@ library; nothing here is needed from a notebook.
 from __future__ import annotations
 
 import inspect
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ from typing import Any
 import optax
 
 import savae_jax as sv
-from savae_jax import annealing
+from savae_jax import annealing, distributed
 
 # Every public optax callable whose first parameter is `learning_rate`
 # (adam, adamw, rmsprop, sgd, lion, ...).
@@ -60,19 +61,15 @@ def parse_args(parser, argv):
 
     Returns ``(args, mesh)``; a bad distributed setting is a usage error (exit 2).
     """
-    from savae_jax import distributed
-
     args = parser.parse_args(argv)
     try:
-        return args, distributed.from_args(args)
+        return args, mesh_from_args(args)
     except ValueError as err:
         parser.error(str(err))
 
 
 def make_log():
     """``log(line)``: print (flushed) in process 0, nothing in the others (--distributed)."""
-    from savae_jax import distributed
-
     if distributed.is_primary():
         return lambda line: print(line, flush=True)
     return lambda line: None
@@ -86,12 +83,61 @@ def check_same_workdir(workdir) -> None:
     """
     import zlib
 
-    from savae_jax import distributed
-
     path = str(Path(workdir).absolute())
     if not distributed.same_everywhere(zlib.crc32(path.encode())):
         raise ValueError(f"--workdir: every process of a --distributed run must pass the same folder "
                          f"(one all processes see); this process has {path}, another has a different one")
+
+
+def add_scale_out_flags(parser) -> None:
+    """Add the scale-out flags of the experiment scripts to an argparse parser.
+
+    --distributed, --coordinator, --num-processes, --process-id (see
+    ``distributed.initialize_distributed``) and --devices (the mesh; see ``mesh_from_args``).
+    """
+    group = parser.add_argument_group("scale-out (docs/distributed.md)")
+    group.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (multi-process/multi-host) "
+                            "and run on a mesh of every process's devices")
+    group.add_argument("--coordinator", default=None,
+                       help="with --distributed: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS "
+                            "or auto-detected)")
+    group.add_argument("--num-processes", type=int, default=None,
+                       help="with --distributed: number of processes (default: $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, default=None,
+                       help="with --distributed: this process's index (default: $JAX_PROCESS_ID)")
+    group.add_argument("--devices", default=None,
+                       help="shard over a mesh of this many devices, or 'all' (default: one device; "
+                            "with --distributed: all devices of all processes)")
+
+
+def mesh_from_args(args):
+    """Initialise ``jax.distributed`` if ``args.distributed``, then the mesh ``--devices`` asks for.
+
+    Call it before any other JAX call of the script. Returns None (one
+    device, the default code path) unless --devices or --distributed is given.
+    """
+    for flag in ("coordinator", "num_processes", "process_id"):
+        if getattr(args, flag) is not None and not args.distributed:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --distributed")
+    if args.distributed:
+        try:
+            distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as err:
+            raise ValueError(f"--distributed: {err}") from err
+    devices = args.devices
+    if devices is None and not args.distributed:
+        return None
+    if devices is None or devices == "all":
+        return distributed.make_mesh()
+    try:
+        count = int(devices)
+    except ValueError:
+        raise ValueError(f"--devices: must be a number or 'all', got {devices!r}") from None
+    try:
+        return distributed.make_mesh(count)
+    except ValueError as err:
+        raise ValueError(f"--devices: {err}") from err
 
 
 def add_model_flags(parser) -> None:
@@ -212,13 +258,14 @@ def make_acceptance(config: dict, prefix: str = ""):
     return annealing.metropolis() if name == "metropolis" else annealing.greedy()
 
 
-def make_annealer(loss_fn, config: dict, prefix: str = "") -> annealing.SimulatedAnnealing:
+def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None) -> sv.Optimizer:
     """``annealing.simulated_annealing`` from a dict of ``SA_DEFAULTS`` keys.
 
     Args:
       loss_fn: the shared loss.
       config: hyperparameters; missing keys take ``SA_DEFAULTS``.
       prefix: how errors name a key (e.g. "--sa-" or "sa.").
+      mesh: the mesh to shard the proposals over (--devices), or None.
     """
     unknown = set(config) - set(SA_DEFAULTS)
     if unknown:
@@ -240,6 +287,7 @@ def make_annealer(loss_fn, config: dict, prefix: str = "") -> annealing.Simulate
             acceptance=make_acceptance(config, prefix),
             t_min=config["t_min"],
             patience=config["patience"],
+            mesh=mesh,
         )
     except (TypeError, ValueError) as err:
         if str(err).startswith(prefix):
@@ -262,12 +310,39 @@ def probe_step(algorithm, params, image_shape, batch_size: int) -> None:
     jax.eval_shape(algorithm.step, jax.random.key(0), algorithm.init(params), x)
 
 
-def annealing_cost(config: dict) -> int:
-    """Evaluations per annealing step: K proposals + the incumbent (+ a gradient for langevin)."""
-    from savae_jax.runner import GRAD_COST
+def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resume", "quiet", "workdir")) -> None:
+    """Refuse an unusable --workdir before any training (errors name --workdir / --resume).
 
-    config = SA_DEFAULTS | config
-    return config["proposals"] + 1 + (GRAD_COST if config["proposal"] == "langevin" else 0)
+    The folder must be writable (probed); one that holds a run (its
+    config.json) is refused unless ``resume``, and then its saved config must
+    equal ``config`` except for the keys in ``not_compared``.
+    """
+    import jax
+
+    from savae_jax import checkpoint
+
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir: {workdir} exists and is not a folder")
+    probe = workdir / f".write-test-{jax.process_index()}"  # one per process: they may share workdir
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_bytes(probe, b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--workdir: cannot write to {workdir}: {err}") from err
+    saved_path = workdir / "config.json"
+    if not saved_path.exists():
+        return
+    if not resume:
+        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it "
+                         "or choose another --workdir (nothing was overwritten)")
+    saved = json.loads(saved_path.read_text())["config"]
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
+             for k in sorted(set(saved) | set(config))
+             if k not in not_compared and saved.get(k) != config.get(k)]
+    if diffs:
+        raise ValueError("--resume: the run in --workdir has a different config:\n  " + "\n  ".join(diffs))
+
 
 
 def save_grids(workdir, key, params, model, test_images, binarize, label: str | None = None) -> None:

@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import savae_jax as sv  # noqa: E402
-from savae_jax import checkpoint, runner, training  # noqa: E402
+from savae_jax import checkpoint, driver  # noqa: E402
 from savae_jax import distributed  # noqa: E402
 
 METHODS = ("adam", "rmsprop", "sgd", "sa", "sa-refine", "langevin-sa")
@@ -95,8 +95,22 @@ def build_parser() -> argparse.ArgumentParser:
     add("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
     add("--quiet", action="store_true", help="no progress bars")
     common.add_model_flags(p)
-    distributed.add_arguments(p)
+    common.add_scale_out_flags(p)
     return p
+
+
+def parse_set(item: str) -> tuple[str, str, object]:
+    """``--set METHOD.KEY=VALUE`` as ``(method, key, value)``; the value is JSON or a bare word."""
+    target, sep, raw = item.partition("=")
+    method, dot, name = target.partition(".")
+    if not (sep and dot and name):
+        raise ValueError(f"--set: expected METHOD.KEY=VALUE, got {item!r}")
+    if method not in METHODS:
+        raise ValueError(f"--set: unknown method {method!r} in {item!r}; choose from {', '.join(METHODS)}")
+    try:
+        return method, name, json.loads(raw)
+    except json.JSONDecodeError:
+        return method, name, raw  # a bare word such as gaussian
 
 
 def resolve_config(args) -> dict:
@@ -118,16 +132,7 @@ def resolve_config(args) -> dict:
         if value is not None and key != "method_config":
             config[key] = value
     for item in args.set:
-        target, sep, raw = item.partition("=")
-        method, dot, name = target.partition(".")
-        if not (sep and dot and name):
-            raise ValueError(f"--set: expected METHOD.KEY=VALUE, got {item!r}")
-        if method not in METHODS:
-            raise ValueError(f"--set: unknown method {method!r} in {item!r}; choose from {', '.join(METHODS)}")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw  # a bare word such as gaussian
+        method, name, value = parse_set(item)
         config["method_config"][method][name] = value
 
     methods = [m.strip() for m in str(config["methods"]).split(",") if m.strip()]
@@ -142,7 +147,7 @@ def resolve_config(args) -> dict:
         config["checkpoint_every"] = 5 * config["eval_every"]
     if not (isinstance(config["eval_iwae"], int) and config["eval_iwae"] >= 0):
         raise ValueError(f"--eval-iwae: must be an integer >= 0, got {config['eval_iwae']!r}")
-    for key in ("budget_evals", "batch_size", "hidden", "latents", "eval_every", "checkpoint_every"):
+    for key in ("budget_evals", "batch_size", "eval_every", "checkpoint_every"):
         if not (isinstance(config[key], int) and config[key] > 0):
             raise ValueError(f"--{key.replace('_', '-')}: must be a positive integer, got {config[key]!r}")
     if config["checkpoint_every"] % config["eval_every"]:
@@ -155,48 +160,21 @@ def resolve_config(args) -> dict:
     return config
 
 
-def build_phases(method: str, settings: dict, loss_fn) -> list[runner.Phase]:
+def build_phases(method: str, settings: dict, loss_fn, mesh=None) -> list[driver.Phase]:
     """A method's phases from its settings (ValueError names the offending --set key)."""
     prefix = f"--set {method}."
     if method in ("adam", "rmsprop", "sgd"):
         optimizer = common.make_optimizer(method, settings["lr"], f"{prefix}lr")
-        return [runner.Phase(method, training.as_algorithm(loss_fn, optimizer), runner.GRAD_COST)]
+        return [driver.Phase(method, sv.from_optax(loss_fn, optimizer))]
     sa_settings = {k: v for k, v in settings.items() if k not in ("adam_share", "adam_lr")}
-    annealer = training.as_algorithm(loss_fn, common.make_annealer(loss_fn, sa_settings, prefix))
-    sa_phase = runner.Phase("sa", annealer, common.annealing_cost(sa_settings))
+    annealer = common.make_annealer(loss_fn, sa_settings, prefix, mesh=mesh)
     if method != "sa-refine":
-        return [sa_phase]
+        return [driver.Phase("sa", annealer)]
     share = settings["adam_share"]
     if not 0 < share < 1:
         raise ValueError(f"{prefix}adam_share: must be in (0, 1), got {share}")
     adam = common.make_optimizer("adam", settings["adam_lr"], f"{prefix}adam_lr")
-    return [runner.Phase("adam", training.as_algorithm(loss_fn, adam), runner.GRAD_COST, share),
-            sa_phase._replace(share=1 - share)]
-
-
-def check_workdir(workdir: Path, config: dict, resume: bool) -> None:
-    """Refuse an unusable workdir before any training (errors name --workdir / --resume)."""
-    if workdir.exists() and not workdir.is_dir():
-        raise ValueError(f"--workdir: {workdir} exists and is not a folder")
-    probe = workdir / f".write-test-{jax.process_index()}"  # one per process: they may share workdir
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_bytes(probe, b"")
-        probe.unlink()
-    except OSError as err:
-        raise ValueError(f"--workdir: cannot write to {workdir}: {err}") from err
-    saved_path = workdir / "config.json"
-    if not saved_path.exists():
-        return
-    if not resume:
-        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it "
-                         "or choose another --workdir (nothing was overwritten)")
-    saved = json.loads(saved_path.read_text())["config"]
-    diffs = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
-             for k in sorted(set(saved) | set(config))
-             if k not in NOT_COMPARED and saved.get(k) != config.get(k)]
-    if diffs:
-        raise ValueError("--resume: the run in --workdir has a different config:\n  " + "\n  ".join(diffs))
+    return driver.refinement(sv.from_optax(loss_fn, adam), annealer, share=share)
 
 
 def environment() -> dict:
@@ -266,31 +244,39 @@ def plot(workdir: Path, results: dict) -> None:
         plt.close(fig)
 
 
+def validate(args, mesh) -> tuple:
+    """Everything main needs, checked before any file is written (ValueError names the flag)."""
+    config = resolve_config(args)
+    model = common.make_model(config)
+    train_loss = common.make_training_loss(model, config)
+    methods = {m: build_phases(m, config["method_config"][m], train_loss, mesh)
+               for m in config["methods"].split(",")}
+    train = sv.load(config["dataset"], "train", config["data_dir"])
+    test = sv.load(config["dataset"], "test", config["data_dir"])
+    steps_per_epoch = sv.data.num_batches(len(train.images), config["batch_size"])
+    probe_params = sv.models.init(jax.random.key(0), model, train.images[:1])
+    for name, phases in methods.items():
+        try:
+            driver.phase_steps(phases, steps_per_epoch, config["budget_evals"])
+        except ValueError as err:
+            raise ValueError(f"--budget-evals: {err}") from err
+        for phase in phases:  # e.g. a rank larger than a layer: before any file
+            if phase.name == "sa":
+                try:
+                    common.probe_step(phase.optimizer, probe_params, train.images.shape[1:], config["batch_size"])
+                except ValueError as err:
+                    raise ValueError(f"--set {name}.*: {err}") from err
+    return config, model, methods, train, test
+
+
 def main(argv=None) -> dict:
     parser = build_parser()
     args, mesh = common.parse_args(parser, argv)
     workdir = Path(args.workdir)
     try:
-        config = resolve_config(args)
-        binarize = None if config["binarize"] == "none" else config["binarize"]
-        model = common.make_model(config)
-        train_loss = common.make_training_loss(model, config)
-        methods = {m: build_phases(m, config["method_config"][m], train_loss)
-                   for m in config["methods"].split(",")}
-        train = sv.load(config["dataset"], "train", config["data_dir"])
-        test = sv.load(config["dataset"], "test", config["data_dir"])
-        sv.data.num_batches(len(train.images), config["batch_size"])
-        probe_params = sv.models.init(jax.random.key(0), model, train.images[:1])
-        for name, phases in methods.items():  # e.g. a rank larger than a layer: before any file
-            for phase in phases:
-                if phase.name == "sa":
-                    try:
-                        common.probe_step(phase.algorithm, probe_params, train.images.shape[1:],
-                                          config["batch_size"])
-                    except ValueError as err:
-                        raise ValueError(f"--set {name}.*: {err}") from err
+        config, model, methods, train, test = validate(args, mesh)
         common.check_same_workdir(workdir)
-        check_workdir(workdir, config, args.resume)
+        common.check_workdir(workdir, config, args.resume, NOT_COMPARED)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err).replace("batch_size", "--batch-size"))
 
@@ -304,11 +290,9 @@ def main(argv=None) -> dict:
         checkpoint.atomic_write_json(workdir / "config.json", {"config": config, **environment()})
     log(f"{config['dataset']}: {len(train.images)} train / {len(test.images)} test, "
         f"budget {config['budget_evals']} evals per method, backend {jax.default_backend()}")
-
     try:
-        with distributed.use_mesh(mesh):  # None: one device, as without the flags
-            results = run_all(methods, config, args, workdir, model, train, test, binarize, log)
-    except runner.NonFiniteLossError as err:
+        results = run_all(methods, config, args, workdir, model, train, test, mesh, log)
+    except driver.NonFiniteLossError as err:
         sys.exit(f"compare.py: stopped: {err}. Results of finished methods are in {workdir}.")
     except OSError as err:
         sys.exit(f"compare.py: cannot write to --workdir {workdir}: {err}. "
@@ -321,36 +305,28 @@ def main(argv=None) -> dict:
     return results
 
 
-def run_all(methods, config, args, workdir, model, train, test, binarize, log) -> dict:
+def run_all(methods, config, args, workdir, model, train, test, mesh, log) -> dict:
     """Run every method in turn; results.json grows after each one.
 
     Every method is scored by the true ELBO (beta = 1) whatever it trained on.
     """
+    binarize = None if config["binarize"] == "none" else config["binarize"]
     eval_loss = sv.make_loss(model)
+    evaluate = lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=binarize)  # noqa: E731
     key_init, key_run, key_grid = jax.random.split(jax.random.key(config["seed"]), 3)
     params0 = sv.models.init(key_init, model, train.images[:1])
     results = {}
     for name, phases in methods.items():
-        params, history = runner.run_method(
-            key_run, phases, params0, train.images, test.images, eval_loss,
-            batch_size=config["batch_size"], binarize=binarize, eval_every=config["eval_every"],
-            budget_evals=config["budget_evals"], budget_seconds=config["budget_seconds"],
-            checkpoint_every=config["checkpoint_every"],
-            checkpoint_dir=workdir / "checkpoints" / name, resume=args.resume,
-            progress=not args.quiet and distributed.is_primary(), desc=name, log=log,
-        )
+        params, history = driver.run(
+            key_run, phases, params0, train.images, batch_size=config["batch_size"],
+            eval_every=config["eval_every"], budget_evals=config["budget_evals"],
+            budget_seconds=config["budget_seconds"], batch_fn=sv.data.BatchFn(binarize), evaluate=evaluate,
+            checkpoint_every=config["checkpoint_every"], checkpoint_dir=workdir / "checkpoints" / name,
+            resume=args.resume, mesh=mesh, progress=not args.quiet and distributed.is_primary(), desc=name,
+            log=log)
+        results[name] = method_result(history, sv.evaluation.report(
+            model, params, test.images, binarize=binarize, iwae_samples=config["eval_iwae"]))
         last = history[-1]
-        report = sv.evaluation.report(params, model, test.images, binarize=binarize,
-                                      iwae_samples=config["eval_iwae"])
-        results[name] = {
-            "final_test_neg_elbo": last["test_neg_elbo"],
-            "best_test_neg_elbo": min(row["test_neg_elbo"] for row in history),
-            **{k: report[k] for k in ("test_neg_iwae", "elbo_iwae_gap", "bits_per_dim") if k in report},
-            "active_units": report["diagnostics"]["active_units"],
-            "evals": last["evals"], "steps": last["step"], "seconds": last["seconds"],
-            "diagnostics": report["diagnostics"],
-            "history": history,
-        }
         log(f"{name}: test negative ELBO {last['test_neg_elbo']:.3f} nats after {last['evals']} evals, "
             f"{last['seconds']:.1f} s")
         checkpoint.save_params(workdir / "params" / name, params)  # collective: every process
@@ -359,6 +335,20 @@ def run_all(methods, config, args, workdir, model, train, test, binarize, log) -
             common.save_grids(workdir, key_grid, params, model, test.images, binarize, label=name)
             checkpoint.atomic_write_json(workdir / "results.json", results)
     return results
+
+
+def method_result(history: list[dict], report: dict) -> dict:
+    """One method's entry of results.json: final and best test numbers, costs, diagnostics, history."""
+    last = history[-1]
+    return {
+        "final_test_neg_elbo": last["test_neg_elbo"],
+        "best_test_neg_elbo": min(row["test_neg_elbo"] for row in history),
+        **{k: report[k] for k in ("test_neg_iwae", "elbo_iwae_gap", "bits_per_dim") if k in report},
+        "active_units": report["diagnostics"]["active_units"],
+        "evals": last["evals"], "steps": last["step"], "seconds": last["seconds"],
+        "diagnostics": report["diagnostics"],
+        "history": history,
+    }
 
 
 if __name__ == "__main__":

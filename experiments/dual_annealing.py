@@ -119,7 +119,7 @@ def main(argv=None):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
-    distributed.add_arguments(parser)
+    common.add_scale_out_flags(parser)
     args, mesh = common.parse_args(parser, argv)
     for flag in ("runs", "steps", "proposals", "dim"):
         if getattr(args, flag) < 1:

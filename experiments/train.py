@@ -6,6 +6,8 @@ Example:
       --binarize dynamic --workdir runs/adam
 
 Outputs in --workdir (each written atomically):
+  config.json       the run's settings (a rerun in the same --workdir needs --resume)
+  checkpoints/      the whole run state at every epoch (for --resume after a kill)
   metrics.json      {"config", "history": [...], "final": {"test_neg_elbo", "test_neg_iwae"
                     (with --eval-iwae K), "bits_per_dim" (logistic likelihood), "diagnostics",
                     "train_seconds", ...}}
@@ -27,8 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 import savae_jax as sv  # noqa: E402
-from savae_jax import checkpoint  # noqa: E402
-from savae_jax import distributed  # noqa: E402
+from savae_jax import checkpoint, distributed, driver, training  # noqa: E402
 
 # Types of the --sa-* flags whose default is None.
 _SA_NONE_TYPES = {"t_min": float, "patience": int}
@@ -58,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--binarize", choices=["dynamic", "static", "none"], default="dynamic")
     common.add_model_flags(p)
-    distributed.add_arguments(p)
+    common.add_scale_out_flags(p)
     p.add_argument("--workdir", default="runs/train")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch log lines stay)")
     p.add_argument("--init-from", default=None,
                    help="start from saved parameters (e.g. W/params of an earlier run)")
@@ -82,85 +84,119 @@ def sa_config(args) -> dict:
     return {key: getattr(args, "sa_" + key) for key in common.SA_DEFAULTS}
 
 
-def make_optimizer(args, loss_fn):
+def make_optimizer(args, loss_fn, mesh=None) -> sv.Optimizer:
     """What --optimizer names: an annealer for "sa", else ``optax.<name>(--lr)``."""
     if args.optimizer == "sa":
-        return common.make_annealer(loss_fn, sa_config(args), prefix="--sa-")
-    return common.make_optimizer(args.optimizer, args.lr)
+        return common.make_annealer(loss_fn, sa_config(args), prefix="--sa-", mesh=mesh)
+    return sv.from_optax(loss_fn, common.make_optimizer(args.optimizer, args.lr))
+
+
+# Settings that may differ between a run and its --resume.
+NOT_COMPARED = ("resume", "quiet", "workdir")
+
+
+def validate(args, mesh) -> dict:
+    """Everything main needs, checked before any file is written (ValueError names the flag)."""
+    model_config = {k: v if getattr(args, k) is None else getattr(args, k)
+                    for k, v in common.MODEL_DEFAULTS.items()}
+    model = common.make_model(model_config)
+    loss_fn = common.make_training_loss(model, model_config)
+    eval_iwae = args.eval_iwae or 0
+    if eval_iwae < 0:
+        raise ValueError(f"--eval-iwae: must be >= 0, got {eval_iwae}")
+    optimizer = make_optimizer(args, loss_fn, mesh)
+    if args.pretrain_epochs < 0:
+        raise ValueError(f"--pretrain-epochs: must be >= 0, got {args.pretrain_epochs}")
+    pretrain = (sv.from_optax(loss_fn, common.make_optimizer(args.pretrain_optimizer, args.pretrain_lr,
+                                                             "--pretrain-optimizer"))
+                if args.pretrain_epochs else None)
+    train = sv.load(args.dataset, "train", args.data_dir)
+    test = sv.load(args.dataset, "test", args.data_dir)
+    if args.batch_size > len(train.images):
+        raise ValueError(f"--batch-size: {args.batch_size} is larger than the "
+                         f"{len(train.images)} training images")
+    params = sv.models.init(jax.random.key(args.seed), model, train.images[:1])  # shapes only
+    if args.init_from:
+        checkpoint.load_params(args.init_from, like=params, name="--init-from")
+    if args.optimizer == "sa":  # e.g. --sa-rank larger than a layer: refused before training
+        try:
+            common.probe_step(optimizer, params, train.images.shape[1:], args.batch_size)
+        except ValueError as err:
+            raise ValueError(f"--sa-*: {err}") from err
+    config = vars(args) | model_config | {"eval_iwae": eval_iwae, "backend": jax.default_backend(),
+                                          "devices": [str(d) for d in jax.devices()]}
+    return {"config": config, "model": model, "loss_fn": loss_fn, "optimizer": optimizer,
+            "pretrain": pretrain, "train": train, "test": test}
+
+
+def make_phases(args, run: dict, keys) -> list[driver.Phase]:
+    """--optimizer for --epochs, after --pretrain-optimizer for --pretrain-epochs when asked."""
+    key_pretrain, key_fit = keys
+    if run["pretrain"] is None:
+        return [driver.Phase(args.optimizer, run["optimizer"], epochs=args.epochs, key=key_fit)]
+    return driver.refinement(run["pretrain"], run["optimizer"], epochs=(args.pretrain_epochs, args.epochs),
+                             names=(args.pretrain_optimizer, args.optimizer), keys=(key_pretrain, key_fit))
 
 
 def main(argv=None) -> dict:
     parser = build_parser()
     args, mesh = common.parse_args(parser, argv)
+    workdir = Path(args.workdir)
     try:
-        model_config = {k: v if getattr(args, k) is None else getattr(args, k)
-                        for k, v in common.MODEL_DEFAULTS.items()}
-        model = common.make_model(model_config)
-        loss_fn = common.make_training_loss(model, model_config)
-        eval_iwae = args.eval_iwae or 0
-        if eval_iwae < 0:
-            raise ValueError(f"--eval-iwae: must be >= 0, got {eval_iwae}")
-        optimizer = make_optimizer(args, loss_fn)
-        if args.pretrain_epochs < 0:
-            raise ValueError(f"--pretrain-epochs: must be >= 0, got {args.pretrain_epochs}")
-        pretrain = (common.make_optimizer(args.pretrain_optimizer, args.pretrain_lr, "--pretrain-optimizer")
-                    if args.pretrain_epochs else None)
-        workdir = Path(args.workdir)
+        run = validate(args, mesh)
         common.check_same_workdir(workdir)
-        if workdir.exists() and not workdir.is_dir():
-            raise ValueError(f"--workdir: {workdir} exists and is not a folder")
-        train = sv.load(args.dataset, "train", args.data_dir)
-        test = sv.load(args.dataset, "test", args.data_dir)
-        if args.batch_size > len(train.images):
-            raise ValueError(f"--batch-size: {args.batch_size} is larger than the "
-                             f"{len(train.images)} training images")
-        key_init, key_pretrain, key_fit, key_grid = jax.random.split(jax.random.key(args.seed), 4)
-        params = sv.models.init(key_init, model, train.images[:1])
-        if args.init_from:
-            params = checkpoint.load_params(args.init_from, like=params, name="--init-from")
-        if args.optimizer == "sa":  # e.g. --sa-rank larger than a layer: refused before training
-            try:
-                common.probe_step(sv.training.as_algorithm(loss_fn, optimizer), params,
-                                  train.images.shape[1:], args.batch_size)
-            except ValueError as err:
-                raise ValueError(f"--sa-*: {err}") from err
+        common.check_workdir(workdir, run["config"], args.resume, NOT_COMPARED)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    model, train, test = run["model"], run["train"], run["test"]
     binarize = None if args.binarize == "none" else args.binarize
-    config = vars(args) | model_config | {"eval_iwae": eval_iwae, "backend": jax.default_backend(),
-                           "devices": [str(d) for d in jax.devices()]}
     # Across processes (--distributed) every process trains the same replicated
     # model; process 0 alone prints and writes --workdir (give all the same one).
     primary = distributed.is_primary()
+    distributed.barrier("train.py: workdir checked")  # before process 0 writes config.json
+    if primary and not (workdir / "config.json").exists():
+        checkpoint.atomic_write_json(workdir / "config.json", {"config": run["config"]})
     log = common.make_log()
     log(f"{args.dataset}: {len(train.images)} train / {len(test.images)} test images "
         f"{train.images.shape[1:]}, {args.optimizer}"
         + ("" if args.optimizer == "sa" else f" lr={args.lr}") + f", backend {jax.default_backend()}")
+    if run["pretrain"] is not None:
+        log(f"pretraining: {args.pretrain_epochs} epochs of {args.pretrain_optimizer}")
 
     start = time.perf_counter()
-    history = []
-    fit = lambda key, params, optimizer, epochs: sv.fit(  # noqa: E731
-        key, params, loss_fn, optimizer, train, epochs, args.batch_size, test,
-        binarize=binarize, eval_loss_fn=sv.make_loss(model), progress=primary and not args.quiet, log=log,
-        mesh=mesh)
-    if pretrain is not None:
-        log(f"pretraining: {args.pretrain_epochs} epochs of {args.pretrain_optimizer}")
-        params, rows = fit(key_pretrain, params, pretrain, args.pretrain_epochs)
-        history += [row | {"phase": args.pretrain_optimizer} for row in rows]
-    params, rows = fit(key_fit, params, optimizer, args.epochs)
-    history += [row | {"phase": args.optimizer, "epoch": row["epoch"] + args.pretrain_epochs} for row in rows]
-    train_seconds, wall_seconds = sum(row["seconds"] for row in history), time.perf_counter() - start
-    final = sv.evaluation.report(params, model, test.images, binarize=binarize, iwae_samples=eval_iwae)
-    metrics = {"config": config, "history": history,
-               "final": final | {"train_seconds": train_seconds, "wall_seconds": wall_seconds}}
+    key_init, key_pretrain, key_fit, key_grid = jax.random.split(jax.random.key(args.seed), 4)
+    params = sv.models.init(key_init, model, train.images[:1])
+    if args.init_from:
+        params = checkpoint.load_params(args.init_from, like=params, name="--init-from")
+    steps_per_epoch = sv.data.num_batches(len(train.images), args.batch_size)
+    eval_loss = sv.make_loss(model)
+    try:
+        params, history = driver.run(
+            key_fit, make_phases(args, run, (key_pretrain, key_fit)), params, train.images,
+            batch_size=args.batch_size, eval_every=steps_per_epoch, batch_fn=sv.data.BatchFn(binarize),
+            evaluate=lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=binarize),
+            checkpoint_dir=workdir / "checkpoints", resume=args.resume, mesh=mesh,
+            progress=primary and not args.quiet, log=log, on_row=training.epoch_rows(steps_per_epoch, log))
+    except driver.NonFiniteLossError as err:
+        sys.exit(f"train.py: stopped: {err}")
+    return finish(args, run, workdir, params, history, key_grid, time.perf_counter() - start, log)
+
+
+def finish(args, run, workdir, params, history, key_grid, wall_seconds, log) -> dict:
+    """The final report: metrics.json, params/ and the image grids."""
+    model, test = run["model"], run["test"]
+    binarize = None if args.binarize == "none" else args.binarize
+    eval_iwae = run["config"]["eval_iwae"]
+    final = sv.evaluation.report(model, params, test.images, binarize=binarize, iwae_samples=eval_iwae)
+    metrics = {"config": run["config"], "history": history,
+               "final": final | {"train_seconds": history[-1]["seconds"], "wall_seconds": wall_seconds}}
     if eval_iwae:
         log(f"test negative IWAE-{eval_iwae} bound {final['test_neg_iwae']:.3f} nats "
             f"(ELBO gap {final['elbo_iwae_gap']:.3f})")
     log(f"active units {final['diagnostics']['active_units']}/{model.latents}, "
         f"KL {final['diagnostics']['kl']:.3f}, MI {final['diagnostics']['mutual_info']:.3f} nats")
-    workdir.mkdir(parents=True, exist_ok=True)
     checkpoint.save_params(workdir / "params", params)  # collective across processes
-    if primary:
+    if distributed.is_primary():
         common.save_grids(workdir, key_grid, params, model, test.images, binarize)
         checkpoint.atomic_write_json(workdir / "metrics.json", metrics)
     log(f"final test negative ELBO {metrics['final']['test_neg_elbo']:.3f} nats; "

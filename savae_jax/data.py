@@ -537,6 +537,31 @@ def make_batch(images, idx, key=None, binarize=None, static_seed: int = 0) -> ja
     return _binarize_batch(x, idx, key, binarize, static_seed)
 
 
+class BatchFn(NamedTuple):
+    """The per-step batch function, built once: gather a batch and binarise it from a key.
+
+    ``batch_fn(images, idx, key)`` is ``make_batch(images, idx, key,
+    binarize, static_seed)``. A NamedTuple of static values, so it is
+    hashable (a static argument under ``jax.jit``) and one object carries the
+    binarisation to the training driver and the evaluations alike.
+
+    Attributes:
+      binarize: None, "dynamic" or "static" (see ``make_batch``).
+      static_seed: seed of the "static" binarisation.
+    """
+
+    binarize: str | None = None
+    static_seed: int = 0
+
+    def __call__(self, images, idx, key=None) -> jax.Array:
+        return make_batch(images, idx, key, self.binarize, self.static_seed)
+
+    def validate(self) -> "BatchFn":
+        """This BatchFn, after checking ``binarize`` (ValueError naming it)."""
+        _check_binarize(self.binarize)
+        return self
+
+
 _binarize_batch_jit = jax.jit(_binarize_batch, static_argnames=("binarize", "static_seed"))
 
 

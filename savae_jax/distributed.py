@@ -11,19 +11,15 @@ Many processes (hosts, or several processes on one machine)::
     distributed.initialize_distributed("10.0.0.1:1234", num_processes=2, process_id=0)
     mesh = distributed.make_mesh()                      # now the GLOBAL devices
 
-Scripts that cannot thread a ``mesh`` argument through every call can set a
-default for the block: ``with distributed.use_mesh(mesh): ...``; every
-``simulated_annealing`` step traced and every ``training.iterate``/``fit``
-started inside it behaves as if called with ``mesh=mesh``. Outside any such
-block (the default) nothing changes: ``mesh=None`` is the single-device code.
+The mesh is always an explicit ``mesh=`` argument: nothing reads an ambient
+mesh when a step is traced, so a jitted step computes the same thing in every
+context. ``mesh=None`` is the single-device code.
 
 See docs/distributed.md.
 """
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import os
 
 import jax
@@ -32,8 +28,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 DEFAULT_AXIS = "devices"
-
-_MESH: contextvars.ContextVar[tuple[Mesh, str] | None] = contextvars.ContextVar("savae_jax_mesh", default=None)
 
 
 def make_mesh(devices=None, axis_name: str = DEFAULT_AXIS) -> Mesh:
@@ -72,30 +66,6 @@ def mesh_axis(mesh: Mesh, axis_name: str | None, argument: str = "axis_name") ->
     if axis_name not in mesh.axis_names:
         raise ValueError(f"{argument} {axis_name!r} is not an axis of the mesh {mesh.axis_names}")
     return axis_name
-
-
-def current_mesh() -> tuple[Mesh, str] | None:
-    """``(mesh, axis_name)`` of the innermost :func:`use_mesh` block, or None."""
-    return _MESH.get()
-
-
-@contextlib.contextmanager
-def use_mesh(mesh: Mesh | None, axis_name: str | None = None):
-    """Within the block, ``mesh=None`` in the annealer and the training loop means ``mesh``.
-
-    ``use_mesh(None)`` is a no-op block. The annealer reads the mesh when its
-    step is traced (i.e. at the first call of the jitted step), so jit inside
-    the block; ``training.iterate``/``fit`` read it when called.
-
-    Args:
-      mesh: a ``jax.sharding.Mesh`` or None.
-      axis_name: the axis to shard along; None: the mesh's only axis.
-    """
-    token = _MESH.set(None if mesh is None else (mesh, mesh_axis(mesh, axis_name)))
-    try:
-        yield mesh
-    finally:
-        _MESH.reset(token)
 
 
 def replicate(tree, mesh: Mesh):
@@ -220,54 +190,3 @@ def initialize_distributed(coordinator_address: str | None = None, num_processes
     if cpu_collectives is not None and (platforms == "" or "cpu" in platforms.split(",")):
         jax.config.update("jax_cpu_collectives_implementation", cpu_collectives)
     jax.distributed.initialize(**{k: v for k, v in values.items() if v is not None}, **kwargs)
-
-
-def add_arguments(parser) -> None:
-    """Add the scale-out flags of the experiment scripts to an argparse parser.
-
-    --distributed, --coordinator, --num-processes, --process-id (see
-    :func:`initialize_distributed`) and --devices (the mesh; see :func:`from_args`).
-    """
-    group = parser.add_argument_group("scale-out (docs/distributed.md)")
-    group.add_argument("--distributed", action="store_true",
-                       help="call jax.distributed.initialize() first (multi-process/multi-host) "
-                            "and run on a mesh of every process's devices")
-    group.add_argument("--coordinator", default=None,
-                       help="with --distributed: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS "
-                            "or auto-detected)")
-    group.add_argument("--num-processes", type=int, default=None,
-                       help="with --distributed: number of processes (default: $JAX_NUM_PROCESSES)")
-    group.add_argument("--process-id", type=int, default=None,
-                       help="with --distributed: this process's index (default: $JAX_PROCESS_ID)")
-    group.add_argument("--devices", default=None,
-                       help="shard over a mesh of this many devices, or 'all' (default: one device; "
-                            "with --distributed: all devices of all processes)")
-
-
-def from_args(args) -> Mesh | None:
-    """Initialise ``jax.distributed`` if ``args.distributed``, then the mesh ``--devices`` asks for.
-
-    Call it before any other JAX call of the script. Returns None (one
-    device, the default code path) unless --devices or --distributed is given.
-    """
-    for flag in ("coordinator", "num_processes", "process_id"):
-        if getattr(args, flag) is not None and not args.distributed:
-            raise ValueError(f"--{flag.replace('_', '-')} needs --distributed")
-    if args.distributed:
-        try:
-            initialize_distributed(args.coordinator, args.num_processes, args.process_id)
-        except ValueError as err:
-            raise ValueError(f"--distributed: {err}") from err
-    devices = args.devices
-    if devices is None and not args.distributed:
-        return None
-    if devices is None or devices == "all":
-        return make_mesh()
-    try:
-        count = int(devices)
-    except ValueError:
-        raise ValueError(f"--devices: must be a number or 'all', got {devices!r}") from None
-    try:
-        return make_mesh(count)
-    except ValueError as err:
-        raise ValueError(f"--devices: {err}") from err

@@ -85,8 +85,8 @@ def make_loss(model, beta=1.0, free_bits: float | None = None) -> LossFn:
     ``loss_fn(params, key, x) -> scalar``. With a schedule (any callable
     ``count -> beta``, e.g. ``savae_jax.beta.linear_warmup``) it is
     ``loss_fn(params, key, x, step=None)``: ``step`` is the optimizer's step
-    count (``training.optax_algorithm`` passes it when the loss has a ``step``
-    parameter); ``step=None`` (evaluation, the annealer, any caller that uses
+    count (``optimizer.from_optax`` passes it, since such a loss is marked
+    ``loss_fn.scheduled = True``); ``step=None`` (evaluation, the annealer, any caller that uses
     three arguments) means ``beta.final``, the schedule's settled value; a
     schedule without ``.final`` (a bare optax schedule) then raises: wrap it
     as ``savae_jax.beta.BetaSchedule(fn, final)``.
@@ -138,6 +138,7 @@ def make_loss(model, beta=1.0, free_bits: float | None = None) -> LossFn:
 
     loss_fn.beta = beta
     loss_fn.free_bits = free_bits
+    loss_fn.scheduled = callable(beta)  # optimizer.from_optax then passes step=count
     return loss_fn
 
 

@@ -29,7 +29,7 @@ import pytest
 
 import savae_jax as sv
 import savae_jax.annealing as an
-from savae_jax import checkpoint, runner, training
+from savae_jax import checkpoint, driver
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare.py"
@@ -95,7 +95,7 @@ def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(t
     loss_fn = sv.make_loss(model)
     key, batch_size = jax.random.key(1), 100
     # The image in the 8th batch of the first epoch poisons the loss from then on.
-    idx, _ = training.epoch_plan(jax.random.fold_in(key, 0), 0, len(images), batch_size)
+    idx, _ = driver.epoch_plan(jax.random.fold_in(key, 0), 0, len(images), batch_size)
     target = images[int(idx[7, 0])]
     hits = [bool(jnp.any(jnp.all(images[row] == target, axis=(1, 2, 3)))) for row in np.asarray(idx)]
     first_bad = hits.index(True) + 1  # steps count from 1
@@ -103,25 +103,24 @@ def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(t
 
     def phases(loss):
         sa = an.simulated_annealing(loss, 4, an.low_rank(0.01), an.exponential(0.01, 0.99), an.metropolis())
-        return [runner.Phase("sa", training.as_algorithm(loss, sa), 5)]
+        return [driver.Phase("sa", sa)]
 
     faulty = phases(nan_on(loss_fn, target))
-    kwargs = dict(batch_size=batch_size, binarize=None, eval_every=2, budget_evals=5 * 40)
-    with pytest.raises(runner.NonFiniteLossError) as info:
-        runner.run_method(key, faulty, params, images, test.images, loss_fn,
-                          checkpoint_dir=tmp_path / "ckpt", **kwargs)
+    kwargs = dict(batch_size=batch_size, eval_every=2, budget_evals=5 * 40,
+                  evaluate=lambda p: sv.evaluate(loss_fn, p, test.images))
+    with pytest.raises(driver.NonFiniteLossError) as info:
+        driver.run(key, faulty, params, images, checkpoint_dir=tmp_path / "ckpt", **kwargs)
     row_end = -(-first_bad // 2) * 2  # the history row whose steps include the NaN
     last_good = row_end - 2
     message = str(info.value)
     assert "nan" in message and f"the last good checkpoint is step {last_good}" in message
     saver = checkpoint.RunCheckpointer(tmp_path / "ckpt")
     assert saver.steps()[-1] == last_good
-    step, state, meta = saver.restore(faulty[0].algorithm.init(params))
+    step, state, meta = saver.restore(faulty[0].optimizer.init(params))
     assert step == last_good and not meta["finished"]
     assert all(np.isfinite(row["train_loss"]) for row in meta["history"])
     # The checkpoint equals a clean run stopped there (run 1 of NUM_RUNS_COMPARED's pair).
-    clean, _ = runner.run_method(key, phases(loss_fn), params, images, test.images, loss_fn,
-                                 **{**kwargs, "budget_evals": 5 * last_good})
+    clean, _ = driver.run(key, phases(loss_fn), params, images, **{**kwargs, "budget_evals": 5 * last_good})
     chex.assert_trees_all_equal(state.params, clean)
 
 
@@ -129,11 +128,11 @@ def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(t
 def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_path, monkeypatch, capsys):
     train = sv.load("digits", "train")
     key_run = jax.random.split(jax.random.key(0), 3)[1]  # compare.py's derivation (seed 0)
-    idx, _ = training.epoch_plan(jax.random.fold_in(key_run, 0), 0, len(train.images), 100)
+    idx, _ = driver.epoch_plan(jax.random.fold_in(key_run, 0), 0, len(train.images), 100)
     target = jnp.asarray(train.images[int(idx[5, 0])])
     make_annealer = common.make_annealer
     monkeypatch.setattr(compare.common, "make_annealer",
-                        lambda loss_fn, config, prefix="": make_annealer(nan_on(loss_fn, target), config, prefix))
+                        lambda loss_fn, config, prefix="", **kw: make_annealer(nan_on(loss_fn, target), config, prefix, **kw))
     flags = [*TINY, "--methods", "adam,sa", "--set", "sa.proposals=8", "--binarize", "none",
              "--eval-every", "2", "--checkpoint-every", "4", "--budget-evals", "90", "--eval-iwae", "0"]
     with pytest.raises(SystemExit) as info:

@@ -169,3 +169,52 @@ def test_conv_model_with_logistic_likelihood_reports_bits_per_dim(tmp_path):
     final = metrics["final"]
     assert final["bits_per_dim"] == pytest.approx(final["test_neg_elbo"] / (64 * np.log(2)), rel=1e-6)
     assert 0.0 < final["bits_per_dim"] < 20.0
+
+
+def test_rerunning_into_a_workdir_that_holds_a_run_needs_resume(tmp_path, capsys):
+    train_script.main(["--epochs", "1", "--workdir", str(tmp_path), *SMALL])
+    before = (tmp_path / "metrics.json").read_bytes()
+    with pytest.raises(SystemExit):
+        train_script.main(["--epochs", "2", "--workdir", str(tmp_path), *SMALL])
+    assert "already holds a run; pass --resume" in capsys.readouterr().err
+    assert (tmp_path / "metrics.json").read_bytes() == before  # nothing was overwritten
+    with pytest.raises(SystemExit):
+        train_script.main(["--epochs", "2", "--workdir", str(tmp_path), "--resume", *SMALL])
+    err = capsys.readouterr().err
+    assert "different config" in err and "epochs: saved 1, now 2" in err
+
+
+@pytest.mark.slow
+def test_pretrain_then_annealing_killed_mid_annealing_resumes_bitwise(tmp_path):
+    """train.py --pretrain-epochs: SIGKILL after the first annealing checkpoint, --resume, and the
+    history and final parameters equal an uninterrupted run's, bitwise."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import without_seconds
+
+    flags = ["--optimizer", "sa", "--pretrain-epochs", "1", "--epochs", "20", "--sa-proposals", "8",
+             "--eval-iwae", "0", *SMALL]
+    reference = train_script.main([*flags, "--workdir", str(tmp_path / "reference")])
+    workdir = tmp_path / "killed"
+    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), *flags, "--workdir", str(workdir)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # 15 steps per epoch: step 30 ends the first annealing epoch.
+    annealing_saved = lambda: any(int(p.name) >= 30 for p in (workdir / "checkpoints").glob("*")  # noqa: E731
+                                  if p.name.isdigit())
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and not annealing_saved() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert proc.poll() is None, "the run finished before it could be killed:\n" + proc.stdout.read()[-3000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert annealing_saved() and not (workdir / "metrics.json").exists()
+    resumed = train_script.main([*flags, "--workdir", str(workdir), "--resume"])
+    assert without_seconds(resumed["history"]) == without_seconds(reference["history"])
+    assert [row["phase"] for row in resumed["history"]] == ["adam"] + ["sa"] * 20
+    assert resumed["final"]["test_neg_elbo"] == reference["final"]["test_neg_elbo"]
+    like = sv.models.init(jax.random.key(0), sv.MLPVAE(hidden=32, latents=4), np.zeros((1, 8, 8, 1)))
+    got, want = (checkpoint.load_params(d / "params", like) for d in (workdir, tmp_path / "reference"))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))

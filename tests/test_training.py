@@ -120,15 +120,15 @@ def test_bad_fit_arguments_name_the_argument(digits, change, name):
 def test_iterate_resumes_mid_epoch_exactly(digits):
     train, _ = digits
     _, params, loss_fn = small_setup(train.images)
-    algorithm = sv.training.as_algorithm(loss_fn, optax.adam(1e-3))
+    algorithm = sv.from_optax(loss_fn, optax.adam(1e-3))
     images = jnp.asarray(train.images)
     key = jax.random.key(4)
 
     def run(state, start, stop):
-        for step, state, loss, _ in sv.training.iterate(key, algorithm, state, images, 128,
-                                                         binarize="dynamic", start_step=start):
+        for step, state, info in sv.driver.iterate(key, algorithm, state, images, 128,
+                                                   batch_fn=sv.data.BatchFn("dynamic"), start_step=start):
             if step == stop:
-                return state, loss
+                return state, info.loss
 
     # 11 steps per epoch: stop at 7 (mid-epoch 0), resume to 25 (mid-epoch 2).
     straight, loss_straight = run(algorithm.init(params), 0, 25)

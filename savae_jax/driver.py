@@ -1,0 +1,409 @@
+"""One run driver for every optimizer: phases, budgets, history rows, checkpoints, progress.
+
+A run is a list of :class:`Phase`\\ s (the seed's refinement recipe is two:
+Adam, then annealing from its optimum; see :func:`refinement`). :func:`run`
+drives each phase's :class:`~savae_jax.optimizer.Optimizer` with one compiled
+step until the phase's budget is spent, records a history row every
+``eval_every`` steps, and saves the whole run state at the rows, so a run
+killed at any point resumes exactly (``resume=True``). ``training.fit``,
+``experiments/train.py`` and ``experiments/compare.py`` all run through it.
+
+Cost is counted in *evaluations*: one forward pass of the loss on one batch
+(``Optimizer.cost`` per step: 3 for a gradient step, K + 1 for annealing with
+K proposals).
+
+Data order: step ``s`` of a phase uses batch ``s % steps_per_epoch`` of epoch
+``s // steps_per_epoch`` of :func:`epoch_plan` and that batch's key, so every
+step is a pure function of the phase's key and its index.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from tqdm.auto import tqdm
+
+from savae_jax import checkpoint, distributed
+from savae_jax import data as data_lib
+from savae_jax.optimizer import Optimizer, as_optimizer, logged_stats
+
+# The fields of every history row, in order; the optimizer's logged info
+# fields (e.g. the annealer's temperature) follow them.
+ROW_FIELDS = ("phase", "step", "evals", "seconds", "train_loss", "test_neg_elbo")
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The training loss became NaN or infinite; the run stopped before saving it."""
+
+
+class Phase(NamedTuple):
+    """One stage of a run.
+
+    Attributes:
+      name: label in the history (e.g. "adam", "sa").
+      optimizer: an :class:`~savae_jax.optimizer.Optimizer` (or an Optax
+        transformation, wrapped by :func:`run` on its ``loss_fn``).
+      share: fraction of the run's budgets (evaluations and seconds) this
+        phase may spend.
+      epochs: this phase's own budget in epochs (None: none).
+      key: the phase's key; None: ``fold_in(run key, phase index)``.
+    """
+
+    name: str
+    optimizer: Any
+    share: float = 1.0
+    epochs: int | None = None
+    key: jax.Array | None = None
+
+
+class Position(NamedTuple):
+    """Where a run is: phase index, steps and seconds in that phase, totals so far."""
+
+    phase: int = 0
+    step: int = 0
+    phase_seconds: float = 0.0
+    total_steps: int = 0
+    evals: int = 0
+    seconds: float = 0.0
+
+
+def refinement(gradient, annealer, *, share: float | None = None, epochs: tuple[int, int] | None = None,
+               names: tuple[str, str] = ("adam", "sa"), keys=(None, None)) -> list[Phase]:
+    """The seed's recipe: a gradient phase, then annealing from its optimum (x0 = x*).
+
+    Give the split either as ``share`` (the gradient phase's fraction of the
+    run's budgets, in (0, 1)) or as ``epochs`` (each phase's epochs).
+
+    Args:
+      gradient: the gradient optimizer (an Optimizer or Optax transformation).
+      annealer: the annealer (``annealing.simulated_annealing(...)``).
+      share: the gradient phase's share of ``budget_evals``/``budget_seconds``.
+      epochs: ``(gradient_epochs, annealing_epochs)``, each >= 1.
+      names: the phases' names in the history.
+      keys: the phases' keys (None: derived from the run's key).
+    """
+    if (share is None) == (epochs is None):
+        raise ValueError("refinement needs exactly one of share or epochs")
+    if share is not None:
+        if not 0 < share < 1:
+            raise ValueError(f"share must be in (0, 1), got {share}")
+        return [Phase(names[0], gradient, share, key=keys[0]),
+                Phase(names[1], annealer, 1 - share, key=keys[1])]
+    for name, value in zip(names, epochs):
+        if not (isinstance(value, int) and value >= 1):
+            raise ValueError(f"epochs of phase {name!r} must be an integer >= 1, got {value!r}")
+    return [Phase(names[0], gradient, epochs=epochs[0], key=keys[0]),
+            Phase(names[1], annealer, epochs=epochs[1], key=keys[1])]
+
+
+def epoch_plan(key: jax.Array, epoch: int, num_examples: int, batch_size: int):
+    """Batch indices (steps, batch_size) and one key per step for ``epoch``.
+
+    A pure function of ``(key, epoch)``: any step of any epoch can be
+    recomputed, which is what makes resuming mid-epoch exact.
+    """
+    key_perm, key_steps = jax.random.split(jax.random.fold_in(key, epoch))
+    idx = data_lib.epoch_indices(key_perm, num_examples, batch_size)
+    return idx, jax.random.split(key_steps, idx.shape[0])
+
+
+def make_train_step(optimizer: Optimizer, batch_fn: data_lib.BatchFn = data_lib.BatchFn(),
+                    mesh=None, axis_name: str | None = None):
+    """The per-batch step the driver jits: gather and binarise the batch, then step.
+
+    Returns ``train_step(state, key, images, idx) -> (state, info)``;
+    ``images`` stays on the device and ``idx`` selects the batch, so no data
+    crosses from the host inside the loop. With a ``mesh``, an optimizer that
+    does not shard itself (``optimizer.mesh is None``) runs data parallel:
+    the batch is sharded along ``axis_name`` and XLA all-reduces.
+    """
+    batch_sharding = None
+    if mesh is not None and optimizer.mesh is None:
+        axis_name = distributed.mesh_axis(mesh, axis_name)
+        batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(axis_name))
+
+    def train_step(state, key, images, idx):
+        key_batch, key_step = jax.random.split(key)
+        x = batch_fn(images, idx, key_batch)
+        if batch_sharding is not None:
+            x = jax.lax.with_sharding_constraint(x, batch_sharding)
+        return optimizer.step(key_step, state, x)
+
+    return train_step
+
+
+def iterate(key: jax.Array, optimizer: Optimizer, state, images, batch_size: int = 128, *,
+            batch_fn: data_lib.BatchFn = data_lib.BatchFn(), start_step: int = 0, mesh=None,
+            axis_name: str | None = None):
+    """Compile ``optimizer``'s step once, then return an endless iterator of ``(step, state, info)``.
+
+    Step ``s`` (counted from 0) uses batch ``s % steps_per_epoch`` of epoch
+    ``s // steps_per_epoch`` and that batch's key from :func:`epoch_plan`, so
+    ``iterate(..., start_step=s)`` from a saved state continues exactly as an
+    uninterrupted run would. ``step`` in the output counts the steps done
+    (``start_step + 1`` for the first); the caller decides when to stop.
+
+    Args:
+      key: the phase's key (the same one for every step; see ``epoch_plan``).
+      optimizer: an :class:`~savae_jax.optimizer.Optimizer`.
+      state: its state (``optimizer.init(params)`` or a restored one).
+      images: (N, H, W, C) float32 array in [0, 1], validated by the caller.
+      batch_size: examples per step; the remainder of each epoch is dropped.
+      batch_fn: gathers and binarises a batch (:class:`data.BatchFn`).
+      start_step: number of steps already done.
+      mesh, axis_name: a ``jax.sharding.Mesh`` to run on (docs/distributed.md):
+        the state and images are replicated over it and the batch sharded
+        along ``axis_name`` unless the optimizer shards itself; an optimizer
+        built on another mesh is refused. None: one device.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    steps_per_epoch = data_lib.num_batches(images.shape[0], batch_size)
+    if mesh is not None:
+        if optimizer.mesh is not None and optimizer.mesh != mesh:
+            raise ValueError("mesh: the optimizer was built on another mesh (simulated_annealing(mesh=...)); "
+                             "build it on the run's mesh")
+        state, images = distributed.replicate((state, images), mesh)
+    # Compile ahead of time, here rather than at the first step, so callers
+    # that time the steps do not time the compiler.
+    idx, step_keys = epoch_plan(key, start_step // steps_per_epoch, images.shape[0], batch_size)
+    train_step = jax.jit(make_train_step(optimizer, batch_fn, mesh, axis_name)).lower(
+        state, step_keys[0], images, idx[0]).compile()
+    return _steps(train_step, key, state, images, batch_size, steps_per_epoch, start_step)
+
+
+def _steps(train_step, key, state, images, batch_size, steps_per_epoch, step):
+    epoch, plan = None, None
+    while True:
+        if step // steps_per_epoch != epoch:
+            epoch = step // steps_per_epoch
+            plan = epoch_plan(key, epoch, images.shape[0], batch_size)
+        idx, step_keys = plan
+        state, info = train_step(state, step_keys[step % steps_per_epoch], images, idx[step % steps_per_epoch])
+        step += 1
+        yield step, state, info
+
+
+def phase_steps(phases, steps_per_epoch: int, budget_evals: int | None = None) -> list[int]:
+    """Steps each phase may take: its share of ``budget_evals`` over its cost, and/or its epochs.
+
+    Raises ValueError (naming ``budget_evals`` or the phase) when a phase has
+    no budget or its budget does not pay for one step, so callers can refuse
+    a run before anything is written.
+    """
+    out = []
+    for phase in phases:
+        limits = []
+        if budget_evals is not None:
+            limits.append(int(phase.share * budget_evals) // phase.optimizer.cost)
+        if phase.epochs is not None:
+            limits.append(phase.epochs * steps_per_epoch)
+        if not limits:
+            raise ValueError(f"phase {phase.name!r} has no budget: pass budget_evals or give it epochs")
+        if min(limits) < 1:
+            raise ValueError(
+                f"budget_evals={budget_evals} does not pay for one step of phase {phase.name!r} "
+                f"({phase.optimizer.cost} evaluations per step, share {phase.share:g})")
+        out.append(min(limits))
+    return out
+
+
+class _Run:
+    """The mutable bookkeeping of one :func:`run` call (position, history, checkpoints)."""
+
+    def __init__(self, key, phases, params, images, options):
+        self.key, self.phases, self.params0, self.images, self.o = key, phases, params, images, options
+        self.saver = (None if options["checkpoint_dir"] is None
+                      else checkpoint.RunCheckpointer(options["checkpoint_dir"]))
+        self.pos, self.history, self.finished = Position(), [], False
+        self.state = phases[0].optimizer.init(params)
+
+    def restore(self) -> None:
+        """Continue from the newest readable checkpoint, if any."""
+        if self.saver is None:
+            return
+        # The state's structure depends on the phase that was saved: rebuild
+        # a template from the initial parameters (same shapes) for it.
+        restored = self.saver.restore(
+            lambda meta: self.phases[meta["position"]["phase"]].optimizer.init(self.params0), self.o["log"])
+        if restored is not None:
+            _, self.state, meta = restored
+            self.pos, self.history, self.finished = Position(**meta["position"]), meta["history"], meta["finished"]
+
+    def save(self, finished: bool) -> None:
+        if self.saver is not None:
+            meta = {"position": self.pos._asdict(), "history": self.history, "finished": finished}
+            self.saver.save(self.pos.total_steps, distributed.host_local(self.state), meta)
+
+    def params(self):
+        return distributed.host_local(self.state.params)
+
+    def steps(self, phase_index: int):
+        phase = self.phases[phase_index]
+        key = phase.key if phase.key is not None else jax.random.fold_in(self.key, phase_index)
+        return iterate(key, phase.optimizer, self.state, self.images, self.o["batch_size"],
+                       batch_fn=self.o["batch_fn"], start_step=self.pos.step, mesh=self.o["mesh"],
+                       axis_name=self.o["axis_name"])
+
+    def next_phase(self) -> bool:
+        """Start the next phase from this one's parameters; False after the last."""
+        if self.pos.phase + 1 >= len(self.phases):
+            return False
+        self.state = self.phases[self.pos.phase + 1].optimizer.init(self.state.params)
+        self.pos = self.pos._replace(phase=self.pos.phase + 1, step=0, phase_seconds=0.0)
+        return True
+
+    def segment(self, steps, max_steps: int, max_seconds: float | None):
+        """Steps up to the next row (or the phase's budget): ``(count, loss_sum, info, seconds)``."""
+        loss_sum, count, info = jnp.zeros(()), 0, None
+        start = time.perf_counter()
+        out_of_time = max_seconds is not None and self.pos.phase_seconds >= max_seconds
+        while self.pos.step + count < max_steps and not out_of_time:
+            _, self.state, info = next(steps)
+            loss_sum, count = loss_sum + info.loss, count + 1
+            if max_seconds is not None:
+                info.loss.block_until_ready()  # time only finished work
+                out_of_time = self.pos.phase_seconds + time.perf_counter() - start >= max_seconds
+                out_of_time = distributed.agree(out_of_time)  # process 0's clock decides for all
+            if (self.pos.total_steps + count) % self.o["eval_every"] == 0:
+                break
+        jax.block_until_ready(self.state)
+        return count, loss_sum, info, distributed.agree(time.perf_counter() - start)
+
+    def record(self, count: int, loss_sum, info, seconds: float) -> dict:
+        """Advance the position by ``count`` steps and append their history row."""
+        phase, pos = self.phases[self.pos.phase], self.pos
+        cost = phase.optimizer.cost
+        self.pos = Position(pos.phase, pos.step + count, pos.phase_seconds + seconds, pos.total_steps + count,
+                            pos.evals + cost * count, pos.seconds + seconds)
+        train_loss = float(loss_sum) / count
+        if not math.isfinite(train_loss):
+            self._non_finite(train_loss, count)
+        evaluate = self.o["evaluate"]
+        row = {"phase": phase.name, "step": self.pos.total_steps, "evals": self.pos.evals,
+               "seconds": self.pos.seconds, "train_loss": train_loss,
+               "test_neg_elbo": None if evaluate is None else evaluate(self.params())}
+        row.update(logged_stats(info))
+        self.history.append(row)
+        return row
+
+    def _non_finite(self, train_loss: float, count: int):
+        # A non-finite incumbent (annealing flags it in info.error) or a
+        # diverged gradient step: stop before it reaches a checkpoint.
+        last = self.saver.steps()[-1] if self.saver is not None and self.saver.steps() else None
+        raise NonFiniteLossError(
+            f"{self.o['desc'] or 'run'}: the training loss became {train_loss} between steps "
+            f"{self.pos.total_steps - count} and {self.pos.total_steps} (phase {self.phases[self.pos.phase].name}); "
+            + (f"the last good checkpoint is step {last} in {self.saver.directory}" if last is not None
+               else "no checkpoint was written"))
+
+
+def _check_options(phases, eval_every, checkpoint_every, budget_seconds) -> int:
+    if not phases:
+        raise ValueError("phases must not be empty")
+    if not (isinstance(eval_every, int) and eval_every >= 1):
+        raise ValueError(f"eval_every must be >= 1, got {eval_every}")
+    checkpoint_every = checkpoint_every or eval_every
+    if checkpoint_every < 1 or checkpoint_every % eval_every:
+        raise ValueError(f"checkpoint_every must be a positive multiple of eval_every={eval_every}, "
+                         f"got {checkpoint_every}")
+    if budget_seconds is not None and not budget_seconds > 0:
+        raise ValueError(f"budget_seconds must be > 0, got {budget_seconds}")
+    return checkpoint_every
+
+
+def run(
+    key: jax.Array,
+    phases: list[Phase],
+    params,
+    images,
+    *,
+    batch_size: int = 128,
+    eval_every: int,
+    budget_evals: int | None = None,
+    budget_seconds: float | None = None,
+    batch_fn: data_lib.BatchFn = data_lib.BatchFn(),
+    evaluate: Callable[[Any], float] | None = None,
+    checkpoint_every: int | None = None,
+    checkpoint_dir=None,
+    resume: bool = False,
+    mesh=None,
+    axis_name: str | None = None,
+    progress: bool = False,
+    desc: str = "",
+    log: Callable[[str], None] | None = None,
+    on_row: Callable[[dict], None] | None = None,
+):
+    """Run ``phases`` in order from ``params``; returns ``(params, history)``.
+
+    Args:
+      key: the run's key; phase ``p`` uses ``phase.key`` or ``fold_in(key, p)``.
+      phases: the run's :class:`Phase`\\ s; each starts from the previous one's params.
+      params: initial parameters.
+      images: the training images, a validated (N, H, W, C) array in [0, 1].
+      batch_size: examples per step (the remainder of each epoch is dropped).
+      eval_every: steps between history rows (a phase's end also ends a row).
+      budget_evals: evaluations the run may spend; phase ``p`` gets
+        ``share * budget_evals`` and stops before it would exceed that.
+        Phases with ``epochs`` are limited by those too.
+      budget_seconds: optional wall-clock budget of training time (evaluation
+        and checkpointing excluded), split between phases by share. Time is
+        not reproducible, so a run cut by it resumes exactly only up to where
+        the clock stops it. Across processes, process 0's clock decides.
+      batch_fn: gathers and binarises each batch (:class:`data.BatchFn`).
+      evaluate: ``evaluate(params) -> float``, the row's ``test_neg_elbo``
+        (e.g. a validation or test negative ELBO); None: not evaluated.
+      checkpoint_every: steps between checkpoints, a multiple of
+        ``eval_every`` (checkpoints are taken at rows); None: every row. The
+        end of the run is always saved.
+      checkpoint_dir: where to save the run state; None: never. Across
+        processes every process passes the same folder (Orbax writes it from
+        process 0).
+      resume: continue from the newest readable checkpoint in
+        ``checkpoint_dir`` (a finished run returns at once).
+      mesh, axis_name: run on a ``jax.sharding.Mesh`` (see :func:`iterate`).
+      progress: show a tqdm bar of evaluations; ``desc`` labels it.
+      log: called with messages (e.g. a damaged checkpoint skipped).
+      on_row: called with every new history row (e.g. to print it).
+    Returns:
+      ``(params, history)``; each row has the fields :data:`ROW_FIELDS`
+      (``seconds`` and ``evals`` cumulative) and the optimizer's logged info
+      fields (``temperature``, ``radius``, ``acceptance_rate`` for annealing).
+    """
+    checkpoint_every = _check_options(phases, eval_every, checkpoint_every, budget_seconds)
+    phases = [p._replace(optimizer=as_optimizer(p.optimizer)) for p in phases]
+    images = jnp.asarray(images, jnp.float32)
+    max_steps = phase_steps(phases, data_lib.num_batches(images.shape[0], batch_size), budget_evals)
+    r = _Run(key, phases, params, images, {
+        "batch_size": batch_size, "eval_every": eval_every, "batch_fn": batch_fn, "evaluate": evaluate,
+        "checkpoint_dir": checkpoint_dir, "mesh": mesh, "axis_name": axis_name, "desc": desc, "log": log})
+    if resume:
+        r.restore()
+        if r.finished:
+            return r.params(), r.history
+    total = sum(n * p.optimizer.cost for n, p in zip(max_steps, phases))
+    bar = tqdm(total=total, initial=r.pos.evals, desc=desc, disable=not progress, unit="eval", leave=True)
+    steps = None  # one generator (one compiled step) per phase, kept across rows
+    while True:
+        phase = phases[r.pos.phase]
+        max_seconds = None if budget_seconds is None else phase.share * budget_seconds
+        steps = steps or r.steps(r.pos.phase)
+        count, loss_sum, info, seconds = r.segment(steps, max_steps[r.pos.phase], max_seconds)
+        if count == 0:  # this phase's budget is spent: the next starts from its parameters
+            steps = None
+            if r.next_phase():
+                continue
+            break
+        row = r.record(count, loss_sum, info, seconds)
+        bar.update(phase.optimizer.cost * count)
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("train_loss", "temperature", "acceptance_rate") if k in row})
+        if on_row is not None:
+            on_row(row)
+        if r.pos.total_steps % checkpoint_every == 0:
+            r.save(finished=False)
+    bar.close()
+    r.save(finished=True)
+    return r.params(), r.history
