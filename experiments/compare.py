@@ -311,8 +311,9 @@ def run_all(methods, config, args, workdir, model, train, test, mesh, log) -> di
     Every method is scored by the true ELBO (beta = 1) whatever it trained on.
     """
     binarize = None if config["binarize"] == "none" else config["binarize"]
+    batch_fn = sv.data.BatchFn(binarize)  # one batch function for training and evaluation
     eval_loss = sv.make_loss(model)
-    evaluate = lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=binarize)  # noqa: E731
+    evaluate = lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=batch_fn)  # noqa: E731
     key_init, key_run, key_grid = jax.random.split(jax.random.key(config["seed"]), 3)
     params0 = sv.models.init(key_init, model, train.images[:1])
     results = {}
@@ -320,12 +321,12 @@ def run_all(methods, config, args, workdir, model, train, test, mesh, log) -> di
         params, history = driver.run(
             key_run, phases, params0, train.images, batch_size=config["batch_size"],
             eval_every=config["eval_every"], budget_evals=config["budget_evals"],
-            budget_seconds=config["budget_seconds"], batch_fn=sv.data.BatchFn(binarize), evaluate=evaluate,
+            budget_seconds=config["budget_seconds"], batch_fn=batch_fn, evaluate=evaluate,
             checkpoint_every=config["checkpoint_every"], checkpoint_dir=workdir / "checkpoints" / name,
             resume=args.resume, mesh=mesh, progress=not args.quiet and distributed.is_primary(), desc=name,
             log=log)
         results[name] = method_result(history, sv.evaluation.report(
-            model, params, test.images, binarize=binarize, iwae_samples=config["eval_iwae"]))
+            model, params, test.images, binarize=batch_fn, iwae_samples=config["eval_iwae"]))
         last = history[-1]
         log(f"{name}: test negative ELBO {last['test_neg_elbo']:.3f} nats after {last['evals']} evals, "
             f"{last['seconds']:.1f} s")

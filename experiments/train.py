@@ -169,12 +169,12 @@ def main(argv=None) -> dict:
     if args.init_from:
         params = checkpoint.load_params(args.init_from, like=params, name="--init-from")
     steps_per_epoch = sv.data.num_batches(len(train.images), args.batch_size)
-    eval_loss = sv.make_loss(model)
+    eval_loss, batch_fn = sv.make_loss(model), sv.data.BatchFn(binarize)
     try:
         params, history = driver.run(
             key_fit, make_phases(args, run, (key_pretrain, key_fit)), params, train.images,
-            batch_size=args.batch_size, eval_every=steps_per_epoch, batch_fn=sv.data.BatchFn(binarize),
-            evaluate=lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=binarize),
+            batch_size=args.batch_size, eval_every=steps_per_epoch, batch_fn=batch_fn,
+            evaluate=lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=batch_fn),
             checkpoint_dir=workdir / "checkpoints", resume=args.resume, mesh=mesh,
             progress=primary and not args.quiet, log=log, on_row=training.epoch_rows(steps_per_epoch, log))
     except driver.NonFiniteLossError as err:
@@ -187,7 +187,8 @@ def finish(args, run, workdir, params, history, key_grid, wall_seconds, log) -> 
     model, test = run["model"], run["test"]
     binarize = None if args.binarize == "none" else args.binarize
     eval_iwae = run["config"]["eval_iwae"]
-    final = sv.evaluation.report(model, params, test.images, binarize=binarize, iwae_samples=eval_iwae)
+    final = sv.evaluation.report(model, params, test.images, binarize=sv.data.BatchFn(binarize),
+                                 iwae_samples=eval_iwae)
     metrics = {"config": run["config"], "history": history,
                "final": final | {"train_seconds": history[-1]["seconds"], "wall_seconds": wall_seconds}}
     if eval_iwae:

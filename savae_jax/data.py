@@ -562,6 +562,18 @@ class BatchFn(NamedTuple):
         return self
 
 
+def as_batch_fn(binarize=None, static_seed: int = 0) -> BatchFn:
+    """``binarize`` as a :class:`BatchFn`: a BatchFn is returned as it is, a mode is wrapped.
+
+    Lets the public functions that take ``binarize`` (``fit``, the
+    evaluations) accept the run's one ``BatchFn`` as well as a mode name.
+    ValueError naming ``binarize`` for an unknown mode.
+    """
+    if isinstance(binarize, BatchFn):
+        return binarize.validate()
+    return BatchFn(binarize, static_seed).validate()
+
+
 _binarize_batch_jit = jax.jit(_binarize_batch, static_argnames=("binarize", "static_seed"))
 
 

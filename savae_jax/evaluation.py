@@ -58,16 +58,16 @@ def per_example_loss(loss_fn, params, key: jax.Array, x: jax.Array, index: jax.A
     return jax.vmap(lambda k, xi: loss_fn(params, k, xi[None]))(keys, x)
 
 
-def _eval_images(images, idx, key, binarize, static_seed):
+def _eval_images(images, idx, key, batch_fn: data_lib.BatchFn):
     """The examples ``idx``; "dynamic" binarisation is keyed per example index too."""
-    if binarize != "dynamic":
-        return data_lib.make_batch(images, idx, None, binarize, static_seed)
+    if batch_fn.binarize != "dynamic":
+        return batch_fn(images, idx)
     keys = jax.vmap(functools.partial(jax.random.fold_in, key))(idx)
     return jax.vmap(data_lib.binarize)(keys, images[idx])
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size", "binarize", "static_seed"))
-def _evaluate(loss_fn, params, key, images, *, batch_size, binarize, static_seed):
+@functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size", "batch_fn"))
+def _evaluate(loss_fn, params, key, images, *, batch_size, batch_fn):
     n = images.shape[0]
     num_chunks = -(-n // batch_size)
     # Pad the index list to whole chunks; padded slots are masked out below.
@@ -78,7 +78,7 @@ def _evaluate(loss_fn, params, key, images, *, batch_size, binarize, static_seed
 
     def chunk_sum(args):
         chunk_idx, chunk_mask = args
-        x = _eval_images(images, chunk_idx, key_bin, binarize, static_seed)
+        x = _eval_images(images, chunk_idx, key_bin, batch_fn)
         losses = per_example_loss(loss_fn, params, key_loss, x, chunk_idx)
         return jnp.sum(jnp.where(chunk_mask, losses, 0.0))
 
@@ -105,17 +105,17 @@ def evaluate(
       key: evaluation key; ``None`` means the fixed ``jax.random.key(EVAL_SEED)``.
       batch_size: examples per chunk (memory bound); the last chunk is padded
         and masked, so the result does not depend on it beyond float rounding.
-      binarize: as in ``data.make_batch``; "dynamic" uses a fixed sample drawn
-        from ``key``, so repeated evaluations see the same binary images.
-      static_seed: seed of the "static" binarisation.
+      binarize: as in ``data.make_batch``, or the run's ``data.BatchFn`` (which
+        carries its static seed); "dynamic" uses a fixed sample drawn from
+        ``key``, keyed per example, so repeated evaluations see the same
+        binary images.
+      static_seed: seed of the "static" binarisation (when ``binarize`` is a mode).
     Returns:
       A Python float.
     """
     images, key, batch_size = _eval_inputs(images, key, batch_size)
-    value = _evaluate(
-        loss_fn, params, key, images,
-        batch_size=batch_size, binarize=binarize, static_seed=static_seed,
-    )
+    value = _evaluate(loss_fn, params, key, images, batch_size=batch_size,
+                      batch_fn=data_lib.as_batch_fn(binarize, static_seed))
     return float(value)
 
 
@@ -128,9 +128,8 @@ def _chunk_plan(n: int, batch_size: int):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "model", "num_samples", "chunk_size", "batch_size", "binarize", "static_seed"))
-def _evaluate_iwae(params, key, images, *, model, num_samples, chunk_size, batch_size,
-                   binarize, static_seed):
+    "model", "num_samples", "chunk_size", "batch_size", "batch_fn"))
+def _evaluate_iwae(params, key, images, *, model, num_samples, chunk_size, batch_size, batch_fn):
     n = images.shape[0]
     idx, mask = _chunk_plan(n, batch_size)
     # The same split and the same binarisation as `_evaluate`.
@@ -141,7 +140,7 @@ def _evaluate_iwae(params, key, images, *, model, num_samples, chunk_size, batch
 
     def chunk_sum(args):
         chunk_idx, chunk_mask = args
-        x = _eval_images(images, chunk_idx, key_bin, binarize, static_seed)
+        x = _eval_images(images, chunk_idx, key_bin, batch_fn)
         keys = jax.vmap(functools.partial(jax.random.fold_in, key_loss))(chunk_idx)
         bounds = jax.vmap(one)(keys, x)
         return jnp.sum(jnp.where(chunk_mask, bounds, 0.0))
@@ -191,20 +190,20 @@ def evaluate_iwae(
     images, key, batch_size = _eval_inputs(images, key, batch_size)
     value = _evaluate_iwae(
         params, key, images, model=model, num_samples=int(num_samples),
-        chunk_size=int(chunk_size), batch_size=batch_size, binarize=binarize,
-        static_seed=static_seed,
+        chunk_size=int(chunk_size), batch_size=batch_size,
+        batch_fn=data_lib.as_batch_fn(binarize, static_seed),
     )
     return -float(value)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "batch_size", "binarize", "static_seed"))
-def _posteriors(params, key_bin, images, *, model, batch_size, binarize, static_seed):
+@functools.partial(jax.jit, static_argnames=("model", "batch_size", "batch_fn"))
+def _posteriors(params, key_bin, images, *, model, batch_size, batch_fn):
     """q(z|x) means and log-variances (N, latents) for every image, binarised as in `evaluate`."""
     n = images.shape[0]
     idx, _ = _chunk_plan(n, batch_size)
 
     def chunk(chunk_idx):
-        x = _eval_images(images, chunk_idx, key_bin, binarize, static_seed)
+        x = _eval_images(images, chunk_idx, key_bin, batch_fn)
         return model.apply(params, x, method=model.encode)
 
     mean, logvar = jax.lax.map(chunk, idx)
@@ -292,7 +291,7 @@ def diagnostics(
     key_bin, key_loss = jax.random.split(key)
     batch_size = min(batch_size, images.shape[0])
     mean, logvar = _posteriors(params, key_bin, images, model=model, batch_size=batch_size,
-                               binarize=binarize, static_seed=static_seed)
+                               batch_fn=data_lib.as_batch_fn(binarize, static_seed))
     kl_per_dim = np.asarray(jnp.mean(objectives.gaussian_kl_per_dim(mean, logvar), axis=0), np.float64)
     variance = np.asarray(jnp.var(mean, axis=0), np.float64)
     m = min(images.shape[0], mi_examples)
@@ -332,17 +331,15 @@ def report(
       (beta = 1) whatever objective trained the model.
     """
     model, params = _model_first(model, params, "report")
-    out = {"test_neg_elbo": evaluate(objectives.make_loss(model), params, images, key,
-                                     binarize=binarize, static_seed=static_seed)}
+    batch_fn = data_lib.as_batch_fn(binarize, static_seed)
+    out = {"test_neg_elbo": evaluate(objectives.make_loss(model), params, images, key, binarize=batch_fn)}
     if iwae_samples:
         out["iwae_samples"] = int(iwae_samples)
-        out["test_neg_iwae"] = evaluate_iwae(model, params, images, iwae_samples, key,
-                                             binarize=binarize, static_seed=static_seed)
+        out["test_neg_iwae"] = evaluate_iwae(model, params, images, iwae_samples, key, binarize=batch_fn)
         out["elbo_iwae_gap"] = out["test_neg_elbo"] - out["test_neg_iwae"]
     if getattr(model, "likelihood", "bernoulli") == "logistic":
         out["bits_per_dim"] = models_lib.bits_per_dim(out["test_neg_elbo"], np.shape(images)[1:])
-    out["diagnostics"] = diagnostics(model, params, images, key, binarize=binarize,
-                                     static_seed=static_seed)
+    out["diagnostics"] = diagnostics(model, params, images, key, binarize=batch_fn)
     return out
 
 

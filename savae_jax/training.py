@@ -60,8 +60,9 @@ def fit(
       batch_size: examples per step; the last partial batch is dropped.
       test: optional held-out ``Dataset``/array; its mean loss over every
         example at ``eval_key`` is recorded after each epoch.
-      binarize: None, "dynamic" or "static" (see ``data.make_batch``); the test
-        set is binarised the same way at the fixed evaluation key.
+      binarize: None, "dynamic" or "static" (see ``data.make_batch``), or a
+        ``data.BatchFn``; the test set is binarised the same way at the fixed
+        evaluation key.
       static_seed: seed of the "static" binarisation.
       eval_key: evaluation key; default ``jax.random.key(evaluation.EVAL_SEED)``.
       eval_batch_size: chunk size of the test evaluation.
@@ -80,13 +81,13 @@ def fit(
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    batch_fn = data_lib.BatchFn(binarize, static_seed).validate()
+    batch_fn = data_lib.as_batch_fn(binarize, static_seed)
     images = _images(train, "train")
     evaluate = None
     if test is not None:
         test_images, eval_loss = _images(test, "test"), eval_loss_fn or loss_fn
         evaluate = lambda p: evaluation.evaluate(  # noqa: E731
-            eval_loss, p, test_images, eval_key, eval_batch_size, binarize, static_seed)
+            eval_loss, p, test_images, eval_key, eval_batch_size, batch_fn)
     steps_per_epoch = data_lib.num_batches(images.shape[0], batch_size)
     phase = driver.Phase("fit", as_optimizer(optimizer, loss_fn), epochs=epochs, key=key)
     return driver.run(key, [phase], params, images, batch_size=batch_size, eval_every=steps_per_epoch,

@@ -86,7 +86,7 @@ def test_diagnostics_binarises_like_evaluate_and_validates():
     d = evaluation.diagnostics(model, params, images, key=key, binarize="dynamic")
     # The binary images `evaluate` scores for this key: mean of dimension 0 is pixel 0.
     key_bin, _ = jax.random.split(key)
-    x = evaluation._eval_images(jnp.asarray(images), jnp.arange(50), key_bin, "dynamic", 0)
+    x = evaluation._eval_images(jnp.asarray(images), jnp.arange(50), key_bin, sv.data.BatchFn("dynamic"))
     pixel = np.asarray(x[:, 0, 0, 0], np.float64)
     np.testing.assert_allclose(d["posterior_mean_variance"][0], np.var(pixel), rtol=1e-5)
     np.testing.assert_allclose(d["kl_per_dim"][0], 0.5 * np.mean(pixel**2), rtol=1e-5)

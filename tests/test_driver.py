@@ -127,3 +127,21 @@ def test_refinement_arguments_are_checked():
         driver.refinement(None, None, share=1.5)
     with pytest.raises(ValueError, match="epochs of phase 'sa' must be an integer >= 1, got 0"):
         driver.refinement(None, None, epochs=(1, 0))
+
+
+def test_one_batch_fn_serves_training_and_the_evaluations(setup):
+    """data.BatchFn carries the binarisation (and its static seed) to fit, the driver and the
+    evaluations alike: passing it equals passing the mode and the seed separately."""
+    images, test_images, params, loss_fn = setup
+    batch_fn = sv.data.BatchFn("static", 3)
+    by_fn = sv.evaluate(loss_fn, params, test_images, binarize=batch_fn)
+    assert by_fn == sv.evaluate(loss_fn, params, test_images, binarize="static", static_seed=3)
+    assert by_fn != sv.evaluate(loss_fn, params, test_images, binarize="static", static_seed=0)
+    adam = optax.adam(1e-3)
+    a, ha = sv.fit(jax.random.key(2), params, loss_fn, adam, images, 1, 100, test_images, binarize=batch_fn)
+    b, hb = sv.fit(jax.random.key(2), params, loss_fn, adam, images, 1, 100, test_images, binarize="static",
+                   static_seed=3)
+    chex.assert_trees_all_equal(a, b)
+    assert ha[0]["test_neg_elbo"] == hb[0]["test_neg_elbo"]
+    with pytest.raises(ValueError, match="binarize must be one of"):
+        sv.data.as_batch_fn("sometimes")
