@@ -378,7 +378,8 @@ def test_init_rejects_nonfinite_params():
         (lambda: an.threshold(alpha=1.0), "alpha"),
         (lambda: an.threshold(alpha=0.0), "alpha"),
         (lambda: an.threshold(alpha=0.5, d=-0.1), "d"),
-        (lambda: an.as_optax(0, an.gaussian(0.1), 1.0, an.metropolis()), "num_proposals"),
+        (lambda: an.as_optax(None, 0, an.gaussian(0.1), 1.0, an.metropolis()), "num_proposals"),
+        (lambda: an.as_optax("loss", 4, an.gaussian(0.1), 1.0, an.metropolis()), "loss_fn"),
     ],
 )
 def test_bad_hyperparameters_raise(make, name):
@@ -403,7 +404,7 @@ def test_as_optax_composes_with_chain_and_matches_step():
     model, loss_fn, params, x = tiny_vae()
     args = (8, an.gaussian(0.01), an.exponential(1.0, 0.9), an.metropolis())
     sa = an.simulated_annealing(loss_fn, *args)
-    tx = optax.chain(an.as_optax(*args, loss_fn=loss_fn), optax.scale(1.0))
+    tx = optax.chain(an.as_optax(loss_fn, *args), optax.scale(1.0))
     opt_state = tx.init(params)
     state = sa.init(params)
     p = params
@@ -428,8 +429,20 @@ def test_as_optax_composes_with_chain_and_matches_step():
     assert int(opt_state[0].count) == 5
 
 
+def test_as_optax_old_argument_order_warns_and_builds_the_same_transformation():
+    """as_optax used to take loss_fn last; that order still works, with a DeprecationWarning."""
+    model, loss_fn, params, x = tiny_vae()
+    args = (4, an.gaussian(0.01), 1.0, an.greedy())
+    with pytest.warns(DeprecationWarning, match="as_optax\\(loss_fn, num_proposals"):
+        old = an.as_optax(*args, loss_fn=loss_fn, seed=1)
+    new = an.as_optax(loss_fn, *args, seed=1)
+    zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
+    outs = [tx.update(zeros, tx.init(params), params, batch=x)[0] for tx in (old, new)]
+    chex.assert_trees_all_equal(*outs)
+
+
 def test_as_optax_requires_value_fn_and_derives_a_key_from_its_seed():
-    tx = an.as_optax(4, an.gaussian(0.1), 1.0, an.metropolis(), seed=3)
+    tx = an.as_optax(None, 4, an.gaussian(0.1), 1.0, an.metropolis(), seed=3)
     params = jnp.zeros(3)
     state = tx.init(params)
     with pytest.raises(ValueError, match="value_fn"):

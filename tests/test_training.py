@@ -144,7 +144,7 @@ def test_annealing_runs_in_fit_natively_and_through_optax(digits):
     an = sv.annealing
     settings = (8, an.gaussian(0.01), an.exponential(0.01, 0.99), an.greedy())
     native = an.simulated_annealing(loss_fn, *settings)
-    as_tx = optax.chain(an.as_optax(*settings), optax.scale(1.0))
+    as_tx = optax.chain(an.as_optax(None, *settings), optax.scale(1.0))
     for optimizer in (native, as_tx):
         new_params, history = sv.fit(jax.random.key(5), params, loss_fn, optimizer, train, 2,
                                      test=test, binarize="dynamic")
