@@ -113,6 +113,27 @@ def run_with_other_config(tmp_path):
     return ["--workdir", str(workdir), "--methods", "adam", "--resume", *TINY]
 
 
+def workdir_with_a_run(tmp_path):
+    """train.py into a workdir that holds an earlier run (its config.json), without --resume."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    checkpoint.atomic_write_json(workdir / "config.json", {"config": {"epochs": 3}})
+    return ["--workdir", str(workdir), "--epochs", "1", *TINY]
+
+
+def annealer_on_another_loss(tmp_path):
+    """fit(loss_fn=A) with an annealer built on loss B (beta 0.5): it would train on B, report A."""
+    other = sv.make_loss(tiny()[0], beta=0.5)
+    return fit(optimizer=anneal(loss_fn=other))
+
+
+def budget_below_one_step(tmp_path):
+    """driver.run with 4 evaluations for an annealer whose step costs K + 1 = 5."""
+    params = tiny()[2]
+    return sv.driver.run(jax.random.key(0), [sv.Phase("sa", anneal())], params, digits().images,
+                         batch_size=100, eval_every=1, budget_evals=4)
+
+
 class Case(NamedTuple):
     """One bad input.
 
@@ -291,6 +312,16 @@ CASES = [
          lambda tmp: ["--workdir", str(a_file(tmp)), "--methods", "adam", *TINY]),
     Case("cli-compare-resume-other-config", "--resume in a workdir run with --hidden 16", "compare.py", E,
          "--resume: the run in --workdir has a different config", run_with_other_config),
+    # ---- the one protocol and driver (issue 11)
+    Case("fit-annealer-other-loss", "fit(loss_fn=A) with an annealer built on loss B", "fit", ValueError,
+         "optimizer was built on a different loss_fn", annealer_on_another_loss),
+    Case("run-budget-below-one-step", "budget_evals 4 < one annealing step (K + 1 = 5)", "driver.run",
+         ValueError, "does not pay for one step of phase 'sa'", budget_below_one_step),
+    Case("cli-compare-budget-below-step", "--methods sa --budget-evals 10 (one step costs 65)", "compare.py", E,
+         "--budget-evals: budget_evals=10 does not pay for one step", compare_cli("--methods", "sa",
+                                                                                  "--budget-evals", "10")),
+    Case("cli-train-workdir-holds-run", "--workdir holding an earlier run, without --resume", "train.py", E,
+         "already holds a run; pass --resume", workdir_with_a_run),
 ]
 
 NUM_BAD_INPUTS = len(CASES)  # reported in the README's reliability section
