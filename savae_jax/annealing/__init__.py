@@ -11,7 +11,15 @@
 evaluations per step (K + 1, plus the proposal's own ``cost``).
 """
 
-from savae_jax.annealing.acceptance import Acceptance, greedy, metropolis, threshold
+from savae_jax.annealing.acceptance import (
+    Acceptance,
+    confident,
+    greedy,
+    metropolis,
+    needs_stderr,
+    penalty,
+    threshold,
+)
 from savae_jax.annealing.kernel import (
     AnnealInfo,
     AnnealState,
@@ -57,6 +65,7 @@ __all__ = [
     "as_stateful",
     "build_kernel",
     "cauchy",
+    "confident",
     "constant",
     "exponential",
     "fast",
@@ -68,6 +77,8 @@ __all__ = [
     "logarithmic",
     "low_rank",
     "metropolis",
+    "needs_stderr",
+    "penalty",
     "reheat",
     "simulated_annealing",
     "threshold",
