@@ -306,7 +306,7 @@ def probe_step(algorithm, params, image_shape, batch_size: int) -> None:
     import jax
     import jax.numpy as jnp
 
-    x = jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32)
+    x = jax.ShapeDtypeStruct((algorithm.examples_per_step or batch_size, *image_shape), jnp.float32)
     jax.eval_shape(algorithm.step, jax.random.key(0), algorithm.init(params), x)
 
 

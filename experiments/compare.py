@@ -253,11 +253,11 @@ def validate(args, mesh) -> tuple:
                for m in config["methods"].split(",")}
     train = sv.load(config["dataset"], "train", config["data_dir"])
     test = sv.load(config["dataset"], "test", config["data_dir"])
-    steps_per_epoch = sv.data.num_batches(len(train.images), config["batch_size"])
+    sv.data.num_batches(len(train.images), config["batch_size"])
     probe_params = sv.models.init(jax.random.key(0), model, train.images[:1])
     for name, phases in methods.items():
         try:
-            driver.phase_steps(phases, steps_per_epoch, config["budget_evals"])
+            driver.phase_steps(phases, len(train.images), config["batch_size"], config["budget_evals"])
         except ValueError as err:
             raise ValueError(f"--budget-evals: {err}") from err
         for phase in phases:  # e.g. a rank larger than a layer: before any file

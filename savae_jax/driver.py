@@ -187,7 +187,13 @@ def _steps(train_step, key, state, images, batch_size, steps_per_epoch, step):
         yield step, state, info
 
 
-def phase_steps(phases, steps_per_epoch: int, budget_evals: int | None = None) -> list[int]:
+def phase_batch_size(phase: Phase, batch_size: int) -> int:
+    """Examples per step of ``phase``: the run's ``batch_size`` unless its optimizer needs another
+    (an annealer with a decision batch takes its decision examples on top)."""
+    return phase.optimizer.examples_per_step or batch_size
+
+
+def phase_steps(phases, num_examples: int, batch_size: int, budget_evals: int | None = None) -> list[int]:
     """Steps each phase may take: its share of ``budget_evals`` over its cost, and/or its epochs.
 
     Raises ValueError (naming ``budget_evals`` or the phase) when a phase has
@@ -200,7 +206,7 @@ def phase_steps(phases, steps_per_epoch: int, budget_evals: int | None = None) -
         if budget_evals is not None:
             limits.append(int(phase.share * budget_evals) // phase.optimizer.cost)
         if phase.epochs is not None:
-            limits.append(phase.epochs * steps_per_epoch)
+            limits.append(phase.epochs * data_lib.num_batches(num_examples, phase_batch_size(phase, batch_size)))
         if not limits:
             raise ValueError(f"phase {phase.name!r} has no budget: pass budget_evals or give it epochs")
         if min(limits) < 1:
@@ -244,7 +250,7 @@ class _Run:
     def steps(self, phase_index: int):
         phase = self.phases[phase_index]
         key = phase.key if phase.key is not None else jax.random.fold_in(self.key, phase_index)
-        return iterate(key, phase.optimizer, self.state, self.images, self.o["batch_size"],
+        return iterate(key, phase.optimizer, self.state, self.images, phase_batch_size(phase, self.o["batch_size"]),
                        batch_fn=self.o["batch_fn"], start_step=self.pos.step, mesh=self.o["mesh"],
                        axis_name=self.o["axis_name"])
 
@@ -344,7 +350,8 @@ def run(
       phases: the run's :class:`Phase`\\ s; each starts from the previous one's params.
       params: initial parameters.
       images: the training images, a validated (N, H, W, C) array in [0, 1].
-      batch_size: examples per step (the remainder of each epoch is dropped).
+      batch_size: examples per step (the remainder of each epoch is dropped);
+        a phase whose optimizer needs more (``examples_per_step``) gets them.
       eval_every: steps between history rows (a phase's end also ends a row).
       budget_evals: evaluations the run may spend; phase ``p`` gets
         ``share * budget_evals`` and stops before it would exceed that.
@@ -376,7 +383,7 @@ def run(
     checkpoint_every = _check_options(phases, eval_every, checkpoint_every, budget_seconds)
     phases = [p._replace(optimizer=as_optimizer(p.optimizer)) for p in phases]
     images = jnp.asarray(images, jnp.float32)
-    max_steps = phase_steps(phases, data_lib.num_batches(images.shape[0], batch_size), budget_evals)
+    max_steps = phase_steps(phases, images.shape[0], batch_size, budget_evals)
     r = _Run(key, phases, params, images, {
         "batch_size": batch_size, "eval_every": eval_every, "batch_fn": batch_fn, "evaluate": evaluate,
         "checkpoint_dir": checkpoint_dir, "mesh": mesh, "axis_name": axis_name, "desc": desc, "log": log})

@@ -104,7 +104,11 @@ def make_loss(model, beta=1.0, free_bits: float | None = None) -> LossFn:
     Returns:
       A pure loss function used by every optimizer: Optax takes its
       gradient, the annealer its values. It carries ``.beta`` and
-      ``.free_bits`` for logging.
+      ``.free_bits`` for logging, and ``.per_example(params, key, x) -> (B,)``:
+      each example's negative ELBO (at ``beta``, or a schedule's ``final``),
+      whose mean is the loss; the noise-aware annealing rules use it for
+      paired differences and their standard errors. With free bits the loss
+      is not a mean over examples, so ``.per_example`` is None.
     """
     if free_bits is not None and not free_bits >= 0:
         raise ValueError(f"free_bits must be >= 0 or None, got {free_bits}")
@@ -139,7 +143,20 @@ def make_loss(model, beta=1.0, free_bits: float | None = None) -> LossFn:
     loss_fn.beta = beta
     loss_fn.free_bits = free_bits
     loss_fn.scheduled = callable(beta)  # optimizer.from_optax then passes step=count
+    loss_fn.per_example = None if free_bits is not None else _per_example(
+        model, getattr(beta, "final", None) if callable(beta) else beta)
     return loss_fn
+
+
+def _per_example(model, beta):
+    """``per_example(params, key, x) -> (B,)``: each example's negative ELBO at ``beta``."""
+
+    def per_example(params, key, x):
+        if beta is None:
+            raise ValueError("per-example losses need a constant beta or a schedule with .final")
+        return -elbo(key, params, x, model, beta).elbo
+
+    return per_example
 
 
 def iwae_bound(key: jax.Array, params, x: jax.Array, model, num_samples: int,

@@ -47,6 +47,8 @@ class Optimizer(NamedTuple):
       mesh: the ``jax.sharding.Mesh`` the step shards itself over (an
         annealer built with ``mesh=``), or None: a step that does not; the
         driver, given a mesh, then runs it data parallel (the batch sharded).
+      examples_per_step: the batch size the step needs (an annealer with a
+        decision batch: selection + decision examples), or None: the run's.
     """
 
     init: Callable[[Any], Any]
@@ -54,6 +56,7 @@ class Optimizer(NamedTuple):
     cost: int
     loss_fn: Callable[..., jax.Array]
     mesh: Any = None
+    examples_per_step: int | None = None
 
 
 class OptaxState(NamedTuple):

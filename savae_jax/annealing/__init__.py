@@ -20,6 +20,7 @@ from savae_jax.annealing.acceptance import (
     penalty,
     threshold,
 )
+from savae_jax.annealing.decision import DecisionBatch, Paired, decision_batch
 from savae_jax.annealing.kernel import (
     AnnealInfo,
     AnnealState,
@@ -52,6 +53,8 @@ __all__ = [
     "AdaptiveState",
     "AnnealInfo",
     "AnnealState",
+    "DecisionBatch",
+    "Paired",
     "Prepared",
     "Proposal",
     "ReheatState",
@@ -66,6 +69,7 @@ __all__ = [
     "build_kernel",
     "cauchy",
     "confident",
+    "decision_batch",
     "constant",
     "exponential",
     "fast",

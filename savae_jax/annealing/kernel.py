@@ -45,6 +45,7 @@ import numpy as np
 from jax.sharding import PartitionSpec
 
 from savae_jax import distributed, validation
+from savae_jax.annealing import decision as decision_lib
 from savae_jax.annealing.proposals import Proposal
 from savae_jax.annealing.schedules import ScheduleEvent, StatefulSchedule, as_stateful
 from savae_jax.optimizer import Optimizer
@@ -105,6 +106,15 @@ class AnnealInfo(NamedTuple):
       num_nonfinite: int32, proposals with a non-finite loss.
       acceptance_rate: cumulative num_accepted / count after the step.
       error: bool, the incumbent's loss on this batch is non-finite.
+      delta_selection: dL of the best proposal on the selection batch (the
+        batch the K proposals were ranked on; equal to ``delta`` unless the
+        annealer decides on a decision batch).
+      stderr_selection: standard error of ``delta_selection`` from the
+        per-example paired differences (NaN when not measured: a plain rule
+        without a decision batch).
+      stderr: standard error of ``delta``, the difference the rule decided
+        on (NaN when not measured).
+      decision_size: examples the decision was made on (int32).
     """
 
     accepted: jax.Array
@@ -117,6 +127,10 @@ class AnnealInfo(NamedTuple):
     num_nonfinite: jax.Array
     acceptance_rate: jax.Array
     error: jax.Array
+    delta_selection: jax.Array
+    stderr_selection: jax.Array
+    stderr: jax.Array
+    decision_size: jax.Array
 
     # What a training log records of each step (its schema: keep the order).
     LOGGED = ("temperature", "radius", "acceptance_rate")
@@ -214,6 +228,17 @@ class _Config(NamedTuple):
     patience: int | None
     mesh: Any  # None: never sharded
     axis_name: str | None
+    decision: decision_lib.DecisionBatch | None = None  # None: decide on the selection batch
+    per_example: Callable | None = None  # the loss per example, when a decision needs it
+
+    @property
+    def noise_aware(self) -> bool:
+        """Whether steps measure paired per-example differences (a decision batch or a noise-aware rule)."""
+        return self.decision is not None or _needs_stderr(self.acceptance)
+
+
+def _needs_stderr(acceptance) -> bool:
+    return bool(getattr(acceptance, "needs_stderr", False))
 
 
 class _Selection(NamedTuple):
@@ -284,9 +309,8 @@ def _stops(cfg: _Config, stale, sched: ScheduleState, new_count):
     return done
 
 
-def _advance(cfg: _Config, state: AnnealState, prep, key_winner, sel: _Selection, accepted):
-    """The state after a step that accepted the proposal drawn from ``key_winner`` or not."""
-    params = jax.lax.cond(accepted, prep.materialize, lambda k: state.params, key_winner)
+def _advance(cfg: _Config, state: AnnealState, prep, params, sel: _Selection, accepted):
+    """The state after a step whose new incumbent is ``params`` (the winner if ``accepted``)."""
     loss = jnp.where(accepted, sel.loss, sel.incumbent_loss)
     best_params, best_loss, improved, stale = _track_best(state, params, loss)
     sched = _next_schedules(cfg, state, ScheduleEvent(accepted, improved))
@@ -311,8 +335,12 @@ def _freeze(halt, state: AnnealState, stepped: AnnealState) -> AnnealState:
     return tree_map(lambda f, s: jnp.where(halt, f, s), frozen, stepped)
 
 
-def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState) -> AnnealInfo:
-    """The step's :class:`AnnealInfo`."""
+def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState,
+          on_selection=None, decided=None) -> AnnealInfo:
+    """The step's :class:`AnnealInfo` (``on_selection``/``decided``: the paired comparisons made)."""
+    nan = jnp.full((), jnp.nan, jnp.float32)
+    on_selection = on_selection or decision_lib.Paired(sel.delta, nan, jnp.zeros((), jnp.int32))
+    decided = decided or on_selection
     num_finite = jnp.sum(sel.finite)
     mean = jnp.where(
         num_finite > 0,
@@ -321,7 +349,7 @@ def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState)
     )
     return AnnealInfo(
         accepted=accepted,
-        delta=sel.delta,
+        delta=decided.delta,
         temperature=t,
         radius=r,
         loss=jnp.where(accepted, sel.loss, sel.incumbent_loss),
@@ -330,6 +358,10 @@ def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState)
         num_nonfinite=(cfg.num_proposals - num_finite).astype(jnp.int32),
         acceptance_rate=new_state.num_accepted / jnp.maximum(new_state.count, 1),
         error=~jnp.isfinite(sel.incumbent_loss),
+        delta_selection=on_selection.delta,
+        stderr_selection=on_selection.stderr,
+        stderr=decided.stderr,
+        decision_size=decided.num,
     )
 
 
@@ -342,9 +374,35 @@ def _step(cfg: _Config, key, state: AnnealState, batch):
     keys = jax.random.split(key_prop, cfg.num_proposals + 1)
     sel = _select(_member_losses(cfg, prep, keys), cfg.num_proposals)
     accepted = cfg.acceptance(key_accept, sel.delta, t) & jnp.isfinite(sel.loss) & ~halt
-    stepped = _advance(cfg, state, prep, keys[sel.index], sel, accepted)
-    new_state = _freeze(halt, state, stepped)
+    params = jax.lax.cond(accepted, prep.materialize, lambda k: state.params, keys[sel.index])
+    new_state = _freeze(halt, state, _advance(cfg, state, prep, params, sel, accepted))
     return new_state, _info(cfg, sel, accepted, t, r, new_state)
+
+
+def _noise_aware_step(cfg: _Config, key, state: AnnealState, batch):
+    """A step that decides on paired per-example differences (see ``annealing.decision``).
+
+    Selection as in :func:`_step`, on the selection batch; then the winner
+    and the incumbent are compared per example on the selection batch (for
+    ``info``) and on the decision batch with fresh noise (``key_decide``),
+    and the rule decides on the latter (on the former without a decision batch).
+    """
+    key_prop, key_loss, key_accept, key_decide = jax.random.split(key, 4)
+    x, x_decide, mask = decision_lib.split(cfg.decision, batch, state.count)
+    t, r, halt = _schedule_values(cfg, state)
+    prep = cfg.proposal.prepare(cfg.loss_fn, state.params, key_loss, x, t, r, state.proposal_state)
+    keys = jax.random.split(key_prop, cfg.num_proposals + 1)
+    sel = _select(_member_losses(cfg, prep, keys), cfg.num_proposals)
+    winner = prep.materialize(keys[sel.index])
+    on_selection = decision_lib.paired(cfg.per_example, winner, state.params, key_loss, x)
+    decided = on_selection if x_decide is None else decision_lib.paired(
+        cfg.per_example, winner, state.params, key_decide, x_decide, mask)
+    extra = {"stderr": decided.stderr, "num": decided.num} if _needs_stderr(cfg.acceptance) else {}
+    accepted = (cfg.acceptance(key_accept, decided.delta, t, **extra) & jnp.isfinite(sel.loss)
+                & jnp.isfinite(decided.delta) & ~halt)
+    params = tree_map(lambda w, p: jnp.where(accepted, w, p), winner, state.params)
+    new_state = _freeze(halt, state, _advance(cfg, state, prep, params, sel, accepted))
+    return new_state, _info(cfg, sel, accepted, t, r, new_state, on_selection, decided)
 
 
 def build_kernel(
@@ -358,6 +416,7 @@ def build_kernel(
     patience: int | None = None,
     mesh=None,
     axis_name: str | None = None,
+    decision: decision_lib.DecisionBatch | None = None,
 ):
     """The pure ``step(key, state, batch) -> (state, info)`` (arguments as simulated_annealing)."""
     validation.is_callable("loss_fn", loss_fn)
@@ -366,14 +425,24 @@ def build_kernel(
         axis_name = distributed.mesh_axis(mesh, axis_name)
     elif axis_name is not None:
         raise ValueError(f"axis_name {axis_name!r} given without a mesh")
+    if decision is not None:
+        validation.instance("decision", decision, decision_lib.DecisionBatch, "decision_batch(128, 512)")
     cfg = _Config(
         loss_fn, int(num_proposals), proposal, as_stateful(temperature, "temperature"),
         as_stateful(1.0 if radius is None else radius, "radius"), acceptance, t_min, patience,
-        mesh, axis_name,
+        mesh, axis_name, decision, getattr(loss_fn, "per_example", None),
     )
+    if cfg.noise_aware and not callable(cfg.per_example):
+        what = (f"the acceptance rule {getattr(acceptance, '__qualname__', acceptance)!r}"
+                if _needs_stderr(acceptance) else "decision")
+        raise ValueError(
+            f"{what} needs per-example losses (a standard error of the paired differences): "
+            "loss_fn must carry .per_example(params, key, x) -> (batch,), as make_loss(model) does "
+            "(not with free_bits); use metropolis, threshold or greedy without a decision batch otherwise")
+    step_fn = _noise_aware_step if cfg.noise_aware else _step
 
     def step(key, state: AnnealState, batch):
-        return _step(cfg, key, state, batch)
+        return step_fn(cfg, key, state, batch)
 
     return step
 
@@ -389,6 +458,7 @@ def simulated_annealing(
     patience: int | None = None,
     mesh=None,
     axis_name: str | None = None,
+    decision: decision_lib.DecisionBatch | None = None,
 ) -> Optimizer:
     """Build simulated annealing for ``loss_fn(params, key, batch) -> scalar``.
 
@@ -417,19 +487,30 @@ def simulated_annealing(
         not divide the device count: the members are padded with inactive
         copies of the incumbent, which never win.
       axis_name: the mesh axis to shard along; None: the mesh's only axis.
+      decision: None (default): the rule decides on the batch the proposals
+        were ranked on (biased low: see ``annealing.decision``); or
+        ``decision_batch(selection, size)``: it decides on the paired
+        per-example differences of the winner and the incumbent on ``size``
+        other examples with fresh noise. Needs ``loss_fn.per_example``, as
+        does a noise-aware rule (``penalty``, ``significant``).
     Returns:
       ``savae_jax.optimizer.Optimizer(init, step, cost, loss_fn, mesh)``:
       ``init(params) -> AnnealState``; ``step(key, state, batch) ->
       (AnnealState, AnnealInfo)``, pure, to be jitted by the caller (when the
       chain is halted, it returns the state unchanged, with ``done`` set, and
       ``info.accepted`` False); ``cost = K + 1 + proposal.cost`` loss
-      evaluations per step.
+      evaluations per step, plus ``decision.cost(decision)`` when the step
+      measures paired differences; with a decision batch the step takes
+      batches of ``selection + max_size`` examples (``examples_per_step``).
     """
     step = build_kernel(loss_fn, num_proposals, proposal, temperature, acceptance, radius, t_min, patience,
-                        mesh, axis_name)
+                        mesh, axis_name, decision)
 
     def init_fn(params) -> AnnealState:
         return init(params, proposal, temperature, radius)
 
     cost = int(num_proposals) + 1 + int(proposal.cost)
-    return Optimizer(init_fn, step, cost, loss_fn, mesh)
+    if decision is not None or _needs_stderr(acceptance):
+        cost += decision_lib.cost(decision)
+    examples = None if decision is None else decision.selection + decision.max_size
+    return Optimizer(init_fn, step, cost, loss_fn, mesh, examples)

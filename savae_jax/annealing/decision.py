@@ -1,0 +1,114 @@
+"""Noise-aware decisions: paired per-example differences, on an independent decision batch.
+
+Selecting the best of K proposals on one noisy minibatch biases that batch's
+estimate of the winner low (the optimizer's curse: about sigma * c_K, with
+sigma the sd of one measured difference and c_K the expected maximum of K
+standard normals, c_64 ~ 2.34), so a rule that compares that estimate with 0
+accepts moves that are truly worse. The fix (the double estimator) is to
+*select* on one batch and *decide* on another: the winner and the incumbent
+are re-evaluated on a decision batch of other examples with fresh
+reparameterisation noise, evaluating only those two, and the rule sees the
+mean paired difference dL and its standard error s / sqrt(n).
+
+Layout: an annealer built with ``decision=decision_batch(selection, size)``
+expects batches of ``selection + max_size`` examples (the driver gathers
+them: ``Optimizer.examples_per_step``); the first ``selection`` are the
+selection batch, the last ``max_size`` the decision batch, of which the first
+``size(count)`` are used (a schedule may grow it as the temperature falls).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from savae_jax import validation
+from savae_jax.annealing.schedules import as_stateful
+
+
+class DecisionBatch(NamedTuple):
+    """Where a step's decision examples are: see :func:`decision_batch`."""
+
+    selection: int
+    max_size: int
+    size: Any  # an int or a schedule count -> examples used (<= max_size)
+
+
+class Paired(NamedTuple):
+    """A paired comparison of the winner with the incumbent on the same examples and noise.
+
+    Attributes:
+      delta: mean over examples of L_winner,i - L_incumbent,i.
+      stderr: its standard error, sd(d_i) / sqrt(n) (sample sd, n - 1).
+      num: n, int32.
+    """
+
+    delta: jax.Array
+    stderr: jax.Array
+    num: jax.Array
+
+
+def decision_batch(selection: int, size, max_size: int | None = None) -> DecisionBatch:
+    """Decide on ``size`` examples other than the ``selection`` ones the K proposals were ranked on.
+
+    Args:
+      selection: examples of the selection batch (the run's batch size), >= 2.
+      size: decision examples, an int >= 2, or a schedule ``count -> size``
+        (then ``max_size`` is required; values are clipped to [2, max_size]).
+      max_size: examples reserved per step for the decision batch; default ``size``.
+    Returns:
+      A ``DecisionBatch`` for ``simulated_annealing(..., decision=...)``.
+    """
+    validation.integer("selection", selection, 2)
+    if callable(size):
+        validation.integer("max_size", max_size, 2)
+    else:
+        validation.integer("size", size, 2)
+        max_size = size if max_size is None else max_size
+        validation.integer("max_size", max_size, size)
+    return DecisionBatch(int(selection), int(max_size), size)
+
+
+def cost(decision: DecisionBatch | None) -> int:
+    """Evaluations a step spends on deciding, in selection-batch units (rounded up).
+
+    The winner and the incumbent are evaluated per example on the selection
+    batch (2) and on up to ``max_size`` decision examples (2 * max_size /
+    selection); without a decision batch only the first term.
+    """
+    if decision is None:
+        return 2
+    return 2 + math.ceil(2 * decision.max_size / decision.selection)
+
+
+def split(decision: DecisionBatch | None, batch, count):
+    """``(selection batch, decision batch or None, mask of the decision examples used or None)``."""
+    if decision is None:
+        return batch, None, None
+    total = decision.selection + decision.max_size
+    if batch.shape[0] != total:
+        raise ValueError(
+            f"decision: the annealer expects batches of {decision.selection} selection + "
+            f"{decision.max_size} decision examples = {total}, got {batch.shape[0]}; run it with "
+            f"batch_size={decision.selection} (the driver adds the decision examples)")
+    size = as_stateful(decision.size, "decision size").value((), count)
+    size = jnp.clip(jnp.asarray(size, jnp.int32), 2, decision.max_size)
+    mask = jnp.arange(decision.max_size) < size
+    return batch[: decision.selection], batch[decision.selection:], mask
+
+
+def paired(per_example: Callable, winner, incumbent, key, x, mask=None) -> Paired:
+    """Paired differences of ``per_example`` losses (same examples, same ``key``): mean and stderr.
+
+    ``mask`` (n,) selects the examples used (None: all). A non-finite winner
+    loss gives a non-finite ``delta``, which every rule rejects.
+    """
+    d = per_example(winner, key, x) - per_example(incumbent, key, x)
+    mask = jnp.ones(d.shape, bool) if mask is None else mask
+    n = jnp.sum(mask)
+    mean = jnp.sum(jnp.where(mask, d, 0.0)) / n
+    var = jnp.sum(jnp.where(mask, jnp.square(d - mean), 0.0)) / jnp.maximum(n - 1, 1)
+    return Paired(mean, jnp.sqrt(var / n), n.astype(jnp.int32))
