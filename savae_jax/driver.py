@@ -45,8 +45,9 @@ class Phase(NamedTuple):
 
     Attributes:
       name: label in the history (e.g. "adam", "sa").
-      optimizer: an :class:`~savae_jax.optimizer.Optimizer` (or an Optax
-        transformation, wrapped by :func:`run` on its ``loss_fn``).
+      optimizer: an :class:`~savae_jax.optimizer.Optimizer` (an Optax
+        transformation is wrapped with ``from_optax(loss_fn, tx)`` first: the
+        driver has no loss of its own).
       share: fraction of the run's budgets (evaluations and seconds) this
         phase may spend.
       epochs: this phase's own budget in epochs (None: none).
