@@ -1,6 +1,130 @@
-"""Shared test helpers: the TFDS mock fixture and result comparison without wall-clock fields."""
+"""Shared test helpers: a session-wide JAX compilation cache, subprocess work started in the
+background, the TFDS mock fixture and result comparison without wall-clock fields."""
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
 
 import pytest
+
+# One persistent XLA compilation cache for the whole test session, in a temporary folder removed
+# at the end. Many tests compile the same programs: every `compare.py` / `train.py` subprocess
+# (the SIGKILL, disk-full, determinism and two-process runs start the same script again and
+# again) and every in-process run that rebuilds the same step from new closures. Set through the
+# environment, so subprocesses share it too. A cached executable is the one XLA compiled for the
+# same program, so results are unchanged; only the time to compile is saved. An existing
+# JAX_COMPILATION_CACHE_DIR is respected; SAVAE_TEST_COMPILATION_CACHE=0 turns this off.
+_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("SAVAE_TEST_COMPILATION_CACHE") != "0":
+    _CACHE_DIR = tempfile.mkdtemp(prefix="savae-jax-compilation-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _CACHE_DIR
+    # Cache every program, however quick to compile (JAX's default keeps only those over 1 s).
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    if "jax" in sys.modules:  # imported before this file (e.g. by a plugin): set it there too
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", _CACHE_DIR)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs",
+                          float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
+
+
+# ------------------------------------------------------------------ background subprocess work
+#
+# A few module fixtures are one long single-process subprocess each (the --quick benchmark, the
+# 8-device comparisons, the reference runs of the SIGKILL and determinism tests). The test process
+# itself mostly keeps one of CI's two cores busy, so these run in one background thread, one after
+# another, from the moment the tests are collected; their fixture then only waits for the result
+# (or runs the work itself if the thread has not reached it yet). Only the work of fixtures that a
+# selected test uses is started.
+
+
+class _Job:
+    def __init__(self, fixture: str, fn):
+        self.fixture, self.fn = fixture, fn
+        self.lock = threading.Lock()
+        self.done, self.result, self.error = False, None, None
+
+    def run(self, config):
+        """The work's result, computed once (by whichever thread asks first; the other waits)."""
+        with self.lock:
+            if not self.done:
+                try:
+                    factory = getattr(config, "_tmp_path_factory", None)
+                    tmp = (factory.mktemp(self.fixture) if factory is not None
+                           else Path(tempfile.mkdtemp(prefix=f"{self.fixture}-")))
+                    self.result = self.fn(tmp)
+                except BaseException as err:  # re-raised in the fixture that needs it
+                    self.error = err
+                self.done = True
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+
+_JOBS: dict[str, _Job] = {}
+_CHILDREN: list[subprocess.Popen] = []
+
+
+def background(fixture: str):
+    """Register ``fn(tmp_path) -> result``, the subprocess work of the fixture named ``fixture``.
+
+    The fixture returns ``background_result(request)``. ``fn`` starts its subprocesses with
+    :func:`popen` (so that they are stopped if the session ends first) and raises (e.g. an
+    AssertionError with the log) when they fail.
+    """
+
+    def register(fn):
+        _JOBS[fixture] = _Job(fixture, fn)
+        return fn
+
+    return register
+
+
+def background_result(request):
+    """The result of the background work registered for ``request``'s fixture."""
+    return _JOBS[request.fixturename].run(request.config)
+
+
+def popen(cmd, **kwargs) -> subprocess.Popen:
+    """``subprocess.Popen`` whose process is killed at the end of the session if still running."""
+    proc = subprocess.Popen(cmd, **kwargs)
+    _CHILDREN.append(proc)
+    return proc
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    needed = []
+    for item in session.items:  # in the order the tests will need them
+        for job in _JOBS.values():
+            if job.fixture in getattr(item, "fixturenames", ()) and job not in needed:
+                needed.append(job)
+    if needed:
+        def work():
+            for job in needed:
+                try:
+                    job.run(session.config)
+                except BaseException:  # reported by the fixture
+                    pass
+
+        threading.Thread(target=work, name="background-fixtures", daemon=True).start()
+
+
+def pytest_unconfigure(config):
+    for proc in _CHILDREN:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    if _CACHE_DIR is not None:
+        shutil.rmtree(_CACHE_DIR, ignore_errors=True)
+
+
+# ------------------------------------------------------------------ fixtures and helpers
 
 
 @pytest.fixture

@@ -17,6 +17,8 @@ import savae_jax as sv
 from savae_jax import annealing as an
 from savae_jax.annealing import proposals
 
+from conftest import background, background_result, popen
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -34,21 +36,71 @@ def _finite_numbers(obj, path="result"):
             yield from _finite_numbers(v, f"{path}[{i}]")
 
 
-@pytest.fixture(scope="module")
-def quick_result(tmp_path_factory):
+@background("quick_result")
+def _quick_run(tmp):
     """One --quick run on 2 fake CPU devices with --devices 2 (adds the sharded section)."""
-    out = tmp_path_factory.mktemp("bench") / "bench.json"
+    out = tmp / "bench.json"
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--quick", "--devices", "2",
-         "--out", str(out)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, env=env,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "SA step vs inference roofline" in proc.stdout  # the printed table
+    proc = popen([sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--quick", "--devices", "2",
+                  "--out", str(out)],
+                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    stdout, stderr = proc.communicate(timeout=900)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    assert "SA step vs inference roofline" in stdout  # the printed table
     return json.loads(out.read_text())
 
 
+@pytest.fixture(scope="module")
+def quick_result(request):
+    """The --quick run's JSON (started in the background when the tests are collected)."""
+    return background_result(request)
+
+
+def test_chunked_gaussian_matches_one_vmap(monkeypatch):
+    """Full-rank proposals evaluated a chunk at a time give the losses of one vmap."""
+    model = sv.models.MLPVAE(hidden=16, latents=4)
+    loss_fn = sv.make_loss(model)
+    x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1))
+    params = sv.models.init(jax.random.key(1), model, x)
+
+    def run():
+        sa = an.simulated_annealing(loss_fn, 13, an.gaussian(0.05), an.exponential(1.0, 0.9), an.metropolis())
+        state, info = jax.jit(sa.step)(jax.random.key(2), sa.init(params), x)
+        return state, info
+
+    ref_state, ref_info = run()
+    monkeypatch.setattr(proposals, "CHUNK_BYTES", 1)  # one proposal at a time
+    state, info = run()
+    np.testing.assert_allclose(float(info.proposal_loss_min), float(ref_info.proposal_loss_min), rtol=1e-6)
+    np.testing.assert_allclose(float(info.proposal_loss_mean), float(ref_info.proposal_loss_mean), rtol=1e-6)
+    assert bool(info.accepted) == bool(ref_info.accepted)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
+        state.params, ref_state.params)
+
+
+def test_gaussian_step_memory_does_not_grow_with_k():
+    """No K copies of the parameters: the compiled step's scratch memory is flat in K."""
+    model = sv.models.MLPVAE(hidden=200, latents=8)
+    loss_fn = sv.make_loss(model)
+    x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
+    params = sv.models.init(jax.random.key(1), model, x)
+    param_bytes = sum(leaf.size * 4 for leaf in jax.tree_util.tree_leaves(params))
+
+    def temp_bytes(k):
+        sa = an.simulated_annealing(loss_fn, k, an.gaussian(0.01), 1.0, an.metropolis())
+        compiled = jax.jit(sa.step).lower(jax.random.key(2), sa.init(params), x).compile()
+        ma = compiled.memory_analysis()
+        if ma is None:
+            pytest.skip("memory_analysis unavailable on this backend")
+        return ma.temp_size_in_bytes
+
+    small, large = temp_bytes(256), temp_bytes(1024)
+    # 768 more proposals would need >= 768 * P bytes if materialised.
+    assert large - small < 16 * param_bytes
+
+
+# Last in this file, so that its background --quick run overlaps the tests above.
 def test_quick_json_is_complete_and_finite(quick_result):
     r = quick_result
     for key in ("machine", "sa_step", "evosax", "fit_overhead", "scaling", "sharded", "targets"):
@@ -96,47 +148,3 @@ def test_quick_json_is_complete_and_finite(quick_result):
     if isinstance(r["evosax"], list):
         for path, value in _finite_numbers(r["evosax"]):
             assert math.isfinite(value), path
-
-
-def test_chunked_gaussian_matches_one_vmap(monkeypatch):
-    """Full-rank proposals evaluated a chunk at a time give the losses of one vmap."""
-    model = sv.models.MLPVAE(hidden=16, latents=4)
-    loss_fn = sv.make_loss(model)
-    x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1))
-    params = sv.models.init(jax.random.key(1), model, x)
-
-    def run():
-        sa = an.simulated_annealing(loss_fn, 13, an.gaussian(0.05), an.exponential(1.0, 0.9), an.metropolis())
-        state, info = jax.jit(sa.step)(jax.random.key(2), sa.init(params), x)
-        return state, info
-
-    ref_state, ref_info = run()
-    monkeypatch.setattr(proposals, "CHUNK_BYTES", 1)  # one proposal at a time
-    state, info = run()
-    np.testing.assert_allclose(float(info.proposal_loss_min), float(ref_info.proposal_loss_min), rtol=1e-6)
-    np.testing.assert_allclose(float(info.proposal_loss_mean), float(ref_info.proposal_loss_mean), rtol=1e-6)
-    assert bool(info.accepted) == bool(ref_info.accepted)
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
-        state.params, ref_state.params)
-
-
-def test_gaussian_step_memory_does_not_grow_with_k():
-    """No K copies of the parameters: the compiled step's scratch memory is flat in K."""
-    model = sv.models.MLPVAE(hidden=200, latents=8)
-    loss_fn = sv.make_loss(model)
-    x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
-    params = sv.models.init(jax.random.key(1), model, x)
-    param_bytes = sum(leaf.size * 4 for leaf in jax.tree_util.tree_leaves(params))
-
-    def temp_bytes(k):
-        sa = an.simulated_annealing(loss_fn, k, an.gaussian(0.01), 1.0, an.metropolis())
-        compiled = jax.jit(sa.step).lower(jax.random.key(2), sa.init(params), x).compile()
-        ma = compiled.memory_analysis()
-        if ma is None:
-            pytest.skip("memory_analysis unavailable on this backend")
-        return ma.temp_size_in_bytes
-
-    small, large = temp_bytes(256), temp_bytes(1024)
-    # 768 more proposals would need >= 768 * P bytes if materialised.
-    assert large - small < 16 * param_bytes

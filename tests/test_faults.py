@@ -36,20 +36,28 @@ SCRIPT = ROOT / "experiments" / "compare.py"
 sys.path.insert(0, str(ROOT / "experiments"))
 import common  # noqa: E402
 import compare  # noqa: E402
-from conftest import without_seconds  # noqa: E402
+from conftest import background, background_result, popen, without_seconds  # noqa: E402
 
 TINY = ["--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet"]
-# The subprocess runs of the SIGKILL and determinism tests (the issue's tiny digits config).
-RUN_FLAGS = [*TINY, "--methods", "adam,sa", "--set", "sa.proposals=8", "--eval-every", "5",
-             "--checkpoint-every", "5", "--budget-evals", "600", "--eval-iwae", "10"]
-# The in-process runs of the disk-full tests: a smaller budget, same shape.
+# The subprocess runs of the SIGKILL test (the issue's tiny digits config): Adam, then sa-refine
+# (Adam, then annealing from its optimum: two phases in one method), a checkpoint every 5 steps.
+_RUN = [*TINY, "--methods", "adam,sa-refine", "--set", "sa-refine.proposals=8", "--eval-every", "5",
+        "--budget-evals", "600", "--eval-iwae", "10"]
+RUN_FLAGS = [*_RUN, "--checkpoint-every", "5"]
+# The uninterrupted runs it is compared with (the reference and the determinism runs): the same
+# run with fewer checkpoints. Checkpoints never enter the results or the parameters (the history
+# rows are at --eval-every), so the killed run must equal them to the bit all the same.
+REFERENCE_FLAGS = [*_RUN, "--checkpoint-every", "50"]
+# The in-process runs of the disk-full tests: a smaller budget, the same shapes.
 SMALL_FLAGS = [*TINY, "--methods", "adam,sa", "--set", "sa.proposals=8", "--eval-every", "5",
                "--checkpoint-every", "10", "--budget-evals", "150", "--eval-iwae", "10"]
 
-# (kind, parameter): "tmp" kills while an orbax temporary checkpoint folder
-# exists (a checkpoint write in progress); "delay" kills a random time after
-# the run has made progress.
-KILL_POINTS = [("tmp", None), ("delay", 0), ("tmp", None), ("delay", 1)]
+# Where the SIGKILL test kills its successive launches (each resumes the previous one): "tmp"
+# while an orbax temporary checkpoint folder exists (a checkpoint write in progress);
+# "second-method" as soon as sa-refine has committed a checkpoint (adam finished, sa-refine's
+# Adam phase under way: mid-run and mid-method); "delay" a random time after the launch has
+# committed a new checkpoint.
+KILL_POINTS = ["tmp", "second-method", "tmp", "delay", "delay"]
 # (what fails with ENOSPC, on which call): run-state checkpoints mid-Adam,
 # the first annealing checkpoint (Adam finished), a results file write.
 DISK_FAULTS = [("run-checkpoint", 4), ("run-checkpoint", 8), ("atomic-write", 7)]
@@ -207,10 +215,10 @@ def test_disk_full_mid_run_is_a_clear_error_and_resume_completes(tmp_path, monke
 # ------------------------------------------------------------------ SIGKILL and determinism
 
 
-def launch(workdir, log_path, *extra):
-    cmd = [sys.executable, str(SCRIPT), "--workdir", str(workdir), *RUN_FLAGS, *extra]
+def launch(workdir, log_path, *extra, flags=RUN_FLAGS):
+    cmd = [sys.executable, str(SCRIPT), "--workdir", str(workdir), *flags, *extra]
     log = open(log_path, "w")
-    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log
+    return popen(cmd, stdout=log, stderr=subprocess.STDOUT, text=True), log
 
 
 def finish(proc, log, timeout=600):
@@ -219,12 +227,36 @@ def finish(proc, log, timeout=600):
     assert rc == 0, Path(log.name).read_text()[-3000:]
 
 
+# The DETERMINISM_RUNS uninterrupted subprocess runs of REFERENCE_FLAGS: run 1 (the SIGKILL
+# test's reference), then runs 2 and 3 side by side. Both are background work (see conftest.py):
+# started when the tests are collected, they run beside the in-process tests.
+
+
+@background("reference_run")
+def _reference_run(tmp):
+    finish(*launch(tmp / "run1", tmp / "run1.log", flags=REFERENCE_FLAGS))
+    return tmp / "run1"
+
+
+@background("determinism_runs")
+def _determinism_runs(tmp):
+    runs = [(tmp / f"run{i}", launch(tmp / f"run{i}", tmp / f"run{i}.log", flags=REFERENCE_FLAGS))
+            for i in range(2, DETERMINISM_RUNS + 1)]
+    for _, (proc, log) in runs:
+        finish(proc, log)
+    return [workdir for workdir, _ in runs]
+
+
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """An uninterrupted subprocess run of RUN_FLAGS (determinism run 1, the SIGKILL reference)."""
-    workdir = tmp_path_factory.mktemp("reference")
-    finish(*launch(workdir, workdir.parent / "reference.log"))
-    return workdir
+def reference_run(request):
+    """An uninterrupted subprocess run of REFERENCE_FLAGS (determinism run 1, the SIGKILL reference)."""
+    return background_result(request)
+
+
+@pytest.fixture(scope="module")
+def determinism_runs(request):
+    """Determinism runs 2 and 3: the same command as ``reference_run``."""
+    return background_result(request)
 
 
 def orbax_tmp_exists(workdir: Path) -> bool:
@@ -238,47 +270,55 @@ def orbax_tmp_exists(workdir: Path) -> bool:
     return False
 
 
-def committed_checkpoints(workdir: Path) -> int:
-    return sum(1 for p in workdir.glob("checkpoints/*/*") if p.name.isdigit())
+def committed_checkpoints(workdir: Path, method: str = "*") -> int:
+    return sum(1 for p in workdir.glob(f"checkpoints/{method}/*") if p.name.isdigit())
 
 
 @pytest.mark.slow
 def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(tmp_path, reference_run):
     workdir = tmp_path / "killed"
     rng = np.random.default_rng(7)
-    delays = rng.uniform(0.0, 2.0, size=len(KILL_POINTS))
+    delays = iter(rng.uniform(0.0, 2.0, size=KILL_POINTS.count("delay")))
     kills = 0
-    for i, (kind, _) in enumerate(KILL_POINTS):
+    for i, kind in enumerate(KILL_POINTS):
         log_path = tmp_path / f"run{i}.log"
         proc, log = launch(workdir, log_path, *(["--resume"] if i else []))
         start_count, deadline = committed_checkpoints(workdir), time.time() + 300
+        start_second = committed_checkpoints(workdir, "sa-refine")
+        delay = next(delays) if kind == "delay" else None
         while proc.poll() is None and time.time() < deadline:
             if kind == "tmp" and orbax_tmp_exists(workdir):
                 break
+            if kind == "second-method" and committed_checkpoints(workdir, "sa-refine") > start_second:
+                break
             if kind == "delay" and committed_checkpoints(workdir) > start_count:
-                time.sleep(delays[i])
+                time.sleep(delay)
                 break
             time.sleep(0.002)
-        if proc.poll() is None:
+        killed = proc.poll() is None
+        if killed:
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
         log.close()
         # The next --resume starts from a complete checkpoint: it never has to skip a damaged one.
         assert "unreadable" not in log_path.read_text()
+        if kind == "second-method":
+            # Killed mid-run: adam's results are written, sa-refine's and the summary are not.
+            assert killed, log_path.read_text()[-3000:]
+            assert list(json.loads((workdir / "results.json").read_text())) == ["adam"]
+            assert not (workdir / "summary.md").exists()
     assert kills >= len(KILL_POINTS) - 1
     log_path = tmp_path / "final.log"
     finish(*launch(workdir, log_path, "--resume"))
     assert "unreadable" not in log_path.read_text()
     assert results(workdir) == results(reference_run)
-    assert_same_params(workdir, reference_run)
+    assert_same_params(workdir, reference_run, ("adam", "sa-refine"))
 
 
 @pytest.mark.slow
-def test_three_runs_of_compare_give_identical_results(tmp_path, reference_run):
-    procs = [launch(tmp_path / f"run{i}", tmp_path / f"run{i}.log") for i in range(1, DETERMINISM_RUNS)]
-    for proc, log in procs:
-        finish(proc, log)
-    for i in range(1, DETERMINISM_RUNS):
-        assert results(tmp_path / f"run{i}") == results(reference_run)
-        assert_same_params(tmp_path / f"run{i}", reference_run)
+def test_three_runs_of_compare_give_identical_results(reference_run, determinism_runs):
+    assert len(determinism_runs) == DETERMINISM_RUNS - 1
+    for other in determinism_runs:
+        assert results(other) == results(reference_run)
+        assert_same_params(other, reference_run, ("adam", "sa-refine"))

@@ -23,6 +23,8 @@ import pytest
 import savae_jax as sv
 from savae_jax import annealing, checkpoint, distributed
 
+from conftest import background, background_result, popen
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Runs with 8 CPU devices; prints one JSON line of comparisons, each of a
@@ -112,14 +114,21 @@ SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def eight_devices():
+@background("eight_devices")
+def _eight_devices_run(tmp):
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = subprocess.run([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, capture_output=True,
-                          text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    proc = popen([sys.executable, "-c", SCRIPT], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+                 stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=600)
+    assert proc.returncode == 0, stderr[-4000:]
+    line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")][-1]
     return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def eight_devices(request):
+    """SCRIPT's report (its subprocess starts in the background when the tests are collected)."""
+    return background_result(request)
 
 
 @pytest.mark.parametrize("proposal, num_proposals",
@@ -266,7 +275,7 @@ def _two_processes(script: str, args: list[str], own=lambda i: []) -> list[subpr
     """
     port = _free_port()
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    return [subprocess.Popen(
+    return [popen(
         [sys.executable, script, *args, *own(i), "--distributed", "--coordinator", f"127.0.0.1:{port}",
          "--num-processes", "2", "--process-id", str(i)],
         env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -285,33 +294,97 @@ def _finish(procs, timeout=300) -> list[str]:
     return logs
 
 
-def _single(script: str, args: list[str]) -> subprocess.Popen:
-    """The same script as one process on one device (the reference)."""
-    return subprocess.Popen([sys.executable, script, *args], env=os.environ | {"JAX_PLATFORMS": "cpu"},
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _single(script: str, args: list[str]) -> str:
+    """Run the same script as one process on one device (the reference); its output."""
+    proc = popen([sys.executable, script, *args], env=os.environ | {"JAX_PLATFORMS": "cpu"},
+                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = _finish([proc])[0]
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
+# The one-device reference runs of the two-process tests below are background work (see
+# conftest.py): each is one process, run before its test needs it, so that the test's two
+# processes do not share CI's two cores with a third.
+
+TRAIN_ARGS = ["experiments/train.py", "--dataset", "digits", "--optimizer", "adam", "--lr", "3e-3",
+              "--epochs", "1", "--batch-size", "64", "--hidden", "32", "--latents", "4", "--quiet"]
+COMPARE_ARGS = ["experiments/compare.py", "--dataset", "digits", "--methods", "adam,sa",
+                "--budget-evals", "600", "--eval-every", "10", "--checkpoint-every", "20",
+                "--batch-size", "64", "--hidden", "32", "--latents", "4", "--eval-iwae", "5",
+                "--set", "sa.proposals=7", "--quiet"]
+DUAL_ARGS = ["experiments/dual_annealing.py", "--runs", "8", "--steps", "30", "--proposals", "7",
+             "--problems", "rastrigin"]
+
+# The saved initial parameters of the train.py runs (MLPVAE(32, 4), init key 7), written in a
+# subprocess like everything else in the background.
+SAVE_INIT = textwrap.dedent(
+    """
+    import sys
+    import jax, numpy as np
+    import savae_jax as sv
+
+    model = sv.MLPVAE(hidden=32, latents=4)
+    sv.checkpoint.save_params(sys.argv[1], sv.models.init(jax.random.key(7), model,
+                                                          np.zeros((1, 8, 8, 1), np.float32)))
+    """
+)
+
+
+@background("train_single")
+def _train_single(tmp):
+    init = tmp / "init"
+    _single("-c", [SAVE_INIT, str(init)])
+    args = TRAIN_ARGS[1:] + ["--init-from", str(init), "--workdir", str(tmp / "single")]
+    _single(TRAIN_ARGS[0], args)
+    return tmp
+
+
+@pytest.fixture(scope="module")
+def train_single(request):
+    """The saved initial parameters (``init``) and train.py from them on one device (``single``)."""
+    return background_result(request)
+
+
+@background("compare_single")
+def _compare_single(tmp):
+    _single(COMPARE_ARGS[0], COMPARE_ARGS[1:] + ["--workdir", str(tmp / "single")])
+    return tmp / "single"
+
+
+@pytest.fixture(scope="module")
+def compare_single(request):
+    """The workdir of COMPARE_ARGS run on one device."""
+    return background_result(request)
+
+
+@background("dual_single")
+def _dual_single(tmp):
+    _single(DUAL_ARGS[0], DUAL_ARGS[1:] + ["--json", str(tmp / "single.json")])
+    return tmp / "single.json"
+
+
+@pytest.fixture(scope="module")
+def dual_single(request):
+    """The JSON report of DUAL_ARGS run on one device."""
+    return background_result(request)
 
 
 @pytest.mark.slow
-def test_two_processes_on_loopback_agree(tmp_path):
+def test_two_processes_on_loopback_agree(tmp_path, train_single):
     """experiments/train.py --distributed: 2 processes x 4 CPU devices, Adam data parallel, one
     workdir, starting from saved parameters (--init-from, read by every process)."""
-    model = sv.MLPVAE(hidden=32, latents=4)
-    sv.checkpoint.save_params(tmp_path / "init", sv.models.init(jax.random.key(7), model,
-                                                                np.zeros((1, 8, 8, 1), np.float32)))
-    common = ["experiments/train.py", "--dataset", "digits", "--optimizer", "adam", "--lr", "3e-3",
-              "--epochs", "1", "--batch-size", "64", "--hidden", "32", "--latents", "4", "--quiet",
-              "--init-from", str(tmp_path / "init")]
-    procs = _two_processes(common[0], common[1:] + ["--workdir", str(tmp_path / "both")])
-    single = _single(common[0], common[1:] + ["--workdir", str(tmp_path / "single")])
-    logs = _finish(procs + [single])
-    for proc, log in zip(procs + [single], logs):
+    args = TRAIN_ARGS[1:] + ["--init-from", str(train_single / "init")]
+    procs = _two_processes(TRAIN_ARGS[0], args + ["--workdir", str(tmp_path / "both")])
+    logs = _finish(procs)
+    for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-4000:]
     # Process 0 alone prints and writes; process 1 computes silently.
     assert "final test negative ELBO" in logs[0] and "final test negative ELBO" not in logs[1]
-    metrics = [json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("both", "single")]
+    metrics = [json.loads((d / "metrics.json").read_text()) for d in (tmp_path / "both", train_single / "single")]
     assert len(metrics[0]["config"]["devices"]) == 8  # the global devices
     p0 = sv.checkpoint.load_params(tmp_path / "both" / "params")
-    ps = sv.checkpoint.load_params(tmp_path / "single" / "params")
+    ps = sv.checkpoint.load_params(train_single / "single" / "params")
     for a, c in zip(jax.tree.leaves(p0), jax.tree.leaves(ps)):
         np.testing.assert_allclose(a, c, rtol=0, atol=1e-6)  # data parallel vs one device
     assert metrics[0]["final"]["test_neg_elbo"] == pytest.approx(metrics[1]["final"]["test_neg_elbo"],
@@ -319,16 +392,12 @@ def test_two_processes_on_loopback_agree(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path):
+def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path, compare_single):
     """compare.py --distributed on one shared --workdir: SIGKILL both processes after the first
     annealing checkpoint, --resume with two processes, and the results equal a one-device run
     (annealing bitwise, data-parallel Adam to 1e-4 nats)."""
-    args = ["experiments/compare.py", "--dataset", "digits", "--methods", "adam,sa",
-            "--budget-evals", "600", "--eval-every", "10", "--checkpoint-every", "20",
-            "--batch-size", "64", "--hidden", "32", "--latents", "4", "--eval-iwae", "5",
-            "--set", "sa.proposals=7", "--quiet"]
-    both, ref = tmp_path / "both", tmp_path / "single"
-    single = _single(args[0], args[1:] + ["--workdir", str(ref)])
+    args = COMPARE_ARGS
+    both, ref = tmp_path / "both", compare_single
     procs = _two_processes(args[0], args[1:] + ["--workdir", str(both)])
     committed = lambda: [p for p in (both / "checkpoints" / "sa").glob("*") if p.name.isdigit()]  # noqa: E731
     deadline = time.monotonic() + 300
@@ -340,8 +409,8 @@ def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path):
     assert committed(), "no annealing checkpoint before the kill:\n" + logs[0][-4000:]
     assert not (both / "results.json").exists() or "sa" not in json.loads((both / "results.json").read_text())
     procs = _two_processes(args[0], args[1:] + ["--workdir", str(both), "--resume"])
-    logs = _finish(procs + [single])
-    for proc, log in zip(procs + [single], logs):
+    logs = _finish(procs)
+    for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-4000:]
     assert "| adam |" in logs[0] and logs[1].count("nats") == 0  # one writer: process 0
     config = json.loads((both / "config.json").read_text())
@@ -392,17 +461,14 @@ def test_two_process_compare_with_a_time_budget_stops_together(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_process_dual_annealing_equals_one_process(tmp_path):
+def test_two_process_dual_annealing_equals_one_process(tmp_path, dual_single):
     """experiments/dual_annealing.py --distributed: chains on both processes' devices, gathered."""
-    args = ["experiments/dual_annealing.py", "--runs", "8", "--steps", "30", "--proposals", "7",
-            "--problems", "rastrigin"]
-    procs = _two_processes(args[0], args[1:] + ["--json", str(tmp_path / "both.json")])
-    single = _single(args[0], args[1:] + ["--json", str(tmp_path / "single.json")])
-    logs = _finish(procs + [single])
-    for proc, log in zip(procs + [single], logs):
+    procs = _two_processes(DUAL_ARGS[0], DUAL_ARGS[1:] + ["--json", str(tmp_path / "both.json")])
+    logs = _finish(procs)
+    for proc, log in zip(procs, logs):
         assert proc.returncode == 0, log[-4000:]
     assert "savae_jax SA" in logs[0] and "savae_jax SA" not in logs[1]  # process 0 prints
-    both, one = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("both", "single"))
+    both, one = (json.loads(path.read_text()) for path in (tmp_path / "both.json", dual_single))
     for a, b in zip(both, one, strict=True):
         for key in ("median_best", "mean_best", "max_best", "frac_below_1e_2", "evals_per_run"):
             assert a[key] == b[key], (a, b)
