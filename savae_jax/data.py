@@ -144,6 +144,35 @@ def make_dataset(images, labels, name: str = "custom") -> Dataset:
     return Dataset(images=images, labels=labels.astype(np.int32), name=name)
 
 
+def split_validation(data: Dataset, size, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """Hold out a validation split of the training data: ``(train, validation)``.
+
+    The held-out examples are a random subset drawn by a permutation of
+    ``jax.random.key(seed)``, so the split is a pure function of ``seed``;
+    both parts keep the original order of their examples. Model selection
+    (the driver's validation gate, early stopping, hyperparameter choice)
+    reads this split, never the test set.
+
+    Args:
+      data: the training ``Dataset``.
+      size: examples to hold out: a float fraction in (0, 1) or an integer
+        count; at least one example must remain on each side.
+      seed: seed of the permutation.
+    """
+    n = data.images.shape[0]
+    if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
+        raise ValueError(f"validation size must be a fraction in (0, 1) or a count >= 1, got {size!r}")
+    is_count = isinstance(size, (int, np.integer))
+    count = size if is_count else round(size * n) if 0 < size < 1 else 0
+    if not 1 <= count <= n - 1:
+        raise ValueError(f"validation size must be a fraction in (0, 1) or an integer count in [1, {n - 1}] "
+                         f"(the training set has {n} examples), got {size!r}")
+    held = np.zeros(n, bool)
+    held[np.asarray(jax.random.permutation(jax.random.key(seed), n))[: int(count)]] = True
+    return (Dataset(data.images[~held], data.labels[~held], data.name),
+            Dataset(data.images[held], data.labels[held], f"{data.name} (validation)"))
+
+
 # ---------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------

@@ -61,6 +61,14 @@ class Phase(NamedTuple):
     key: jax.Array | None = None
 
 
+class Best(NamedTuple):
+    """The validation gate's choice so far: the lowest validation value, its step, its parameters."""
+
+    value: float
+    step: int
+    params: Any
+
+
 class Position(NamedTuple):
     """Where a run is: phase index, steps and seconds in that phase, totals so far."""
 
@@ -227,6 +235,8 @@ class _Run:
                       else checkpoint.RunCheckpointer(options["checkpoint_dir"]))
         self.pos, self.history, self.finished = Position(), [], False
         self.state = phases[0].optimizer.init(params)
+        validate = options["validate"]
+        self.best = None if validate is None else Best(float(validate(params)), 0, params)
 
     def restore(self) -> None:
         """Continue from the newest readable checkpoint, if any."""
@@ -234,19 +244,41 @@ class _Run:
             return
         # The state's structure depends on the phase that was saved: rebuild
         # a template from the initial parameters (same shapes) for it.
-        restored = self.saver.restore(
-            lambda meta: self.phases[meta["position"]["phase"]].optimizer.init(self.params0), self.o["log"])
+        def template(meta):
+            state = self.phases[meta["position"]["phase"]].optimizer.init(self.params0)
+            return state if self.best is None else (state, self.params0)
+
+        restored = self.saver.restore(template, self.o["log"])
         if restored is not None:
-            _, self.state, meta = restored
+            _, saved, meta = restored
             self.pos, self.history, self.finished = Position(**meta["position"]), meta["history"], meta["finished"]
+            self.state = saved
+            if self.best is not None:
+                self.state = saved[0]
+                self.best = Best(meta["best"]["value"], meta["best"]["step"], saved[1])
 
     def save(self, finished: bool) -> None:
         if self.saver is not None:
             meta = {"position": self.pos._asdict(), "history": self.history, "finished": finished}
-            self.saver.save(self.pos.total_steps, distributed.host_local(self.state), meta)
+            saved = self.state
+            if self.best is not None:  # the gate's parameters travel with the state
+                meta["best"] = {"value": self.best.value, "step": self.best.step}
+                saved = (self.state, self.best.params)
+            self.saver.save(self.pos.total_steps, distributed.host_local(saved), meta)
 
     def params(self):
         return distributed.host_local(self.state.params)
+
+    def result_params(self):
+        """The run's output: the best-validation parameters with a gate, else the last ones."""
+        return self.params() if self.best is None else distributed.host_local(self.best.params)
+
+    def gate(self, row: dict) -> None:
+        """Validate the current parameters, keep them if they beat the best so far, note both in ``row``."""
+        value = float(self.o["validate"](self.params()))
+        if value < self.best.value:  # strictly lower: on a tie the earlier parameters stay
+            self.best = Best(value, self.pos.total_steps, self.state.params)
+        row["val_neg_elbo"], row["best_step"] = value, self.best.step
 
     def steps(self, phase_index: int):
         phase = self.phases[phase_index]
@@ -293,6 +325,8 @@ class _Run:
         row = {"phase": phase.name, "step": self.pos.total_steps, "evals": self.pos.evals,
                "seconds": self.pos.seconds, "train_loss": train_loss,
                "test_neg_elbo": None if evaluate is None else evaluate(self.params())}
+        if self.best is not None:
+            self.gate(row)
         row.update(logged_stats(info))
         self.history.append(row)
         return row
@@ -334,6 +368,7 @@ def run(
     budget_seconds: float | None = None,
     batch_fn: data_lib.BatchFn = data_lib.BatchFn(),
     evaluate: Callable[[Any], float] | None = None,
+    validate: Callable[[Any], float] | None = None,
     checkpoint_every: int | None = None,
     checkpoint_dir=None,
     resume: bool = False,
@@ -363,7 +398,15 @@ def run(
         the clock stops it. Across processes, process 0's clock decides.
       batch_fn: gathers and binarises each batch (:class:`data.BatchFn`).
       evaluate: ``evaluate(params) -> float``, the row's ``test_neg_elbo``
-        (e.g. a validation or test negative ELBO); None: not evaluated.
+        (e.g. the test negative ELBO, only reported); None: not evaluated.
+      validate: the validation gate, ``validate(params) -> float`` (e.g. the
+        negative ELBO of a held-out split of the training data at a fixed
+        evaluation key, ``data.split_validation``; never the test set). It
+        scores the initial parameters and those at every row; the run then
+        returns the lowest-scoring ones (keep-best), so no phase can leave
+        the run worse on validation than it found it. Rows get
+        ``val_neg_elbo`` and ``best_step`` (the step of the kept
+        parameters, 0 for the initial ones). None: the last parameters.
       checkpoint_every: steps between checkpoints, a multiple of
         ``eval_every`` (checkpoints are taken at rows); None: every row. The
         end of the run is always saved.
@@ -377,9 +420,12 @@ def run(
       log: called with messages (e.g. a damaged checkpoint skipped).
       on_row: called with every new history row (e.g. to print it).
     Returns:
-      ``(params, history)``; each row has the fields :data:`ROW_FIELDS`
-      (``seconds`` and ``evals`` cumulative) and the optimizer's logged info
-      fields (``temperature``, ``radius``, ``acceptance_rate`` for annealing).
+      ``(params, history)``: the last parameters, or with ``validate`` the
+      best-validation ones; each row has the fields :data:`ROW_FIELDS`
+      (``seconds`` and ``evals`` cumulative; ``test_neg_elbo`` is the *last*
+      parameters' score), the gate's fields with ``validate``, and the
+      optimizer's logged info fields (``temperature``, ``radius``,
+      ``acceptance_rate`` for annealing).
     """
     checkpoint_every = _check_options(phases, eval_every, checkpoint_every, budget_seconds)
     phases = [p._replace(optimizer=as_optimizer(p.optimizer)) for p in phases]
@@ -387,11 +433,12 @@ def run(
     max_steps = phase_steps(phases, images.shape[0], batch_size, budget_evals)
     r = _Run(key, phases, params, images, {
         "batch_size": batch_size, "eval_every": eval_every, "batch_fn": batch_fn, "evaluate": evaluate,
-        "checkpoint_dir": checkpoint_dir, "mesh": mesh, "axis_name": axis_name, "desc": desc, "log": log})
+        "checkpoint_dir": checkpoint_dir, "mesh": mesh, "axis_name": axis_name, "desc": desc, "log": log,
+        "validate": validate})
     if resume:
         r.restore()
         if r.finished:
-            return r.params(), r.history
+            return r.result_params(), r.history
     total = sum(n * p.optimizer.cost for n, p in zip(max_steps, phases))
     bar = tqdm(total=total, initial=r.pos.evals, desc=desc, disable=not progress, unit="eval", leave=True)
     steps = None  # one generator (one compiled step) per phase, kept across rows
@@ -414,4 +461,4 @@ def run(
             r.save(finished=False)
     bar.close()
     r.save(finished=True)
-    return r.params(), r.history
+    return r.result_params(), r.history

@@ -33,6 +33,7 @@ def fit(
     batch_size: int = 128,
     test=None,
     *,
+    validation=None,
     binarize: str | None = None,
     static_seed: int = 0,
     eval_key: jax.Array | None = None,
@@ -60,6 +61,11 @@ def fit(
       batch_size: examples per step; the last partial batch is dropped.
       test: optional held-out ``Dataset``/array; its mean loss over every
         example at ``eval_key`` is recorded after each epoch.
+      validation: optional held-out split of the *training* data
+        (``data.split_validation``), scored like ``test`` after each epoch
+        (``val_neg_elbo``); ``fit`` then returns the parameters of the best
+        epoch (or the initial ones if no epoch beats them) instead of the
+        last (``driver.run``'s validation gate).
       binarize: None, "dynamic" or "static" (see ``data.make_batch``), or a
         ``data.BatchFn``; the test set is binarised the same way at the fixed
         evaluation key.
@@ -75,7 +81,8 @@ def fit(
         ``mesh``): Optax steps run data parallel; an annealer shards its
         proposals only if it was built with ``mesh=`` (docs/distributed.md).
     Returns:
-      ``(params, history)``: final parameters and one ``driver.run`` history
+      ``(params, history)``: final (with ``validation``: best-validation)
+      parameters and one ``driver.run`` history
       row per epoch, plus its ``epoch`` (1, 2, ...); ``seconds`` is the
       cumulative training time (evaluation excluded).
     """
@@ -83,15 +90,19 @@ def fit(
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     batch_fn = data_lib.as_batch_fn(binarize, static_seed)
     images = _images(train, "train")
-    evaluate = None
-    if test is not None:
-        test_images, eval_loss = _images(test, "test"), eval_loss_fn or loss_fn
-        evaluate = lambda p: evaluation.evaluate(  # noqa: E731
-            eval_loss, p, test_images, eval_key, eval_batch_size, batch_fn)
+    eval_loss = eval_loss_fn or loss_fn
+
+    def scorer(data, name):
+        if data is None:
+            return None
+        held_out = _images(data, name)
+        return lambda p: evaluation.evaluate(eval_loss, p, held_out, eval_key, eval_batch_size, batch_fn)
+
+    evaluate, validate = scorer(test, "test"), scorer(validation, "validation")
     steps_per_epoch = data_lib.num_batches(images.shape[0], batch_size)
     phase = driver.Phase("fit", as_optimizer(optimizer, loss_fn), epochs=epochs, key=key)
     return driver.run(key, [phase], params, images, batch_size=batch_size, eval_every=steps_per_epoch,
-                      batch_fn=batch_fn, evaluate=evaluate, mesh=mesh, progress=progress,
+                      batch_fn=batch_fn, evaluate=evaluate, validate=validate, mesh=mesh, progress=progress,
                       on_row=epoch_rows(steps_per_epoch, log))
 
 

@@ -1,5 +1,6 @@
-"""driver.run: budgets, phases, resume, and stopping on a non-finite loss."""
+"""driver.run: budgets, phases, resume, the validation gate, and stopping on a non-finite loss."""
 
+import shutil
 import chex
 import jax
 import jax.numpy as jnp
@@ -145,3 +146,77 @@ def test_one_batch_fn_serves_training_and_the_evaluations(setup):
     assert ha[0]["test_neg_elbo"] == hb[0]["test_neg_elbo"]
     with pytest.raises(ValueError, match="binarize must be one of"):
         sv.data.as_batch_fn("sometimes")
+
+
+def noise_phase(loss_fn, scale=0.05):
+    """A phase whose every step adds Gaussian noise to the parameters: it only makes them worse."""
+    adam = sv.from_optax(loss_fn, optax.adam(1e-3))
+
+    def step(key, state, x):
+        noisy = jax.tree.map(lambda p, k: p + scale * jax.random.normal(k, p.shape),
+                             state.params, _tree_keys(key, state.params))
+        return state._replace(params=noisy), adam.step(key, state, x)[1]
+
+    return driver.Phase("noise", adam._replace(step=step), 0.5)
+
+
+def _tree_keys(key, tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    return jax.tree.unflatten(treedef, list(jax.random.split(key, len(leaves))))
+
+
+def validation_split(images, loss_fn):
+    train, val = sv.data.split_validation(sv.data.make_dataset(images, None), 300)
+    return train.images, lambda p: sv.evaluate(loss_fn, p, val.images)
+
+
+def test_the_validation_gate_returns_the_best_validation_parameters(setup, tmp_path):
+    """Adam improves, then a phase of pure noise makes things worse: with validate= the run returns
+    Adam's last parameters (bitwise), the rows name them, and the last row's test score is the
+    worse, last parameters'. Resuming the killed run gives the same output."""
+    images, test_images, params, loss_fn = setup
+    train_images, validate = validation_split(images, loss_fn)
+    phases = [adam_phase(loss_fn, 0.5), noise_phase(loss_fn)]
+    kwargs = dict(batch_size=100, eval_every=4, budget_evals=60)
+    kept, history = run(phases, params, train_images, test_images, loss_fn, validate=validate, **kwargs)
+    adam_only, _ = run(phases[:1], params, train_images, test_images, loss_fn,
+                       **kwargs)  # the same share of the same budget: 10 steps
+    chex.assert_trees_all_equal(kept, adam_only)
+    assert [r["best_step"] for r in history] == [4, 8, 10, 10, 10, 10]
+    vals = [r["val_neg_elbo"] for r in history]
+    assert vals[2] == validate(kept) == min(vals)
+    assert history[-1]["val_neg_elbo"] > vals[2] + 1.0  # the noise phase really hurt (nats)
+    # A run killed in the noise phase (its newest checkpoint, the finished one, removed) resumes
+    # from step 16: the gate's choice (step 10) must come back from the checkpoint.
+    ckpt = tmp_path / "ckpt"
+    run(phases, params, train_images, test_images, loss_fn, validate=validate, checkpoint_dir=ckpt, **kwargs)
+    assert checkpoint.RunCheckpointer(ckpt).steps() == [16, 20]
+    shutil.rmtree(ckpt / "20")
+    resumed, resumed_history = run(phases, params, train_images, test_images, loss_fn, validate=validate,
+                                   checkpoint_dir=ckpt, resume=True, **kwargs)
+    chex.assert_trees_all_equal(resumed, kept)
+    untimed = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]  # noqa: E731
+    assert untimed(resumed_history) == untimed(history)
+
+
+def test_the_validation_gate_keeps_the_initial_parameters_when_nothing_beats_them(setup):
+    images, test_images, params, loss_fn = setup
+    train_images, validate = validation_split(images, loss_fn)
+    kept, history = run([noise_phase(loss_fn)._replace(share=1.0)], params, train_images, test_images, loss_fn,
+                        validate=validate, batch_size=100, eval_every=3, budget_evals=30)
+    chex.assert_trees_all_equal(kept, params)
+    assert all(r["best_step"] == 0 for r in history) and min(r["val_neg_elbo"] for r in history) > validate(params)
+
+
+def test_split_validation_holds_out_a_fixed_random_subset():
+    data = sv.data.make_dataset(np.linspace(0, 1, 10 * 4).reshape(10, 2, 2, 1).astype(np.float32), np.arange(10))
+    train, val = sv.data.split_validation(data, 0.3, seed=1)
+    assert len(val.labels) == 3 and len(train.labels) == 7
+    assert sorted(np.concatenate([train.labels, val.labels]).tolist()) == list(range(10))
+    assert np.all(np.diff(train.labels) > 0) and np.all(np.diff(val.labels) > 0)  # order kept
+    again, _ = sv.data.split_validation(data, 3, seed=1)[1], None
+    np.testing.assert_array_equal(again.labels, val.labels)
+    assert not np.array_equal(sv.data.split_validation(data, 3, seed=2)[1].labels, val.labels)
+    for bad in (0, 10, 1.0, 2.5, -0.1, "0.1", True):
+        with pytest.raises(ValueError, match="validation size must be"):
+            sv.data.split_validation(data, bad)
