@@ -29,7 +29,7 @@ MODELS = ("mlp", "conv")
 BETA_SCHEDULES = ("constant", "warmup", "cyclical")
 PROPOSALS = ("gaussian", "cauchy", "low_rank", "langevin")
 SCHEDULES = ("exponential", "linear", "logarithmic", "fast", "adaptive", "constant")
-ACCEPTANCES = ("metropolis", "threshold", "greedy")
+ACCEPTANCES = ("metropolis", "threshold", "greedy", "penalty", "confident")
 
 # The annealer's knobs. Temperatures are in nats (the loss's unit).
 SA_DEFAULTS: dict[str, Any] = {
@@ -45,9 +45,12 @@ SA_DEFAULTS: dict[str, Any] = {
     "schedule_steps": 1000,   # linear
     "target_rate": 0.2,       # adaptive
     "reheat": 0,              # restart the schedule after this many steps without improvement; 0 = never
-    "acceptance": "metropolis",
+    "acceptance": "metropolis",  # also threshold, greedy, penalty, confident (README: the rules)
     "alpha": 0.5,             # threshold: accept iff exp(-dL / (T + d)) > alpha
     "d": 0.0,
+    "level": 0.05,            # confident: the one-sided test's level (false-acceptance probability)
+    "margin": 0.0,            # confident: the improvement required (nats)
+    "decision_size": 0,       # decide on this many other examples with fresh noise; 0: on the selection batch
     "t_min": None,            # stop below this temperature
     "patience": None,         # stop after this many steps without improvement
     "langevin_step": 1e-3,    # langevin: step size
@@ -255,10 +258,30 @@ def make_acceptance(config: dict, prefix: str = ""):
     name = _choice(config, "acceptance", ACCEPTANCES, prefix)
     if name == "threshold":
         return annealing.threshold(config["alpha"], config["d"])
-    return annealing.metropolis() if name == "metropolis" else annealing.greedy()
+    if name == "confident":
+        level = config["level"]
+        if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 0.5:
+            # the library calls it alpha, like the threshold rule's own alpha: name the setting
+            raise ValueError(f"{prefix}level: the confident rule's level must be in (0, 0.5), got {level!r}")
+        return annealing.confident(level, config["margin"])
+    return {"metropolis": annealing.metropolis, "greedy": annealing.greedy, "penalty": annealing.penalty}[name]()
 
 
-def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None) -> sv.Optimizer:
+def make_decision(config: dict, batch_size: int | None, prefix: str = ""):
+    """The decision batch of ``config["decision_size"]`` examples (None when 0: the selection batch decides)."""
+    size = config["decision_size"]
+    flag = f"{prefix}decision-size" if prefix.endswith("-") else f"{prefix}decision_size"  # --sa-..., sa....
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
+        raise ValueError(f"{flag}: must be 0 (decide on the selection batch) or an integer >= 2, "
+                         f"got {size!r}")
+    if size == 0:
+        return None
+    if batch_size is None:
+        raise ValueError(f"{flag}: needs the run's batch size (the selection batch)")
+    return annealing.decision_batch(batch_size, size)
+
+
+def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None, batch_size: int | None = None) -> sv.Optimizer:
     """``annealing.simulated_annealing`` from a dict of ``SA_DEFAULTS`` keys.
 
     Args:
@@ -266,6 +289,8 @@ def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None) -> sv.Opti
       config: hyperparameters; missing keys take ``SA_DEFAULTS``.
       prefix: how errors name a key (e.g. "--sa-" or "sa.").
       mesh: the mesh to shard the proposals over (--devices), or None.
+      batch_size: the run's batch size, the selection batch of a decision
+        batch (``decision_size`` > 0).
     """
     unknown = set(config) - set(SA_DEFAULTS)
     if unknown:
@@ -288,6 +313,7 @@ def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None) -> sv.Opti
             t_min=config["t_min"],
             patience=config["patience"],
             mesh=mesh,
+            decision=make_decision(config, batch_size, prefix),
         )
     except (TypeError, ValueError) as err:
         if str(err).startswith(prefix):

@@ -11,14 +11,23 @@ evaluations (one forward pass of one batch; a gradient step counts 3) and,
 with --budget-seconds, in training seconds too.
 
 Methods: adam, rmsprop, sgd (Optax); sa (annealing from the random init);
-sa-refine (Adam for a share of the budget, then annealing from its optimum);
-langevin-sa (annealing with gradient-informed Langevin proposals).
+sa-refine (Adam for a share of the budget, then noise-aware annealing from its
+optimum: a paired t-test on an independent decision batch); sa-refine-naive
+(the same with the seed's rule, Metropolis on the selection batch);
+langevin-sa (annealing with gradient-informed Langevin proposals, deciding on
+an independent batch).
+
+With --validation F (default 0.1) a fraction F of the training set is held
+out and every method returns its best-validation parameters (the driver's
+validation gate); the test set is only reported. With --seeds 0,1,2 every
+method runs once per seed and the summary shows mean ± sd.
 
 Outputs in --workdir (each file written atomically): config.json,
-results.json, history_<method>.csv, summary.md, test_neg_elbo_vs_seconds.png,
+results.json ({method: {"seeds": {seed: run}, "summary": {number: {mean, sd,
+n}}}}), history_<method>_seed<s>.csv, summary.md, test_neg_elbo_vs_seconds.png,
 test_neg_elbo_vs_evals.png, sa_traces.png, reconstructions_<method>.png,
-samples_<method>.png; checkpoints/<method>/ (run state, for --resume) and
-params/<method>/ (final parameters).
+samples_<method>.png (first seed); checkpoints/<method>/seed<s>/ (run state,
+for --resume) and params/<method>/seed<s>/ (returned parameters).
 """
 
 from __future__ import annotations
@@ -27,6 +36,7 @@ import argparse
 import csv
 import io
 import json
+import math
 import sys
 from importlib import metadata
 from pathlib import Path
@@ -41,7 +51,7 @@ import savae_jax as sv  # noqa: E402
 from savae_jax import checkpoint, driver  # noqa: E402
 from savae_jax import distributed  # noqa: E402
 
-METHODS = ("adam", "rmsprop", "sgd", "sa", "sa-refine", "langevin-sa")
+METHODS = ("adam", "rmsprop", "sgd", "sa", "sa-refine", "sa-refine-naive", "langevin-sa")
 
 # Per-method hyperparameters; --config FILE and --set METHOD.KEY=VALUE override them.
 METHOD_DEFAULTS = {
@@ -49,11 +59,19 @@ METHOD_DEFAULTS = {
     "rmsprop": {"lr": 1e-3},
     "sgd": {"lr": 1e-2},
     "sa": {"proposal": "low_rank", "proposals": 64, "scale": 0.01, "t0": 0.01, "decay": 0.995},
+    # Noise-aware refinement: select the best of K on the step's batch, accept it only if a paired
+    # t-test on 512 other examples (fresh noise) says it is better at level 0.05.
     "sa-refine": {"adam_share": 0.5, "adam_lr": 1e-3, "proposal": "low_rank", "proposals": 64,
-                  "scale": 0.001, "t0": 0.005, "decay": 0.995},
+                  "scale": 0.001, "t0": 0.005, "decay": 0.995, "acceptance": "confident", "level": 0.05,
+                  "decision_size": 512},
+    # The seed's rule, for comparison: Metropolis on the batch the winner was selected on.
+    "sa-refine-naive": {"adam_share": 0.5, "adam_lr": 1e-3, "proposal": "low_rank", "proposals": 64,
+                        "scale": 0.001, "t0": 0.005, "decay": 0.995},
     "langevin-sa": {"proposal": "langevin", "proposals": 16, "langevin_step": 1e-3,
-                    "langevin_optimizer": "adam", "langevin_lr": 1e-3, "t0": 0.01, "decay": 0.995},
+                    "langevin_optimizer": "adam", "langevin_lr": 1e-3, "t0": 0.01, "decay": 0.995,
+                    "decision_size": 512},
 }
+REFINEMENTS = ("sa-refine", "sa-refine-naive")
 
 DEFAULTS = {
     "dataset": "digits",
@@ -61,7 +79,8 @@ DEFAULTS = {
     "methods": ",".join(METHODS),
     "budget_evals": 15000,
     "budget_seconds": None,
-    "seed": 0,
+    "seeds": [0],
+    "validation": 0.1,
     "batch_size": 128,
     "binarize": "dynamic",
     **common.MODEL_DEFAULTS,
@@ -83,7 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--methods", help=f"comma-separated, from {', '.join(METHODS)} (default: all)")
     add("--budget-evals", type=int, help="loss evaluations per method (default 15000)")
     add("--budget-seconds", type=float, help="training seconds per method (optional)")
-    add("--seed", type=int, help="one seed for init, data order and every method's keys")
+    add("--seeds", help="comma-separated seeds, e.g. 0,1,2: every method runs once per seed (init, data "
+                       "order, keys); the summary shows mean +- sd (default 0)")
+    add("--seed", type=int, help="one seed (the same as --seeds N)")
+    add("--validation", type=float, help="fraction of the training set held out for the validation gate "
+                                         "(every method returns its best-validation parameters; default 0.1; "
+                                         "0: no gate, the last parameters)")
     add("--batch-size", type=int)
     add("--binarize", choices=["dynamic", "static", "none"])
     add("--eval-every", type=int, help="steps between test evaluations (default 200)")
@@ -129,8 +153,17 @@ def resolve_config(args) -> dict:
         config.update(from_file)
     for key in DEFAULTS:
         value = getattr(args, key, None)
-        if value is not None and key != "method_config":
+        if value is not None and key not in ("method_config", "seeds"):
             config[key] = value
+    if args.seeds is not None and args.seed is not None:
+        raise ValueError("--seed: give either --seed or --seeds")
+    if args.seed is not None:
+        config["seeds"] = [args.seed]
+    elif args.seeds is not None:
+        try:
+            config["seeds"] = [int(s) for s in args.seeds.split(",") if s.strip()]
+        except ValueError:
+            raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {args.seeds!r}") from None
     for item in args.set:
         method, name, value = parse_set(item)
         config["method_config"][method][name] = value
@@ -140,6 +173,13 @@ def resolve_config(args) -> dict:
     if bad or not methods:
         raise ValueError(f"--methods: unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
     config["methods"] = ",".join(methods)
+    seeds = config["seeds"]
+    if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ValueError(f"--seeds: must be distinct integers >= 0, at least one, got {seeds!r}")
+    fraction = config["validation"]
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
+        raise ValueError(f"--validation: must be a fraction in [0, 1) (0: no validation gate), got {fraction!r}")
     if config["dataset"] not in sv.data.DATASETS:
         raise ValueError(f"--dataset: unknown dataset {config['dataset']!r}; choose from "
                          f"{', '.join(sv.data.DATASETS)}")
@@ -160,15 +200,15 @@ def resolve_config(args) -> dict:
     return config
 
 
-def build_phases(method: str, settings: dict, loss_fn, mesh=None) -> list[driver.Phase]:
+def build_phases(method: str, settings: dict, loss_fn, mesh=None, batch_size: int = 128) -> list[driver.Phase]:
     """A method's phases from its settings (ValueError names the offending --set key)."""
     prefix = f"--set {method}."
     if method in ("adam", "rmsprop", "sgd"):
         optimizer = common.make_optimizer(method, settings["lr"], f"{prefix}lr")
         return [driver.Phase(method, sv.from_optax(loss_fn, optimizer))]
     sa_settings = {k: v for k, v in settings.items() if k not in ("adam_share", "adam_lr")}
-    annealer = common.make_annealer(loss_fn, sa_settings, prefix, mesh=mesh)
-    if method != "sa-refine":
+    annealer = common.make_annealer(loss_fn, sa_settings, prefix, mesh=mesh, batch_size=batch_size)
+    if method not in REFINEMENTS:
         return [driver.Phase("sa", annealer)]
     share = settings["adam_share"]
     if not 0 < share < 1:
@@ -185,22 +225,65 @@ def environment() -> dict:
             "device_kind": jax.devices()[0].device_kind}
 
 
+def mean_sd(values) -> dict:
+    """``{"mean", "sd", "n"}`` of a list of numbers; sd is the sample sd (n - 1), None for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = None if n < 2 else math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"mean": mean, "sd": sd, "n": n}
+
+
+# The per-seed numbers every method's entry summarises over its seeds.
+SUMMARISED = ("test_neg_elbo", "last_test_neg_elbo", "test_neg_iwae", "active_units", "evals", "steps", "seconds")
+
+
+def aggregate(runs: dict) -> dict:
+    """One method's entry of results.json: ``{"seeds": {seed: run}, "summary": {number: mean_sd}}``."""
+    summary = {k: mean_sd([r[k] for r in runs.values()]) for k in SUMMARISED
+               if all(k in r for r in runs.values())}
+    return {"seeds": runs, "summary": summary}
+
+
+def _pm(stat: dict | None, fmt: str = ".2f") -> str:
+    if stat is None:
+        return "-"
+    sd_fmt = fmt.replace("+", "")  # a signed mean (a change), an unsigned sd
+    return f"{stat['mean']:{fmt}}" + ("" if stat["sd"] is None else f" ± {stat['sd']:{sd_fmt}}")
+
+
 def summarize(results: dict, config: dict) -> str:
-    """summary.md: methods ranked by final test negative ELBO, with ratios to Adam."""
-    ranked = sorted(results.items(), key=lambda item: item[1]["final_test_neg_elbo"])
-    ref = results.get("adam")
+    """summary.md: methods ranked by mean test negative ELBO (mean ± sd over seeds), ratios to Adam."""
+    ranked = sorted(results.items(), key=lambda item: item[1]["summary"]["test_neg_elbo"]["mean"])
+    ref = results.get("adam", {}).get("summary")
+    gate = "best-validation" if config["validation"] else "last"
+    seeds = ",".join(map(str, config["seeds"]))
     lines = [f"# {config['dataset']}: budget {config['budget_evals']} evaluations per method"
-             + (f", {config['budget_seconds']} s" if config["budget_seconds"] else ""),
+             + (f", {config['budget_seconds']} s" if config["budget_seconds"] else "")
+             + f"; seeds {seeds} (mean ± sd)",
              "",
-             f"| rank | method | final test -ELBO (nats) | best test -ELBO | test -IWAE-{config['eval_iwae']} "
+             f"Test numbers at the {gate} parameters"
+             + (f" (validation: {config['validation']:g} of the training set)" if config["validation"] else "")
+             + "; 'last' is the last parameters'.",
+             "",
+             f"| rank | method | test -ELBO (nats) | last test -ELBO | test -IWAE-{config['eval_iwae']} "
              "| active units | evals | steps | seconds | evals / Adam | time / Adam |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rank, (name, r) in enumerate(ranked, 1):
-        ratio = lambda key: f"{r[key] / ref[key]:.2f}" if ref and ref[key] else "-"  # noqa: E731
-        iwae = f"{r['test_neg_iwae']:.2f}" if "test_neg_iwae" in r else "-"
-        lines.append(f"| {rank} | {name} | {r['final_test_neg_elbo']:.2f} | {r['best_test_neg_elbo']:.2f} "
-                     f"| {iwae} | {r['active_units']} | {r['evals']} | {r['steps']} | {r['seconds']:.1f} "
-                     f"| {ratio('evals')} | {ratio('seconds')} |")
+        m = r["summary"]
+        ratio = lambda k: f"{m[k]['mean'] / ref[k]['mean']:.2f}" if ref and ref[k]["mean"] else "-"  # noqa: E731
+        lines.append(f"| {rank} | {name} | {_pm(m['test_neg_elbo'])} | {_pm(m['last_test_neg_elbo'])} "
+                     f"| {_pm(m.get('test_neg_iwae'))} | {_pm(m['active_units'], '.1f')} | {m['evals']['mean']:.0f} "
+                     f"| {m['steps']['mean']:.0f} | {_pm(m['seconds'], '.1f')} | {ratio('evals')} | {ratio('seconds')} |")
+    refined = [name for name in results if name in REFINEMENTS]
+    if refined:
+        lines += ["", "Refinement from the gradient optimum, per seed (test -ELBO, nats): the end of the Adam "
+                  "phase, the last annealing parameters, the parameters the validation gate kept.", "",
+                  "| method | seed | end of adam | last | kept | last - end of adam |", "|---|---|---|---|---|---|"]
+        for name in refined:
+            for seed, run in results[name]["seeds"].items():
+                start = run["phase_ends"]["adam"]
+                lines.append(f"| {name} | {seed} | {start:.2f} | {run['last_test_neg_elbo']:.2f} "
+                             f"| {run['test_neg_elbo']:.2f} | {run['last_test_neg_elbo'] - start:+.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -214,23 +297,34 @@ def write_csv(path: Path, history: list[dict]) -> None:
 
 
 def plot(workdir: Path, results: dict) -> None:
+    """Test -ELBO against evaluations and seconds (mean over seeds, band: min to max), and the
+    first seed's annealing traces."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     for axis, label in (("seconds", "training seconds"), ("evals", "loss evaluations")):
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, r in results.items():
-            ax.plot([row[axis] for row in r["history"]], [row["test_neg_elbo"] for row in r["history"]],
-                    label=name, marker=".")
+            histories = [run["history"] for run in r["seeds"].values()]
+            rows = min(len(h) for h in histories)  # equal unless a time budget cut a seed short
+            x = np.mean([[row[axis] for row in h[:rows]] for h in histories], axis=0)
+            y = np.array([[row["test_neg_elbo"] for row in h[:rows]] for h in histories])
+            (line,) = ax.plot(x, y.mean(axis=0), label=name, marker=".")
+            if len(histories) > 1:
+                ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.2)
         ax.set_xlabel(label)
-        ax.set_ylabel("test negative ELBO (nats)")
+        ax.set_ylabel("test negative ELBO (nats), last parameters")
+        ax.set_title("mean over seeds; band: min to max" if len(next(iter(results.values()))["seeds"]) > 1
+                     else "", fontsize=8)
         ax.legend()
         ax.grid(alpha=0.3)
         checkpoint.save_figure(fig, workdir / f"test_neg_elbo_vs_{axis}.png")
         plt.close(fig)
-    annealed = {n: r for n, r in results.items() if any("temperature" in row for row in r["history"])}
+    annealed = {n: next(iter(r["seeds"].values())) for n, r in results.items()
+                if any("temperature" in row for row in next(iter(r["seeds"].values()))["history"])}
     if annealed:
         fig, (ax_t, ax_a) = plt.subplots(1, 2, figsize=(10, 3.5))
         for name, r in annealed.items():
@@ -249,10 +343,16 @@ def validate(args, mesh) -> tuple:
     config = resolve_config(args)
     model = common.make_model(config)
     train_loss = common.make_training_loss(model, config)
-    methods = {m: build_phases(m, config["method_config"][m], train_loss, mesh)
+    methods = {m: build_phases(m, config["method_config"][m], train_loss, mesh, config["batch_size"])
                for m in config["methods"].split(",")}
     train = sv.load(config["dataset"], "train", config["data_dir"])
     test = sv.load(config["dataset"], "test", config["data_dir"])
+    val = None
+    if config["validation"]:
+        try:
+            train, val = sv.data.split_validation(train, config["validation"])
+        except ValueError as err:
+            raise ValueError(f"--validation: {err}") from err
     sv.data.num_batches(len(train.images), config["batch_size"])
     probe_params = sv.models.init(jax.random.key(0), model, train.images[:1])
     for name, phases in methods.items():
@@ -261,12 +361,13 @@ def validate(args, mesh) -> tuple:
         except ValueError as err:
             raise ValueError(f"--budget-evals: {err}") from err
         for phase in phases:  # e.g. a rank larger than a layer: before any file
+            sv.data.num_batches(len(train.images), driver.phase_batch_size(phase, config["batch_size"]))
             if phase.name == "sa":
                 try:
                     common.probe_step(phase.optimizer, probe_params, train.images.shape[1:], config["batch_size"])
                 except ValueError as err:
                     raise ValueError(f"--set {name}.*: {err}") from err
-    return config, model, methods, train, test
+    return config, model, methods, train, val, test
 
 
 def main(argv=None) -> dict:
@@ -274,7 +375,7 @@ def main(argv=None) -> dict:
     args, mesh = common.parse_args(parser, argv)
     workdir = Path(args.workdir)
     try:
-        config, model, methods, train, test = validate(args, mesh)
+        config, model, methods, train, val, test = validate(args, mesh)
         common.check_same_workdir(workdir)
         common.check_workdir(workdir, config, args.resume, NOT_COMPARED)
     except (ValueError, FileNotFoundError) as err:
@@ -288,10 +389,11 @@ def main(argv=None) -> dict:
     log = common.make_log()
     if primary and not (workdir / "config.json").exists():
         checkpoint.atomic_write_json(workdir / "config.json", {"config": config, **environment()})
-    log(f"{config['dataset']}: {len(train.images)} train / {len(test.images)} test, "
-        f"budget {config['budget_evals']} evals per method, backend {jax.default_backend()}")
+    log(f"{config['dataset']}: {len(train.images)} train / {0 if val is None else len(val.images)} validation / "
+        f"{len(test.images)} test, budget {config['budget_evals']} evals per method, seeds "
+        f"{','.join(map(str, config['seeds']))}, backend {jax.default_backend()}")
     try:
-        results = run_all(methods, config, args, workdir, model, train, test, mesh, log)
+        results = run_all(methods, config, args, workdir, model, (train, val, test), mesh, log)
     except driver.NonFiniteLossError as err:
         sys.exit(f"compare.py: stopped: {err}. Results of finished methods are in {workdir}.")
     except OSError as err:
@@ -305,51 +407,70 @@ def main(argv=None) -> dict:
     return results
 
 
-def run_all(methods, config, args, workdir, model, train, test, mesh, log) -> dict:
-    """Run every method in turn; results.json grows after each one.
+def run_all(methods, config, args, workdir, model, data, mesh, log) -> dict:
+    """Run every method on every seed; results.json grows after each run.
 
-    Every method is scored by the true ELBO (beta = 1) whatever it trained on.
+    Seed ``s`` fixes the initial parameters, the data order and every
+    method's keys, so all methods of one seed start from the same point and
+    see the same batches. Every method is scored by the true ELBO (beta = 1)
+    whatever it trained on; the validation split (if any) chooses the kept
+    parameters, the test set is only reported.
     """
+    train, val, test = data
     binarize = None if config["binarize"] == "none" else config["binarize"]
     batch_fn = sv.data.BatchFn(binarize)  # one batch function for training and evaluation
     eval_loss = sv.make_loss(model)
     evaluate = lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=batch_fn)  # noqa: E731
-    key_init, key_run, key_grid = jax.random.split(jax.random.key(config["seed"]), 3)
-    params0 = sv.models.init(key_init, model, train.images[:1])
+    validate = None if val is None else (
+        lambda p: sv.evaluation.evaluate(eval_loss, p, val.images, binarize=batch_fn))  # noqa: E731
     results = {}
     for name, phases in methods.items():
-        params, history = driver.run(
-            key_run, phases, params0, train.images, batch_size=config["batch_size"],
-            eval_every=config["eval_every"], budget_evals=config["budget_evals"],
-            budget_seconds=config["budget_seconds"], batch_fn=batch_fn, evaluate=evaluate,
-            checkpoint_every=config["checkpoint_every"], checkpoint_dir=workdir / "checkpoints" / name,
-            resume=args.resume, mesh=mesh, progress=not args.quiet and distributed.is_primary(), desc=name,
-            log=log)
-        results[name] = method_result(history, sv.evaluation.report(
-            model, params, test.images, binarize=batch_fn, iwae_samples=config["eval_iwae"]))
-        last = history[-1]
-        log(f"{name}: test negative ELBO {last['test_neg_elbo']:.3f} nats after {last['evals']} evals, "
-            f"{last['seconds']:.1f} s")
-        checkpoint.save_params(workdir / "params" / name, params)  # collective: every process
-        if distributed.is_primary():
-            write_csv(workdir / f"history_{name}.csv", history)
-            common.save_grids(workdir, key_grid, params, model, test.images, binarize, label=name)
-            checkpoint.atomic_write_json(workdir / "results.json", results)
+        runs = {}
+        for index, seed in enumerate(config["seeds"]):
+            key_init, key_run, key_grid = jax.random.split(jax.random.key(seed), 3)
+            params0 = sv.models.init(key_init, model, train.images[:1])
+            tag = f"{name}/seed{seed}"
+            params, history = driver.run(
+                key_run, phases, params0, train.images, batch_size=config["batch_size"],
+                eval_every=config["eval_every"], budget_evals=config["budget_evals"],
+                budget_seconds=config["budget_seconds"], batch_fn=batch_fn, evaluate=evaluate, validate=validate,
+                checkpoint_every=config["checkpoint_every"], checkpoint_dir=workdir / "checkpoints" / tag,
+                resume=args.resume, mesh=mesh, progress=not args.quiet and distributed.is_primary(), desc=tag,
+                log=log)
+            runs[str(seed)] = run = method_result(history, sv.evaluation.report(
+                model, params, test.images, binarize=batch_fn, iwae_samples=config["eval_iwae"]))
+            log(f"{tag}: test negative ELBO {run['test_neg_elbo']:.3f} nats (last parameters "
+                f"{run['last_test_neg_elbo']:.3f}) after {run['evals']} evals, {run['seconds']:.1f} s")
+            checkpoint.save_params(workdir / "params" / tag, params)  # collective: every process
+            if distributed.is_primary():
+                write_csv(workdir / f"history_{name}_seed{seed}.csv", history)
+                if index == 0:
+                    common.save_grids(workdir, key_grid, params, model, test.images, binarize, label=name)
+                checkpoint.atomic_write_json(workdir / "results.json", {**results, name: aggregate(runs)})
+        results[name] = aggregate(runs)
     return results
 
 
 def method_result(history: list[dict], report: dict) -> dict:
-    """One method's entry of results.json: final and best test numbers, costs, diagnostics, history."""
+    """One run's numbers: test scores of the returned and the last parameters, costs, diagnostics, history.
+
+    ``test_neg_elbo`` and the IWAE are the returned parameters' (the
+    best-validation ones with a validation split, else the last);
+    ``last_test_neg_elbo`` is the last row's; ``phase_ends`` the test
+    -ELBO at the end of each phase (e.g. the Adam half of a refinement).
+    """
     last = history[-1]
-    return {
-        "final_test_neg_elbo": last["test_neg_elbo"],
-        "best_test_neg_elbo": min(row["test_neg_elbo"] for row in history),
+    out = {
+        "test_neg_elbo": report["test_neg_elbo"],
+        "last_test_neg_elbo": last["test_neg_elbo"],
         **{k: report[k] for k in ("test_neg_iwae", "elbo_iwae_gap", "bits_per_dim") if k in report},
         "active_units": report["diagnostics"]["active_units"],
         "evals": last["evals"], "steps": last["step"], "seconds": last["seconds"],
-        "diagnostics": report["diagnostics"],
-        "history": history,
+        "phase_ends": {row["phase"]: row["test_neg_elbo"] for row in history},  # the last row of each phase
     }
+    if "best_step" in last:
+        out["best_step"] = last["best_step"]  # the step of the kept parameters (0: the initial ones)
+    return out | {"diagnostics": report["diagnostics"], "history": history}
 
 
 if __name__ == "__main__":

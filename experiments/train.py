@@ -87,7 +87,8 @@ def sa_config(args) -> dict:
 def make_optimizer(args, loss_fn, mesh=None) -> sv.Optimizer:
     """What --optimizer names: an annealer for "sa", else ``optax.<name>(--lr)``."""
     if args.optimizer == "sa":
-        return common.make_annealer(loss_fn, sa_config(args), prefix="--sa-", mesh=mesh)
+        return common.make_annealer(loss_fn, sa_config(args), prefix="--sa-", mesh=mesh,
+                                    batch_size=args.batch_size)
     return sv.from_optax(loss_fn, common.make_optimizer(args.optimizer, args.lr))
 
 

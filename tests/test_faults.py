@@ -77,8 +77,8 @@ def results(workdir) -> dict:
 
 def assert_same_params(a, b, methods=("adam", "sa")):
     for name in methods:
-        chex.assert_trees_all_equal(checkpoint.load_params(Path(a) / "params" / name),
-                                    checkpoint.load_params(Path(b) / "params" / name))
+        chex.assert_trees_all_equal(checkpoint.load_params(Path(a) / "params" / name / "seed0"),
+                                    checkpoint.load_params(Path(b) / "params" / name / "seed0"))
 
 
 def nan_on(loss_fn, target):
@@ -155,7 +155,7 @@ def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_pa
     model = sv.MLPVAE(hidden=32, latents=4)
     params = sv.models.init(jax.random.key(0), model, train.images[:1])
     sa = common.make_annealer(sv.make_loss(model), compare.METHOD_DEFAULTS["sa"] | {"proposals": 8})
-    step, state, meta = checkpoint.RunCheckpointer(tmp_path / "checkpoints" / "sa").restore(sa.init(params))
+    step, state, meta = checkpoint.RunCheckpointer(tmp_path / "checkpoints" / "sa" / "seed0").restore(sa.init(params))
     assert f"is step {step} " in message
     assert meta["history"] and all(np.isfinite(r["train_loss"]) for r in meta["history"])
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params))
@@ -261,7 +261,8 @@ def determinism_runs(request):
 
 def orbax_tmp_exists(workdir: Path) -> bool:
     for sub in ("checkpoints", "params"):
-        for folder in [workdir / sub, *((workdir / sub).glob("*"))] if (workdir / sub).is_dir() else []:
+        # params/<method>/seed<s> and checkpoints/<method>/seed<s>/<step>: every level
+        for folder in [workdir / sub, *(workdir / sub).glob("*"), *(workdir / sub).glob("*/*")]:
             try:
                 if any(".orbax-checkpoint-tmp" in e.name for e in os.scandir(folder)):
                     return True
@@ -271,7 +272,7 @@ def orbax_tmp_exists(workdir: Path) -> bool:
 
 
 def committed_checkpoints(workdir: Path, method: str = "*") -> int:
-    return sum(1 for p in workdir.glob(f"checkpoints/{method}/*") if p.name.isdigit())
+    return sum(1 for p in workdir.glob(f"checkpoints/{method}/seed*/*") if p.name.isdigit())
 
 
 @pytest.mark.slow

@@ -458,7 +458,7 @@ def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path, comp
     args = COMPARE_ARGS
     both, ref = tmp_path / "both", compare_single
     procs = _two_processes(args[0], args[1:] + ["--workdir", str(both)])
-    committed = lambda: [p for p in (both / "checkpoints" / "sa").glob("*") if p.name.isdigit()]  # noqa: E731
+    committed = lambda: [p for p in (both / "checkpoints" / "sa" / "seed0").glob("*") if p.name.isdigit()]  # noqa: E731
     deadline = time.monotonic() + 300
     while not committed() and time.monotonic() < deadline and all(p.poll() is None for p in procs):
         time.sleep(0.2)
@@ -474,7 +474,8 @@ def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path, comp
     assert "| adam |" in logs[0] and logs[1].count("nats") == 0  # one writer: process 0
     config = json.loads((both / "config.json").read_text())
     assert len(config["devices"]) == 8
-    got, want = (json.loads((d / "results.json").read_text()) for d in (both, ref))
+    got, want = ({m: r["seeds"]["0"] for m, r in json.loads((d / "results.json").read_text()).items()}
+                 for d in (both, ref))
     # What docs/distributed.md guarantees across device counts: the annealer's decisions and
     # parameters are bitwise equal, so everything computed from the parameters alone (the test
     # -ELBO rows, IWAE) is too. Its training losses are each member's loss computed by a vmap of
@@ -494,9 +495,9 @@ def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path, comp
         assert a["train_loss"] == pytest.approx(b["train_loss"], abs=1e-4)
     assert got["adam"]["test_neg_iwae"] == pytest.approx(want["adam"]["test_neg_iwae"], abs=1e-4)
     for method in ("sa", "adam"):  # final parameters: bitwise for the annealer, 1e-6 for Adam
-        ckpt = [checkpoint.load_params(d / "params" / method) for d in (both, ref)]
+        ckpt = [checkpoint.load_params(d / "params" / method / "seed0") for d in (both, ref)]
         chex.assert_trees_all_close(*ckpt, atol=0.0 if method == "sa" else 1e-6, rtol=0.0)
-    for name in ("summary.md", "history_sa.csv", "samples_sa.png", "test_neg_elbo_vs_evals.png"):
+    for name in ("summary.md", "history_sa_seed0.csv", "samples_sa.png", "test_neg_elbo_vs_evals.png"):
         assert (both / name).is_file(), name
 
 
@@ -514,7 +515,7 @@ def test_two_process_compare_with_a_time_budget_stops_together(tmp_path):
         assert proc.returncode == 0, log[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())
     for method, cost in (("sa", 8), ("adam", 3)):
-        last = results[method]["history"][-1]
+        last = results[method]["seeds"]["0"]["history"][-1]
         assert 1.5 - 1e-3 <= last["seconds"] < 60  # stopped by the clock (float32 sums), not by evals
         assert last["evals"] == cost * last["step"] < 100000
 

@@ -1,0 +1,52 @@
+"""experiments/plateau.py: Adam to a validation plateau, then five arms with equal further budgets."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+import plateau  # noqa: E402
+
+import savae_jax as sv  # noqa: E402
+
+TINY = ["--dataset", "digits", "--hidden", "32", "--latents", "4", "--batch-size", "100",
+        "--eval-every", "5", "--eval-iwae", "0"]
+
+
+def test_every_arm_starts_from_the_plateau_point_and_never_ends_worse_on_validation(tmp_path):
+    results = plateau.main([*TINY, "--seeds", "0", "--max-epochs", "3", "--patience", "1",
+                            "--extra-evals", "300", "--workdir", str(tmp_path)])
+    r = results["0"]
+    args = plateau.build_parser().parse_args(TINY)
+    loss_fn = sv.make_loss(sv.MLPVAE(hidden=32, latents=4))
+    p = r["plateau"]
+    assert 1 <= p["best_epoch"] <= p["epochs"] <= 3 and len(p["val_curve"]) == p["epochs"]
+    assert r["x_star"]["val_neg_elbo"] == min(p["val_curve"])
+    assert list(r["arms"]) == list(plateau.ARMS)
+    for arm, a in r["arms"].items():
+        # Equal budgets: each arm spends the 300 evaluations to within one step's cost.
+        cost = plateau.arm_phase(arm, loss_fn, None, args).optimizer.cost
+        assert 300 - cost < a["evals"] <= 300, (arm, a["evals"])
+        # The validation gate: the kept parameters are x* (best_step 0) or a row that beat it.
+        vals = [row["val_neg_elbo"] for row in a["history"]]
+        if a["best_step"] == 0:
+            assert min(vals) >= r["x_star"]["val_neg_elbo"]
+        else:
+            assert min(vals) < r["x_star"]["val_neg_elbo"]
+    # "More Adam" continues x*'s Adam state: its first row is not a fresh Adam's.
+    assert r["arms"]["adam"]["history"][0]["test_neg_elbo"] != r["arms"]["adam-decayed"]["history"][0]["test_neg_elbo"]
+    summary = (tmp_path / "summary.md").read_text()
+    assert all(f"| {arm} |" in summary for arm in plateau.ARMS)
+    assert (tmp_path / "plateau.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--seeds", "a"], "--seeds"), (["--arms", "adam,newton"], "--arms"), (["--patience", "0"], "--patience"),
+    (["--validation", "2.0"], "validation")])
+def test_bad_flags_are_refused_before_training(tmp_path, capsys, flags, needle):
+    with pytest.raises(SystemExit) as info:
+        plateau.main([*TINY, *flags, "--workdir", str(tmp_path / "w")])
+    assert info.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
