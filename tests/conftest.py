@@ -105,6 +105,12 @@ def pytest_collection_finish(session):
             if job.fixture in getattr(item, "fixturenames", ()) and job not in needed:
                 needed.append(job)
     if needed:
+        # Create the session's temporary root here, in the main thread: pytest's TempPathFactory
+        # is not thread-safe, and two threads creating it at once make two roots.
+        factory = getattr(session.config, "_tmp_path_factory", None)
+        if factory is not None:
+            factory.getbasetemp()
+
         def work():
             for job in needed:
                 try:
