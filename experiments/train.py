@@ -169,15 +169,17 @@ def main(argv=None) -> dict:
     params = sv.models.init(key_init, model, train.images[:1])
     if args.init_from:
         params = checkpoint.load_params(args.init_from, like=params, name="--init-from")
-    steps_per_epoch = sv.data.num_batches(len(train.images), args.batch_size)
+    phases = make_phases(args, run, (key_pretrain, key_fit))
+    # A row per epoch of the main optimizer (an annealer with a decision batch takes more examples a step).
+    steps_per_epoch = sv.data.num_batches(len(train.images), driver.phase_batch_size(phases[-1], args.batch_size))
     eval_loss, batch_fn = sv.make_loss(model), sv.data.BatchFn(binarize)
     try:
         params, history = driver.run(
-            key_fit, make_phases(args, run, (key_pretrain, key_fit)), params, train.images,
+            key_fit, phases, params, train.images,
             batch_size=args.batch_size, eval_every=steps_per_epoch, batch_fn=batch_fn,
             evaluate=lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=batch_fn),
             checkpoint_dir=workdir / "checkpoints", resume=args.resume, mesh=mesh,
-            progress=primary and not args.quiet, log=log, on_row=training.epoch_rows(steps_per_epoch, log))
+            progress=primary and not args.quiet, log=log, on_row=training.epoch_rows(phases, len(train.images), args.batch_size, log))
     except driver.NonFiniteLossError as err:
         sys.exit(f"train.py: stopped: {err}")
     return finish(args, run, workdir, params, history, key_grid, time.perf_counter() - start, log)

@@ -99,18 +99,32 @@ def fit(
         return lambda p: evaluation.evaluate(eval_loss, p, held_out, eval_key, eval_batch_size, batch_fn)
 
     evaluate, validate = scorer(test, "test"), scorer(validation, "validation")
-    steps_per_epoch = data_lib.num_batches(images.shape[0], batch_size)
     phase = driver.Phase("fit", as_optimizer(optimizer, loss_fn), epochs=epochs, key=key)
+    # An annealer with a decision batch takes more examples per step: fewer steps per epoch.
+    steps_per_epoch = data_lib.num_batches(images.shape[0], driver.phase_batch_size(phase, batch_size))
     return driver.run(key, [phase], params, images, batch_size=batch_size, eval_every=steps_per_epoch,
                       batch_fn=batch_fn, evaluate=evaluate, validate=validate, mesh=mesh, progress=progress,
-                      on_row=epoch_rows(steps_per_epoch, log))
+                      on_row=epoch_rows([phase], images.shape[0], batch_size, log))
 
 
-def epoch_rows(steps_per_epoch: int, log: Callable[[str], None] | None = None):
-    """An ``on_row`` for ``driver.run`` with a row per epoch: adds the row's ``epoch``, logs it."""
+def epoch_rows(phases, num_examples: int, batch_size: int, log: Callable[[str], None] | None = None):
+    """An ``on_row`` for ``driver.run`` over epoch-budgeted ``phases``: adds the row's ``epoch``, logs it.
+
+    ``epoch`` counts the epochs completed by the row's step, over all phases
+    so far: each phase's steps per epoch follow from its own examples per
+    step (``driver.phase_batch_size``), so a phase with a decision batch
+    counts its epochs right. A stateless function of the row's step, so
+    rows after a resume are labelled alike.
+    """
+    bounds, start, epochs_before = [], 0, 0
+    for phase, steps in zip(phases, driver.phase_steps(phases, num_examples, batch_size)):
+        per_epoch = data_lib.num_batches(num_examples, driver.phase_batch_size(phase, batch_size))
+        bounds.append((start + steps, start, per_epoch, epochs_before))
+        start, epochs_before = start + steps, epochs_before + phase.epochs
 
     def on_row(row: dict) -> None:
-        row["epoch"] = row["step"] // steps_per_epoch
+        end, start, per_epoch, before = next(b for b in bounds if row["step"] <= b[0])
+        row["epoch"] = before + (row["step"] - start) // per_epoch
         if log is not None:
             log(format_row(row))
 

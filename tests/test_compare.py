@@ -204,3 +204,34 @@ def test_the_digits_comparison_keeps_its_pinned_numbers(tmp_path):
         assert (r["evals"], r["steps"]) == (evals, steps), name
         got = (r["test_neg_elbo"], r["last_test_neg_elbo"], r["test_neg_iwae"])
         assert got == pytest.approx((kept, last, iwae), rel=1e-6, abs=0.0), name
+
+
+def _mnist_dir():
+    path = os.environ.get("SAVAE_DATA_DIR")
+    if not path:
+        pytest.skip("real MNIST unavailable: $SAVAE_DATA_DIR is not set (e.g. ../shared/data/mnist)")
+    if not any((Path(path) / f"train-images-idx3-ubyte{ext}").is_file() for ext in ("", ".gz")):
+        pytest.skip(f"real MNIST unavailable: no IDX files in $SAVAE_DATA_DIR={path}")
+    return path
+
+
+@pytest.mark.slow
+def test_on_mnist_noise_aware_refinement_does_no_harm_where_the_naive_rule_does(tmp_path):
+    """Issue 12's acceptance check at compare.py's default budget (seed 0; README: seeds 0, 1, 2):
+    after the same Adam half, noise-aware annealing ends at most 0.05 nats above the Adam phase's
+    test -ELBO, while the seed's rule (best of 64 on one batch, Metropolis) ends worse, and the
+    validation gate then keeps parameters that are not."""
+    results = compare.main(["--dataset", "mnist", "--data-dir", _mnist_dir(), "--methods",
+                            "sa-refine,sa-refine-naive", "--seed", "0", "--eval-iwae", "0", "--quiet",
+                            "--workdir", str(tmp_path)])
+    aware, naive = (results[m]["seeds"]["0"] for m in ("sa-refine", "sa-refine-naive"))
+    start = aware["phase_ends"]["adam"]
+    assert naive["phase_ends"]["adam"] == start  # the same Adam half, bitwise
+    # Measured (2 CPU cores, jax 0.10.2): Adam half 104.681, noise-aware last 104.619 (-0.06),
+    # naive last 106.418 (+1.74; seeds 1 and 2: +1.35, +1.42), naive kept 104.681 (the gate chose
+    # the Adam phase's end, step 2500). The 0.05 is the issue's allowance; the 0.5 is far below
+    # the naive rule's smallest measured harm.
+    assert aware["last_test_neg_elbo"] <= start + 0.05
+    assert aware["test_neg_elbo"] <= start + 0.05
+    assert naive["last_test_neg_elbo"] > start + 0.5
+    assert naive["test_neg_elbo"] <= start + 0.05 and naive["best_step"] <= 2500

@@ -174,3 +174,16 @@ def test_fit_with_a_validation_split_returns_the_best_epoch(digits):
                       batch_size=100, binarize="dynamic")
     chex.assert_trees_all_equal(kept, again)
     assert sv.evaluate(loss_fn, kept, val.images, binarize="dynamic") == vals[best]
+
+
+def test_fit_counts_the_epochs_of_an_annealer_with_a_decision_batch(digits):
+    """A decision batch adds examples to every step (100 + 200 here: 5 steps per epoch of the 1500
+    digits, not 15); fit's rows still fall on epoch ends and are labelled 1, 2."""
+    train, _ = digits
+    model, params, loss_fn = small_setup(train.images)
+    an = sv.annealing
+    sa = an.simulated_annealing(loss_fn, 4, an.gaussian(1e-3), 1e-3, an.confident(0.05),
+                                decision=an.decision_batch(100, 200))
+    _, history = sv.fit(jax.random.key(1), params, loss_fn, sa, train, epochs=2, batch_size=100)
+    assert [(row["epoch"], row["step"], row["evals"]) for row in history] == [(1, 5, 5 * sa.cost),
+                                                                               (2, 10, 10 * sa.cost)]
