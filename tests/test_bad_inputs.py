@@ -322,6 +322,26 @@ CASES = [
                                                                                   "--budget-evals", "10")),
     Case("cli-train-workdir-holds-run", "--workdir holding an earlier run, without --resume", "train.py", E,
          "already holds a run; pass --resume", workdir_with_a_run),
+    # Noise-aware decisions and the validation gate (issue 12).
+    Case("rule-needs-per-example", "penalty() with a loss that returns only a scalar (no per_example)",
+         "annealing.simulated_annealing", ValueError, "acceptance rule",
+         lambda tmp: anneal(acceptance=an.penalty(), loss_fn=lambda p, k, x: tiny()[1](p, k, x))),
+    Case("decision-size-one", "decision_batch(100, size=1)", "annealing.decision_batch", ValueError,
+         "size must be an integer >= 2", lambda tmp: an.decision_batch(100, 1)),
+    Case("confident-alpha", "confident(alpha=0.7)", "annealing.confident", ValueError, "alpha",
+         lambda tmp: an.confident(0.7)),
+    Case("validation-size", "split_validation(train, 1.0) (nothing left to train on)", "data.split_validation",
+         ValueError, "validation size must be", lambda tmp: sv.data.split_validation(digits(), 1.0)),
+    Case("cli-compare-seeds", "--seeds 0,x", "compare.py", E, "--seeds", compare_cli("--seeds", "0,x")),
+    Case("cli-compare-seeds-repeated", "--seeds 1,1", "compare.py", E, "--seeds", compare_cli("--seeds", "1,1")),
+    Case("cli-compare-validation", "--validation 1.5", "compare.py", E, "--validation",
+         compare_cli("--validation", "1.5")),
+    Case("cli-compare-decision-size", "--set sa-refine.decision_size=1", "compare.py", E,
+         "sa-refine.decision_size", compare_cli("--set", "sa-refine.decision_size=1")),
+    Case("cli-compare-level", "--set sa-refine.level=0.7", "compare.py", E, "sa-refine.level",
+         compare_cli("--set", "sa-refine.level=0.7")),
+    Case("cli-train-decision-size", "--optimizer sa --sa-decision-size 1", "train.py", E, "--sa-decision-size",
+         train_cli("--optimizer", "sa", "--sa-decision-size", "1")),
 ]
 
 NUM_BAD_INPUTS = len(CASES)  # reported in the README's reliability section
