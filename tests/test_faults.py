@@ -134,7 +134,7 @@ def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(t
 
 @pytest.mark.slow
 def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_path, monkeypatch, capsys):
-    train = sv.load("digits", "train")
+    train, _ = sv.data.split_validation(sv.load("digits", "train"), compare.DEFAULTS["validation"])  # compare.py's
     key_run = jax.random.split(jax.random.key(0), 3)[1]  # compare.py's derivation (seed 0)
     idx, _ = driver.epoch_plan(jax.random.fold_in(key_run, 0), 0, len(train.images), 100)
     target = jnp.asarray(train.images[int(idx[5, 0])])
@@ -146,7 +146,7 @@ def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_pa
     with pytest.raises(SystemExit) as info:
         compare.main(["--workdir", str(tmp_path), *flags])
     message = str(info.value.code)
-    assert message.startswith("compare.py: stopped: sa: the training loss became nan"), message
+    assert message.startswith("compare.py: stopped: sa/seed0: the training loss became nan"), message
     assert "the last good checkpoint is step" in message and str(tmp_path) in message
     # The finished method's results are intact; the annealer's last checkpoint restores.
     saved = json.loads((tmp_path / "results.json").read_text())
