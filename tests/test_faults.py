@@ -155,10 +155,12 @@ def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_pa
     model = sv.MLPVAE(hidden=32, latents=4)
     params = sv.models.init(jax.random.key(0), model, train.images[:1])
     sa = common.make_annealer(sv.make_loss(model), compare.METHOD_DEFAULTS["sa"] | {"proposals": 8})
-    step, state, meta = checkpoint.RunCheckpointer(tmp_path / "checkpoints" / "sa" / "seed0").restore(sa.init(params))
+    # With the validation gate the run state is (optimizer state, the gate's parameters).
+    step, (state, kept), meta = checkpoint.RunCheckpointer(tmp_path / "checkpoints" / "sa" / "seed0").restore(
+        (sa.init(params), params))
     assert f"is step {step} " in message
     assert meta["history"] and all(np.isfinite(r["train_loss"]) for r in meta["history"])
-    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves(state.params))
+    assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves((state.params, kept)))
 
 
 # ------------------------------------------------------------------ disk full
