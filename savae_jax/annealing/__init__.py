@@ -32,6 +32,13 @@ from savae_jax.annealing.kernel import (
 )
 from savae_jax.annealing.optax import as_optax
 from savae_jax.annealing.proposals import Prepared, Proposal, cauchy, gaussian, langevin, low_rank
+from savae_jax.annealing.tempering import (
+    ReplicaInfo,
+    ReplicaState,
+    exchange,
+    geometric_ladder,
+    replica_exchange,
+)
 from savae_jax.annealing.schedules import (
     AdaptiveState,
     ReheatState,
@@ -49,6 +56,11 @@ from savae_jax.annealing.schedules import (
 )
 
 __all__ = [
+    "ReplicaInfo",
+    "ReplicaState",
+    "exchange",
+    "geometric_ladder",
+    "replica_exchange",
     "Acceptance",
     "AdaptiveState",
     "AnnealInfo",
