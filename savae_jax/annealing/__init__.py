@@ -21,6 +21,7 @@ from savae_jax.annealing.acceptance import (
     threshold,
 )
 from savae_jax.annealing.decision import DecisionBatch, Paired, decision_batch
+from savae_jax.annealing.es import ESInfo, ESState, evolution_strategy
 from savae_jax.annealing.kernel import (
     AnnealInfo,
     AnnealState,
@@ -56,6 +57,9 @@ from savae_jax.annealing.schedules import (
 )
 
 __all__ = [
+    "ESInfo",
+    "ESState",
+    "evolution_strategy",
     "ReplicaInfo",
     "ReplicaState",
     "exchange",

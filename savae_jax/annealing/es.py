@@ -1,0 +1,276 @@
+"""Evolution-strategy recombination: use all K evaluations of a step, not just the best.
+
+    es = evolution_strategy(loss_fn, num_pairs=32, scale=1e-3, noise="low_rank",
+                            optimizer=optax.adam(1e-3), acceptance=confident(0.05),
+                            decision=decision_batch(128, 512))
+    state = es.init(params)
+    state, info = jax.jit(es.step)(key, state, batch)
+
+A step draws ``num_pairs`` antithetic pairs of perturbations +-E_i of the
+incumbent theta (the same noise as the ``low_rank`` proposal: inside every
+Dense layer E_i = (s / sqrt(r)) A_i B_i^T, never materialised, and Gaussian
+noise of std s on biases and other leaves; or full-rank Gaussian everywhere
+with ``noise="gaussian"``), evaluates all K = 2 * num_pairs members on the
+step's batch in one vmap (common random numbers), shapes their losses
+(centred ranks by default) and recombines them into the search-gradient
+estimate
+
+    g = 1 / (K s) * sum_k f_k eps_k,       eps_k = E_k / s (unit-variance noise),
+
+assembled per Dense layer from the low-rank factors as
+(1 / (K s sqrt(r))) * A^T diag(f) B. An Optax optimizer (Adam by default)
+turns g into ONE candidate move, and the candidate is accepted or rejected by
+an acceptance rule on the paired per-example differences of the candidate and
+the incumbent (on the selection batch, or on an independent decision batch:
+``annealing.decision``), so the step stays an annealing step that never
+accepts a move its rule would not. The optimizer's state advances only when
+the move is accepted.
+
+Cost per step: K members, plus the paired decision (``decision.cost``: 2 on the
+selection batch, and 2 * max_size / selection on a decision batch).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from savae_jax import validation
+from savae_jax.annealing import decision as decision_lib
+from savae_jax.annealing import proposals as proposals_lib
+from savae_jax.annealing.acceptance import metropolis, needs_stderr
+from savae_jax.optimizer import Optimizer, checked_loss
+
+SHAPINGS = ("centered_ranks", "z_scores", "none")
+
+
+class ESState(NamedTuple):
+    """The ES step's state.
+
+    Attributes:
+      params: the incumbent parameters.
+      opt_state: the Optax optimizer's state (advanced on accepted moves only).
+      count: int32, steps taken (the temperature schedule's argument).
+      num_accepted: int32, accepted moves.
+    """
+
+    params: Any
+    opt_state: Any
+    count: jax.Array
+    num_accepted: jax.Array
+
+
+class ESInfo(NamedTuple):
+    """Per-step diagnostics.
+
+    Attributes:
+      loss: the incumbent's loss after the step on the selection batch.
+      accepted: bool, the candidate replaced the incumbent.
+      delta: the decided difference L(candidate) - L(incumbent).
+      stderr: its standard error (paired per-example differences).
+      temperature: T at this step.
+      acceptance_rate: cumulative accepted / steps.
+      member_loss_mean: mean loss of the K members.
+      grad_norm: global norm of the recombined gradient estimate.
+    """
+
+    loss: jax.Array
+    accepted: jax.Array
+    delta: jax.Array
+    stderr: jax.Array
+    temperature: jax.Array
+    acceptance_rate: jax.Array
+    member_loss_mean: jax.Array
+    grad_norm: jax.Array
+
+    LOGGED = ("temperature", "acceptance_rate")
+
+
+def shape_fitness(losses, shaping: str = "centered_ranks"):
+    """Fitness weights of K losses: centred ranks in [-0.5, 0.5] (the highest loss 0.5), z-scores,
+    or the losses minus their mean (``"none"``: a linear, unbiased search-gradient estimate)."""
+    losses = jnp.asarray(losses, jnp.float32)
+    if shaping == "centered_ranks":
+        ranks = jnp.argsort(jnp.argsort(losses)).astype(jnp.float32)
+        return ranks / (losses.shape[0] - 1) - 0.5
+    centred = losses - losses.mean()
+    if shaping == "z_scores":
+        return centred / jnp.maximum(losses.std(), 1e-12)
+    return centred
+
+
+def _negate(noise: proposals_lib.Noise) -> proposals_lib.Noise:
+    """The antithetic partner of a draw: -E (for a kernel, -A B^T: negate A only)."""
+    return proposals_lib.Noise({p: (-a, b) for p, (a, b) in noise.factors.items()},
+                               {p: -b for p, b in noise.biases.items()},
+                               {i: -v for i, v in noise.leaves.items()})
+
+
+def _member_loss(layout, loss_fn, key_loss, batch, noise):
+    """The loss at theta + E for one member's noise E (kernels perturbed inside their layers)."""
+    leaves = [p + noise.leaves[i] if i in noise.leaves else p for i, p in enumerate(layout.leaves)]
+    params = jax.tree_util.tree_unflatten(layout.treedef, leaves)
+    with nn.intercept_methods(functools.partial(proposals_lib._intercept_dense, layout, noise, jnp.bool_(True))):
+        return loss_fn(params, key_loss, batch)
+
+
+def search_gradient(layout, noises: proposals_lib.Noise, weights, scale):
+    """g = 1 / (K s) * sum_k w_k eps_k from K stacked noises (leading axis K), as a params pytree.
+
+    A Dense kernel's sum is formed from its factors, (1 / (K s)) * coef / s *
+    A^T diag(w) B with coef = s_l / sqrt(r), never from K materialised
+    matrices; other leaves sum their noise. ``scale`` is the base s; leaves
+    scaled by their RMS (``scale_by_rms``) use their own std, so each leaf's
+    estimate is that of its own unit-variance noise.
+    """
+    num = weights.shape[0]
+    kernel_of, bias_of = layout.kernel_of, layout.bias_of
+    out = []
+    for i, p in enumerate(layout.leaves):
+        std = layout.stds.get(i)
+        if i in kernel_of:
+            path = kernel_of[i]
+            a_fac, b_fac = noises.factors[path]
+            summed = jnp.einsum("k,kmr,knr->mn", weights, a_fac, b_fac) * layout.layers[path].coef
+        elif i in bias_of:
+            summed = jnp.einsum("k,k...->...", weights, noises.biases[bias_of[i]])
+        elif i in noises.leaves:
+            summed = jnp.einsum("k,k...->...", weights, noises.leaves[i])
+        else:
+            out.append(jnp.zeros_like(p))
+            continue
+        out.append((summed / (num * std * std)).astype(p.dtype))  # sum_k w_k E_k / (K s_l^2)
+    return jax.tree_util.tree_unflatten(layout.treedef, out)
+
+
+def estimate(loss_fn, params, key_noise, key_loss, batch, num_pairs: int, scale, *, noise: str = "low_rank",
+             rank: int = 1, scale_by_rms: bool = False, rms_floor: float = 1e-3, shaping: str = "centered_ranks"):
+    """The search-gradient estimate of one step: ``(g, member losses (K,), layout, noises)``.
+
+    ``num_pairs`` antithetic pairs drawn from ``key_noise`` (members k and
+    k + num_pairs are each other's negatives), all evaluated with
+    ``key_loss`` on ``batch``; ``g`` as in the module docstring.
+    """
+    base = jnp.asarray(scale, jnp.float32)
+    layout = _layout(noise, loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
+    half = jax.vmap(functools.partial(proposals_lib._draw, layout))(jax.random.split(key_noise, num_pairs))
+    noises = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), half, _negate(half))
+    losses = jax.vmap(functools.partial(_member_loss, layout, loss_fn, key_loss, batch))(noises)
+    return search_gradient(layout, noises, shape_fitness(losses, shaping), base), losses, layout, noises
+
+
+def _layout(noise: str, loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor):
+    if noise == "low_rank":
+        return proposals_lib._layout(loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
+    leaves, treedef = jax.tree_util.tree_flatten(params)
+    stds = {i: proposals_lib._leaf_std(p, base, scale_by_rms, rms_floor)
+            for i, p in enumerate(leaves) if proposals_lib._is_float(p)}
+    return proposals_lib.Layout(leaves, treedef, {}, stds, rank)
+
+
+def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "low_rank", rank: int = 1,
+                       scale_by_rms: bool = False, rms_floor: float = 1e-3, optimizer=None,
+                       shaping: str = "centered_ranks", acceptance=None, temperature=0.0,
+                       decision: decision_lib.DecisionBatch | None = None) -> Optimizer:
+    """ES recombination of K = 2 * num_pairs antithetic evaluations into one accepted-or-rejected move.
+
+    Args:
+      loss_fn: ``loss_fn(params, key, batch) -> scalar``; with ``decision``
+        or a rule that needs a standard error, ``loss_fn.per_example`` too
+        (``make_loss`` provides it). Without ``per_example`` the candidate is
+        decided on its plain loss difference.
+      num_pairs: antithetic pairs per step, >= 1 (K = 2 * num_pairs members).
+      scale: per-entry noise std s, > 0.
+      noise: "low_rank" (Dense kernels perturbed by rank-r products inside
+        their layers, the ``low_rank`` proposal's noise) or "gaussian"
+        (full-rank on every floating leaf: models without Dense layers).
+      rank: r of the low-rank noise, >= 1.
+      scale_by_rms, rms_floor: per-leaf std scaling as in the proposals.
+      optimizer: the Optax transformation that turns the gradient estimate
+        into a move (default ``optax.adam(1e-3)``).
+      shaping: "centered_ranks" (default), "z_scores" or "none".
+      acceptance: the rule deciding the candidate (default ``metropolis()``;
+        at T = 0 it accepts improvements only); noise-aware rules
+        (``penalty``, ``confident``) work too.
+      temperature: T, a scalar or a schedule ``count -> T`` (default 0).
+      decision: ``decision_batch(selection, size)`` to decide on other
+        examples with fresh noise; None: on the selection batch.
+    Returns:
+      An :class:`~savae_jax.optimizer.Optimizer` (state :class:`ESState`,
+      info :class:`ESInfo`), ``cost = 2 * num_pairs + decision.cost(decision)``.
+    """
+    validation.integer("num_pairs", num_pairs, 1)
+    validation.positive("scale", scale)
+    validation.integer("rank", rank, 1)
+    if noise not in ("low_rank", "gaussian"):
+        raise ValueError(f"noise must be 'low_rank' or 'gaussian', got {noise!r}")
+    if shaping not in SHAPINGS:
+        raise ValueError(f"shaping must be one of {', '.join(SHAPINGS)}, got {shaping!r}")
+    optimizer = optax.adam(1e-3) if optimizer is None else optimizer
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+    acceptance = metropolis() if acceptance is None else acceptance
+    per_example = getattr(loss_fn, "per_example", None)
+    if (decision is not None or needs_stderr(acceptance)) and not callable(per_example):
+        raise ValueError("loss_fn: the " + ("decision batch" if decision is not None else "acceptance rule")
+                         + " needs per-example losses (loss_fn.per_example, as make_loss provides)")
+    checked = checked_loss(loss_fn)
+    num_pairs = int(num_pairs)
+    num = 2 * num_pairs
+
+    def init_fn(params) -> ESState:
+        return ESState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+    def step_fn(key, state: ESState, batch):
+        key_loss, key_noise, key_accept, key_decide = jax.random.split(key, 4)
+        x, x_decide, mask = decision_lib.split(decision, batch, state.count)
+        t = jnp.asarray(temperature(state.count) if callable(temperature) else temperature, jnp.float32)
+        grad, losses, _, _ = estimate(checked, state.params, key_noise, key_loss, x, num_pairs, scale, noise=noise,
+                                      rank=rank, scale_by_rms=scale_by_rms, rms_floor=rms_floor, shaping=shaping)
+        updates, opt_state = optimizer.update(grad, state.opt_state, state.params)
+        candidate = optax.apply_updates(state.params, updates)
+        delta, stderr, num_used, on_selection = _decide_inputs(
+            checked, per_example, candidate, state.params, key_loss, x, key_decide, x_decide, mask)
+        extra = {"stderr": stderr, "num": num_used} if needs_stderr(acceptance) else {}
+        accepted = jnp.isfinite(delta) & acceptance(key_accept, delta, t, **extra)
+        choose = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new, old)  # noqa: E731
+        params, opt_state = choose(candidate, state.params), choose(opt_state, state.opt_state)
+        count, num_accepted = state.count + 1, state.num_accepted + accepted.astype(jnp.int32)
+        loss = jnp.where(accepted, on_selection[0], on_selection[1])
+        info = ESInfo(loss, accepted, delta, stderr, t, num_accepted / count, losses.mean(), optax.tree.norm(grad))
+        return ESState(params, opt_state, count, num_accepted), info
+
+    return Optimizer(init_fn, step_fn, num + decision_lib.cost(decision), loss_fn,
+                     examples_per_step=None if decision is None else decision.selection + decision.max_size)
+
+
+def _decide_inputs(loss_fn, per_example, candidate, incumbent, key_loss, x, key_decide, x_decide, mask):
+    """``(delta, stderr, n, (L_candidate, L_incumbent) on the selection batch)`` for the rule.
+
+    Paired per-example differences when the loss gives them (on the decision
+    batch if there is one, with fresh noise), else the plain difference with
+    stderr NaN.
+    """
+    if per_example is None:
+        on_selection = (loss_fn(candidate, key_loss, x), loss_fn(incumbent, key_loss, x))
+        return on_selection[0] - on_selection[1], jnp.float32(jnp.nan), jnp.int32(x.shape[0]), on_selection
+    d_cand, d_inc = per_example(candidate, key_loss, x), per_example(incumbent, key_loss, x)
+    on_selection = (d_cand.mean(), d_inc.mean())
+    if x_decide is None:
+        paired = decision_lib.Paired(*_paired_stats(d_cand - d_inc))
+    else:
+        paired = decision_lib.paired(per_example, candidate, incumbent, key_decide, x_decide, mask)
+    return paired.delta, paired.stderr, paired.num, on_selection
+
+
+def _paired_stats(d):
+    n = d.shape[0]
+    mean = d.mean()
+    return mean, jnp.sqrt(jnp.sum(jnp.square(d - mean)) / max(n - 1, 1) / n), jnp.int32(n)
+
+
