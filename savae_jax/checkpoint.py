@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from savae_jax import distributed
+
 
 def atomic_write_bytes(path, payload: bytes) -> Path:
     """Write ``payload`` to ``path`` via a temporary file and an atomic rename."""
@@ -132,7 +134,9 @@ class RunCheckpointer:
         Saving a step that exists replaces it (the older checkpoints stay as
         the fallback while the new one is written).
         """
-        if step in self.steps():
+        # Across processes the delete is a collective, so every process must take the same branch:
+        # process 0's view decides (another process may not see process 0's newest commit yet).
+        if distributed.agree(step in self.steps()):
             self._manager.delete(step)
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
         self._manager.save(step, args=args, force=True)
