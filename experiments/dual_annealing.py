@@ -23,6 +23,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy.optimize import dual_annealing
@@ -61,18 +62,27 @@ PROBLEMS = {
 }
 
 
-def run_sa(fn, half_width, radius_end, runs, steps, proposals, dim, seed, mesh=None):
-    """Best loss of each of ``runs`` vmapped chains (numpy) and the wall time.
-
-    With a ``mesh`` the chains are sharded along its axis (data parallel over
-    chains; each step's K proposals stay on the chain's device).
-    """
+def make_sa(fn, radius_end, steps, proposals, polish_steps=0, polish_every=100):
+    """The annealer of the comparison, with an L-BFGS polish every ``polish_every`` steps if asked."""
     sa = an.simulated_annealing(
         fn, proposals, an.cauchy(0.1),
         temperature=an.exponential(5.0, 1e-3 ** (1 / steps)),
         acceptance=an.metropolis(),
         radius=an.exponential(1.0, radius_end ** (1 / steps)),
     )
+    if polish_steps:
+        sa = an.local_polish(sa, fn, optax.lbfgs(), polish_steps, polish_every)
+    return sa
+
+
+def run_sa(fn, half_width, radius_end, runs, steps, proposals, dim, seed, mesh=None, polish_steps=0,
+           polish_every=100):
+    """Best loss of each of ``runs`` vmapped chains (numpy) and the wall time.
+
+    With a ``mesh`` the chains are sharded along its axis (data parallel over
+    chains; each step's K proposals stay on the chain's device).
+    """
+    sa = make_sa(fn, radius_end, steps, proposals, polish_steps, polish_every)
     x0 = jax.random.uniform(jax.random.key(seed), (runs, dim), minval=-half_width, maxval=half_width)
     chains = None if mesh is None else NamedSharding(mesh, P(mesh.axis_names[0]))
 
@@ -91,7 +101,7 @@ def run_sa(fn, half_width, radius_end, runs, steps, proposals, dim, seed, mesh=N
         x0 = jax.make_array_from_callback(x0.shape, chains, lambda index: x0[index])
     start = time.perf_counter()
     states = go(jax.vmap(sa.init)(x0), jax.random.key(seed + 1))
-    best = jax.block_until_ready(states.best_loss)
+    best = jax.block_until_ready((states.inner if polish_steps else states).best_loss)
     if not best.is_fully_addressable:  # chains on other processes' devices
         from jax.experimental import multihost_utils
 
@@ -118,9 +128,15 @@ def main(argv=None):
     parser.add_argument("--dim", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=list(PROBLEMS))
+    parser.add_argument("--polish-steps", type=int, default=0,
+                        help="L-BFGS steps of the local polish (0: none), as dual_annealing's local search")
+    parser.add_argument("--polish-every", type=int, default=100, help="annealing steps between polishes")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     common.add_scale_out_flags(parser)
     args, mesh = common.parse_args(parser, argv)
+    if args.polish_steps < 0 or args.polish_every < 1:
+        parser.error(f"--polish-steps must be >= 0 and --polish-every >= 1, got {args.polish_steps}, "
+                     f"{args.polish_every}")
     for flag in ("runs", "steps", "proposals", "dim"):
         if getattr(args, flag) < 1:
             parser.error(f"--{flag}: must be a positive integer, got {getattr(args, flag)}")
@@ -129,12 +145,14 @@ def main(argv=None):
                      f"multiple of {mesh.size}, got {args.runs}")
     primary = distributed.is_primary()
 
-    evals = args.steps * (args.proposals + 1)
     rows = []
     for name in args.problems:
         fn, fn_np, half_width, radius_end = PROBLEMS[name]
+        # The annealer's own cost per step (K + 1, plus the polish's share): scipy gets as many.
+        evals = args.steps * make_sa(fn, radius_end, args.steps, args.proposals, args.polish_steps,
+                                     args.polish_every).cost
         best, seconds = run_sa(fn, half_width, radius_end, args.runs, args.steps, args.proposals, args.dim,
-                               args.seed, mesh)
+                               args.seed, mesh, args.polish_steps, args.polish_every)
         rows.append(dict(problem=name, method="savae_jax SA", evals=evals, best=best, seconds=seconds))
         if not primary:
             continue

@@ -32,6 +32,7 @@ from savae_jax.annealing.kernel import (
     simulated_annealing,
 )
 from savae_jax.annealing.optax import as_optax
+from savae_jax.annealing.polish import PolishState, local_polish, polish
 from savae_jax.annealing.proposals import Prepared, Proposal, cauchy, gaussian, langevin, low_rank
 from savae_jax.annealing.tempering import (
     ReplicaInfo,
@@ -57,6 +58,9 @@ from savae_jax.annealing.schedules import (
 )
 
 __all__ = [
+    "PolishState",
+    "local_polish",
+    "polish",
     "ESInfo",
     "ESState",
     "evolution_strategy",
