@@ -322,6 +322,42 @@ def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None, batch_size
         raise ValueError(f"{prefix}* annealing settings: {err}") from err
 
 
+# The ES recombination step's knobs (annealing.evolution_strategy).
+ES_DEFAULTS: dict[str, Any] = {
+    "pairs": 32,                  # antithetic pairs: K = 2 x pairs evaluations a step
+    "scale": 0.01,                # per-entry noise std
+    "noise": "low_rank",          # low_rank | gaussian
+    "rank": 1,
+    "es_optimizer": "adam",       # the optax alias that turns the estimate into a move
+    "es_lr": 1e-3,
+    "shaping": "centered_ranks",  # centered_ranks | z_scores | none
+    "acceptance": "greedy",       # any of ACCEPTANCES, decided at T = 0
+    "alpha": 0.5,
+    "d": 0.0,
+    "level": 0.05,
+    "margin": 0.0,
+    "decision_size": 512,         # 0: decide on the selection batch
+}
+
+
+def make_es(loss_fn, config: dict, prefix: str = "", batch_size: int | None = None) -> sv.Optimizer:
+    """``annealing.evolution_strategy`` from a dict of ``ES_DEFAULTS`` keys (ValueError names the key)."""
+    unknown = set(config) - set(ES_DEFAULTS)
+    if unknown:
+        raise ValueError(f"{prefix}: unknown ES settings {sorted(unknown)}; known: {', '.join(ES_DEFAULTS)}")
+    config = ES_DEFAULTS | config
+    try:
+        return annealing.evolution_strategy(
+            loss_fn, config["pairs"], config["scale"], noise=config["noise"], rank=config["rank"],
+            optimizer=make_optimizer(config["es_optimizer"], config["es_lr"], f"{prefix}es_optimizer"),
+            shaping=config["shaping"], acceptance=make_acceptance(config, prefix),
+            decision=make_decision(config, batch_size, prefix))
+    except (TypeError, ValueError) as err:
+        if str(err).startswith(prefix):
+            raise
+        raise ValueError(f"{prefix}* ES settings: {err}") from err
+
+
 def probe_step(algorithm, params, image_shape, batch_size: int) -> None:
     """Trace one training step abstractly (``jax.eval_shape``: no FLOPs, nothing written).
 

@@ -15,7 +15,9 @@ sa-refine (Adam for a share of the budget, then noise-aware annealing from its
 optimum: a paired t-test on an independent decision batch); sa-refine-naive
 (the same with the seed's rule, Metropolis on the selection batch);
 langevin-sa (annealing with gradient-informed Langevin proposals, deciding on
-an independent batch).
+an independent batch); es (ES recombination of all K evaluations into one Adam
+move, from the random init) and es-refine (the same after the Adam half,
+decided by the t-test).
 
 With --validation F (default 0.1) a fraction F of the training set is held
 out and every method returns its best-validation parameters (the driver's
@@ -51,7 +53,7 @@ import savae_jax as sv  # noqa: E402
 from savae_jax import checkpoint, driver  # noqa: E402
 from savae_jax import distributed  # noqa: E402
 
-METHODS = ("adam", "rmsprop", "sgd", "sa", "sa-refine", "sa-refine-naive", "langevin-sa")
+METHODS = ("adam", "rmsprop", "sgd", "sa", "sa-refine", "sa-refine-naive", "langevin-sa", "es", "es-refine")
 
 # Per-method hyperparameters; --config FILE and --set METHOD.KEY=VALUE override them.
 METHOD_DEFAULTS = {
@@ -70,8 +72,13 @@ METHOD_DEFAULTS = {
     "langevin-sa": {"proposal": "langevin", "proposals": 16, "langevin_step": 1e-3,
                     "langevin_optimizer": "adam", "langevin_lr": 1e-3, "t0": 0.01, "decay": 0.995,
                     "decision_size": 512},
+    # ES recombination of all K = 64 evaluations into one Adam move, decided on 512 other examples:
+    # greedily from the random init, by the t-test after the Adam half.
+    "es": {"pairs": 32, "scale": 0.01, "es_lr": 1e-3, "acceptance": "greedy", "decision_size": 512},
+    "es-refine": {"adam_share": 0.5, "adam_lr": 1e-3, "pairs": 32, "scale": 0.001, "es_lr": 1e-4,
+                  "acceptance": "confident", "level": 0.05, "decision_size": 512},
 }
-REFINEMENTS = ("sa-refine", "sa-refine-naive")
+REFINEMENTS = ("sa-refine", "sa-refine-naive", "es-refine")
 
 DEFAULTS = {
     "dataset": "digits",
@@ -207,14 +214,18 @@ def build_phases(method: str, settings: dict, loss_fn, mesh=None, batch_size: in
         optimizer = common.make_optimizer(method, settings["lr"], f"{prefix}lr")
         return [driver.Phase(method, sv.from_optax(loss_fn, optimizer))]
     sa_settings = {k: v for k, v in settings.items() if k not in ("adam_share", "adam_lr")}
-    annealer = common.make_annealer(loss_fn, sa_settings, prefix, mesh=mesh, batch_size=batch_size)
+    if method in ("es", "es-refine"):
+        annealer = common.make_es(loss_fn, sa_settings, prefix, batch_size=batch_size)
+    else:
+        annealer = common.make_annealer(loss_fn, sa_settings, prefix, mesh=mesh, batch_size=batch_size)
     if method not in REFINEMENTS:
-        return [driver.Phase("sa", annealer)]
+        return [driver.Phase("es" if method == "es" else "sa", annealer)]
     share = settings["adam_share"]
     if not 0 < share < 1:
         raise ValueError(f"{prefix}adam_share: must be in (0, 1), got {share}")
     adam = common.make_optimizer("adam", settings["adam_lr"], f"{prefix}adam_lr")
-    return driver.refinement(sv.from_optax(loss_fn, adam), annealer, share=share)
+    return driver.refinement(sv.from_optax(loss_fn, adam), annealer, share=share,
+                             names=("adam", "es" if method == "es-refine" else "sa"))
 
 
 def environment() -> dict:
@@ -362,7 +373,7 @@ def validate(args, mesh) -> tuple:
             raise ValueError(f"--budget-evals: {err}") from err
         for phase in phases:  # e.g. a rank larger than a layer: before any file
             sv.data.num_batches(len(train.images), driver.phase_batch_size(phase, config["batch_size"]))
-            if phase.name == "sa":
+            if phase.name in ("sa", "es"):
                 try:
                     common.probe_step(phase.optimizer, probe_params, train.images.shape[1:], config["batch_size"])
                 except ValueError as err:
