@@ -155,3 +155,16 @@ def without_seconds(obj):
     if isinstance(obj, list):
         return [without_seconds(v) for v in obj]
     return obj
+
+
+@pytest.fixture(scope="module")
+def vae():
+    """(training digits, initial params, loss) of a small MLP VAE (hidden 16, 3 latents, init key 0)."""
+    import jax
+
+    import savae_jax as sv
+
+    train = sv.load("digits", "train")
+    model = sv.MLPVAE(hidden=16, latents=3)
+    params = sv.models.init(jax.random.key(0), model, train.images[:1])
+    return train.images, params, sv.make_loss(model)

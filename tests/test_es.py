@@ -47,13 +47,6 @@ def test_the_search_gradient_on_a_quadratic_matches_antithetic_es_theory():
     assert means[0] < means[1] < means[2], means
 
 
-@pytest.fixture(scope="module")
-def vae():
-    train = sv.load("digits", "train")
-    model = sv.MLPVAE(hidden=16, latents=3)
-    params = sv.models.init(jax.random.key(0), model, train.images[:1])
-    return train.images, params, sv.make_loss(model)
-
 
 def test_the_low_rank_estimate_equals_the_one_from_materialised_perturbations(vae):
     """sum_k w_k E_k assembled from the factors equals the sum over K explicitly formed

@@ -102,13 +102,6 @@ def test_decision_batch_arguments_are_checked():
 # ---------------------------------------------------------------- on the VAE, through the driver
 
 
-@pytest.fixture(scope="module")
-def vae():
-    train = sv.load("digits", "train")
-    model = sv.MLPVAE(hidden=16, latents=3)
-    params = sv.models.init(jax.random.key(0), model, train.images[:1])
-    return train.images, params, sv.make_loss(model)
-
 
 def counting(loss_fn, counter):
     """``loss_fn`` (and its .per_example) that add the examples they evaluate to ``counter[0]``."""

@@ -102,13 +102,6 @@ def test_exchange_swaps_only_the_pairs_of_the_round_and_permutes_consistently():
     assert accepted.tolist() == [False, False, False] and perm.tolist() == [0, 1, 2, 3]
 
 
-@pytest.fixture(scope="module")
-def vae():
-    train = sv.load("digits", "train")
-    model = sv.MLPVAE(hidden=16, latents=3)
-    params = sv.models.init(jax.random.key(0), model, train.images[:1])
-    return train.images, params, sv.make_loss(model)
-
 
 def tiny_pt(loss_fn, swap_every=2):
     ladder = tempering.geometric_ladder(0.01, 3.0, 3)
