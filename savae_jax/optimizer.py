@@ -75,6 +75,21 @@ class OptaxInfo(NamedTuple):
     LOGGED = ()
 
 
+def replace_params(state, params):
+    """``state`` with its parameters replaced: its ``params`` field, or that of the state it wraps.
+
+    Wrappers (``local_polish``'s ``PolishState``) expose ``params`` as a
+    property of their ``inner`` state; this reaches through them, so code
+    that moves parameters between states (replica exchange) works on any of them.
+    """
+    if "params" in getattr(state, "_fields", ()):
+        return state._replace(params=params)
+    if "inner" in getattr(state, "_fields", ()):
+        return state._replace(inner=replace_params(state.inner, params))
+    raise TypeError(f"cannot replace the parameters of a {type(state).__name__}: it has neither a params "
+                    "field nor an inner state")
+
+
 def logged_stats(info) -> dict:
     """The fields of ``info`` that a training log records, as Python floats.
 

@@ -185,3 +185,20 @@ def test_bad_ladders_and_settings_are_refused_naming_the_argument(vae):
         tempering.geometric_ladder(0.1, 1.0, 4)
     with pytest.raises(ValueError, match="num_replicas"):
         tempering.geometric_ladder(0.1, 2.0, 1)
+
+
+def test_replicas_may_be_wrapped_optimizers_such_as_a_polished_annealer():
+    """Swaps reach through wrappers (optimizer.replace_params): replicas of local_polish(annealer)
+    exchange their incumbents like bare annealers do."""
+    build = lambda t: an.local_polish(  # noqa: E731
+        an.simulated_annealing(double_well, 1, an.gaussian(0.3), t, an.metropolis()), double_well,
+        optax.sgd(0.01), 2, 5)
+    pt = tempering.replica_exchange(build, tempering.geometric_ladder(0.1, 2.0, 4), double_well)
+    state = pt.init(jnp.array([1.0]))
+    step = jax.jit(pt.step)
+    for i in range(40):
+        state, info = step(jax.random.key(i), state, jnp.zeros((1,)))
+    assert int(state.swap_accepts.sum()) > 0 and int(state.replicas.num_polished.sum()) > 0
+    np.testing.assert_array_equal(np.asarray(state.params), np.asarray(state.replicas.inner.params[0]))
+    with pytest.raises(TypeError, match="neither a params field"):
+        sv.optimizer.replace_params((1, 2), 0)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from savae_jax import validation
-from savae_jax.optimizer import GRAD_COST, Optimizer
+from savae_jax.optimizer import GRAD_COST, Optimizer, replace_params
 
 
 class PolishState(NamedTuple):
@@ -109,7 +109,7 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
 def _keep(state, polished, loss, keep):
     """``state`` with the polished parameters where ``keep`` (and its best-so-far and loss fields)."""
     where = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new, old)  # noqa: E731
-    state = state._replace(params=where(polished, state.params))
+    state = replace_params(state, where(polished, state.params))
     if hasattr(state, "loss"):
         state = state._replace(loss=jnp.where(keep, loss, state.loss))
     if hasattr(state, "best_loss") and hasattr(state, "best_params"):

@@ -39,7 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from savae_jax import validation
-from savae_jax.optimizer import Optimizer
+from savae_jax.optimizer import Optimizer, replace_params
 
 tree_map = jax.tree_util.tree_map
 
@@ -198,7 +198,7 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
         permutation, proposed, accepted = exchange(key_swap, losses, stderrs, step_temperatures, swap_round % 2)
         proposed, accepted = proposed & due, accepted & due
         permutation = jnp.where(due, permutation, jnp.arange(num))
-        replicas = replicas._replace(params=tree_map(lambda leaf: leaf[permutation], replicas.params))
+        replicas = replace_params(replicas, tree_map(lambda leaf: leaf[permutation], replicas.params))
         attempts = state.swap_attempts + proposed.astype(jnp.int32)
         accepts = state.swap_accepts + accepted.astype(jnp.int32)
         pair_rate = accepts / jnp.maximum(attempts, 1)
