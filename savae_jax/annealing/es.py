@@ -39,8 +39,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import PartitionSpec
 
-from savae_jax import validation
+from savae_jax import distributed, validation
 from savae_jax.annealing import decision as decision_lib
 from savae_jax.annealing import proposals as proposals_lib
 from savae_jax.annealing.acceptance import metropolis, needs_stderr
@@ -149,19 +150,41 @@ def search_gradient(layout, noises: proposals_lib.Noise, weights, scale):
 
 
 def estimate(loss_fn, params, key_noise, key_loss, batch, num_pairs: int, scale, *, noise: str = "low_rank",
-             rank: int = 1, scale_by_rms: bool = False, rms_floor: float = 1e-3, shaping: str = "centered_ranks"):
+             rank: int = 1, scale_by_rms: bool = False, rms_floor: float = 1e-3, shaping: str = "centered_ranks",
+             mesh=None, axis_name: str | None = None):
     """The search-gradient estimate of one step: ``(g, member losses (K,), layout, noises)``.
 
     ``num_pairs`` antithetic pairs drawn from ``key_noise`` (members k and
     k + num_pairs are each other's negatives), all evaluated with
-    ``key_loss`` on ``batch``; ``g`` as in the module docstring.
+    ``key_loss`` on ``batch``; ``g`` as in the module docstring. With a
+    ``mesh``, the K members are sharded over ``mesh[axis_name]`` (each
+    device evaluates its slice; the batch and parameters are replicated).
     """
     base = jnp.asarray(scale, jnp.float32)
     layout = _layout(noise, loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
     half = jax.vmap(functools.partial(proposals_lib._draw, layout))(jax.random.split(key_noise, num_pairs))
     noises = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), half, _negate(half))
-    losses = jax.vmap(functools.partial(_member_loss, layout, loss_fn, key_loss, batch))(noises)
+    losses = _member_losses(functools.partial(_member_loss, layout, loss_fn, key_loss, batch), noises,
+                            mesh, axis_name)
+    if mesh is not None:
+        # Keep the assembly replicated: left to itself, XLA would shard the sum over k like the
+        # members and add the partial sums across devices in another order than one device does.
+        replicated = jax.sharding.NamedSharding(mesh, PartitionSpec())
+        noises, losses = jax.lax.with_sharding_constraint((noises, losses), replicated)
     return search_gradient(layout, noises, shape_fitness(losses, shaping), base), losses, layout, noises
+
+
+def _member_losses(member, noises, mesh, axis_name):
+    """``member`` over the stacked ``noises``: one vmap, or sharded over the mesh axis (padded)."""
+    if mesh is None:
+        return jax.vmap(member)(noises)
+    num = jax.tree_util.tree_leaves(noises)[0].shape[0]
+    pad = -num % mesh.shape[axis_name]
+    if pad:  # copies of the last member, dropped below
+        noises = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), noises)
+    spec = PartitionSpec(axis_name)
+    losses = jax.shard_map(jax.vmap(member), mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)(noises)
+    return losses[:num]
 
 
 def _layout(noise: str, loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor):
@@ -176,7 +199,8 @@ def _layout(noise: str, loss_fn, params, key_loss, batch, rank, base, scale_by_r
 def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "low_rank", rank: int = 1,
                        scale_by_rms: bool = False, rms_floor: float = 1e-3, optimizer=None,
                        shaping: str = "centered_ranks", acceptance=None, temperature=0.0,
-                       decision: decision_lib.DecisionBatch | None = None) -> Optimizer:
+                       decision: decision_lib.DecisionBatch | None = None, mesh=None,
+                       axis_name: str | None = None) -> Optimizer:
     """ES recombination of K = 2 * num_pairs antithetic evaluations into one accepted-or-rejected move.
 
     Args:
@@ -200,6 +224,10 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
       temperature: T, a scalar or a schedule ``count -> T`` (default 0).
       decision: ``decision_batch(selection, size)`` to decide on other
         examples with fresh noise; None: on the selection batch.
+      mesh, axis_name: shard the K member evaluations over this mesh axis
+        (None: the mesh's only axis), as ``simulated_annealing(mesh=...)``
+        does; the gradient assembly and the decision run replicated. None:
+        one device.
     Returns:
       An :class:`~savae_jax.optimizer.Optimizer` (state :class:`ESState`,
       info :class:`ESInfo`), ``cost = 2 * num_pairs + decision.cost(decision)``.
@@ -220,6 +248,10 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
         raise ValueError("loss_fn: the " + ("decision batch" if decision is not None else "acceptance rule")
                          + " needs per-example losses (loss_fn.per_example, as make_loss provides)")
     checked = checked_loss(loss_fn)
+    if mesh is not None:
+        axis_name = distributed.mesh_axis(mesh, axis_name)
+    elif axis_name is not None:
+        raise ValueError(f"axis_name {axis_name!r} given without a mesh")
     num_pairs = int(num_pairs)
     num = 2 * num_pairs
 
@@ -231,7 +263,8 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
         x, x_decide, mask = decision_lib.split(decision, batch, state.count)
         t = jnp.asarray(temperature(state.count) if callable(temperature) else temperature, jnp.float32)
         grad, losses, _, _ = estimate(checked, state.params, key_noise, key_loss, x, num_pairs, scale, noise=noise,
-                                      rank=rank, scale_by_rms=scale_by_rms, rms_floor=rms_floor, shaping=shaping)
+                                      rank=rank, scale_by_rms=scale_by_rms, rms_floor=rms_floor, shaping=shaping,
+                                      mesh=mesh, axis_name=axis_name)
         updates, opt_state = optimizer.update(grad, state.opt_state, state.params)
         candidate = optax.apply_updates(state.params, updates)
         delta, stderr, num_used, on_selection = _decide_inputs(
@@ -245,7 +278,7 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
         info = ESInfo(loss, accepted, delta, stderr, t, num_accepted / count, losses.mean(), optax.tree.norm(grad))
         return ESState(params, opt_state, count, num_accepted), info
 
-    return Optimizer(init_fn, step_fn, num + decision_lib.cost(decision), loss_fn,
+    return Optimizer(init_fn, step_fn, num + decision_lib.cost(decision), loss_fn, mesh,
                      examples_per_step=None if decision is None else decision.selection + decision.max_size)
 
 
