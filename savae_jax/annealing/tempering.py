@@ -38,7 +38,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from savae_jax import validation
+from jax.sharding import PartitionSpec
+
+from savae_jax import distributed, validation
 from savae_jax.optimizer import Optimizer, replace_params
 
 tree_map = jax.tree_util.tree_map
@@ -143,7 +145,7 @@ def _shared_losses(loss_fn, params, key, batch):
 
 
 def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss_fn,
-                     swap_every: int = 1) -> Optimizer:
+                     swap_every: int = 1, mesh=None, axis_name: str | None = None) -> Optimizer:
     """R replicas of ``build(T_k)`` on the ladder ``temperatures``, exchanging neighbours.
 
     Args:
@@ -159,6 +161,9 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
         ``loss_fn.per_example`` (``make_loss``) the swap carries the noise
         correction, without it the losses are taken as exact.
       swap_every: steps between swap rounds, >= 1.
+      mesh, axis_name: run the replicas' steps sharded over this mesh axis
+        (each device steps R / devices replicas; R must be a multiple of the
+        axis size); the swap round runs replicated. None: one device.
     Returns:
       An :class:`~savae_jax.optimizer.Optimizer` whose state is a
       :class:`ReplicaState` (``.params``: the coldest replica's) and info a
@@ -174,6 +179,13 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
                          f"got {temperatures.tolist()}")
     validation.integer("swap_every", swap_every, 1)
     num = int(temperatures.shape[0])
+    if mesh is not None:
+        axis_name = distributed.mesh_axis(mesh, axis_name)
+        if num % mesh.shape[axis_name]:
+            raise ValueError(f"temperatures: {num} replicas cannot be split evenly over the mesh axis "
+                             f"{axis_name!r} of {mesh.shape[axis_name]} devices; use a multiple of it")
+    elif axis_name is not None:
+        raise ValueError(f"axis_name {axis_name!r} given without a mesh")
     probe = build(temperatures[0])
     if probe.loss_fn is not None and probe.loss_fn is not loss_fn:
         raise ValueError("loss_fn: the replicas' optimizer was built on a different loss_fn")
@@ -185,8 +197,14 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
 
     def step_fn(key, state: ReplicaState, batch):
         key_steps, key_loss, key_swap = jax.random.split(key, 3)
-        replicas, infos = jax.vmap(lambda t, s, k: build(t).step(k, s, batch))(
-            temperatures, state.replicas, jax.random.split(key_steps, num))
+        run = jax.vmap(lambda t, s, k: build(t).step(k, s, batch))
+        if mesh is not None:
+            spec = PartitionSpec(axis_name)
+            run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
+        replicas, infos = run(temperatures, state.replicas, jax.random.split(key_steps, num))
+        if mesh is not None:  # the swap round on every device, in one device's order
+            replicas, infos = jax.lax.with_sharding_constraint(
+                (replicas, infos), jax.sharding.NamedSharding(mesh, PartitionSpec()))
         count = state.count + 1
         swap_round = count // swap_every
         due = count % swap_every == 0
@@ -208,4 +226,4 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
         return ReplicaState(replicas, count, attempts, accepts), info
 
     cost = num * probe.cost + math.ceil(num / swap_every)
-    return Optimizer(init_fn, step_fn, cost, loss_fn, examples_per_step=probe.examples_per_step)
+    return Optimizer(init_fn, step_fn, cost, loss_fn, mesh, probe.examples_per_step)
