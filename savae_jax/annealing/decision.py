@@ -106,7 +106,11 @@ def paired(per_example: Callable, winner, incumbent, key, x, mask=None) -> Paire
     ``mask`` (n,) selects the examples used (None: all). A non-finite winner
     loss gives a non-finite ``delta``, which every rule rejects.
     """
-    d = per_example(winner, key, x) - per_example(incumbent, key, x)
+    return paired_stats(per_example(winner, key, x) - per_example(incumbent, key, x), mask)
+
+
+def paired_stats(d, mask=None) -> Paired:
+    """Mean, standard error and count of per-example differences ``d`` (n,) where ``mask``."""
     mask = jnp.ones(d.shape, bool) if mask is None else mask
     n = jnp.sum(mask)
     mean = jnp.sum(jnp.where(mask, d, 0.0)) / n

@@ -295,15 +295,10 @@ def _decide_inputs(loss_fn, per_example, candidate, incumbent, key_loss, x, key_
     d_cand, d_inc = per_example(candidate, key_loss, x), per_example(incumbent, key_loss, x)
     on_selection = (d_cand.mean(), d_inc.mean())
     if x_decide is None:
-        paired = decision_lib.Paired(*_paired_stats(d_cand - d_inc))
+        paired = decision_lib.paired_stats(d_cand - d_inc)
     else:
         paired = decision_lib.paired(per_example, candidate, incumbent, key_decide, x_decide, mask)
     return paired.delta, paired.stderr, paired.num, on_selection
 
-
-def _paired_stats(d):
-    n = d.shape[0]
-    mean = d.mean()
-    return mean, jnp.sqrt(jnp.sum(jnp.square(d - mean)) / max(n - 1, 1) / n), jnp.int32(n)
 
 
