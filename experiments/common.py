@@ -267,10 +267,26 @@ def make_acceptance(config: dict, prefix: str = ""):
     return {"metropolis": annealing.metropolis, "greedy": annealing.greedy, "penalty": annealing.penalty}[name]()
 
 
+def _flag(prefix: str, key: str) -> str:
+    """How an error names a setting: ``--sa-t-min`` for train.py's flags, ``sa.t_min`` for ``--set``."""
+    return f"{prefix}{key.replace('_', '-')}" if prefix.endswith("-") else f"{prefix}{key}"
+
+
+def _naming_settings(prefix: str, what: str, build):
+    """``build()``; a library error that does not name the setting yet is reworded to say which settings."""
+    try:
+        return build()
+    except (TypeError, ValueError) as err:
+        if str(err).startswith(prefix):
+            raise
+        # The library names its own argument (num_proposals, t0, ...); say which settings too.
+        raise ValueError(f"{prefix}* {what} settings: {err}") from err
+
+
 def make_decision(config: dict, batch_size: int | None, prefix: str = ""):
     """The decision batch of ``config["decision_size"]`` examples (None when 0: the selection batch decides)."""
     size = config["decision_size"]
-    flag = f"{prefix}decision-size" if prefix.endswith("-") else f"{prefix}decision_size"  # --sa-..., sa....
+    flag = _flag(prefix, "decision_size")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
         raise ValueError(f"{flag}: must be 0 (decide on the selection batch) or an integer >= 2, "
                          f"got {size!r}")
@@ -300,26 +316,19 @@ def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None, batch_size
     t0, t_min = config["t0"], config["t_min"]
     if t_min is not None and isinstance(t0, (int, float)) and isinstance(t_min, (int, float)) and t_min >= t0:
         # Every schedule here starts at t0: the annealer would be done before its first step.
-        flag = f"{prefix}t-min" if prefix.endswith("-") else f"{prefix}t_min"  # --sa-t-min, sa.t_min
-        raise ValueError(f"{flag}: must be < {prefix}t0 = {t0} (every schedule starts at t0, "
+        raise ValueError(f"{_flag(prefix, 't_min')}: must be < {prefix}t0 = {t0} (every schedule starts at t0, "
                          f"so the annealer would stop before its first step), got {t_min}")
-    try:
-        return annealing.simulated_annealing(
-            loss_fn,
-            num_proposals=config["proposals"],
-            proposal=make_proposal(config, prefix),
-            temperature=make_temperature(config, prefix),
-            acceptance=make_acceptance(config, prefix),
-            t_min=config["t_min"],
-            patience=config["patience"],
-            mesh=mesh,
-            decision=make_decision(config, batch_size, prefix),
-        )
-    except (TypeError, ValueError) as err:
-        if str(err).startswith(prefix):
-            raise
-        # The library names its own argument (num_proposals, t0, ...); say which settings too.
-        raise ValueError(f"{prefix}* annealing settings: {err}") from err
+    return _naming_settings(prefix, "annealing", lambda: annealing.simulated_annealing(
+        loss_fn,
+        num_proposals=config["proposals"],
+        proposal=make_proposal(config, prefix),
+        temperature=make_temperature(config, prefix),
+        acceptance=make_acceptance(config, prefix),
+        t_min=config["t_min"],
+        patience=config["patience"],
+        mesh=mesh,
+        decision=make_decision(config, batch_size, prefix),
+    ))
 
 
 # The ES recombination step's knobs (annealing.evolution_strategy).
@@ -346,16 +355,11 @@ def make_es(loss_fn, config: dict, prefix: str = "", batch_size: int | None = No
     if unknown:
         raise ValueError(f"{prefix}: unknown ES settings {sorted(unknown)}; known: {', '.join(ES_DEFAULTS)}")
     config = ES_DEFAULTS | config
-    try:
-        return annealing.evolution_strategy(
-            loss_fn, config["pairs"], config["scale"], noise=config["noise"], rank=config["rank"],
-            optimizer=make_optimizer(config["es_optimizer"], config["es_lr"], f"{prefix}es_optimizer"),
-            shaping=config["shaping"], acceptance=make_acceptance(config, prefix),
-            decision=make_decision(config, batch_size, prefix))
-    except (TypeError, ValueError) as err:
-        if str(err).startswith(prefix):
-            raise
-        raise ValueError(f"{prefix}* ES settings: {err}") from err
+    return _naming_settings(prefix, "ES", lambda: annealing.evolution_strategy(
+        loss_fn, config["pairs"], config["scale"], noise=config["noise"], rank=config["rank"],
+        optimizer=make_optimizer(config["es_optimizer"], config["es_lr"], f"{prefix}es_optimizer"),
+        shaping=config["shaping"], acceptance=make_acceptance(config, prefix),
+        decision=make_decision(config, batch_size, prefix)))
 
 
 def probe_step(algorithm, params, image_shape, batch_size: int) -> None:

@@ -255,7 +255,8 @@ def aggregate(runs: dict) -> dict:
     return {"seeds": runs, "summary": summary}
 
 
-def _pm(stat: dict | None, fmt: str = ".2f") -> str:
+def format_mean_sd(stat: dict | None, fmt: str = ".2f") -> str:
+    """A :func:`mean_sd` as "mean ± sd" (just the mean for one value; "-" for none)."""
     if stat is None:
         return "-"
     sd_fmt = fmt.replace("+", "")  # a signed mean (a change), an unsigned sd
@@ -282,9 +283,10 @@ def summarize(results: dict, config: dict) -> str:
     for rank, (name, r) in enumerate(ranked, 1):
         m = r["summary"]
         ratio = lambda k: f"{m[k]['mean'] / ref[k]['mean']:.2f}" if ref and ref[k]["mean"] else "-"  # noqa: E731
-        lines.append(f"| {rank} | {name} | {_pm(m['test_neg_elbo'])} | {_pm(m['last_test_neg_elbo'])} "
-                     f"| {_pm(m.get('test_neg_iwae'))} | {_pm(m['active_units'], '.1f')} | {m['evals']['mean']:.0f} "
-                     f"| {m['steps']['mean']:.0f} | {_pm(m['seconds'], '.1f')} | {ratio('evals')} | {ratio('seconds')} |")
+        pm = format_mean_sd
+        lines.append(f"| {rank} | {name} | {pm(m['test_neg_elbo'])} | {pm(m['last_test_neg_elbo'])} "
+                     f"| {pm(m.get('test_neg_iwae'))} | {pm(m['active_units'], '.1f')} | {m['evals']['mean']:.0f} "
+                     f"| {m['steps']['mean']:.0f} | {pm(m['seconds'], '.1f')} | {ratio('evals')} | {ratio('seconds')} |")
     refined = [name for name in results if name in REFINEMENTS]
     if refined:
         lines += ["", "Refinement from the gradient optimum, per seed (test -ELBO, nats): the end of the Adam "
@@ -457,8 +459,9 @@ def run_all(methods, config, args, workdir, model, data, mesh, log) -> dict:
                 write_csv(workdir / f"history_{name}_seed{seed}.csv", history)
                 if index == 0:
                     common.save_grids(workdir, key_grid, params, model, test.images, binarize, label=name)
-                checkpoint.atomic_write_json(workdir / "results.json", {**results, name: aggregate(runs)})
-        results[name] = aggregate(runs)
+            results[name] = aggregate(runs)  # results.json grows after every run
+            if distributed.is_primary():
+                checkpoint.atomic_write_json(workdir / "results.json", results)
     return results
 
 

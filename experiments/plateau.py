@@ -107,7 +107,7 @@ def train_to_plateau(key, adam, params, train, validate, args, batch_fn, log):
             break
     plateaued = epoch - best_epoch >= args.patience
     return best_state, {"best_epoch": best_epoch, "epochs": epoch, "plateaued": plateaued,
-                        "val_curve": curve, "evals": 3 * steps_per_epoch * epoch}
+                        "val_curve": curve, "evals": adam.cost * steps_per_epoch * epoch}
 
 
 def arm_phase(arm: str, loss_fn, adam_state, args) -> driver.Phase:
@@ -165,7 +165,7 @@ def summarize(results: dict, arms, args) -> str:
     for arm in arms:
         runs = [r["arms"][arm] for r in results.values()]
         change = [a["test_neg_elbo"] - r["x_star"]["test_neg_elbo"] for a, r in zip(runs, results.values())]
-        stat = lambda values, fmt=".2f": compare._pm(compare.mean_sd(values), fmt)  # noqa: E731
+        stat = lambda values, fmt=".2f": compare.format_mean_sd(compare.mean_sd(values), fmt)  # noqa: E731
         iwae = [a["test_neg_iwae"] for a in runs if a["test_neg_iwae"] is not None]
         lines.append(f"| {arm} | {stat([a['test_neg_elbo'] for a in runs])} | {stat(change, '+.2f')} "
                      f"| {stat([a['last_test_neg_elbo'] for a in runs])} | {stat(iwae) if iwae else '-'} "

@@ -252,10 +252,11 @@ class _Run:
         if restored is not None:
             _, saved, meta = restored
             self.pos, self.history, self.finished = Position(**meta["position"]), meta["history"], meta["finished"]
-            self.state = saved
-            if self.best is not None:
-                self.state = saved[0]
-                self.best = Best(meta["best"]["value"], meta["best"]["step"], saved[1])
+            if self.best is None:
+                self.state = saved
+            else:
+                self.state, best_params = saved
+                self.best = Best(meta["best"]["value"], meta["best"]["step"], best_params)
 
     def save(self, finished: bool) -> None:
         if self.saver is not None:

@@ -75,6 +75,11 @@ class OptaxInfo(NamedTuple):
     LOGGED = ()
 
 
+def tree_where(condition, new, old):
+    """``new`` where the scalar ``condition`` holds, else ``old``, leaf by leaf (an accept/reject of a pytree)."""
+    return jax.tree_util.tree_map(lambda a, b: jnp.where(condition, a, b), new, old)
+
+
 def replace_params(state, params):
     """``state`` with its parameters replaced: its ``params`` field, or that of the state it wraps.
 

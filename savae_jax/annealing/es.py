@@ -45,7 +45,7 @@ from savae_jax import distributed, validation
 from savae_jax.annealing import decision as decision_lib
 from savae_jax.annealing import proposals as proposals_lib
 from savae_jax.annealing.acceptance import metropolis, needs_stderr
-from savae_jax.optimizer import Optimizer, checked_loss
+from savae_jax.optimizer import Optimizer, checked_loss, tree_where
 
 SHAPINGS = ("centered_ranks", "z_scores", "none")
 
@@ -271,8 +271,7 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
             checked, per_example, candidate, state.params, key_loss, x, key_decide, x_decide, mask)
         extra = {"stderr": stderr, "num": num_used} if needs_stderr(acceptance) else {}
         accepted = jnp.isfinite(delta) & acceptance(key_accept, delta, t, **extra)
-        choose = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(accepted, a, b), new, old)  # noqa: E731
-        params, opt_state = choose(candidate, state.params), choose(opt_state, state.opt_state)
+        params, opt_state = tree_where(accepted, (candidate, opt_state), (state.params, state.opt_state))
         count, num_accepted = state.count + 1, state.num_accepted + accepted.astype(jnp.int32)
         loss = jnp.where(accepted, on_selection[0], on_selection[1])
         info = ESInfo(loss, accepted, delta, stderr, t, num_accepted / count, losses.mean(), optax.tree.norm(grad))

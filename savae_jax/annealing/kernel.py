@@ -48,7 +48,7 @@ from savae_jax import distributed, validation
 from savae_jax.annealing import decision as decision_lib
 from savae_jax.annealing.proposals import Proposal
 from savae_jax.annealing.schedules import ScheduleEvent, StatefulSchedule, as_stateful
-from savae_jax.optimizer import Optimizer
+from savae_jax.optimizer import Optimizer, tree_where
 
 tree_map = jax.tree_util.tree_map
 
@@ -400,7 +400,7 @@ def _noise_aware_step(cfg: _Config, key, state: AnnealState, batch):
     extra = {"stderr": decided.stderr, "num": decided.num} if _needs_stderr(cfg.acceptance) else {}
     accepted = (cfg.acceptance(key_accept, decided.delta, t, **extra) & jnp.isfinite(sel.loss)
                 & jnp.isfinite(decided.delta) & ~halt)
-    params = tree_map(lambda w, p: jnp.where(accepted, w, p), winner, state.params)
+    params = tree_where(accepted, winner, state.params)
     new_state = _freeze(halt, state, _advance(cfg, state, prep, params, sel, accepted))
     return new_state, _info(cfg, sel, accepted, t, r, new_state, on_selection, decided)
 

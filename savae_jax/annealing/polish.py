@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import optax
 
 from savae_jax import validation
-from savae_jax.optimizer import GRAD_COST, Optimizer, replace_params
+from savae_jax.optimizer import GRAD_COST, Optimizer, replace_params, tree_where
 
 
 class PolishState(NamedTuple):
@@ -108,13 +108,11 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
 
 def _keep(state, polished, loss, keep):
     """``state`` with the polished parameters where ``keep`` (and its best-so-far and loss fields)."""
-    where = lambda new, old: jax.tree_util.tree_map(lambda a, b: jnp.where(keep, a, b), new, old)  # noqa: E731
-    state = replace_params(state, where(polished, state.params))
+    state = replace_params(state, tree_where(keep, polished, state.params))
     if hasattr(state, "loss"):
         state = state._replace(loss=jnp.where(keep, loss, state.loss))
     if hasattr(state, "best_loss") and hasattr(state, "best_params"):
         better = keep & (loss < state.best_loss)
-        state = state._replace(best_params=jax.tree_util.tree_map(lambda a, b: jnp.where(better, a, b),
-                                                                  polished, state.best_params),
+        state = state._replace(best_params=tree_where(better, polished, state.best_params),
                                best_loss=jnp.where(better, loss, state.best_loss))
     return state

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from savae_jax import distributed, validation
+from savae_jax.annealing import decision as decision_lib
 from savae_jax.optimizer import Optimizer, replace_params
 
 tree_map = jax.tree_util.tree_map
@@ -138,10 +139,8 @@ def _shared_losses(loss_fn, params, key, batch):
     if per_example is None:
         losses = jax.vmap(lambda p: loss_fn(p, key, batch))(params)
         return losses, jnp.zeros_like(losses)
-    values = jax.vmap(lambda p: per_example(p, key, batch))(params)  # (R, n)
-    n = values.shape[1]
-    stderrs = values.std(axis=1, ddof=1) / jnp.sqrt(n) if n > 1 else jnp.zeros(values.shape[0])
-    return values.mean(axis=1), stderrs
+    stats = jax.vmap(lambda p: decision_lib.paired_stats(per_example(p, key, batch)))(params)
+    return stats.delta, stats.stderr
 
 
 def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss_fn,
