@@ -370,6 +370,8 @@ def test_init_rejects_nonfinite_params():
         (lambda: an.simulated_annealing(None, 4, an.gaussian(0.1), 1.0, an.metropolis()), "loss_fn"),
         (lambda: an.gaussian(0.0), "scale"),
         (lambda: an.cauchy(-1.0), "scale"),
+        (lambda: an.cauchy(1.0, fraction=0.0), "fraction"),
+        (lambda: an.gaussian(1.0, fraction=1.5), "fraction"),
         (lambda: an.gaussian(0.1, scale_by_rms=True, rms_floor=0.0), "rms_floor"),
         (lambda: an.low_rank(0.1, rank=0), "rank"),
         (lambda: an.low_rank(-0.1), "scale"),
@@ -395,6 +397,26 @@ def test_scale_by_rms_uses_leaf_rms_with_floor():
     moved = prep.materialize(jax.random.key(1))
     np.testing.assert_allclose(float(jnp.std(moved["w"] - 2.0)), 0.1 * 0.5 * 2.0, rtol=0.05)
     np.testing.assert_allclose(float(jnp.std(moved["b"])), 0.1 * 0.5 * 1e-2, rtol=0.25)
+
+
+@pytest.mark.parametrize("make", [an.cauchy, an.gaussian])
+def test_fraction_moves_a_bernoulli_subset_of_the_entries(make):
+    """fraction=f moves each entry with probability f (the rest stay bitwise); f=1 is the
+    unmasked kernel, bit for bit; a proposal's loss is the loss of what it materialises."""
+    params = {"w": jnp.zeros((200, 100)), "b": jnp.zeros((100,))}
+    loss = lambda p, k, x: jnp.sum(p["w"] ** 2) + jnp.sum(p["b"] ** 2)  # noqa: E731
+    args = (loss, params, jax.random.key(0), None, jnp.float32(1.0), jnp.float32(1.0), ())
+    key = jax.random.key(1)
+    sparse = make(1.0, fraction=0.05).prepare(*args)
+    moved = sparse.materialize(key)
+    n = 200 * 100 + 100
+    frac = float(sum(jnp.sum(leaf != 0) for leaf in jax.tree_util.tree_leaves(moved))) / n
+    # binomial(n, 0.05): sd of the fraction sqrt(0.05 * 0.95 / n) = 1.5e-3; 4 sd
+    assert abs(frac - 0.05) < 4 * np.sqrt(0.05 * 0.95 / n)
+    np.testing.assert_allclose(float(sparse.loss(key, jnp.bool_(True))), float(loss(moved, None, None)),
+                               rtol=1e-6)  # same noise from the same key, sums reordered
+    full, default = make(1.0, fraction=1.0).prepare(*args), make(1.0).prepare(*args)
+    chex.assert_trees_all_equal(full.materialize(key), default.materialize(key))
 
 
 # ---------------------------------------------------------------- optax adapter

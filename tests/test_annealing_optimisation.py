@@ -1,73 +1,48 @@
-"""SA as a global optimiser: 10-D Rastrigin and Ackley, 64 vmapped chains (issue 3, item 4).
+"""SA as a global optimiser: 10-D Rastrigin and Ackley, vmapped chains (issues 3 and 13).
 
-Budget per chain: 2000 steps x (16 proposals + 1 incumbent re-evaluation)
-= 34,000 function evaluations. Bounds were set from runs with seeds 0, 1, 2
-(measured: Rastrigin median best 0.0031-0.0036, 59-67% of chains < 1e-2;
-Ackley median best 5.4e-4-5.7e-4, 83-89% of chains < 1e-2), with margin.
-The scipy dual_annealing comparison at the same budget is
-experiments/dual_annealing.py.
+The cheap version of the claim of experiments/dual_annealing.py, through the
+script's own ``run_sa``: 32 chains instead of 64, the script's defaults
+otherwise (K = 16 Cauchy proposals of scale 1 that each move a coordinate with
+probability 1/D, 1000 steps, an L-BFGS polish of 20 steps every 100), so
+18,000 function evaluations per chain, fewer than scipy's dual_annealing uses
+by itself on these problems (about 21,000 and 22,500). Against it, the
+annealer as it was before: every coordinate moved at once (``fraction=1``),
+by Cauchy jumps of scale 0.1 (scale 1 is far too wide for full moves: 0 of
+32 Rastrigin chains within 1e-2, median best 6.0-7.0, seeds 0-2).
+
+Bounds were set from runs with seeds 0, 1, 2 (measured, 32 chains each; below),
+with margin; the test runs seed 0.
 """
 
-import jax
+import sys
+from pathlib import Path
+
+import numpy as np
 import pytest
-import jax.numpy as jnp
 
-import savae_jax.annealing as an
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import dual_annealing as D  # noqa: E402
 
-DIM, CHAINS, K, STEPS = 10, 64, 16, 2000
+DIM, CHAINS, K, STEPS = 10, 32, 16, 1000
 
-
-def rastrigin(x, key=None, batch=None):
-    """10 n + sum(x_i^2 - 10 cos(2 pi x_i)); global minimum 0 at x = 0."""
-    return 10.0 * x.shape[-1] + jnp.sum(x**2 - 10.0 * jnp.cos(2 * jnp.pi * x))
-
-
-def ackley(x, key=None, batch=None):
-    """Ackley's function; global minimum 0 at x = 0."""
-    n = x.shape[-1]
-    return (
-        -20.0 * jnp.exp(-0.2 * jnp.sqrt(jnp.sum(x**2) / n))
-        - jnp.exp(jnp.sum(jnp.cos(2 * jnp.pi * x)) / n)
-        + 20.0
-        + jnp.e
-    )
+# Measured: fraction of 32 chains within 1e-2 of the global minimum, seeds 0, 1, 2.
+#   one coordinate per proposal (scale 1):  Rastrigin 0.969, 0.969, 1.0;   Ackley 0.969, 0.938, 1.0
+#   every coordinate at once (scale 0.1):   Rastrigin 0.125, 0.156, 0.062; Ackley 0.781, 0.656, 0.531
 
 
-def anneal(fn, half_width, radius_end, seed=0):
-    sa = an.simulated_annealing(
-        fn, K, an.cauchy(0.1),
-        temperature=an.exponential(5.0, 1e-3 ** (1 / STEPS)),
-        acceptance=an.metropolis(),
-        radius=an.exponential(1.0, radius_end ** (1 / STEPS)),
-    )
-    x0 = jax.random.uniform(jax.random.key(seed), (CHAINS, DIM), minval=-half_width, maxval=half_width)
-    states = jax.vmap(sa.init)(x0)
-
-    @jax.jit
-    def run(states, key):
-        def body(states, key):
-            keys = jax.random.split(key, CHAINS)
-            states, info = jax.vmap(sa.step, in_axes=(0, 0, None))(keys, states, None)
-            return states, info.accepted.mean()
-
-        return jax.lax.scan(body, states, jax.random.split(key, STEPS))
-
-    states, rates = run(states, jax.random.key(seed + 1))
-    # best_loss is the exact function value at best_params (deterministic objective)
-    assert jnp.allclose(jax.vmap(fn)(states.best_params), states.best_loss, atol=1e-4)
-    assert int(states.count[0]) == STEPS
-    return states.best_loss
+def run(problem, fraction, scale, seed=0):
+    fn, _, half_width, radius_end = D.PROBLEMS[problem]
+    best, _ = D.run_sa(fn, half_width, radius_end, CHAINS, STEPS, K, DIM, seed, polish_steps=20,
+                       polish_every=100, scale=scale, fraction=fraction)
+    return best
 
 
 @pytest.mark.slow
-def test_rastrigin_10d():
-    best = anneal(rastrigin, 5.12, radius_end=1e-2)
-    assert float(jnp.median(best)) < 0.02
-    assert float(jnp.mean(best < 1e-2)) >= 0.4
-
-
-@pytest.mark.slow
-def test_ackley_10d():
-    best = anneal(ackley, 32.768, radius_end=1e-3)
-    assert float(jnp.median(best)) < 0.01
-    assert float(jnp.mean(best < 1e-2)) >= 0.7
+@pytest.mark.parametrize("problem", ["rastrigin", "ackley"])
+def test_coordinate_moves_with_polish_find_the_global_minimum(problem):
+    sparse, full = run(problem, 1.0 / DIM, 1.0), run(problem, 1.0, 0.1)
+    assert np.all(np.isfinite(sparse)) and np.all(sparse >= -1e-5)  # f >= 0 up to float32 rounding
+    assert float(np.mean(sparse < 1e-2)) >= 0.9  # measured 0.94-1.0
+    assert float(np.median(sparse)) < 1e-4
+    # Moving every coordinate at once wastes the budget (measured 0.06-0.16 and 0.53-0.78).
+    assert float(np.mean(full < 1e-2)) <= float(np.mean(sparse < 1e-2)) - 0.1
