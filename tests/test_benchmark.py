@@ -100,10 +100,30 @@ def test_gaussian_step_memory_does_not_grow_with_k():
     assert large - small < 16 * param_bytes
 
 
+def test_necessary_flops_count_the_dense_products_the_step_cannot_avoid():
+    """The analytic FLOP counts of the efficiency section, against the layer sizes written out."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import benchmark
+
+    full = 2 * (784 * 500 + 500 * 20 + 500 * 20 + 20 * 500 + 500 * 784)  # one example, 784-500-20
+    first = 2 * 784 * 500
+    assert benchmark.necessary_flops("inference", 1, 1) == full
+    assert benchmark.necessary_flops("inference", 256) == 256 * 128 * full
+    # low_rank: x @ W of the first layer once per batch; the rest for K + 1 members (issue 14's
+    # 27.7 GFLOP at K = 256 counts K members; the incumbent adds 1/256 of it).
+    assert benchmark.necessary_flops("low_rank", 256) == 128 * first + 257 * 128 * (full - first)
+    assert 27.7e9 < benchmark.necessary_flops("low_rank", 256) < 27.9e9
+    assert benchmark.necessary_flops("gaussian", 256) == 257 * 128 * full
+    assert benchmark.necessary_flops("es", 64) == 128 * first + 64 * 128 * (full - first) + 2 * 128 * full
+    assert benchmark.necessary_flops("adam", 0) == 3 * 128 * full
+    with pytest.raises(ValueError, match="kind must be one of"):
+        benchmark.necessary_flops("lbfgs", 1)
+
+
 # Last in this file, so that its background --quick run overlaps the tests above.
 def test_quick_json_is_complete_and_finite(quick_result):
     r = quick_result
-    for key in ("machine", "sa_step", "evosax", "fit_overhead", "scaling", "sharded", "targets"):
+    for key in ("machine", "sa_step", "efficiency", "evosax", "fit_overhead", "scaling", "sharded", "targets"):
         assert key in r, key
     for key in ("backend", "device_kind", "cpu_count", "jax", "memory_source"):
         assert key in r["machine"], key
@@ -113,6 +133,14 @@ def test_quick_json_is_complete_and_finite(quick_result):
         for key in ("proposal", "K", "step_s", "proposals_per_s", "ratio_to_inference"):
             assert key in row, key
         assert row["step_s"] > 0 and row["ratio_to_inference"] > 0
+
+    assert {row["step"] for row in r["efficiency"]} == {"inference", "gaussian", "low_rank", "es", "adam"}
+    for row in r["efficiency"]:
+        assert row["K"] == 16 and row["necessary_gflop"] > 0 and row["matmul_gflop_per_s"] > 0
+        # efficiency is achieved FLOP/s over the matmul's, from the row's own numbers
+        assert row["efficiency"] == pytest.approx(row["gflop_per_s"] / row["matmul_gflop_per_s"], rel=1e-9)
+        assert row["matmul_rows"] == (128 if row["step"] == "adam" else 16 * 128)
+    assert "low_rank_efficiency_vs_matmul_K>=256" not in r["targets"]  # --quick has K = 16 only
 
     if importlib.util.find_spec("evosax") is None:
         assert "error" in r["evosax"]
@@ -142,7 +170,7 @@ def test_quick_json_is_complete_and_finite(quick_result):
         assert row["same_params"], row
         assert row["single_s"] > 0 and row["sharded_s"] > 0 and row["speedup"] > 0
 
-    sections = ("sa_step", "fit_overhead", "scaling", "sharded", "targets")
+    sections = ("sa_step", "efficiency", "fit_overhead", "scaling", "sharded", "targets")
     for path, value in _finite_numbers({k: r[k] for k in sections}):
         assert math.isfinite(value), path
     if isinstance(r["evosax"], list):
