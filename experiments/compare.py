@@ -404,6 +404,13 @@ def running_mean(values, window: int):
     return (total[ends] - total[starts]) / (ends - starts)
 
 
+def finite_or_nan(values):
+    """``values`` with every non-finite entry NaN (not drawn)."""
+    import numpy as np
+
+    return np.where(np.isfinite(values), values, np.nan)
+
+
 def traces_figure(traces: dict):
     """One row of panels per annealing method, one point per annealing step: the temperature, the
     acceptance rate (running over 25 steps, and cumulative), dL with its standard error band.
@@ -431,17 +438,18 @@ def traces_figure(traces: dict):
             ax_a.plot(x, t["swap_rate"], color="C2", label="swap rate")
         ax_a.set(ylim=(-0.05, 1.05), ylabel="acceptance rate")
         ax_a.legend(fontsize=7, loc="best")
-        delta = np.where(np.isfinite(t["delta"]), t["delta"], np.nan)
+        delta = finite_or_nan(t["delta"])  # +inf: no finite proposal at that step
         stderr = t.get("stderr", np.full_like(delta, np.nan))
         label = "decided dL" if np.any(np.isfinite(stderr)) else "dL"
         ax_d.plot(x, delta, color="C3", lw=0.8, label=label)
         if np.any(np.isfinite(stderr)):
             ax_d.fill_between(x, delta - stderr, delta + stderr, color="C3", alpha=0.25, label="+- 1 standard error")
-        if "delta_selection" in t and not np.array_equal(t["delta_selection"], t["delta"], equal_nan=True):
-            selection = np.where(np.isfinite(t["delta_selection"]), t["delta_selection"], np.nan)
+        selection = finite_or_nan(t.get("delta_selection", t["delta"]))
+        if not np.array_equal(selection, delta, equal_nan=True):
             ax_d.plot(x, selection, color="C7", lw=0.6, alpha=0.7, label="dL on the selection batch")
         ax_d.axhline(0.0, color="k", lw=0.5)
-        finite = delta[np.isfinite(delta)]
+        shown = np.concatenate([delta, selection])
+        finite = shown[np.isfinite(shown)]
         if finite.size:  # a few outlying steps should not flatten the rest
             low, high = np.percentile(finite, [1, 99])
             pad = 0.1 * (high - low) + 1e-6
@@ -488,7 +496,7 @@ def plot(workdir: Path, results: dict, log_evals: bool = False) -> None:
         ax.set_ylabel("test negative ELBO (nats), last parameters")
         ax.set_title("mean over seeds; band: min to max" if len(next(iter(results.values()))["seeds"]) > 1
                      else "", fontsize=8)
-        ax.legend()
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves start together
         ax.grid(alpha=0.3)
         checkpoint.save_figure(fig, workdir / f"test_neg_elbo_vs_{axis}.png")
         plt.close(fig)
