@@ -462,6 +462,45 @@ def traces_figure(traces: dict):
     return fig
 
 
+def curves_figure(results: dict, axis: str, log_scale: bool = False):
+    """Test -ELBO of every method against ``axis`` ("evals" or "seconds"): the mean over seeds, a
+    min-to-max band with several seeds; every curve starts at its step-0 row.
+
+    Args:
+      results: ``run_all``'s results.
+      axis: the history field on the horizontal axis.
+      log_scale: a symmetric-log horizontal axis (linear below the first positive value, so the
+        step-0 rows at 0 stay on it).
+    Returns:
+      the matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        histories = [run["history"] for run in r["seeds"].values()]
+        rows = min(len(h) for h in histories)  # equal unless a time budget cut a seed short
+        x = np.mean([[row[axis] for row in h[:rows]] for h in histories], axis=0)
+        y = np.array([[row["test_neg_elbo"] for row in h[:rows]] for h in histories])
+        (line,) = ax.plot(x, y.mean(axis=0), label=name, marker=".")
+        if len(histories) > 1:
+            ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.2)
+    label = {"evals": "loss evaluations", "seconds": "training seconds"}[axis]
+    if log_scale:
+        first = min((row[axis] for r in results.values() for run in r["seeds"].values()
+                     for row in run["history"] if row[axis] > 0), default=1)
+        ax.set_xscale("symlog", linthresh=first)
+        label += " (symmetric log scale)"
+    ax.set_xlabel(label)
+    ax.set_ylabel("test negative ELBO (nats), last parameters")
+    ax.set_title("mean over seeds; band: min to max" if len(next(iter(results.values()))["seeds"]) > 1
+                 else "", fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves start together
+    ax.grid(alpha=0.3)
+    return fig
+
+
 def plot(workdir: Path, results: dict, log_evals: bool = False) -> None:
     """Test -ELBO against evaluations and seconds (mean over seeds, band: min to max; every curve
     starts at the step-0 row of the shared initial parameters), and the first seed's per-step
@@ -476,28 +515,9 @@ def plot(workdir: Path, results: dict, log_evals: bool = False) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    for axis, label in (("seconds", "training seconds"), ("evals", "loss evaluations")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, r in results.items():
-            histories = [run["history"] for run in r["seeds"].values()]
-            rows = min(len(h) for h in histories)  # equal unless a time budget cut a seed short
-            x = np.mean([[row[axis] for row in h[:rows]] for h in histories], axis=0)
-            y = np.array([[row["test_neg_elbo"] for row in h[:rows]] for h in histories])
-            (line,) = ax.plot(x, y.mean(axis=0), label=name, marker=".")
-            if len(histories) > 1:
-                ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.2)
-        if axis == "evals" and log_evals:
-            first = min((row["evals"] for r in results.values() for run in r["seeds"].values()
-                         for row in run["history"] if row["evals"] > 0), default=1)
-            ax.set_xscale("symlog", linthresh=first)
-        ax.set_xlabel(label + (" (symmetric log scale)" if axis == "evals" and log_evals else ""))
-        ax.set_ylabel("test negative ELBO (nats), last parameters")
-        ax.set_title("mean over seeds; band: min to max" if len(next(iter(results.values()))["seeds"]) > 1
-                     else "", fontsize=8)
-        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves start together
-        ax.grid(alpha=0.3)
+    for axis in ("seconds", "evals"):
+        fig = curves_figure(results, axis, log_evals and axis == "evals")
         checkpoint.save_figure(fig, workdir / f"test_neg_elbo_vs_{axis}.png")
         plt.close(fig)
     traces = {}

@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,6 +100,12 @@ def check_curves_start_at_the_start(results):
     assert len({f["test_neg_elbo"] for f in firsts}) == 1 and len({f["val_neg_elbo"] for f in firsts}) == 1
     assert 40 < firsts[0]["test_neg_elbo"] < 80  # untrained (digits, 64 pixels)
     assert all(entry["seeds"]["0"]["history"][1]["step"] > 0 for entry in results.values())
+    # So every plotted curve starts at (0 evaluations, that value), on a log-scaled axis too.
+    fig = compare.curves_figure(results, "evals", log_scale=True)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "symlog" and len(ax.get_lines()) == len(results)
+    assert {(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.get_lines()} == {
+        (0.0, firsts[0]["test_neg_elbo"])}
 
 
 def check_traces(workdir, results):
@@ -155,6 +162,11 @@ def test_seeds_give_mean_and_sd_and_each_seed_equals_its_own_run(tmp_path):
     assert stat["n"] == 2 and stat["mean"] == pytest.approx(sum(values) / 2, rel=1e-12)
     assert stat["sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, rel=1e-12)
     assert " ± " in (tmp_path / "both" / "summary.md").read_text()
+    # The curve is the mean over the seeds, with a min-to-max band.
+    ax = compare.curves_figure({"adam": both}, "evals").axes[0]
+    curves = np.array([[row["test_neg_elbo"] for row in both["seeds"][s]["history"]] for s in ("0", "1")])
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), curves.mean(axis=0), rtol=1e-12)
+    assert len(ax.collections) == 1  # the band
     for seed in (0, 1):
         assert (tmp_path / "both" / "params" / "adam" / f"seed{seed}").is_dir()
 
