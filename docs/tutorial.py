@@ -18,7 +18,7 @@
 # diffs stay readable and it holds no outputs. Open it in Jupyter with jupytext installed
 # (`pip install -e ".[test]"` brings it), or turn it into a notebook first:
 # `jupytext --to notebook docs/tutorial.py`. The test suite runs every cell
-# (`tests/test_tutorial.py`); it takes about a minute on 2 CPU cores.
+# (`tests/test_tutorial.py`): 1 to 2 minutes on 2 CPU cores shared with other jobs.
 #
 # What it shows:
 #

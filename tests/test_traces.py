@@ -146,3 +146,25 @@ def test_info_columns_name_scalars_vectors_and_nested_fields():
     assert [r["step"] for r in rows] == [11, 12, 13]
     assert rows[1] == {"phase": "pt", "step": 12, "loss": 1.0, "pair_rate_0": 2.0, "pair_rate_1": 3.0,
                        "inner.accepted": False}
+
+
+def test_a_replica_exchange_trace_has_its_swap_rates_per_step(setup):
+    """Replica exchange's info: the swap rate, each pair's rate and swaps, and every replica's own
+    annealing diagnostics, one row per step; the swap rates only move at swap rounds (every 2 steps)."""
+    from savae_jax.annealing import tempering
+
+    images, test_images, params, loss_fn = setup
+    ladder = tempering.geometric_ladder(0.01, 3.0, 3)
+    pt = tempering.replica_exchange(
+        lambda t: an.simulated_annealing(loss_fn, 4, an.low_rank(1e-2), t, an.metropolis()), ladder, loss_fn,
+        swap_every=2)
+    _, history, trace = run(setup, [driver.Phase("pt", pt)], budget_evals=17 * 12, trace=True)
+    assert [r["step"] for r in trace] == list(range(1, 13))
+    assert {"swap_rate", "pair_swap_rate_0", "pair_swap_rate_1", "swapped_0", "swapped_1", "losses_2",
+            "replicas.accepted_0", "replicas.temperature_2", "replicas.delta_1"} <= set(trace[0])
+    np.testing.assert_allclose([r["replicas.temperature_1"] for r in trace], 0.03, rtol=1e-6)
+    assert trace[-1]["swap_rate"] == history[-1]["swap_rate"]
+    # Pairs swap only at swap rounds (steps 2, 4, ...), alternating (0, 1) and (1, 2).
+    assert not any(r["swapped_0"] or r["swapped_1"] for r in trace if r["step"] % 2)
+    rates = [(r["pair_swap_rate_0"], r["pair_swap_rate_1"]) for r in trace]
+    assert all(rates[i] == rates[i - 1] for i in range(1, 12) if trace[i]["step"] % 2)
