@@ -89,6 +89,21 @@ def backend_line() -> str:
     return line
 
 
+def write_csv(path, rows: list[dict]) -> None:
+    """Write ``rows`` (history or trace rows) as CSV, atomically; the columns are every key in order of first use."""
+    import csv
+    import io
+
+    from savae_jax import checkpoint
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.atomic_write_text(path, buf.getvalue())
+
+
 def make_log():
     """``log(line)``: print (flushed) in process 0, nothing in the others (--distributed)."""
     if distributed.is_primary():
@@ -427,21 +442,6 @@ def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resu
     if diffs:
         raise ValueError("--resume: the run in --workdir has a different config:\n  " + "\n  ".join(diffs))
 
-
-
-def write_csv(path, rows: list[dict]) -> None:
-    """Write ``rows`` (history or trace rows) as CSV, atomically; the columns are every key in order of first use."""
-    import csv
-    import io
-
-    from savae_jax import checkpoint
-
-    columns = list(dict.fromkeys(k for row in rows for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns)
-    writer.writeheader()
-    writer.writerows(rows)
-    checkpoint.atomic_write_text(path, buf.getvalue())
 
 
 def save_grids(workdir, key, params, model, test_images, binarize, label: str | None = None) -> None:

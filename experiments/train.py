@@ -184,10 +184,10 @@ def main(argv=None) -> dict:
             checkpoint_dir=workdir / "checkpoints", resume=args.resume, mesh=mesh,
             progress=primary and not args.quiet, log=log, on_row=training.epoch_rows(phases, len(train.images), args.batch_size, log),
             trace=True)
+        if primary:
+            common.write_csv(workdir / "trace.csv", trace)  # one row per step: the optimizer's info
     except driver.NonFiniteLossError as err:
         sys.exit(f"train.py: stopped: {err}")
-    if primary:
-        common.write_csv(workdir / "trace.csv", trace)  # one row per step: the optimizer's info
     return finish(args, run, workdir, params, history, key_grid, time.perf_counter() - start, log)
 
 

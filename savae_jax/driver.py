@@ -358,12 +358,12 @@ class _Run:
         while self.pos.step + count < max_steps and not out_of_time:
             _, self.state, info = next(steps)
             loss_sum, count = loss_sum + info.loss, count + 1
-            if self.o["trace"]:
-                self.pending.append(info)  # stays on the device until the row
             if max_seconds is not None:
                 info.loss.block_until_ready()  # time only finished work
                 out_of_time = self.pos.phase_seconds + time.perf_counter() - start >= max_seconds
                 out_of_time = distributed.agree(out_of_time)  # process 0's clock decides for all
+            if self.o["trace"]:
+                self.pending.append(info)  # stays on the device until the row
             if (self.pos.total_steps + count) % self.o["eval_every"] == 0:
                 break
         jax.block_until_ready(self.state)
