@@ -680,6 +680,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     common.add_scale_out_flags(parser)
     args, mesh = common.parse_args(parser, argv)
+    if distributed.is_primary():
+        print(common.backend_line(), flush=True)
     result = run(args.quick, mesh)
     if not distributed.is_primary():  # across processes, process 0 reports
         return 0

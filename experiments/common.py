@@ -71,6 +71,39 @@ def parse_args(parser, argv):
         parser.error(str(err))
 
 
+def backend_line() -> str:
+    """One line saying where JAX runs: the backend, how many devices of which kind, the processes.
+
+    On CPU it also says how to get an accelerator, so a GPU machine that
+    silently runs on CPU (jaxlib without CUDA) is noticed at the first line.
+    """
+    import jax
+
+    devices = jax.devices()
+    line = (f"JAX {jax.__version__} backend {jax.default_backend()}: {len(devices)} device(s), "
+            f"{devices[0].device_kind}")
+    if jax.process_count() > 1:
+        line += f", {jax.process_count()} processes ({jax.local_device_count()} local devices)"
+    if jax.default_backend() == "cpu":
+        line += " (no accelerator in use; on a GPU machine: pip install -e \".[cuda12]\")"
+    return line
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    """Write ``rows`` (history or trace rows) as CSV, atomically; the columns are every key in order of first use."""
+    import csv
+    import io
+
+    from savae_jax import checkpoint
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.atomic_write_text(path, buf.getvalue())
+
+
 def make_log():
     """``log(line)``: print (flushed) in process 0, nothing in the others (--distributed)."""
     if distributed.is_primary():

@@ -26,8 +26,13 @@ method runs once per seed and the summary shows mean ± sd.
 
 Outputs in --workdir (each file written atomically): config.json,
 results.json ({method: {"seeds": {seed: run}, "summary": {number: {mean, sd,
-n}}}}), history_<method>_seed<s>.csv, summary.md, test_neg_elbo_vs_seconds.png,
-test_neg_elbo_vs_evals.png, sa_traces.png, reconstructions_<method>.png,
+n}}}}), history_<method>_seed<s>.csv (a row every --eval-every steps, and one
+at step 0: the shared initial parameters), trace_<method>_seed<s>.csv (one row
+per step: the optimizer's info, e.g. the annealer's temperature, accepted, dL
+and its standard errors), summary.md, report.html (the summary and every figure
+in one self-contained page), test_neg_elbo_vs_seconds.png,
+test_neg_elbo_vs_evals.png (--log-evals: log-scaled), sa_traces.png (per
+annealing step, first seed), reconstructions_<method>.png,
 samples_<method>.png (first seed); checkpoints/<method>/seed<s>/ (run state,
 for --resume) and params/<method>/seed<s>/ (returned parameters).
 """
@@ -36,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import math
 import sys
@@ -98,7 +102,7 @@ DEFAULTS = {
 }
 
 # Settings that may differ between a run and its --resume.
-NOT_COMPARED = ("resume", "quiet", "workdir")
+NOT_COMPARED = ("resume", "quiet", "workdir", "log_evals")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--workdir", default="runs/compare")
     add("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
     add("--quiet", action="store_true", help="no progress bars")
+    add("--log-evals", action="store_true", help="plot test_neg_elbo_vs_evals.png on a log-scaled evaluations "
+                                                 "axis (plotting only, not part of the run's config)")
     common.add_model_flags(p)
     common.add_scale_out_flags(p)
     return p
@@ -300,53 +306,227 @@ def summarize(results: dict, config: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_csv(path: Path, history: list[dict]) -> None:
-    columns = list(dict.fromkeys(k for row in history for k in row))
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, columns)
-    writer.writeheader()
-    writer.writerows(history)
-    checkpoint.atomic_write_text(path, buf.getvalue())
+def figure_files(workdir: Path, results: dict) -> list[str]:
+    """The run's PNGs that exist, in reading order: the curves, the traces, then each method's grids."""
+    names = ["test_neg_elbo_vs_evals.png", "test_neg_elbo_vs_seconds.png", "sa_traces.png"]
+    names += [f"{kind}_{m}.png" for m in results for kind in ("reconstructions", "samples")]
+    return [n for n in names if (workdir / n).is_file()]
 
 
-def plot(workdir: Path, results: dict) -> None:
-    """Test -ELBO against evaluations and seconds (mean over seeds, band: min to max), and the
-    first seed's annealing traces."""
+def figures_markdown(figures: list[str]) -> str:
+    """summary.md's figures section: the PNGs next to it, linked as images."""
+    return "\n## Figures\n\n" + "".join(f"![{n[:-4]}]({n})\n\n" for n in figures) if figures else ""
+
+
+def markdown_to_html(text: str) -> str:
+    """The subset of Markdown summarize() writes (headings, paragraphs, pipe tables) as HTML."""
+    import html
+
+    out, table = [], []
+
+    def flush_table():
+        if table:
+            head, *body = [[html.escape(c.strip()) for c in line.strip().strip("|").split("|")]
+                           for line in table if not set(line.strip()) <= set("|-")]
+            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in body)
+                       + "</table>")
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if line.startswith("#"):
+            level = len(line) - len(line.lstrip("#"))
+            out.append(f"<h{level}>{html.escape(line.lstrip('#').strip())}</h{level}>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line)}</p>")
+    flush_table()
+    return "\n".join(out)
+
+
+def report_html(summary: str, workdir: Path, figures: list[str]) -> str:
+    """report.html: the summary's tables and every figure, embedded as base64 PNGs (one self-contained page)."""
+    import base64
+    import html
+
+    images = "\n".join(
+        f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,'
+        f'{base64.b64encode((workdir / n).read_bytes()).decode()}"><figcaption>{html.escape(n)}</figcaption></figure>'
+        for n in figures)
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}figure{display:inline-block;margin:8px}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>compare.py report</title>"
+            f"<style>{style}</style></head><body>\n{markdown_to_html(summary)}\n<h2>Figures</h2>\n{images}\n"
+            "</body></html>\n")
+
+
+def read_trace(path: Path) -> dict:
+    """A trace CSV as columns: ``{field: array}`` (numbers as float, True/False as 1/0, empty as NaN;
+    ``phase`` as strings)."""
+    import numpy as np
+
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    if not rows:
+        return {}
+
+    def number(text: str) -> float:
+        if text in ("True", "False"):
+            return float(text == "True")
+        return float(text) if text else math.nan
+
+    return {k: np.array([r[k] for r in rows]) if k == "phase" else np.array([number(r[k]) for r in rows])
+            for k in rows[0]}
+
+
+def annealing_steps(trace: dict) -> dict:
+    """The annealing steps of a trace (the rows with a temperature), one entry per step."""
+    import numpy as np
+
+    if "temperature" not in trace:
+        return {}
+    keep = ~np.isnan(trace["temperature"])
+    return {k: v[keep] for k, v in trace.items()}
+
+
+def running_mean(values, window: int):
+    """The mean of the last ``window`` values at every step (fewer at the start): one value per step."""
+    import numpy as np
+
+    values = np.asarray(values, float)
+    total = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (total[ends] - total[starts]) / (ends - starts)
+
+
+def finite_or_nan(values):
+    """``values`` with every non-finite entry NaN (not drawn)."""
+    import numpy as np
+
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def traces_figure(traces: dict):
+    """One row of panels per annealing method, one point per annealing step: the temperature, the
+    acceptance rate (running over 25 steps, and cumulative), dL with its standard error band.
+
+    Args:
+      traces: ``{method: read_trace(...) columns}``; methods without annealing steps are skipped.
+    Returns:
+      the matplotlib figure, or None when no method anneals.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    annealed = {name: steps for name, t in traces.items() if len((steps := annealing_steps(t)).get("step", ()))}
+    if not annealed:
+        return None
+    fig, axes = plt.subplots(len(annealed), 3, figsize=(13, 2.6 * len(annealed)), squeeze=False)
+    for (ax_t, ax_a, ax_d), (name, t) in zip(axes, annealed.items()):
+        x = np.arange(1, len(t["temperature"]) + 1)  # annealing step, counted from the phase's start
+        ax_t.plot(x, t["temperature"], color="C0")
+        ax_t.set(yscale="log" if np.all(t["temperature"] > 0) else "linear",  # greedy rules run at T = 0
+                 ylabel="temperature (nats)", title=f"{name}: {len(x)} annealing steps")
+        ax_a.plot(x, running_mean(t["accepted"], 25), color="C1", label="last 25 steps")
+        ax_a.plot(x, t["acceptance_rate"], color="C1", ls="--", alpha=0.6, label="cumulative")
+        if "swap_rate" in t:
+            ax_a.plot(x, t["swap_rate"], color="C2", label="swap rate")
+        ax_a.set(ylim=(-0.05, 1.05), ylabel="acceptance rate")
+        ax_a.legend(fontsize=7, loc="best")
+        delta = finite_or_nan(t["delta"])  # +inf: no finite proposal at that step
+        stderr = t.get("stderr", np.full_like(delta, np.nan))
+        label = "decided dL" if np.any(np.isfinite(stderr)) else "dL"
+        ax_d.plot(x, delta, color="C3", lw=0.8, label=label)
+        if np.any(np.isfinite(stderr)):
+            ax_d.fill_between(x, delta - stderr, delta + stderr, color="C3", alpha=0.25, label="+- 1 standard error")
+        selection = finite_or_nan(t.get("delta_selection", t["delta"]))
+        if not np.array_equal(selection, delta, equal_nan=True):
+            ax_d.plot(x, selection, color="C7", lw=0.6, alpha=0.7, label="dL on the selection batch")
+        ax_d.axhline(0.0, color="k", lw=0.5)
+        shown = np.concatenate([delta, selection])
+        finite = shown[np.isfinite(shown)]
+        if finite.size:  # a few outlying steps should not flatten the rest
+            low, high = np.percentile(finite, [1, 99])
+            pad = 0.1 * (high - low) + 1e-6
+            ax_d.set_ylim(low - pad, high + pad)
+        ax_d.set(ylabel="dL (nats)")
+        ax_d.legend(fontsize=7, loc="best")
+    for ax in axes[-1]:
+        ax.set_xlabel("annealing step")
+    fig.tight_layout()
+    return fig
+
+
+def curves_figure(results: dict, axis: str, log_scale: bool = False):
+    """Test -ELBO of every method against ``axis`` ("evals" or "seconds"): the mean over seeds, a
+    min-to-max band with several seeds; every curve starts at its step-0 row.
+
+    Args:
+      results: ``run_all``'s results.
+      axis: the history field on the horizontal axis.
+      log_scale: a symmetric-log horizontal axis (linear below the first positive value, so the
+        step-0 rows at 0 stay on it).
+    Returns:
+      the matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, r in results.items():
+        histories = [run["history"] for run in r["seeds"].values()]
+        rows = min(len(h) for h in histories)  # equal unless a time budget cut a seed short
+        x = np.mean([[row[axis] for row in h[:rows]] for h in histories], axis=0)
+        y = np.array([[row["test_neg_elbo"] for row in h[:rows]] for h in histories])
+        (line,) = ax.plot(x, y.mean(axis=0), label=name, marker=".")
+        if len(histories) > 1:
+            ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.2)
+    label = {"evals": "loss evaluations", "seconds": "training seconds"}[axis]
+    if log_scale:
+        first = min((row[axis] for r in results.values() for run in r["seeds"].values()
+                     for row in run["history"] if row[axis] > 0), default=1)
+        ax.set_xscale("symlog", linthresh=first)
+        label += " (symmetric log scale)"
+    ax.set_xlabel(label)
+    ax.set_ylabel("test negative ELBO (nats), last parameters")
+    ax.set_title("mean over seeds; band: min to max" if len(next(iter(results.values()))["seeds"]) > 1
+                 else "", fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves start together
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def plot(workdir: Path, results: dict, log_evals: bool = False) -> None:
+    """Test -ELBO against evaluations and seconds (mean over seeds, band: min to max; every curve
+    starts at the step-0 row of the shared initial parameters), and the first seed's per-step
+    annealing traces (``sa_traces.png``, from the ``trace_<method>_seed<s>.csv`` files).
+
+    Args:
+      workdir: the run's folder (the trace CSVs are read from it, the PNGs written to it).
+      results: ``run_all``'s results.
+      log_evals: a log-scaled evaluations axis (symmetric-log, so evaluations 0 stays on it).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    for axis, label in (("seconds", "training seconds"), ("evals", "loss evaluations")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name, r in results.items():
-            histories = [run["history"] for run in r["seeds"].values()]
-            rows = min(len(h) for h in histories)  # equal unless a time budget cut a seed short
-            x = np.mean([[row[axis] for row in h[:rows]] for h in histories], axis=0)
-            y = np.array([[row["test_neg_elbo"] for row in h[:rows]] for h in histories])
-            (line,) = ax.plot(x, y.mean(axis=0), label=name, marker=".")
-            if len(histories) > 1:
-                ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.2)
-        ax.set_xlabel(label)
-        ax.set_ylabel("test negative ELBO (nats), last parameters")
-        ax.set_title("mean over seeds; band: min to max" if len(next(iter(results.values()))["seeds"]) > 1
-                     else "", fontsize=8)
-        ax.legend()
-        ax.grid(alpha=0.3)
+    for axis in ("seconds", "evals"):
+        fig = curves_figure(results, axis, log_evals and axis == "evals")
         checkpoint.save_figure(fig, workdir / f"test_neg_elbo_vs_{axis}.png")
         plt.close(fig)
-    annealed = {n: next(iter(r["seeds"].values())) for n, r in results.items()
-                if any("temperature" in row for row in next(iter(r["seeds"].values()))["history"])}
-    if annealed:
-        fig, (ax_t, ax_a) = plt.subplots(1, 2, figsize=(10, 3.5))
-        for name, r in annealed.items():
-            rows = [row for row in r["history"] if "temperature" in row]
-            ax_t.plot([row["step"] for row in rows], [row["temperature"] for row in rows], label=name)
-            ax_a.plot([row["step"] for row in rows], [row["acceptance_rate"] for row in rows], label=name)
-        ax_t.set(xlabel="step", ylabel="temperature (nats)", yscale="log")
-        ax_a.set(xlabel="step", ylabel="cumulative acceptance rate")
-        ax_t.legend()
+    traces = {}
+    for name, r in results.items():
+        path = workdir / f"trace_{name}_seed{next(iter(r['seeds']))}.csv"
+        if path.exists():
+            traces[name] = read_trace(path)
+    fig = traces_figure(traces)
+    if fig is not None:
         checkpoint.save_figure(fig, workdir / "sa_traces.png")
         plt.close(fig)
 
@@ -400,6 +580,7 @@ def main(argv=None) -> dict:
     primary = distributed.is_primary()
     distributed.barrier("compare.py: workdir checked")  # before process 0 writes config.json
     log = common.make_log()
+    log(common.backend_line())
     if primary and not (workdir / "config.json").exists():
         checkpoint.atomic_write_json(workdir / "config.json", {"config": config, **environment()})
     log(f"{config['dataset']}: {len(train.images)} train / {0 if val is None else len(val.images)} validation / "
@@ -414,8 +595,10 @@ def main(argv=None) -> dict:
                  "Files written before this error are intact; fix the disk and rerun with --resume.")
     summary = summarize(results, config)
     if primary:
-        checkpoint.atomic_write_text(workdir / "summary.md", summary)
-        plot(workdir, results)
+        plot(workdir, results, args.log_evals)
+        figures = figure_files(workdir, results)
+        checkpoint.atomic_write_text(workdir / "summary.md", summary + figures_markdown(figures))
+        checkpoint.atomic_write_text(workdir / "report.html", report_html(summary, workdir, figures))
         print(summary)
     return results
 
@@ -443,20 +626,21 @@ def run_all(methods, config, args, workdir, model, data, mesh, log) -> dict:
             key_init, key_run, key_grid = jax.random.split(jax.random.key(seed), 3)
             params0 = sv.models.init(key_init, model, train.images[:1])
             tag = f"{name}/seed{seed}"
-            params, history = driver.run(
+            params, history, trace = driver.run(
                 key_run, phases, params0, train.images, batch_size=config["batch_size"],
                 eval_every=config["eval_every"], budget_evals=config["budget_evals"],
                 budget_seconds=config["budget_seconds"], batch_fn=batch_fn, evaluate=evaluate, validate=validate,
                 checkpoint_every=config["checkpoint_every"], checkpoint_dir=workdir / "checkpoints" / tag,
                 resume=args.resume, mesh=mesh, progress=not args.quiet and distributed.is_primary(), desc=tag,
-                log=log)
+                log=log, initial_row=True, trace=True)
             runs[str(seed)] = run = method_result(history, sv.evaluation.report(
                 model, params, test.images, binarize=batch_fn, iwae_samples=config["eval_iwae"]))
             log(f"{tag}: test negative ELBO {run['test_neg_elbo']:.3f} nats (last parameters "
                 f"{run['last_test_neg_elbo']:.3f}) after {run['evals']} evals, {run['seconds']:.1f} s")
             checkpoint.save_params(workdir / "params" / tag, params)  # collective: every process
             if distributed.is_primary():
-                write_csv(workdir / f"history_{name}_seed{seed}.csv", history)
+                common.write_csv(workdir / f"history_{name}_seed{seed}.csv", history)
+                common.write_csv(workdir / f"trace_{name}_seed{seed}.csv", trace)  # one row per step
                 if index == 0:
                     common.save_grids(workdir, key_grid, params, model, test.images, binarize, label=name)
             results[name] = aggregate(runs)  # results.json grows after every run

@@ -12,6 +12,8 @@ Outputs in --workdir (each written atomically):
                     (with --eval-iwae K), "bits_per_dim" (logistic likelihood), "diagnostics",
                     "train_seconds", ...}}
   params/           orbax checkpoint of the final parameters (for --init-from)
+  trace.csv         one row per training step: phase, step and every field of the optimizer's
+                    step info (the annealer's temperature, accepted, dL and its standard errors, ...)
   reconstructions.png, samples.png
 """
 
@@ -158,6 +160,7 @@ def main(argv=None) -> dict:
     if primary and not (workdir / "config.json").exists():
         checkpoint.atomic_write_json(workdir / "config.json", {"config": run["config"]})
     log = common.make_log()
+    log(common.backend_line())
     log(f"{args.dataset}: {len(train.images)} train / {len(test.images)} test images "
         f"{train.images.shape[1:]}, {args.optimizer}"
         + ("" if args.optimizer == "sa" else f" lr={args.lr}") + f", backend {jax.default_backend()}")
@@ -174,12 +177,15 @@ def main(argv=None) -> dict:
     steps_per_epoch = sv.data.num_batches(len(train.images), driver.phase_batch_size(phases[-1], args.batch_size))
     eval_loss, batch_fn = sv.make_loss(model), sv.data.BatchFn(binarize)
     try:
-        params, history = driver.run(
+        params, history, trace = driver.run(
             key_fit, phases, params, train.images,
             batch_size=args.batch_size, eval_every=steps_per_epoch, batch_fn=batch_fn,
             evaluate=lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=batch_fn),
             checkpoint_dir=workdir / "checkpoints", resume=args.resume, mesh=mesh,
-            progress=primary and not args.quiet, log=log, on_row=training.epoch_rows(phases, len(train.images), args.batch_size, log))
+            progress=primary and not args.quiet, log=log, on_row=training.epoch_rows(phases, len(train.images), args.batch_size, log),
+            trace=True)
+        if primary:
+            common.write_csv(workdir / "trace.csv", trace)  # one row per step: the optimizer's info
     except driver.NonFiniteLossError as err:
         sys.exit(f"train.py: stopped: {err}")
     return finish(args, run, workdir, params, history, key_grid, time.perf_counter() - start, log)

@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from tqdm.auto import tqdm
 
 from savae_jax import checkpoint, distributed
@@ -34,6 +35,10 @@ from savae_jax.optimizer import Optimizer, as_optimizer, logged_stats
 # The fields of every history row, in order; the optimizer's logged info
 # fields (e.g. the annealer's temperature) follow them.
 ROW_FIELDS = ("phase", "step", "evals", "seconds", "train_loss", "test_neg_elbo")
+
+
+# The fields every trace row starts with; the optimizer's info fields follow them.
+TRACE_FIELDS = ("phase", "step")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -226,6 +231,51 @@ def phase_steps(phases, num_examples: int, batch_size: int, budget_evals: int | 
     return out
 
 
+def info_columns(stacked) -> dict:
+    """Every field of stacked per-step infos as named 1-D columns (one entry per step).
+
+    Args:
+      stacked: an optimizer's info pytree whose leaves have a leading step
+        axis (host arrays).
+    Returns:
+      ``{name: (steps,) array}``: a scalar field keeps its name (``delta``),
+      a vector field gets one column per entry (``pair_swap_rate_0``, ...),
+      a nested info is prefixed (``replicas.accepted_0``); leaves of higher
+      rank are left out.
+    """
+    columns = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(stacked)[0]:
+        name = ".".join(str(getattr(k, "name", getattr(k, "key", getattr(k, "idx", k)))) for k in path)
+        leaf = np.asarray(leaf)
+        if leaf.ndim == 1:
+            columns[name] = leaf
+        elif leaf.ndim == 2:
+            columns.update({f"{name}_{j}": leaf[:, j] for j in range(leaf.shape[1])})
+    return columns
+
+
+def trace_rows(phase: str, start: int, infos: list) -> list[dict]:
+    """One trace row per step of ``infos``: ``phase``, ``step`` (``start + 1``, ...) and the info's fields.
+
+    The infos stay on the device until here: they are stacked there (one
+    array per field) and fetched once, so recording costs no host
+    round-trip inside the steps.
+
+    Args:
+      phase: the phase's name.
+      start: the run's step count before the first of ``infos``.
+      infos: the steps' info pytrees (device arrays), in order.
+    Returns:
+      a list of dicts of Python numbers (JSON-ready; bools stay bools).
+    """
+    if not infos:
+        return []
+    stacked = distributed.host_local(jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *infos))
+    columns = info_columns(jax.device_get(stacked))
+    return [{"phase": phase, "step": start + i + 1, **{k: v[i].item() for k, v in columns.items()}}
+            for i in range(len(infos))]
+
+
 class _Run:
     """The mutable bookkeeping of one :func:`run` call (position, history, checkpoints)."""
 
@@ -234,6 +284,7 @@ class _Run:
         self.saver = (None if options["checkpoint_dir"] is None
                       else checkpoint.RunCheckpointer(options["checkpoint_dir"]))
         self.pos, self.history, self.finished = Position(), [], False
+        self.trace, self.pending = [], []  # trace rows so far; this row's step infos, on the device
         self.state = phases[0].optimizer.init(params)
         validate = options["validate"]
         self.best = None if validate is None else Best(float(validate(params)), 0, params)
@@ -252,6 +303,7 @@ class _Run:
         if restored is not None:
             _, saved, meta = restored
             self.pos, self.history, self.finished = Position(**meta["position"]), meta["history"], meta["finished"]
+            self.trace = meta.get("trace", [])
             if self.best is None:
                 self.state = saved
             else:
@@ -261,6 +313,8 @@ class _Run:
     def save(self, finished: bool) -> None:
         if self.saver is not None:
             meta = {"position": self.pos._asdict(), "history": self.history, "finished": finished}
+            if self.o["trace"]:
+                meta["trace"] = self.trace
             saved = self.state
             if self.best is not None:  # the gate's parameters travel with the state
                 meta["best"] = {"value": self.best.value, "step": self.best.step}
@@ -308,6 +362,8 @@ class _Run:
                 info.loss.block_until_ready()  # time only finished work
                 out_of_time = self.pos.phase_seconds + time.perf_counter() - start >= max_seconds
                 out_of_time = distributed.agree(out_of_time)  # process 0's clock decides for all
+            if self.o["trace"]:
+                self.pending.append(info)  # stays on the device until the row
             if (self.pos.total_steps + count) % self.o["eval_every"] == 0:
                 break
         jax.block_until_ready(self.state)
@@ -329,6 +385,18 @@ class _Run:
         if self.best is not None:
             self.gate(row)
         row.update(logged_stats(info))
+        self.history.append(row)
+        if self.o["trace"]:
+            self.trace += trace_rows(phase.name, pos.total_steps, self.pending)
+            self.pending = []
+        return row
+
+    def initial_row(self) -> dict:
+        """The step-0 row: the initial parameters' scores at 0 evaluations (no training loss yet)."""
+        row = {"phase": self.phases[0].name, "step": 0, "evals": 0, "seconds": 0.0, "train_loss": None,
+               "test_neg_elbo": None if self.o["evaluate"] is None else self.o["evaluate"](self.params0)}
+        if self.best is not None:  # the gate scored the initial parameters already
+            row["val_neg_elbo"], row["best_step"] = self.best.value, 0
         self.history.append(row)
         return row
 
@@ -379,8 +447,10 @@ def run(
     desc: str = "",
     log: Callable[[str], None] | None = None,
     on_row: Callable[[dict], None] | None = None,
+    initial_row: bool = False,
+    trace: bool = False,
 ):
-    """Run ``phases`` in order from ``params``; returns ``(params, history)``.
+    """Run ``phases`` in order from ``params``; returns ``(params, history)`` (with ``trace``, ``(params, history, trace)``).
 
     Args:
       key: the run's key; phase ``p`` uses ``phase.key`` or ``fold_in(key, p)``.
@@ -420,13 +490,22 @@ def run(
       progress: show a tqdm bar of evaluations; ``desc`` labels it.
       log: called with messages (e.g. a damaged checkpoint skipped).
       on_row: called with every new history row (e.g. to print it).
+      initial_row: start the history with a row at step 0: the initial
+        parameters' ``test_neg_elbo`` (and the gate's ``val_neg_elbo``) at 0
+        evaluations, ``train_loss`` None, no logged info fields; so curves of
+        runs from the same parameters begin at the same point.
+      trace: also record every step's info: one trace row per step
+        (:data:`TRACE_FIELDS`, then every field of the optimizer's info, see
+        :func:`info_columns`), kept on the device between rows and fetched
+        at each row (:func:`trace_rows`); saved with the checkpoints, so a
+        resumed run's trace equals an uninterrupted one's.
     Returns:
       ``(params, history)``: the last parameters, or with ``validate`` the
       best-validation ones; each row has the fields :data:`ROW_FIELDS`
       (``seconds`` and ``evals`` cumulative; ``test_neg_elbo`` is the *last*
       parameters' score), the gate's fields with ``validate``, and the
       optimizer's logged info fields (``temperature``, ``radius``,
-      ``acceptance_rate`` for annealing).
+      ``acceptance_rate`` for annealing); with ``trace``, the trace rows third.
     """
     checkpoint_every = _check_options(phases, eval_every, checkpoint_every, budget_seconds)
     phases = [p._replace(optimizer=as_optimizer(p.optimizer)) for p in phases]
@@ -435,11 +514,16 @@ def run(
     r = _Run(key, phases, params, images, {
         "batch_size": batch_size, "eval_every": eval_every, "batch_fn": batch_fn, "evaluate": evaluate,
         "checkpoint_dir": checkpoint_dir, "mesh": mesh, "axis_name": axis_name, "desc": desc, "log": log,
-        "validate": validate})
+        "validate": validate, "trace": trace})
+    outputs = lambda: (r.result_params(), r.history) + ((r.trace,) if trace else ())  # noqa: E731
     if resume:
         r.restore()
         if r.finished:
-            return r.result_params(), r.history
+            return outputs()
+    if initial_row and not r.history:
+        row = r.initial_row()
+        if on_row is not None:
+            on_row(row)
     total = sum(n * p.optimizer.cost for n, p in zip(max_steps, phases))
     bar = tqdm(total=total, initial=r.pos.evals, desc=desc, disable=not progress, unit="eval", leave=True)
     steps = None  # one generator (one compiled step) per phase, kept across rows
@@ -462,4 +546,4 @@ def run(
             r.save(finished=False)
     bar.close()
     r.save(finished=True)
-    return r.result_params(), r.history
+    return outputs()

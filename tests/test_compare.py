@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,6 +86,67 @@ def test_compare_writes_every_output_with_fair_budgets(tmp_path):
         assert (tmp_path / f"reconstructions_{name}.png").stat().st_size > 0
     for png in ("test_neg_elbo_vs_seconds.png", "test_neg_elbo_vs_evals.png", "sa_traces.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    check_curves_start_at_the_start(results)
+    check_traces(tmp_path, results)
+    check_report(tmp_path, results)
+
+
+def check_curves_start_at_the_start(results):
+    """Every method's history begins with the step-0 row of the shared initial parameters: evaluations
+    0, no training loss, and one test (and validation) -ELBO for all methods."""
+    firsts = [entry["seeds"]["0"]["history"][0] for entry in results.values()]
+    assert all((f["step"], f["evals"], f["seconds"], f["train_loss"], f["best_step"]) == (0, 0, 0.0, None, 0)
+               for f in firsts)
+    assert len({f["test_neg_elbo"] for f in firsts}) == 1 and len({f["val_neg_elbo"] for f in firsts}) == 1
+    assert 40 < firsts[0]["test_neg_elbo"] < 80  # untrained (digits, 64 pixels)
+    assert all(entry["seeds"]["0"]["history"][1]["step"] > 0 for entry in results.values())
+    # So every plotted curve starts at (0 evaluations, that value), on a log-scaled axis too.
+    fig = compare.curves_figure(results, "evals", log_scale=True)
+    ax = fig.axes[0]
+    assert ax.get_xscale() == "symlog" and len(ax.get_lines()) == len(results)
+    assert {(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.get_lines()} == {
+        (0.0, firsts[0]["test_neg_elbo"])}
+
+
+def check_traces(workdir, results):
+    """trace_<method>_seed0.csv has one row per step, and sa_traces.png plots one point per annealing step."""
+    traces = {}
+    for name, entry in results.items():
+        run = entry["seeds"]["0"]
+        trace = traces[name] = compare.read_trace(workdir / f"trace_{name}_seed0.csv")
+        assert trace["step"].tolist() == list(range(1, run["steps"] + 1)), name
+        adam_steps = max([row["step"] for row in run["history"] if row["phase"] == "adam"], default=0)
+        annealing = compare.annealing_steps(trace)
+        expected = 0 if name in ("adam", "rmsprop", "sgd") else run["steps"] - adam_steps
+        assert len(annealing.get("step", [])) == expected, name
+        if expected:
+            assert annealing["step"].tolist() == list(range(adam_steps + 1, run["steps"] + 1))
+            # The last traced step's cumulative acceptance rate is the last history row's.
+            assert annealing["acceptance_rate"][-1] == pytest.approx(run["history"][-1]["acceptance_rate"], rel=1e-6)
+    fig = compare.traces_figure(traces)
+    titles = [ax.get_title() for ax in fig.axes[::3]]
+    annealers = [n for n in results if n not in ("adam", "rmsprop", "sgd")]
+    assert [t.split(":")[0] for t in titles] == annealers
+    for row, name in enumerate(annealers):
+        n = len(compare.annealing_steps(traces[name])["step"])
+        for ax in fig.axes[3 * row: 3 * row + 3]:  # temperature, acceptance, dL
+            assert len(ax.get_lines()[0].get_xdata()) == n, (name, ax.get_ylabel())
+
+
+def check_report(workdir, results):
+    """report.html embeds every figure (base64 PNG) and the ranked table; summary.md links them."""
+    import base64
+    import re
+
+    page = (workdir / "report.html").read_text()
+    embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    figures = compare.figure_files(workdir, results)
+    assert len(figures) == 3 + 2 * len(results) and len(embedded) == len(figures)
+    assert base64.b64decode(embedded[0]) == (workdir / figures[0]).read_bytes()
+    assert page.count("<tr>") == (1 + len(results)) + (1 + len(compare.REFINEMENTS))
+    assert "src=\"http" not in page and "<link" not in page  # self-contained
+    summary = (workdir / "summary.md").read_text()
+    assert all(f"]({name})" in summary for name in figures)
 
 
 def test_seeds_give_mean_and_sd_and_each_seed_equals_its_own_run(tmp_path):
@@ -100,6 +162,11 @@ def test_seeds_give_mean_and_sd_and_each_seed_equals_its_own_run(tmp_path):
     assert stat["n"] == 2 and stat["mean"] == pytest.approx(sum(values) / 2, rel=1e-12)
     assert stat["sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, rel=1e-12)
     assert " ± " in (tmp_path / "both" / "summary.md").read_text()
+    # The curve is the mean over the seeds, with a min-to-max band.
+    ax = compare.curves_figure({"adam": both}, "evals").axes[0]
+    curves = np.array([[row["test_neg_elbo"] for row in both["seeds"][s]["history"]] for s in ("0", "1")])
+    np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), curves.mean(axis=0), rtol=1e-12)
+    assert len(ax.collections) == 1  # the band
     for seed in (0, 1):
         assert (tmp_path / "both" / "params" / "adam" / f"seed{seed}").is_dir()
 

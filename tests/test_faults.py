@@ -159,7 +159,9 @@ def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_pa
     step, (state, kept), meta = checkpoint.RunCheckpointer(tmp_path / "checkpoints" / "sa" / "seed0").restore(
         (sa.init(params), params))
     assert f"is step {step} " in message
-    assert meta["history"] and all(np.isfinite(r["train_loss"]) for r in meta["history"])
+    # Row 0 is the initial parameters' (no training loss yet); every trained row's loss is finite.
+    assert meta["history"][0]["step"] == 0 and meta["history"][0]["train_loss"] is None
+    assert meta["history"][1:] and all(np.isfinite(r["train_loss"]) for r in meta["history"][1:])
     assert all(np.all(np.isfinite(leaf)) for leaf in jax.tree_util.tree_leaves((state.params, kept)))
 
 

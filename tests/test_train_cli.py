@@ -1,6 +1,7 @@
 """experiments/train.py: outputs, schema, atomic writes and flag errors."""
 
 import importlib.util
+import csv
 import json
 import os
 from pathlib import Path
@@ -124,6 +125,15 @@ def test_pretrain_epochs_then_sa_in_one_run(tmp_path):
     # Greedy annealing never accepts a worse incumbent on its batch, so the
     # training loss cannot jump; the test score stays near Adam's.
     assert abs(metrics["history"][2]["test_neg_elbo"] - metrics["history"][1]["test_neg_elbo"]) < 1.0
+    # trace.csv: one row per step (2 Adam epochs, then 1 annealing epoch of 15 batches of 100), the
+    # annealer's rows with its step diagnostics; greedy accepts only an improvement on the batch.
+    with open(tmp_path / "trace.csv", newline="") as f:
+        trace = list(csv.DictReader(f))
+    assert [int(r["step"]) for r in trace] == list(range(1, metrics["history"][-1]["step"] + 1)) and len(trace) == 45
+    assert [r["phase"] for r in trace] == ["adam"] * 30 + ["sa"] * 15
+    sa_rows = trace[30:]
+    assert all(float(r["delta"]) < 0 for r in sa_rows if r["accepted"] == "True")
+    assert float(sa_rows[-1]["acceptance_rate"]) == pytest.approx(metrics["history"][-1]["acceptance_rate"], rel=1e-6)
 
 
 @pytest.mark.parametrize("flags, needle", [
