@@ -31,6 +31,8 @@
 # 7. plot the curves and image grids.
 
 # %%
+# Inline figures even where MPLBACKEND names a non-interactive backend (Agg, as on CI machines).
+# %matplotlib inline
 import shutil
 import tempfile
 from pathlib import Path
