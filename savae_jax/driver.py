@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from tqdm.auto import tqdm
 
-from savae_jax import checkpoint, distributed
+from savae_jax import checkpoint, distributed, validation
 from savae_jax import data as data_lib
 from savae_jax.optimizer import Optimizer, as_optimizer, logged_stats
 
@@ -552,6 +552,7 @@ def run(
       ``acceptance_rate`` for annealing).
     """
     checkpoint_every = _check_options(phases, eval_every, checkpoint_every, budget_seconds)
+    validation.integer_number("batch_size", batch_size, 1)
     phases = [p._replace(optimizer=as_optimizer(p.optimizer)) for p in phases]
     images = jnp.asarray(images, jnp.float32)
     max_steps = phase_steps(phases, images.shape[0], batch_size, budget_evals)

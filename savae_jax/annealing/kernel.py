@@ -140,7 +140,7 @@ class AnnealInfo(NamedTuple):
     # What a training log records of each step (its schema: keep the order).
     LOGGED = ("temperature", "radius", "acceptance_rate")
     # Flags that stop a training loop, each with the field holding the offending value
-    # (the driver reads them at its fetch points; see driver.FAULT_FLAGS).
+    # (the driver notes them on the device and reads them at its rows; see driver._faults).
     FAULTS = {"bad_temperature": "temperature", "bad_radius": "radius"}
 
 
