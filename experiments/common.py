@@ -451,7 +451,8 @@ def probe_step(algorithm, params, image_shape, batch_size: int) -> None:
     jax.eval_shape(algorithm.step, jax.random.key(0), algorithm.init(params), x)
 
 
-def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resume", "quiet", "workdir")) -> None:
+def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resume", "quiet", "workdir"),
+                  replace_hint: str = "") -> None:
     """Refuse an unusable --workdir before any training (errors name --workdir / --resume).
 
     The folder must be writable (probed); one that holds a run (its
@@ -475,7 +476,7 @@ def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resu
     if not saved_path.exists():
         return
     if not resume:
-        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it "
+        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it{replace_hint} "
                          "or choose another --workdir (nothing was overwritten)")
     saved = read_saved_config(saved_path)
     diffs = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"

@@ -6,7 +6,7 @@ Example:
       --binarize dynamic --workdir runs/adam
 
 Outputs in --workdir (each written atomically):
-  config.json       the run's settings (a rerun in the same --workdir needs --resume)
+  config.json       the run's settings (a rerun in the same --workdir needs --resume or --overwrite)
   checkpoints/      the whole run state at every epoch (for --resume after a kill)
   metrics.json      {"config", "history": [...], "final": {"test_neg_elbo", "test_neg_iwae"
                     (with --eval-iwae K), "bits_per_dim" (logistic likelihood), "diagnostics",
@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/train",
                    help="folder of every output (refused if it holds a run, unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --workdir: delete the files an earlier train.py run wrote there "
+                        "(refused if the folder holds anything else)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch log lines stay)")
     p.add_argument("--init-from", default=None,
                    help="start from saved parameters (e.g. W/params of an earlier run)")
@@ -153,7 +156,36 @@ def make_optimizer(args, loss_fn, mesh=None) -> sv.Optimizer:
 
 
 # Settings that may differ between a run and its --resume.
-NOT_COMPARED = ("resume", "quiet", "workdir")
+NOT_COMPARED = ("resume", "quiet", "workdir", "overwrite")
+
+# Everything a run of this script writes into --workdir (what --overwrite may delete).
+OUTPUTS = ("config.json", "metrics.json", "checkpoints", "params", "reconstructions.png", "samples.png")
+
+
+def clear_run(workdir: Path) -> None:
+    """Delete an earlier run's outputs from ``workdir`` (--overwrite); ValueError if it holds anything else.
+
+    Only the names in :data:`OUTPUTS` (and our own temporary files) are
+    removed, and only when nothing else is there, so no file the user did not
+    ask this script to write is ever deleted.
+    """
+    import shutil
+
+    if not (workdir / "config.json").is_file():
+        return  # no run to replace
+    foreign = sorted(p.name for p in workdir.iterdir()
+                     if p.name not in OUTPUTS and not p.name.startswith((".write-test", ".")))
+    if foreign:
+        raise ValueError(f"--overwrite: {workdir} holds files this script did not write ({', '.join(foreign)}); "
+                         "refusing to delete anything (move them, or choose another --workdir)")
+    if (workdir / "params").exists() and not checkpoint.is_checkpoint(workdir / "params"):
+        raise ValueError(f"--overwrite: {workdir / 'params'} is not a parameter checkpoint; refusing to delete it")
+    for name in OUTPUTS:
+        path = workdir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def validate(args, mesh) -> dict:
@@ -206,7 +238,14 @@ def main(argv=None) -> dict:
     try:
         run = validate(args, mesh)
         common.check_same_workdir(workdir)
-        common.check_workdir(workdir, run["config"], args.resume, NOT_COMPARED)
+        if args.overwrite:  # only after every flag was checked: a refused run deletes nothing
+            if args.resume:
+                raise ValueError("--overwrite: give either --resume (continue the run) or --overwrite (replace it)")
+            if distributed.is_primary():
+                clear_run(workdir)
+            distributed.barrier("train.py: earlier run cleared")
+        common.check_workdir(workdir, run["config"], args.resume, NOT_COMPARED,
+                             replace_hint=", --overwrite to replace it,")
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     for flag in unused_flags(args, parser):

@@ -176,6 +176,13 @@ def saved_config(tmp_path, text, script="compare"):
     return ["--workdir", str(workdir), *flags, "--resume", *TINY]
 
 
+def run_and_thesis(tmp_path, *flags):
+    """train.py --overwrite into a workdir holding a run (its config.json) and a user's thesis.tex."""
+    argv = workdir_with_a_run(tmp_path)
+    (tmp_path / "w" / "thesis.tex").write_text("chapter 1")
+    return [*argv, "--overwrite", *flags]
+
+
 def config_file(tmp_path, config):
     """compare.py --config FILE holding ``config`` (no --hidden flag, so the file's value counts)."""
     path = tmp_path / "config_in.json"
@@ -477,6 +484,10 @@ CASES = [
          "--resume: cannot read", lambda tmp: saved_config(tmp, '{"config": {"hidd')),
     Case("cli-compare-resume-keyless", '--resume with a config.json without its "config" key', "compare.py", E,
          'has no "config" object', lambda tmp: saved_config(tmp, '{"methods": "adam"}')),
+    Case("cli-train-overwrite-foreign", "--overwrite into a workdir holding a run and a thesis.tex", "train.py", E,
+         "--overwrite: ", lambda tmp: run_and_thesis(tmp)),
+    Case("cli-train-overwrite-resume", "--overwrite with --resume", "train.py", E,
+         "give either --resume (continue the run) or --overwrite", lambda tmp: run_and_thesis(tmp, "--resume")),
     Case("cli-train-resume-truncated", "--resume with a truncated config.json", "train.py", E,
          "--resume: cannot read", lambda tmp: saved_config(tmp, '{"conf', script="train")),
 ]

@@ -273,3 +273,19 @@ def test_train_cli_numbers_epochs_alike_in_the_console_and_metrics_after_pretrai
     console = [line.split()[:3] for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ")]
     assert console == [["epoch", "1", "adam"], ["epoch", "2", "sgd"], ["epoch", "3", "sgd"]]
     assert [(row["epoch"], row["phase"]) for row in metrics["history"]] == [(1, "adam"), (2, "sgd"), (3, "sgd")]
+
+
+def test_train_cli_overwrite_replaces_only_its_own_run(tmp_path, capsys):
+    train_script = _script("train")
+    workdir = tmp_path / "w"
+    base = ["--workdir", str(workdir), "--hidden", "16", "--latents", "3", "--quiet", "--epochs", "1",
+            "--eval-iwae", "0"]
+    first = train_script.main(base)
+    with pytest.raises(SystemExit):
+        train_script.main([*base, "--lr", "0.01"])
+    assert "--overwrite to replace it" in capsys.readouterr().err
+    second = train_script.main([*base, "--lr", "0.01", "--overwrite"])
+    saved = json.loads((workdir / "config.json").read_text())["config"]
+    assert saved["lr"] == 0.01 and second["config"]["lr"] == 0.01
+    assert second["final"]["test_neg_elbo"] != first["final"]["test_neg_elbo"]  # trained again, at lr 0.01
+    assert sorted(p.name for p in workdir.iterdir()) == sorted(train_script.OUTPUTS)
