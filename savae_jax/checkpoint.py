@@ -89,6 +89,21 @@ def is_checkpoint(path) -> bool:
     return (Path(path) / _CHECKPOINT_MARKER).is_file()
 
 
+def check_parents(path, name: str = "path") -> Path:
+    """``path`` made absolute; ValueError naming ``name`` if a folder above it is an ordinary file.
+
+    Orbax would fail on such a path from deep inside, and then wait ~300 s at
+    exit for its background threads: the check runs before Orbax is called.
+    """
+    path = Path(path).absolute()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name}: cannot save a checkpoint at {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
 def check_writable_checkpoint_path(path, name: str = "path") -> Path:
     """Refuse a ``path`` that :func:`save_params` must not write: ValueError naming ``name`` and the path.
 
@@ -97,12 +112,7 @@ def check_writable_checkpoint_path(path, name: str = "path") -> Path:
     file, a folder holding anything else (it would be deleted), and a path
     under an ordinary file (Orbax would fail deep inside and then hang at exit).
     """
-    path = Path(path).absolute()
-    for parent in path.parents:
-        if parent.exists():
-            if not parent.is_dir():
-                raise ValueError(f"{name}: cannot save a checkpoint at {path}: {parent} is a file, not a folder")
-            break
+    path = check_parents(path, name)
     if path.exists():
         if not path.is_dir():
             raise ValueError(f"{name}: {path} is an ordinary file, not a checkpoint folder; "
@@ -185,7 +195,9 @@ class RunCheckpointer:
     def __init__(self, directory, max_to_keep: int = 2):
         if max_to_keep < 2:
             raise ValueError(f"max_to_keep must be >= 2, got {max_to_keep}")
-        self.directory = Path(directory).absolute()
+        self.directory = check_parents(directory, "checkpoint_dir")
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"checkpoint_dir: {self.directory} is an ordinary file, not a folder")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
         )

@@ -289,3 +289,15 @@ def test_train_cli_overwrite_replaces_only_its_own_run(tmp_path, capsys):
     assert saved["lr"] == 0.01 and second["config"]["lr"] == 0.01
     assert second["final"]["test_neg_elbo"] != first["final"]["test_neg_elbo"]  # trained again, at lr 0.01
     assert sorted(p.name for p in workdir.iterdir()) == sorted(train_script.OUTPUTS)
+
+
+def test_set_values_are_parsed_and_typed_by_the_defaults():
+    compare_script = _script("compare")
+    common = sys.modules["common"]  # imported by the script
+    assert compare_script.parse_set("sa.scale=.05") == ("sa", "scale", 0.05)
+    assert compare_script.parse_set("sa.proposal=gaussian") == ("sa", "proposal", "gaussian")
+    checked = common.check_settings({"proposals": 8.0, "scale": 1, "t_min": None}, common.SA_DEFAULTS, "sa.", "annealing")
+    assert checked == {"proposals": 8, "scale": 1, "t_min": None} and isinstance(checked["proposals"], int)
+    for value in (True, "8", 8.5):
+        with pytest.raises(ValueError, match=r"sa\.proposals: must be an integer"):
+            common.check_settings({"proposals": value}, common.SA_DEFAULTS, "sa.", "annealing")
