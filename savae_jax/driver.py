@@ -56,9 +56,20 @@ class InvalidScheduleError(NonFiniteLossError):
     """A schedule (temperature, radius) returned a negative or non-finite value; the run stopped."""
 
 
+def _fault_fields(info, prefix: str = ""):
+    """``(flag, value field, info)`` of every fault ``info`` can flag: its class's ``FAULTS``, and those
+    of the infos it holds (replica exchange stacks its replicas' infos in ``info.replicas``)."""
+    out = [(flag, value, info) for flag, value in getattr(type(info), "FAULTS", {}).items()]
+    for field in getattr(info, "_fields", ()):
+        inner = getattr(info, field)
+        if hasattr(inner, "_fields"):
+            out += _fault_fields(inner)
+    return out
+
+
 def _faults(info):
-    """Whether ``info`` flags a fault its optimizer cannot continue from (its class's ``FAULTS``)."""
-    flags = [jnp.any(getattr(info, name)) for name in getattr(type(info), "FAULTS", {})]
+    """Whether ``info`` flags a fault its optimizer cannot continue from (see :func:`_fault_fields`)."""
+    flags = [jnp.any(getattr(holder, flag)) for flag, _, holder in _fault_fields(info)]
     return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
 
 
@@ -450,13 +461,16 @@ class _Run:
         tail = ("; " + (f"the last good checkpoint is step {last} in {self.saver.directory}" if last is not None
                         else "no checkpoint was written")
                 + f"; the parameters of step {self.pos.total_steps - count} (the last finite row) are kept")
-        faults = {name: value for name, value in getattr(type(info), "FAULTS", {}).items()
-                  if bool(jnp.any(getattr(info, name)))}
+        faults = [(flag, value, holder) for flag, value, holder in _fault_fields(info)
+                  if bool(jnp.any(getattr(holder, flag)))]
         error = NonFiniteLossError
         if faults:
             error = InvalidScheduleError
-            what = ", ".join(f"the {value} schedule returned {float(jnp.ravel(getattr(info, value))[0])!r}"
-                             for value in faults.values())
+            # The first offending value (of the first flagged replica, when vmapped).
+            what = ", ".join(
+                f"the {value} schedule returned "
+                f"{float(jnp.ravel(getattr(holder, value))[jnp.argmax(jnp.ravel(getattr(holder, flag)))])!r}"
+                for flag, value, holder in faults)
             message = (f"{where}{what} (a negative or non-finite value; the annealer halted) {span}{tail}")
         elif not math.isfinite(train_loss):
             message = f"{where}the training loss became {train_loss} {span}{tail}"

@@ -147,6 +147,19 @@ def test_fit_stops_on_a_bad_schedule_naming_it(tiny):
     assert err.value.step == 1 and err.value.history == []
 
 
+def test_replica_exchange_stops_on_a_bad_replica_schedule(tiny):
+    """The replicas' infos are stacked inside the exchange's info: their flags stop the loop too."""
+    train, _, _, params, loss_fn = tiny
+
+    def build(t):  # the coldest replica's schedule goes negative at its third step
+        schedule = lambda count: jnp.where((t < 0.75) & (count >= 2), -0.5, t)  # noqa: E731
+        return an.simulated_annealing(loss_fn, 4, an.gaussian(0.01), schedule, an.metropolis())
+
+    rex = an.replica_exchange(build, jnp.array([0.5, 1.0]), loss_fn)
+    with pytest.raises(driver.InvalidScheduleError, match=r"temperature schedule returned -0.5.*first at step 3"):
+        sv.fit(jax.random.key(1), params, loss_fn, rex, train, 1, 100)
+
+
 # ---- divergence
 
 
