@@ -97,6 +97,14 @@ def fit(
       parameters and one ``driver.run`` history
       row per epoch, plus its ``epoch`` (1, 2, ...); ``seconds`` is the
       cumulative training time (evaluation excluded).
+    Raises:
+      ValueError: a bad argument, named (images not in [0, 1], ``params``
+        that do not fit them, a non-integer ``batch_size``, ...).
+      driver.NonFiniteLossError: the training loss (or the parameters) became
+        non-finite; the message names the first such step, and the error
+        carries the last finite epoch's ``params`` and ``history``.
+        ``driver.InvalidScheduleError`` (a subclass) when an annealer's
+        temperature or radius schedule returned a negative or non-finite value.
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
