@@ -158,8 +158,10 @@ def make_optimizer(args, loss_fn, mesh=None) -> sv.Optimizer:
 # Settings that may differ between a run and its --resume.
 NOT_COMPARED = ("resume", "quiet", "workdir", "overwrite")
 
-# Everything a run of this script writes into --workdir (what --overwrite may delete).
-OUTPUTS = ("config.json", "metrics.json", "checkpoints", "params", "reconstructions.png", "samples.png")
+# Everything a run of this script writes into --workdir (what --overwrite may delete); trace.csv is
+# the per-step trace of the issue-15 train.py.
+OUTPUTS = ("config.json", "metrics.json", "checkpoints", "params", "reconstructions.png", "samples.png",
+           "trace.csv")
 
 
 def clear_run(workdir: Path) -> None:
