@@ -6,6 +6,7 @@ library; nothing here is needed from a notebook.
 
 from __future__ import annotations
 
+import argparse
 import inspect
 import json
 import math
@@ -57,6 +58,87 @@ SA_DEFAULTS: dict[str, Any] = {
     "langevin_optimizer": "none",  # langevin drift: "none" (plain gradient) or an optax alias
     "langevin_lr": 1e-3,      # learning rate of that optimizer
 }
+
+
+# What a setting must be, by the type of its default (None defaults are listed in NONE_KINDS).
+_KIND_WORDS = {"int": "an integer", "number": "a number", "str": "a string", "bool": "true or false"}
+# The kinds of settings whose default is None (so their type cannot be read off the default).
+NONE_KINDS = {"t_min": "number", "patience": "int", "free_bits": "number", "data_dir": "str",
+              "budget_seconds": "number", "checkpoint_every": "int"}
+
+
+def kind_of(key: str, default) -> str:
+    """The kind ("int", "number", "str", "bool") a setting must have, from its default."""
+    if default is None:
+        return NONE_KINDS.get(key, "any")
+    if isinstance(default, bool):
+        return "bool"
+    if isinstance(default, int):
+        return "int"
+    if isinstance(default, float):
+        return "number"
+    if isinstance(default, str):
+        return "str"
+    return "any"
+
+
+def checked_value(flag: str, value, kind: str, optional: bool = False):
+    """``value`` if it is of ``kind`` (an integral float becomes an int); ValueError naming ``flag`` otherwise.
+
+    Booleans are never numbers (``true`` would train with 1.0), strings never
+    numbers (``'.05'``), and a non-integral float never an integer.
+    """
+    if value is None and optional or kind == "any":
+        return value
+    if kind == "int" and isinstance(value, float) and value.is_integer():
+        return int(value)
+    ok = {"int": isinstance(value, int) and not isinstance(value, bool),
+          "number": isinstance(value, (int, float)) and not isinstance(value, bool),
+          "str": isinstance(value, str), "bool": isinstance(value, bool)}[kind]
+    if not ok:
+        alternative = " or null" if optional else ""
+        raise ValueError(f"{flag}: must be {_KIND_WORDS[kind]}{alternative}, got {value!r}")
+    return value
+
+
+def check_settings(config: dict, defaults: dict, prefix: str, what: str) -> dict:
+    """``config`` with every key known in ``defaults`` and of its default's kind (ValueError naming the key).
+
+    The one check of method settings (``--set``, ``--config``, ``--sa-*``):
+    an unknown key (a typo such as ``lrr``) or a value of the wrong type is
+    refused instead of silently ignored or used.
+
+    Args:
+      config: the settings given.
+      defaults: the known settings and their defaults.
+      prefix: how errors name a key (``"--set adam."``, ``"--sa-"``).
+      what: the kind of settings in words (``"annealing"``, ``"adam"``).
+    """
+    unknown = set(config) - set(defaults)
+    if unknown:
+        raise ValueError(f"{prefix}*: unknown {what} settings {sorted(unknown)}; known: {', '.join(defaults)}")
+    return {key: checked_value(_flag(prefix, key), value, kind_of(key, defaults[key]),
+                               optional=defaults[key] is None)
+            for key, value in config.items()}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with every flag's default (unless its help already says it or it has none); epilog kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings
+                or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def show_defaults(parser, defaults: dict) -> None:
+    """Append "(default X)" to the help of the flags whose default lives in ``defaults`` (argparse's is None)."""
+    for action in parser._actions:
+        value = defaults.get(action.dest)
+        if action.default is None and value is not None and "default" not in (action.help or ""):
+            action.help = f"{action.help} (default {value})" if action.help else f"default {value}"
 
 
 def parse_args(parser, argv):
@@ -181,7 +263,7 @@ def add_model_flags(parser) -> None:
     group = parser.add_argument_group("model and objective")
     group.add_argument("--model", choices=MODELS, default=None, help="mlp (default) or conv")
     group.add_argument("--hidden", type=int, default=None, help="MLP hidden width / conv dense width")
-    group.add_argument("--latents", type=int, default=None)
+    group.add_argument("--latents", type=int, default=None, help="latent dimensions")
     group.add_argument("--likelihood", choices=sv.models.LIKELIHOODS, default=None,
                        help="bernoulli (default; binarised data), gaussian, logistic (8-bit data, bits/dim)")
     group.add_argument("--beta", type=float, default=None, help="KL weight (default 1)")
@@ -341,11 +423,7 @@ def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None, batch_size
       batch_size: the run's batch size, the selection batch of a decision
         batch (``decision_size`` > 0).
     """
-    unknown = set(config) - set(SA_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{prefix}: unknown annealing settings {sorted(unknown)}; "
-                         f"known: {', '.join(SA_DEFAULTS)}")
-    config = SA_DEFAULTS | config
+    config = SA_DEFAULTS | check_settings(config, SA_DEFAULTS, prefix, "annealing")
     t0, t_min = config["t0"], config["t_min"]
     if t_min is not None and isinstance(t0, (int, float)) and isinstance(t_min, (int, float)) and t_min >= t0:
         # Every schedule here starts at t0: the annealer would be done before its first step.
@@ -384,10 +462,7 @@ ES_DEFAULTS: dict[str, Any] = {
 
 def make_es(loss_fn, config: dict, prefix: str = "", batch_size: int | None = None) -> sv.Optimizer:
     """``annealing.evolution_strategy`` from a dict of ``ES_DEFAULTS`` keys (ValueError names the key)."""
-    unknown = set(config) - set(ES_DEFAULTS)
-    if unknown:
-        raise ValueError(f"{prefix}: unknown ES settings {sorted(unknown)}; known: {', '.join(ES_DEFAULTS)}")
-    config = ES_DEFAULTS | config
+    config = ES_DEFAULTS | check_settings(config, ES_DEFAULTS, prefix, "ES")
     return _naming_settings(prefix, "ES", lambda: annealing.evolution_strategy(
         loss_fn, config["pairs"], config["scale"], noise=config["noise"], rank=config["rank"],
         optimizer=make_optimizer(config["es_optimizer"], config["es_lr"], f"{prefix}es_optimizer"),
@@ -409,7 +484,8 @@ def probe_step(algorithm, params, image_shape, batch_size: int) -> None:
     jax.eval_shape(algorithm.step, jax.random.key(0), algorithm.init(params), x)
 
 
-def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resume", "quiet", "workdir")) -> None:
+def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resume", "quiet", "workdir"),
+                  replace_hint: str = "") -> None:
     """Refuse an unusable --workdir before any training (errors name --workdir / --resume).
 
     The folder must be writable (probed); one that holds a run (its
@@ -433,15 +509,28 @@ def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resu
     if not saved_path.exists():
         return
     if not resume:
-        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it "
+        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it{replace_hint} "
                          "or choose another --workdir (nothing was overwritten)")
-    saved = json.loads(saved_path.read_text())["config"]
+    saved = read_saved_config(saved_path)
     diffs = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
              for k in sorted(set(saved) | set(config))
              if k not in not_compared and saved.get(k) != config.get(k)]
     if diffs:
         raise ValueError("--resume: the run in --workdir has a different config:\n  " + "\n  ".join(diffs))
 
+
+
+def read_saved_config(path: Path) -> dict:
+    """The ``"config"`` of a run's config.json; ValueError naming the file if it is unreadable or has none."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--resume: cannot read {path} ({type(err).__name__}: {err}); it may be truncated. "
+                         "Restore it, or start the run again in another --workdir") from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"--resume: {path} has no \"config\" object (not a config.json written by this "
+                         "script?); restore it, or start the run again in another --workdir")
+    return saved["config"]
 
 
 def save_grids(workdir, key, params, model, test_images, binarize, label: str | None = None) -> None:

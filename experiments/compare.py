@@ -105,8 +105,18 @@ DEFAULTS = {
 NOT_COMPARED = ("resume", "quiet", "workdir", "log_evals")
 
 
+def set_keys_help() -> str:
+    """The --help epilog: the keys --set accepts for each method, with their defaults."""
+    lines = ["keys of --set METHOD.KEY=VALUE (and of --config's method_config), per method, with defaults:"]
+    for method in METHODS:
+        keys = ", ".join(f"{k}={json.dumps(v)}" for k, v in method_keys(method).items())
+        lines.append(f"  {method}: {keys}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=set_keys_help(),
+                                formatter_class=common.HelpFormatter)
     add = p.add_argument
     add("--dataset", help=f"one of {', '.join(sv.data.DATASETS)} (default digits)")
     add("--data-dir", help="folder with MNIST IDX files or a TFDS data dir")
@@ -119,20 +129,25 @@ def build_parser() -> argparse.ArgumentParser:
     add("--validation", type=float, help="fraction of the training set held out for the validation gate "
                                          "(every method returns its best-validation parameters; default 0.1; "
                                          "0: no gate, the last parameters)")
-    add("--batch-size", type=int)
-    add("--binarize", choices=["dynamic", "static", "none"])
+    add("--batch-size", type=int, help="examples per step (default 128)")
+    add("--binarize", choices=["dynamic", "static", "none"],
+        help="dynamic (a fresh Bernoulli sample per batch), static (one fixed sample per image) or none "
+             "(grey levels) (default dynamic)")
     add("--eval-every", type=int, help="steps between test evaluations (default 200)")
     add("--checkpoint-every", type=int, help="steps between checkpoints, a multiple of --eval-every (default 5x --eval-every)")
     add("--config", help="JSON file with any of these settings (flags win over it)")
     add("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
-        help="override one method hyperparameter, e.g. --set sa.scale=0.05 (JSON values)")
-    add("--workdir", default="runs/compare")
+        help="override one method hyperparameter, e.g. --set sa.scale=0.05 (a JSON value, a number or a "
+             "bare word; repeat for more; the keys of each method are listed below; default: none)")
+    add("--workdir", default="runs/compare", help="folder of every output (refused if it holds a run, "
+                                                   "unless --resume)")
     add("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
     add("--quiet", action="store_true", help="no progress bars")
     add("--log-evals", action="store_true", help="plot test_neg_elbo_vs_evals.png on a log-scaled evaluations "
                                                  "axis (plotting only, not part of the run's config)")
     common.add_model_flags(p)
     common.add_scale_out_flags(p)
+    common.show_defaults(p, DEFAULTS)
     return p
 
 
@@ -147,6 +162,10 @@ def parse_set(item: str) -> tuple[str, str, object]:
     try:
         return method, name, json.loads(raw)
     except json.JSONDecodeError:
+        pass
+    try:
+        return method, name, float(raw)  # a number JSON does not read, such as .05 or 1e-3.
+    except ValueError:
         return method, name, raw  # a bare word such as gaussian
 
 
@@ -180,6 +199,7 @@ def resolve_config(args) -> dict:
     for item in args.set:
         method, name, value = parse_set(item)
         config["method_config"][method][name] = value
+    check_config_types(config)
 
     methods = [m.strip() for m in str(config["methods"]).split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -213,10 +233,40 @@ def resolve_config(args) -> dict:
     return config
 
 
+def check_config_types(config: dict) -> None:
+    """Refuse a setting of the wrong type (``--config {"hidden": true}``) or an unknown method in
+    ``method_config``, naming the flag (the methods' own keys are checked by ``build_phases``)."""
+    for key, default in DEFAULTS.items():
+        if key in ("seeds", "method_config", "methods"):
+            continue
+        optional = default is None or key in common.NONE_KINDS
+        config[key] = common.checked_value(f"--{key.replace('_', '-')}", config[key],
+                                           common.kind_of(key, default), optional)
+    unknown = set(config["method_config"]) - set(METHODS)
+    if unknown:
+        raise ValueError(f"--config: unknown method(s) {sorted(unknown)} in method_config; "
+                         f"choose from {', '.join(METHODS)}")
+
+
+def unused_overrides(args, methods) -> list[str]:
+    """The methods given a ``--set`` that this run does not run (their settings would do nothing)."""
+    return sorted({parse_set(item)[0] for item in args.set} - set(methods))
+
+
+def method_keys(method: str) -> dict:
+    """The settings ``--set METHOD.KEY=VALUE`` accepts for ``method``, with their defaults."""
+    if method in ("adam", "rmsprop", "sgd"):
+        return dict(METHOD_DEFAULTS[method])
+    own = {k: v for k, v in METHOD_DEFAULTS[method].items() if k in ("adam_share", "adam_lr")}
+    base = common.ES_DEFAULTS if method in ("es", "es-refine") else common.SA_DEFAULTS
+    return own | base | {k: v for k, v in METHOD_DEFAULTS[method].items() if k in base}
+
+
 def build_phases(method: str, settings: dict, loss_fn, mesh=None, batch_size: int = 128) -> list[driver.Phase]:
     """A method's phases from its settings (ValueError names the offending --set key)."""
     prefix = f"--set {method}."
     if method in ("adam", "rmsprop", "sgd"):
+        settings = common.check_settings(settings, METHOD_DEFAULTS[method], prefix, method)
         optimizer = common.make_optimizer(method, settings["lr"], f"{prefix}lr")
         return [driver.Phase(method, sv.from_optax(loss_fn, optimizer))]
     sa_settings = {k: v for k, v in settings.items() if k not in ("adam_share", "adam_lr")}
@@ -226,6 +276,9 @@ def build_phases(method: str, settings: dict, loss_fn, mesh=None, batch_size: in
         annealer = common.make_annealer(loss_fn, sa_settings, prefix, mesh=mesh, batch_size=batch_size)
     if method not in REFINEMENTS:
         return [driver.Phase("es" if method == "es" else "sa", annealer)]
+    own = {k: v for k, v in METHOD_DEFAULTS[method].items() if k in ("adam_share", "adam_lr")}
+    settings = settings | common.check_settings(
+        {k: v for k, v in settings.items() if k in own}, own, prefix, method)
     share = settings["adam_share"]
     if not 0 < share < 1:
         raise ValueError(f"{prefix}adam_share: must be in (0, 1), got {share}")
@@ -538,6 +591,9 @@ def validate(args, mesh) -> tuple:
     train_loss = common.make_training_loss(model, config)
     methods = {m: build_phases(m, config["method_config"][m], train_loss, mesh, config["batch_size"])
                for m in config["methods"].split(",")}
+    for m in unused_overrides(args, methods):  # checked like the others, then reported as doing nothing
+        build_phases(m, config["method_config"][m], train_loss, mesh, config["batch_size"])
+        print(f"compare.py: warning: --set {m}.* has no effect: {m} is not in --methods", file=sys.stderr)
     train = sv.load(config["dataset"], "train", config["data_dir"])
     test = sv.load(config["dataset"], "test", config["data_dir"])
     val = None
@@ -645,7 +701,7 @@ def run_all(methods, config, args, workdir, model, data, mesh, log) -> dict:
                     common.save_grids(workdir, key_grid, params, model, test.images, binarize, label=name)
             results[name] = aggregate(runs)  # results.json grows after every run
             if distributed.is_primary():
-                checkpoint.atomic_write_json(workdir / "results.json", results)
+                checkpoint.atomic_write_json(workdir / "results.json", checkpoint.json_safe(results))
     return results
 
 

@@ -6,7 +6,7 @@ Example:
       --binarize dynamic --workdir runs/adam
 
 Outputs in --workdir (each written atomically):
-  config.json       the run's settings (a rerun in the same --workdir needs --resume)
+  config.json       the run's settings (a rerun in the same --workdir needs --resume or --overwrite)
   checkpoints/      the whole run state at every epoch (for --resume after a kill)
   metrics.json      {"config", "history": [...], "final": {"test_neg_elbo", "test_neg_iwae"
                     (with --eval-iwae K), "bits_per_dim" (logistic likelihood), "diagnostics",
@@ -49,36 +49,99 @@ def positive(kind):
     return parse
 
 
+# What each --sa-* flag does (its default is shown by --help).
+SA_HELP = {
+    "proposals": "K, proposals evaluated per step",
+    "proposal": f"how proposals are drawn: {', '.join(common.PROPOSALS)}",
+    "scale": "per-entry noise std of gaussian, cauchy and low_rank proposals",
+    "rank": "rank of the low_rank perturbation of each Dense kernel",
+    "scale_by_rms": "multiply the scale of each parameter leaf by that leaf's RMS",
+    "schedule": f"temperature schedule: {', '.join(common.SCHEDULES)}",
+    "t0": "initial temperature (nats)",
+    "decay": "exponential schedule: factor per step, in (0, 1)",
+    "t_end": "linear schedule: final temperature",
+    "schedule_steps": "linear schedule: steps from --sa-t0 to --sa-t-end",
+    "target_rate": "adaptive schedule: acceptance rate it steers towards",
+    "reheat": "restart the schedule after this many steps without improvement (0: never)",
+    "acceptance": f"acceptance rule: {', '.join(common.ACCEPTANCES)}",
+    "alpha": "threshold rule: accept iff exp(-dL / (T + d)) > alpha, in (0, 1)",
+    "d": "threshold rule: the d of exp(-dL / (T + d)), >= 0",
+    "level": "confident rule: the one-sided test's level, in (0, 0.5)",
+    "margin": "confident rule: improvement required (nats)",
+    "decision_size": "decide on this many other examples with fresh noise (0: on the selection batch; else >= 2)",
+    "t_min": "stop once the temperature is below this (default: never)",
+    "patience": "stop after this many steps without improvement (default: never)",
+    "langevin_step": "langevin proposal: step size",
+    "langevin_optimizer": "langevin proposal's drift: none (the plain gradient) or an optax alias",
+    "langevin_lr": "learning rate of --sa-langevin-optimizer",
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=common.HelpFormatter)
     p.add_argument("--dataset", default="digits", help=f"one of {', '.join(sv.data.DATASETS)}")
     p.add_argument("--data-dir", default=None, help="folder with MNIST IDX files or a TFDS data dir")
     p.add_argument("--optimizer", default="adam",
                    help="sa (simulated annealing, see --sa-*) or an optax alias: adam, rmsprop, sgd, ...")
-    p.add_argument("--lr", type=positive(float), default=1e-3)
-    p.add_argument("--epochs", type=positive(int), default=10)
-    p.add_argument("--batch-size", type=positive(int), default=128)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--binarize", choices=["dynamic", "static", "none"], default="dynamic")
+    p.add_argument("--lr", type=positive(float), default=1e-3, help="learning rate of an optax --optimizer")
+    p.add_argument("--epochs", type=positive(int), default=10, help="epochs of --optimizer")
+    p.add_argument("--batch-size", type=positive(int), default=128,
+                   help="examples per step (the last partial batch of an epoch is dropped)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial parameters, data order and keys")
+    p.add_argument("--binarize", choices=["dynamic", "static", "none"], default="dynamic",
+                   help="dynamic (a fresh Bernoulli sample per batch), static (one fixed sample per image) "
+                        "or none (grey levels)")
     common.add_model_flags(p)
     common.add_scale_out_flags(p)
-    p.add_argument("--workdir", default="runs/train")
+    p.add_argument("--workdir", default="runs/train",
+                   help="folder of every output (refused if it holds a run, unless --resume)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run in --workdir: delete the files an earlier train.py run wrote there "
+                        "(refused if the folder holds anything else)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch log lines stay)")
     p.add_argument("--init-from", default=None,
                    help="start from saved parameters (e.g. W/params of an earlier run)")
     p.add_argument("--pretrain-epochs", type=int, default=0,
                    help="epochs of --pretrain-optimizer before --optimizer (refine its optimum)")
-    p.add_argument("--pretrain-optimizer", default="adam")
-    p.add_argument("--pretrain-lr", type=positive(float), default=1e-3)
+    p.add_argument("--pretrain-optimizer", default="adam", help="optax alias of the pretraining phase")
+    p.add_argument("--pretrain-lr", type=positive(float), default=1e-3, help="learning rate of the pretraining")
     sa = p.add_argument_group("simulated annealing (--optimizer sa); one step per batch")
     for key, default in common.SA_DEFAULTS.items():
         flag = "--sa-" + key.replace("_", "-")
         if isinstance(default, bool):
-            sa.add_argument(flag, action="store_true")
+            sa.add_argument(flag, action="store_true", help=SA_HELP[key])
         else:
-            sa.add_argument(flag, type=_SA_NONE_TYPES.get(key, type(default)), default=default)
+            sa.add_argument(flag, type=_SA_NONE_TYPES.get(key, type(default)), default=default, help=SA_HELP[key])
+    common.show_defaults(p, common.MODEL_DEFAULTS)
     return p
+
+
+def unused_flags(args, parser) -> list[str]:
+    """The flags given a non-default value that this run does not use (--sa-* without --optimizer sa, ...)."""
+    unused = []
+    if args.optimizer != "sa":
+        unused += ["--sa-" + key.replace("_", "-") for key in common.SA_DEFAULTS
+                   if getattr(args, "sa_" + key) != parser.get_default("sa_" + key)]
+    elif args.lr != parser.get_default("lr"):
+        unused.append("--lr")
+    if not args.pretrain_epochs:
+        unused += [f"--{name.replace('_', '-')}" for name in ("pretrain_optimizer", "pretrain_lr")
+                   if getattr(args, name) != parser.get_default(name)]
+    return unused
+
+
+def effective_settings(args) -> dict:
+    """The flags as recorded in config.json/metrics.json: only those that take effect in this run."""
+    settings = vars(args).copy()
+    if args.optimizer != "sa":
+        settings = {k: v for k, v in settings.items() if not k.startswith("sa_")}
+    else:
+        settings.pop("lr")
+    if not args.pretrain_epochs:
+        settings.pop("pretrain_optimizer")
+        settings.pop("pretrain_lr")
+    return settings
 
 
 def sa_config(args) -> dict:
@@ -95,7 +158,38 @@ def make_optimizer(args, loss_fn, mesh=None) -> sv.Optimizer:
 
 
 # Settings that may differ between a run and its --resume.
-NOT_COMPARED = ("resume", "quiet", "workdir")
+NOT_COMPARED = ("resume", "quiet", "workdir", "overwrite")
+
+# Everything a run of this script writes into --workdir (what --overwrite may delete); trace.csv is
+# the per-step trace of the issue-15 train.py.
+OUTPUTS = ("config.json", "metrics.json", "checkpoints", "params", "reconstructions.png", "samples.png",
+           "trace.csv")
+
+
+def clear_run(workdir: Path) -> None:
+    """Delete an earlier run's outputs from ``workdir`` (--overwrite); ValueError if it holds anything else.
+
+    Only the names in :data:`OUTPUTS` (and our own temporary files) are
+    removed, and only when nothing else is there, so no file the user did not
+    ask this script to write is ever deleted.
+    """
+    import shutil
+
+    if not (workdir / "config.json").is_file():
+        return  # no run to replace
+    foreign = sorted(p.name for p in workdir.iterdir()
+                     if p.name not in OUTPUTS and not p.name.startswith((".write-test", ".")))
+    if foreign:
+        raise ValueError(f"--overwrite: {workdir} holds files this script did not write ({', '.join(foreign)}); "
+                         "refusing to delete anything (move them, or choose another --workdir)")
+    if (workdir / "params").exists() and not checkpoint.is_checkpoint(workdir / "params"):
+        raise ValueError(f"--overwrite: {workdir / 'params'} is not a parameter checkpoint; refusing to delete it")
+    for name in OUTPUTS:
+        path = workdir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
 
 
 def validate(args, mesh) -> dict:
@@ -126,7 +220,7 @@ def validate(args, mesh) -> dict:
             common.probe_step(optimizer, params, train.images.shape[1:], args.batch_size)
         except ValueError as err:
             raise ValueError(f"--sa-*: {err}") from err
-    config = vars(args) | model_config | {"eval_iwae": eval_iwae, "backend": jax.default_backend(),
+    config = effective_settings(args) | model_config | {"eval_iwae": eval_iwae, "backend": jax.default_backend(),
                                           "devices": [str(d) for d in jax.devices()]}
     return {"config": config, "model": model, "loss_fn": loss_fn, "optimizer": optimizer,
             "pretrain": pretrain, "train": train, "test": test}
@@ -148,9 +242,20 @@ def main(argv=None) -> dict:
     try:
         run = validate(args, mesh)
         common.check_same_workdir(workdir)
-        common.check_workdir(workdir, run["config"], args.resume, NOT_COMPARED)
+        if args.overwrite:  # only after every flag was checked: a refused run deletes nothing
+            if args.resume:
+                raise ValueError("--overwrite: give either --resume (continue the run) or --overwrite (replace it)")
+            if distributed.is_primary():
+                clear_run(workdir)
+            distributed.barrier("train.py: earlier run cleared")
+        common.check_workdir(workdir, run["config"], args.resume, NOT_COMPARED,
+                             replace_hint=", --overwrite to replace it,")
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
+    for flag in unused_flags(args, parser):
+        print(f"train.py: warning: {flag} has no effect with --optimizer {args.optimizer}"
+              + (" and --pretrain-epochs 0" if flag.startswith("--pretrain") else "")
+              + "; it is not recorded in config.json", file=sys.stderr)
     model, train, test = run["model"], run["train"], run["test"]
     binarize = None if args.binarize == "none" else args.binarize
     # Across processes (--distributed) every process trains the same replicated
@@ -187,19 +292,25 @@ def main(argv=None) -> dict:
         if primary:
             common.write_csv(workdir / "trace.csv", trace)  # one row per step: the optimizer's info
     except driver.NonFiniteLossError as err:
-        sys.exit(f"train.py: stopped: {err}")
+        # Keep what was learnt: the last finite row's parameters and history, reported as usual.
+        finish(args, run, workdir, err.params, err.history, key_grid, time.perf_counter() - start, log,
+               stopped=str(err))
+        sys.exit(f"train.py: stopped: {err}; wrote the kept parameters' metrics.json and params/")
     return finish(args, run, workdir, params, history, key_grid, time.perf_counter() - start, log)
 
 
-def finish(args, run, workdir, params, history, key_grid, wall_seconds, log) -> dict:
-    """The final report: metrics.json, params/ and the image grids."""
+def finish(args, run, workdir, params, history, key_grid, wall_seconds, log, stopped: str | None = None) -> dict:
+    """The final report: metrics.json, params/ and the image grids (``stopped``: why the run stopped early)."""
     model, test = run["model"], run["test"]
     binarize = None if args.binarize == "none" else args.binarize
     eval_iwae = run["config"]["eval_iwae"]
     final = sv.evaluation.report(model, params, test.images, binarize=sv.data.BatchFn(binarize),
                                  iwae_samples=eval_iwae)
     metrics = {"config": run["config"], "history": history,
-               "final": final | {"train_seconds": history[-1]["seconds"], "wall_seconds": wall_seconds}}
+               "final": final | {"train_seconds": history[-1]["seconds"] if history else 0.0,
+                                 "wall_seconds": wall_seconds}}
+    if stopped is not None:
+        metrics["stopped"] = stopped
     if eval_iwae:
         log(f"test negative IWAE-{eval_iwae} bound {final['test_neg_iwae']:.3f} nats "
             f"(ELBO gap {final['elbo_iwae_gap']:.3f})")
@@ -208,7 +319,7 @@ def finish(args, run, workdir, params, history, key_grid, wall_seconds, log) -> 
     checkpoint.save_params(workdir / "params", params)  # collective across processes
     if distributed.is_primary():
         common.save_grids(workdir, key_grid, params, model, test.images, binarize)
-        checkpoint.atomic_write_json(workdir / "metrics.json", metrics)
+        checkpoint.atomic_write_json(workdir / "metrics.json", checkpoint.json_safe(metrics))
     log(f"final test negative ELBO {metrics['final']['test_neg_elbo']:.3f} nats; "
         f"wrote {workdir / 'metrics.json'}")
     return metrics

@@ -8,6 +8,7 @@ orbax-checkpoint, which commits a finished checkpoint by renaming it too.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -25,6 +26,8 @@ def atomic_write_bytes(path, payload: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        # mkstemp creates the file 0600; give it the mode an ordinary open() would (0644 under umask 022).
+        os.chmod(tmp, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as f:
             f.write(payload)
             f.flush()
@@ -34,6 +37,13 @@ def atomic_write_bytes(path, payload: bytes) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    """The process's umask (read by setting it and restoring it at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path, text: str) -> Path:
@@ -46,6 +56,21 @@ def atomic_write_json(path, obj) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False) + "\n")
 
 
+def json_safe(obj):
+    """``obj`` with every NaN or infinite float replaced by None, so it can be written as JSON.
+
+    A diverged run's history (a NaN loss) is then still a valid JSON file, with
+    ``null`` where a number could not be computed.
+    """
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def save_figure(fig, path, dpi: int = 100) -> Path:
     """Save a matplotlib figure as PNG atomically."""
     import io
@@ -55,9 +80,62 @@ def save_figure(fig, path, dpi: int = 100) -> Path:
     return atomic_write_bytes(path, buf.getvalue())
 
 
-def save_params(path, params) -> Path:
-    """Save a parameter pytree to the orbax checkpoint folder ``path`` (replaced if present)."""
+# A file Orbax writes into every checkpoint folder: what marks a folder as one of ours.
+_CHECKPOINT_MARKER = "_CHECKPOINT_METADATA"
+
+
+def is_checkpoint(path) -> bool:
+    """Whether ``path`` is a parameter checkpoint folder written by :func:`save_params` (Orbax)."""
+    return (Path(path) / _CHECKPOINT_MARKER).is_file()
+
+
+def check_parents(path, name: str = "path") -> Path:
+    """``path`` made absolute; ValueError naming ``name`` if a folder above it is an ordinary file.
+
+    Orbax would fail on such a path from deep inside, and then wait ~300 s at
+    exit for its background threads: the check runs before Orbax is called.
+    """
     path = Path(path).absolute()
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"{name}: cannot save a checkpoint at {path}: {parent} is a file, not a folder")
+            break
+    return path
+
+
+def check_writable_checkpoint_path(path, name: str = "path") -> Path:
+    """Refuse a ``path`` that :func:`save_params` must not write: ValueError naming ``name`` and the path.
+
+    Allowed: a path that does not exist (under folders, or under nothing yet),
+    an empty folder, or an earlier checkpoint (replaced). Refused: an ordinary
+    file, a folder holding anything else (it would be deleted), and a path
+    under an ordinary file (Orbax would fail deep inside and then hang at exit).
+    """
+    path = check_parents(path, name)
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(f"{name}: {path} is an ordinary file, not a checkpoint folder; "
+                             "refusing to replace it (choose another path)")
+        if any(path.iterdir()) and not is_checkpoint(path):
+            raise ValueError(f"{name}: {path} is a folder that holds other files, not a checkpoint; "
+                             "refusing to replace its contents (choose another path)")
+    return path
+
+
+def save_params(path, params, name: str = "path") -> Path:
+    """Save a parameter pytree to the orbax checkpoint folder ``path``.
+
+    An earlier checkpoint at ``path`` is replaced; anything else (a file, a
+    folder of other files, a path under a file) is refused before anything is
+    written (:func:`check_writable_checkpoint_path`).
+
+    Args:
+      path: the checkpoint folder.
+      params: the pytree to save.
+      name: the argument or flag to name in errors.
+    """
+    path = check_writable_checkpoint_path(path, name)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(path, params, force=True)
     checkpointer.wait_until_finished()
@@ -117,7 +195,9 @@ class RunCheckpointer:
     def __init__(self, directory, max_to_keep: int = 2):
         if max_to_keep < 2:
             raise ValueError(f"max_to_keep must be >= 2, got {max_to_keep}")
-        self.directory = Path(directory).absolute()
+        self.directory = check_parents(directory, "checkpoint_dir")
+        if self.directory.exists() and not self.directory.is_dir():
+            raise ValueError(f"checkpoint_dir: {self.directory} is an ordinary file, not a folder")
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, enable_async_checkpointing=False, create=True
         )

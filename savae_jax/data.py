@@ -90,7 +90,13 @@ def validate_images(images, name: str = "images") -> None:
       ValueError: naming `name`, on wrong rank, non-float dtype, N == 0,
         NaN/inf, or values outside [0, 1].
     """
-    arr = np.asarray(images)
+    if isinstance(images, Dataset):
+        images = images.images
+    if isinstance(images, jax.Array) and np.issubdtype(images.dtype, np.floating) and images.ndim == 4:
+        # On the device: reduce there and fetch three numbers, not the whole array.
+        arr = images
+    else:
+        arr = np.asarray(images)
     if arr.ndim != 4:
         raise ValueError(
             f"{name} must be 4-D (N, H, W, C), got shape {arr.shape} "
@@ -105,11 +111,27 @@ def validate_images(images, name: str = "images") -> None:
             f"{name} must be a float array with values in [0, 1], got dtype "
             f"{arr.dtype}; divide 8-bit images by 255."
         )
-    if not np.all(np.isfinite(arr)):
+    xp = jnp if isinstance(arr, jax.Array) else np
+    if not bool(xp.all(xp.isfinite(arr))):
         raise ValueError(f"{name} contains NaN or inf values.")
     lo, hi = float(arr.min()), float(arr.max())
     if lo < 0.0 or hi > 1.0:
         raise ValueError(f"{name} must have values in [0, 1], got range [{lo}, {hi}].")
+
+
+def as_images(data, name: str = "images") -> jax.Array:
+    """The images of a ``Dataset`` or an (N, H, W, C) array, validated, as a float32 device array.
+
+    The one check of every function that takes images (``fit``, ``evaluate``,
+    ``evaluate_iwae``, ``diagnostics``, ``report``): see :func:`validate_images`.
+
+    Args:
+      data: a :class:`Dataset` or an array in [0, 1].
+      name: the argument, as errors name it.
+    """
+    images = data.images if isinstance(data, Dataset) else data
+    validate_images(images, name=name)
+    return jnp.asarray(images, jnp.float32)
 
 
 def make_dataset(images, labels, name: str = "custom") -> Dataset:

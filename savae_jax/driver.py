@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from savae_jax import checkpoint, distributed
+from savae_jax import checkpoint, distributed, validation
 from savae_jax import data as data_lib
 from savae_jax.optimizer import Optimizer, as_optimizer, logged_stats
 
@@ -42,7 +42,58 @@ TRACE_FIELDS = ("phase", "step")
 
 
 class NonFiniteLossError(FloatingPointError):
-    """The training loss became NaN or infinite; the run stopped before saving it."""
+    """The training loss became NaN or infinite; the run stopped before saving it.
+
+    Attributes:
+      step: the first step (counted over the run, from 1) whose loss was not
+        finite, or that an optimizer flagged (``info``'s ``FAULTS``); None if unknown.
+      params: the parameters of the last history row whose loss was finite
+        (the initial ones if none was), on the host.
+      history: the history rows up to that row (all finite).
+    """
+
+    def __init__(self, message: str, step: int | None = None, params=None, history=None):
+        super().__init__(message)
+        self.step, self.params, self.history = step, params, history
+
+
+class InvalidScheduleError(NonFiniteLossError):
+    """A schedule (temperature, radius) returned a negative or non-finite value; the run stopped."""
+
+
+def _fault_fields(info, prefix: str = ""):
+    """``(flag, value field, info)`` of every fault ``info`` can flag: its class's ``FAULTS``, and those
+    of the infos it holds (replica exchange stacks its replicas' infos in ``info.replicas``)."""
+    out = [(flag, value, info) for flag, value in getattr(type(info), "FAULTS", {}).items()]
+    for field in getattr(info, "_fields", ()):
+        inner = getattr(info, field)
+        if hasattr(inner, "_fields"):
+            out += _fault_fields(inner)
+    return out
+
+
+def _faults(info):
+    """Whether ``info`` flags a fault its optimizer cannot continue from (see :func:`_fault_fields`)."""
+    flags = [jnp.any(getattr(holder, flag)) for flag, _, holder in _fault_fields(info)]
+    return jnp.any(jnp.stack(flags)) if flags else jnp.zeros((), bool)
+
+
+@jax.jit
+def _note_fault(first_bad, info, step):
+    """``step`` if it is the first (``first_bad`` < 0) with a non-finite loss or a flagged fault, else ``first_bad``.
+
+    Computed on the device with the step's outputs; the driver reads it at a
+    row (its fetch point), so no step waits for the host.
+    """
+    bad = ~jnp.all(jnp.isfinite(info.loss)) | _faults(info)
+    return jnp.where((first_bad < 0) & bad, step, first_bad)
+
+
+def _all_finite(tree) -> bool:
+    """Whether every floating-point leaf of ``tree`` is finite (one value fetched)."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+              if jnp.issubdtype(jnp.result_type(x), jnp.inexact)]
+    return bool(jnp.all(jnp.stack(leaves))) if leaves else True
 
 
 class Phase(NamedTuple):
@@ -186,7 +237,68 @@ def iterate(key: jax.Array, optimizer: Optimizer, state, images, batch_size: int
     idx, step_keys = epoch_plan(key, start_step // steps_per_epoch, images.shape[0], batch_size)
     train_step = jax.jit(make_train_step(optimizer, batch_fn, mesh, axis_name)).lower(
         state, step_keys[0], images, idx[0]).compile()
+    check_step_memory(train_step)
     return _steps(train_step, key, state, images, batch_size, steps_per_epoch, start_step)
+
+
+# A compiled step needing more than this fraction of the device's memory gets a warning.
+MEMORY_WARN_FRACTION = 0.5
+
+
+def device_memory_bytes(device=None) -> int | None:
+    """Memory of ``device`` (default: the first local one): the allocator's limit on an
+    accelerator, the machine's physical memory on CPU; None if unknown."""
+    import os
+
+    device = device or jax.local_devices()[0]
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def step_memory_bytes(compiled) -> int | None:
+    """Bytes a compiled step needs at once by XLA's ``memory_analysis()`` (arguments, outputs
+    and scratch, less the outputs aliased to arguments); None if the backend does not say."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def check_step_memory(compiled, limit: int | None = None) -> int | None:
+    """Refuse (ValueError) a compiled step that needs more memory than the device has; warn above half.
+
+    Runs before the first step, so a step too large for the machine (e.g.
+    ``num_proposals=10**6`` with ``low_rank``) is refused with the number
+    instead of exhausting the memory. Returns the step's bytes (None: unknown).
+
+    Args:
+      compiled: ``jax.jit(f).lower(...).compile()``.
+      limit: the memory available in bytes; None: :func:`device_memory_bytes`.
+    """
+    need = step_memory_bytes(compiled)
+    limit = device_memory_bytes() if limit is None else limit
+    if need is None or not limit:
+        return need
+    gib = lambda n: f"{n / 2**30:.2f} GiB"  # noqa: E731
+    if need > limit:
+        raise ValueError(f"the compiled training step needs about {gib(need)} (XLA memory_analysis: arguments, "
+                         f"outputs and scratch) but the device has {gib(limit)}; use fewer proposals "
+                         "(num_proposals) or a smaller batch_size")
+    if need > MEMORY_WARN_FRACTION * limit:
+        import warnings
+
+        warnings.warn(f"the compiled training step needs about {gib(need)} of the device's {gib(limit)}",
+                      ResourceWarning, stacklevel=3)
+    return need
 
 
 def _steps(train_step, key, state, images, batch_size, steps_per_epoch, step):
@@ -353,11 +465,13 @@ class _Run:
     def segment(self, steps, max_steps: int, max_seconds: float | None):
         """Steps up to the next row (or the phase's budget): ``(count, loss_sum, info, seconds)``."""
         loss_sum, count, info = jnp.zeros(()), 0, None
+        self.row_start, self.first_bad = (self.state, self.history[:]), jnp.full((), -1, jnp.int32)
         start = time.perf_counter()
         out_of_time = max_seconds is not None and self.pos.phase_seconds >= max_seconds
         while self.pos.step + count < max_steps and not out_of_time:
             _, self.state, info = next(steps)
             loss_sum, count = loss_sum + info.loss, count + 1
+            self.first_bad = _note_fault(self.first_bad, info, self.pos.total_steps + count)
             if max_seconds is not None:
                 info.loss.block_until_ready()  # time only finished work
                 out_of_time = self.pos.phase_seconds + time.perf_counter() - start >= max_seconds
@@ -376,8 +490,8 @@ class _Run:
         self.pos = Position(pos.phase, pos.step + count, pos.phase_seconds + seconds, pos.total_steps + count,
                             pos.evals + cost * count, pos.seconds + seconds)
         train_loss = float(loss_sum) / count
-        if not math.isfinite(train_loss):
-            self._non_finite(train_loss, count)
+        if not math.isfinite(train_loss) or int(self.first_bad) >= 0 or not _all_finite(self.state.params):
+            self._non_finite(train_loss, count, info)
         evaluate = self.o["evaluate"]
         row = {"phase": phase.name, "step": self.pos.total_steps, "evals": self.pos.evals,
                "seconds": self.pos.seconds, "train_loss": train_loss,
@@ -400,15 +514,38 @@ class _Run:
         self.history.append(row)
         return row
 
-    def _non_finite(self, train_loss: float, count: int):
-        # A non-finite incumbent (annealing flags it in info.error) or a
-        # diverged gradient step: stop before it reaches a checkpoint.
+    def _non_finite(self, train_loss: float, count: int, info):
+        # A non-finite incumbent (annealing flags it in info.error), a
+        # diverged gradient step or a schedule fault: stop before it reaches a
+        # checkpoint, and hand back the last finite row's parameters.
         last = self.saver.steps()[-1] if self.saver is not None and self.saver.steps() else None
-        raise NonFiniteLossError(
-            f"{self.o['desc'] or 'run'}: the training loss became {train_loss} between steps "
-            f"{self.pos.total_steps - count} and {self.pos.total_steps} (phase {self.phases[self.pos.phase].name}); "
-            + (f"the last good checkpoint is step {last} in {self.saver.directory}" if last is not None
-               else "no checkpoint was written"))
+        first_bad = int(self.first_bad)
+        step = first_bad if first_bad >= 0 else None
+        kept_state, kept_history = self.row_start
+        where = (f"{self.o['desc'] or 'run'}: ")
+        span = (f"between steps {self.pos.total_steps - count} and {self.pos.total_steps} "
+                f"(phase {self.phases[self.pos.phase].name}"
+                + (f", first at step {step})" if step is not None else ")"))
+        tail = ("; " + (f"the last good checkpoint is step {last} in {self.saver.directory}" if last is not None
+                        else "no checkpoint was written")
+                + f"; the parameters of step {self.pos.total_steps - count} (the last finite row) are kept")
+        faults = [(flag, value, holder) for flag, value, holder in _fault_fields(info)
+                  if bool(jnp.any(getattr(holder, flag)))]
+        error = NonFiniteLossError
+        if faults:
+            error = InvalidScheduleError
+            # The first offending value (of the first flagged replica, when vmapped).
+            what = ", ".join(
+                f"the {value} schedule returned "
+                f"{float(jnp.ravel(getattr(holder, value))[jnp.argmax(jnp.ravel(getattr(holder, flag)))])!r}"
+                for flag, value, holder in faults)
+            message = (f"{where}{what} (a negative or non-finite value; the annealer halted) {span}{tail}")
+        elif not math.isfinite(train_loss):
+            message = f"{where}the training loss became {train_loss} {span}{tail}"
+        else:
+            message = (f"{where}a step was flagged (a non-finite loss or parameters, or a schedule's bad value) "
+                       f"{span}{tail}")
+        raise error(message, step, distributed.host_local(kept_state.params), kept_history)
 
 
 def _check_options(phases, eval_every, checkpoint_every, budget_seconds) -> int:
@@ -508,6 +645,7 @@ def run(
       ``acceptance_rate`` for annealing); with ``trace``, the trace rows third.
     """
     checkpoint_every = _check_options(phases, eval_every, checkpoint_every, budget_seconds)
+    validation.integer_number("batch_size", batch_size, 1)
     phases = [p._replace(optimizer=as_optimizer(p.optimizer)) for p in phases]
     images = jnp.asarray(images, jnp.float32)
     max_steps = phase_steps(phases, images.shape[0], batch_size, budget_evals)

@@ -13,21 +13,27 @@ import numpy as np
 
 from savae_jax import data as data_lib
 from savae_jax import models as models_lib
-from savae_jax import objectives
+from savae_jax import objectives, validation
 
 # The default evaluation key: every method in a comparison is scored with the
 # same reparameterisation and binarisation noise.
 EVAL_SEED = 0
 
 
-def _eval_inputs(images, key, batch_size: int):
-    """Shared argument handling of the evaluations: device images, the default key, chunk size."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    images = jnp.asarray(images)
+def _eval_inputs(images, key, batch_size: int, model=None, params=None):
+    """Shared argument handling of the evaluations: validated device images, the default key, chunk size.
+
+    ``images`` may be a ``Dataset`` or an array (``data.as_images``: float in
+    [0, 1], finite, (N, H, W, C)); with a ``model``, ``params`` are checked
+    to be its parameters for these images (``models.check_params``).
+    """
+    validation.integer_number("batch_size", batch_size, 1)
+    images = data_lib.as_images(images, "images")
+    if model is not None:
+        models_lib.check_params(model, params, images.shape[1:])
     if key is None:
         key = jax.random.key(EVAL_SEED)
-    return images, key, min(batch_size, images.shape[0])
+    return images, key, min(int(batch_size), images.shape[0])
 
 
 def _model_first(first, second, name: str):
@@ -113,7 +119,7 @@ def evaluate(
     Returns:
       A Python float.
     """
-    images, key, batch_size = _eval_inputs(images, key, batch_size)
+    images, key, batch_size = _eval_inputs(images, key, batch_size, getattr(loss_fn, "model", None), params)
     value = _evaluate(loss_fn, params, key, images, batch_size=batch_size,
                       batch_fn=data_lib.as_batch_fn(binarize, static_seed))
     return float(value)
@@ -187,7 +193,9 @@ def evaluate_iwae(
       A Python float.
     """
     model, params = _model_first(model, params, "evaluate_iwae")
-    images, key, batch_size = _eval_inputs(images, key, batch_size)
+    validation.integer_number("num_samples", num_samples, 1)
+    validation.integer_number("chunk_size", chunk_size, 1)
+    images, key, batch_size = _eval_inputs(images, key, batch_size, model, params)
     value = _evaluate_iwae(
         params, key, images, model=model, num_samples=int(num_samples),
         chunk_size=int(chunk_size), batch_size=batch_size,
@@ -281,15 +289,9 @@ def diagnostics(
       ``mutual_info``, ``mi_examples`` (int, M), ``mi_max`` (log M).
     """
     model, params = _model_first(model, params, "diagnostics")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    if mi_examples < 1:
-        raise ValueError(f"mi_examples must be >= 1, got {mi_examples}")
-    images = jnp.asarray(images)
-    if key is None:
-        key = jax.random.key(EVAL_SEED)
+    validation.integer_number("mi_examples", mi_examples, 1)
+    images, key, batch_size = _eval_inputs(images, key, batch_size, model, params)
     key_bin, key_loss = jax.random.split(key)
-    batch_size = min(batch_size, images.shape[0])
     mean, logvar = _posteriors(params, key_bin, images, model=model, batch_size=batch_size,
                                batch_fn=data_lib.as_batch_fn(binarize, static_seed))
     kl_per_dim = np.asarray(jnp.mean(objectives.gaussian_kl_per_dim(mean, logvar), axis=0), np.float64)
@@ -331,6 +333,7 @@ def report(
       (beta = 1) whatever objective trained the model.
     """
     model, params = _model_first(model, params, "report")
+    images = data_lib.as_images(images, "images")
     batch_fn = data_lib.as_batch_fn(binarize, static_seed)
     out = {"test_neg_elbo": evaluate(objectives.make_loss(model), params, images, key, binarize=batch_fn)}
     if iwae_samples:
@@ -339,8 +342,20 @@ def report(
         out["elbo_iwae_gap"] = out["test_neg_elbo"] - out["test_neg_iwae"]
     if getattr(model, "likelihood", "bernoulli") == "logistic":
         out["bits_per_dim"] = models_lib.bits_per_dim(out["test_neg_elbo"], np.shape(images)[1:])
+        if not is_8bit(images):
+            # The discretised logistic scores 256 bins per pixel: on other data the number means little.
+            warnings.warn("bits_per_dim assumes 8-bit images (values k/255); these images are not "
+                          "(e.g. the digits have 17 grey levels, k/16), so bits_per_dim is not comparable "
+                          "with published 8-bit numbers", UserWarning, stacklevel=2)
+            out["bits_per_dim_note"] = "images are not 8-bit (k/255); bits_per_dim assumes they are"
     out["diagnostics"] = diagnostics(model, params, images, key, binarize=batch_fn)
     return out
+
+
+def is_8bit(images) -> bool:
+    """Whether every pixel of ``images`` (in [0, 1]) is k/255 for an integer k, as 8-bit data is."""
+    scaled = np.asarray(images, np.float64) * 255.0
+    return bool(np.all(np.abs(scaled - np.round(scaled)) < 1e-3))
 
 
 def image_grid(images, ncols: int = 8) -> np.ndarray:

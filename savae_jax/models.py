@@ -7,12 +7,14 @@ Everything here is a pure function of its inputs: the key is an argument.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from savae_jax import validation
 
@@ -402,6 +404,47 @@ def decoder_log_likelihood(model: nn.Module, params, z: jax.Array, x: jax.Array)
         return module.log_likelihood(loc, x, log_scale)
 
     return model.apply(params, z, x, method=fn)
+
+
+@functools.lru_cache(maxsize=64)
+def _param_shapes(model: nn.Module, image_shape: tuple) -> dict:
+    """``{leaf path: shape}`` of ``model``'s parameters for images of ``image_shape`` (traced, no FLOPs)."""
+    x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+    tree = jax.eval_shape(lambda x: init(jax.random.key(0), model, x), x)
+    return {jax.tree_util.keystr(path): tuple(leaf.shape)
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def check_params(model: nn.Module, params, image_shape, what: str = "images") -> None:
+    """Refuse ``params`` that are not ``model``'s parameters for images of ``image_shape``.
+
+    Compares the pytree's leaf paths and shapes with those ``init`` would
+    give (an abstract trace of the model's init, cached), so a mismatch (an
+    empty dict, parameters of a model built for 28x28 images used on 8x8
+    ones) is a ValueError naming ``params`` before anything is compiled,
+    instead of a Flax scope error from inside a jitted step.
+
+    Args:
+      model: the VAE module.
+      params: the parameter pytree given.
+      image_shape: (H, W, C) of one image.
+      what: the images, as the message names them (e.g. "test").
+    """
+    expected = _param_shapes(model, tuple(int(d) for d in image_shape))
+    got = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
+           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+    if got == expected:
+        return
+    missing = sorted(set(expected) - set(got))
+    wrong = sorted(k for k in set(expected) & set(got) if expected[k] != got[k])
+    if missing:
+        detail = f"missing {missing[0]}" + (f" and {len(missing) - 1} more leaves" if len(missing) > 1 else "")
+    elif wrong:
+        detail = f"{wrong[0]} has shape {got[wrong[0]]}, expected {expected[wrong[0]]}"
+    else:
+        detail = f"unexpected leaves {sorted(set(got) - set(expected))[:3]}"
+    raise ValueError(f"params do not fit {what} of shape {tuple(image_shape)} for {type(model).__name__}: "
+                     f"{detail} (initialise them with models.init(key, model, images[:1]) on these images)")
 
 
 def init(key: jax.Array, model: nn.Module, x: jax.Array):

@@ -140,6 +140,7 @@ def make_loss(model, beta=1.0, free_bits: float | None = None) -> LossFn:
         def loss_fn(params, key, x):
             return objective(params, key, x, beta)
 
+    loss_fn.model = model  # what fit and evaluate check the parameters against
     loss_fn.beta = beta
     loss_fn.free_bits = free_bits
     loss_fn.scheduled = callable(beta)  # optimizer.from_optax then passes step=count

@@ -123,6 +123,11 @@ def checked_loss(loss_fn):
 
     def wrapped(params, key, batch, **kwargs):
         out = loss_fn(params, key, batch, **kwargs)
+        if isinstance(out, (tuple, list, dict)):
+            # e.g. (loss, aux) for jax.value_and_grad(has_aux=True): numpy would fail on the tracers
+            raise ValueError(
+                "loss_fn must return a floating-point scalar (the batch's mean loss), "
+                f"got a {type(out).__name__} of {len(out)}; return the loss alone (no aux values)")
         shape, dtype = tuple(jnp.shape(out)), jnp.result_type(out)
         if shape != () or not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(

@@ -13,14 +13,26 @@ import jax
 import jax.numpy as jnp
 
 from savae_jax import data as data_lib
-from savae_jax import driver, evaluation
+from savae_jax import driver, evaluation, models
+from savae_jax import validation as checks  # not `validation`: fit has an argument of that name
 from savae_jax.optimizer import as_optimizer
 
 
 def _images(data, name: str):
-    images = data.images if hasattr(data, "images") else data
-    data_lib.validate_images(images, name=name)
-    return jnp.asarray(images, jnp.float32)
+    return data_lib.as_images(data, name)
+
+
+def check_params_fit(loss_fn, params, images, name: str) -> None:
+    """Refuse ``params`` that do not fit ``images`` (ValueError naming both), when ``loss_fn`` says its model.
+
+    ``make_loss(model)`` carries ``loss_fn.model``; the parameters are then
+    compared with the model's for these images once, before training, instead
+    of failing inside the first compiled step (or, for a test set of another
+    shape, after an epoch). A loss without ``.model`` is not checked.
+    """
+    model = getattr(loss_fn, "model", None)
+    if model is not None:
+        models.check_params(model, params, images.shape[1:], name)
 
 
 def fit(
@@ -85,17 +97,29 @@ def fit(
       parameters and one ``driver.run`` history
       row per epoch, plus its ``epoch`` (1, 2, ...); ``seconds`` is the
       cumulative training time (evaluation excluded).
+    Raises:
+      ValueError: a bad argument, named (images not in [0, 1], ``params``
+        that do not fit them, a non-integer ``batch_size``, ...).
+      driver.NonFiniteLossError: the training loss (or the parameters) became
+        non-finite; the message names the first such step, and the error
+        carries the last finite epoch's ``params`` and ``history``.
+        ``driver.InvalidScheduleError`` (a subclass) when an annealer's
+        temperature or radius schedule returned a negative or non-finite value.
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+    checks.integer_number("batch_size", batch_size, 1)
+    checks.integer_number("eval_batch_size", eval_batch_size, 1)
     batch_fn = data_lib.as_batch_fn(binarize, static_seed)
     images = _images(train, "train")
+    check_params_fit(loss_fn, params, images, "train")
     eval_loss = eval_loss_fn or loss_fn
 
     def scorer(data, name):
         if data is None:
             return None
         held_out = _images(data, name)
+        check_params_fit(eval_loss, params, held_out, name)
         return lambda p: evaluation.evaluate(eval_loss, p, held_out, eval_key, eval_batch_size, batch_fn)
 
     evaluate, validate = scorer(test, "test"), scorer(validation, "validation")

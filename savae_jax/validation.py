@@ -9,6 +9,7 @@ are let through by :func:`real` and the helpers built on it.
 
 from __future__ import annotations
 
+import inspect
 import math
 import numbers
 from typing import Callable
@@ -117,3 +118,40 @@ def instance(name: str, value, cls: type, example: str = "") -> None:
     if not isinstance(value, cls):
         hint = f" (e.g. {example})" if example else ""
         raise ValueError(f"{name} must be a {cls.__name__}{hint}, got {value!r}")
+
+
+def rule(name: str, value, num_args: int, example: str) -> None:
+    """Check that ``value`` can be called with ``num_args`` positional arguments.
+
+    Catches a factory passed uncalled (``acceptance=metropolis`` instead of
+    ``metropolis()``), which would otherwise fail at the first traced step.
+    Callables whose signature Python cannot read are let through.
+    """
+    is_callable(name, value, example)
+    try:
+        signature = inspect.signature(value)
+    except (TypeError, ValueError):
+        return
+    # Keyword-only arguments (a noise-aware rule's stderr=) are the caller's business, not the factory's.
+    keywords = {k: None for k, q in signature.parameters.items()
+                if q.kind is q.KEYWORD_ONLY and q.default is q.empty}
+    try:
+        signature.bind(*range(num_args), **keywords)
+    except TypeError:
+        raise ValueError(f"{name} must be a rule taking {num_args} arguments, such as {example} "
+                         f"(a factory must be called), got {value!r}") from None
+
+
+def integer_number(name: str, value, minimum: int) -> None:
+    """Check that ``value`` is an integer >= ``minimum``: an int, or an integral 0-d array (not a bool or float).
+
+    For sizes and counts (``batch_size``, ``num_samples``): ``True`` or
+    ``1.9`` would otherwise be used as 1.
+    """
+    if hasattr(value, "dtype") and getattr(value, "shape", None) == () and not is_traced(value):
+        import numpy as np
+
+        if np.issubdtype(value.dtype, np.integer):
+            value = int(value)
+    integer(name, value, minimum)
+

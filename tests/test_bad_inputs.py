@@ -134,6 +134,63 @@ def budget_below_one_step(tmp_path):
                          batch_size=100, eval_every=1, budget_evals=4)
 
 
+# ---- issue 16: helpers of the cases below
+
+
+def thesis_folder(tmp_path):
+    """A folder holding a user's file (save_params must not empty it)."""
+    folder = tmp_path / "thesis"
+    folder.mkdir()
+    (folder / "thesis.tex").write_text("\\documentclass{article}")
+    return folder
+
+
+def fit_sa(temperature=1.0, radius=None, acceptance=None, loss_fn=None):
+    """fit for one epoch with a small annealer (a bad schedule or rule under test)."""
+    loss = loss_fn or tiny()[1]
+    sa = an.simulated_annealing(loss, 4, an.gaussian(0.01), temperature, acceptance or an.metropolis(),
+                                radius=radius)
+    return fit(loss_fn=loss, optimizer=sa)
+
+
+def tuple_loss(params, key, x):
+    return tiny()[1](params, key, x), {"aux": 0.0}
+
+
+def mnist_shaped_params():
+    """Parameters of the tiny model initialised for 28x28 images (used on 8x8 digits below)."""
+    return sv.models.init(jax.random.key(0), tiny()[0], np.zeros((1, 28, 28, 1), np.float32))
+
+
+def fit_params(params, test=None):
+    _, loss, _, _ = tiny()
+    return sv.fit(jax.random.key(0), params, loss, optax.adam(1e-3), digits(), 1, 100, test=test)
+
+
+def saved_config(tmp_path, text, script="compare"):
+    """A workdir whose config.json holds ``text`` (truncated, or without its "config" key), resumed."""
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    (workdir / "config.json").write_text(text)
+    flags = ["--methods", "adam"] if script == "compare" else ["--epochs", "1"]
+    return ["--workdir", str(workdir), *flags, "--resume", *TINY]
+
+
+def run_and_thesis(tmp_path, *flags):
+    """train.py --overwrite into a workdir holding a run (its config.json) and a user's thesis.tex."""
+    argv = workdir_with_a_run(tmp_path)
+    (tmp_path / "w" / "thesis.tex").write_text("chapter 1")
+    return [*argv, "--overwrite", *flags]
+
+
+def config_file(tmp_path, config):
+    """compare.py --config FILE holding ``config`` (no --hidden flag, so the file's value counts)."""
+    path = tmp_path / "config_in.json"
+    path.write_text(__import__("json").dumps(config))
+    return ["--workdir", str(tmp_path / "w"), "--config", str(path), "--methods", "adam", "--latents", "4",
+            "--quiet"]
+
+
 class Case(NamedTuple):
     """One bad input.
 
@@ -342,6 +399,101 @@ CASES = [
          compare_cli("--set", "sa-refine.level=0.7")),
     Case("cli-train-decision-size", "--optimizer sa --sa-decision-size 1", "train.py", E, "--sa-decision-size",
          train_cli("--optimizer", "sa", "--sa-decision-size", "1")),
+    # ---- issue 16: data loss and hangs
+    Case("save-params-onto-file", "save_params(path) where path is an ordinary file", "checkpoint.save_params",
+         ValueError, "is an ordinary file, not a checkpoint folder",
+         lambda tmp: checkpoint.save_params(a_file(tmp), tiny()[2])),
+    Case("save-params-onto-folder", "save_params(path) where path is a folder holding a thesis.tex",
+         "checkpoint.save_params", ValueError, "is a folder that holds other files, not a checkpoint",
+         lambda tmp: checkpoint.save_params(thesis_folder(tmp), tiny()[2])),
+    Case("save-params-under-file", "save_params('a_file/sub') where a_file is an ordinary file",
+         "checkpoint.save_params", ValueError, "is a file, not a folder",
+         lambda tmp: checkpoint.save_params(a_file(tmp) / "sub", tiny()[2])),
+    Case("run-checkpoint-dir-under-file", "driver.run(checkpoint_dir='a_file/sub'), a_file an ordinary file",
+         "driver.run", ValueError, "checkpoint_dir: cannot save a checkpoint",
+         lambda tmp: sv.driver.run(jax.random.key(0), [sv.Phase("adam", sv.from_optax(tiny()[1], optax.adam(1e-3)))], tiny()[2],
+                                   digits().images, eval_every=5, budget_evals=30, checkpoint_dir=a_file(tmp) / "sub")),
+    Case("cli-train-workdir-under-file", "--workdir a_file/sub (a_file is an ordinary file)", "train.py", E,
+         "--workdir: cannot write", lambda tmp: ["--workdir", str(a_file(tmp) / "sub"), "--epochs", "1", *TINY]),
+    Case("cli-compare-budget-below-adam-step", "--methods adam --budget-evals 2 (one step costs 3)", "compare.py",
+         E, "does not pay for one step of phase 'adam'", compare_cli("--methods", "adam", "--budget-evals", "2")),
+    # ---- issue 16: silent wrong results
+    Case("schedule-negative", "temperature optax.linear_schedule(-1, -1, 10) (negative T accepts every move)",
+         "fit (first row)", sv.driver.InvalidScheduleError, "the temperature schedule returned -1.0",
+         lambda tmp: fit_sa(temperature=optax.linear_schedule(-1.0, -1.0, 10))),
+    Case("schedule-nan", "a temperature schedule returning NaN (would act greedy, t_min never fires)",
+         "fit (first row)", sv.driver.InvalidScheduleError, "the temperature schedule returned nan",
+         lambda tmp: fit_sa(temperature=lambda count: jnp.nan)),
+    Case("radius-schedule-nan", "a radius schedule returning NaN (would reject everything)", "fit (first row)",
+         sv.driver.InvalidScheduleError, "the radius schedule returned nan",
+         lambda tmp: fit_sa(radius=lambda count: jnp.nan)),
+    Case("evaluate-uint8", "evaluate on uint8 images (0-255)", "evaluate", ValueError,
+         "images must be a float array with values in [0, 1], got dtype uint8",
+         lambda tmp: sv.evaluate(tiny()[1], tiny()[2], (digits().images[:50] * 255).astype(np.uint8))),
+    Case("diagnostics-scaled-16", "diagnostics on images scaled 0-16", "diagnostics", ValueError,
+         "images must have values in [0, 1]",
+         lambda tmp: sv.diagnostics(tiny()[0], tiny()[2], digits().images[:50] * 16)),
+    Case("iwae-nan-pixel", "evaluate_iwae on images with a NaN pixel", "evaluate_iwae", ValueError,
+         "images contains NaN", lambda tmp: sv.evaluate_iwae(tiny()[0], tiny()[2], images_with(np.nan), 5)),
+    Case("fit-diverges", "fit with sgd(1e6): the loss becomes NaN", "fit (first row)", sv.driver.NonFiniteLossError,
+         "(phase fit, first at step", lambda tmp: fit(optimizer=optax.sgd(1e6))),
+    Case("fit-batch-bool", "fit(..., batch_size=True)", "fit", ValueError,
+         "batch_size must be an integer >= 1, got True", lambda tmp: fit(batch_size=True)),
+    Case("iwae-k-float", "evaluate_iwae(..., 1.9) (would use k = 1)", "evaluate_iwae", ValueError,
+         "num_samples must be an integer >= 1, got 1.9",
+         lambda tmp: sv.evaluate_iwae(tiny()[0], tiny()[2], digits().images[:50], 1.9)),
+    Case("cli-compare-set-unknown-key-adam", "--set adam.lrr=0.5 (typo)", "compare.py", E,
+         "--set adam.*: unknown adam settings ['lrr']", compare_cli("--set", "adam.lrr=0.5")),
+    Case("cli-compare-set-string", "--set sa.scale=x (a string for a number)", "compare.py", E,
+         "--set sa.scale: must be a number, got 'x'", compare_cli("--set", "sa.scale=x")),
+    Case("cli-compare-set-bool", "--set adam.lr=true", "compare.py", E, "--set adam.lr: must be a number, got True",
+         compare_cli("--set", "adam.lr=true")),
+    Case("cli-compare-set-non-integral", "--set sa.proposals=8.5", "compare.py", E,
+         "--set sa.proposals: must be an integer, got 8.5", compare_cli("--set", "sa.proposals=8.5")),
+    Case("cli-compare-config-bool", '--config FILE with {"hidden": true}', "compare.py", E,
+         "--hidden: must be an integer, got True", lambda tmp: config_file(tmp, {"hidden": True})),
+    Case("cli-compare-config-method", '--config FILE with method_config for an unknown method', "compare.py", E,
+         "--config: unknown method(s) ['newton']",
+         lambda tmp: config_file(tmp, {"method_config": {"newton": {"lr": 1}}})),
+    # ---- issue 16: deep tracebacks
+    Case("loss-tuple-optax", "loss_fn returns (loss, aux) (Optax)", "fit (first trace)", ValueError,
+         "got a tuple of 2; return the loss alone", lambda tmp: fit(loss_fn=tuple_loss)),
+    Case("loss-tuple-sa", "loss_fn returns (loss, aux) (annealing)", "annealing step (first trace)", ValueError,
+         "got a tuple of 2; return the loss alone", lambda tmp: first_step(anneal(loss_fn=tuple_loss))),
+    Case("fit-batch-float", "fit(..., batch_size=64.0)", "fit", ValueError,
+         "batch_size must be an integer >= 1, got 64.0", lambda tmp: fit(batch_size=64.0)),
+    Case("evaluate-batch-float", "evaluate(..., batch_size=100.5)", "evaluate", ValueError,
+         "batch_size must be an integer >= 1, got 100.5",
+         lambda tmp: sv.evaluate(tiny()[1], tiny()[2], digits().images[:50], batch_size=100.5)),
+    Case("params-empty", "fit(params={})", "fit", ValueError, "params do not fit train of shape (8, 8, 1)",
+         lambda tmp: fit_params({})),
+    Case("params-other-image-shape", "params initialised on 28x28 images, trained on 8x8 digits", "fit", ValueError,
+         "params do not fit train of shape (8, 8, 1)", lambda tmp: fit_params(mnist_shaped_params())),
+    Case("fit-test-other-shape", "fit(test=...) with 28x28 test images (was found after an epoch)", "fit",
+         ValueError, "params do not fit test of shape (28, 28, 1)",
+         lambda tmp: fit_params(tiny()[2], test=np.zeros((10, 28, 28, 1), np.float32))),
+    Case("evaluate-params-other-shape", "evaluate_iwae with params of 28x28 images on 8x8 ones", "evaluate_iwae",
+         ValueError, "params do not fit images of shape (8, 8, 1)",
+         lambda tmp: sv.evaluate_iwae(tiny()[0], mnist_shaped_params(), digits().images[:50], 5)),
+    Case("acceptance-factory", "acceptance=an.metropolis (the factory, not called)", "annealing.simulated_annealing",
+         ValueError, "acceptance must be a rule taking 3 arguments, such as metropolis()",
+         lambda tmp: anneal(acceptance=an.metropolis)),
+    Case("schedule-vector", "a temperature schedule returning a (3,) vector", "annealing step (first trace)",
+         ValueError, "temperature schedule must return a scalar",
+         lambda tmp: first_step(anneal(temperature=lambda count: jnp.ones(3)))),
+    Case("step-memory", "num_proposals=10**6 with low_rank (a step needing ~80 GiB)", "driver.iterate (compile)",
+         ValueError, "the compiled training step needs about",
+         lambda tmp: fit(optimizer=anneal(proposal=an.low_rank(0.01), num_proposals=10**6))),
+    Case("cli-compare-resume-truncated", "--resume with a truncated config.json", "compare.py", E,
+         "--resume: cannot read", lambda tmp: saved_config(tmp, '{"config": {"hidd')),
+    Case("cli-compare-resume-keyless", '--resume with a config.json without its "config" key', "compare.py", E,
+         'has no "config" object', lambda tmp: saved_config(tmp, '{"methods": "adam"}')),
+    Case("cli-train-overwrite-foreign", "--overwrite into a workdir holding a run and a thesis.tex", "train.py", E,
+         "--overwrite: ", lambda tmp: run_and_thesis(tmp)),
+    Case("cli-train-overwrite-resume", "--overwrite with --resume", "train.py", E,
+         "give either --resume (continue the run) or --overwrite", lambda tmp: run_and_thesis(tmp, "--resume")),
+    Case("cli-train-resume-truncated", "--resume with a truncated config.json", "train.py", E,
+         "--resume: cannot read", lambda tmp: saved_config(tmp, '{"conf', script="train")),
 ]
 
 NUM_BAD_INPUTS = len(CASES)  # reported in the README's reliability section

@@ -115,6 +115,9 @@ class AnnealInfo(NamedTuple):
       stderr: standard error of ``delta``, the difference the rule decided
         on (NaN when not measured).
       decision_size: examples the decision was made on (int32).
+      bad_temperature: bool, the temperature schedule returned a negative or
+        non-finite value at this step (the chain then halts: no move).
+      bad_radius: bool, the same for the radius schedule.
     """
 
     accepted: jax.Array
@@ -131,9 +134,14 @@ class AnnealInfo(NamedTuple):
     stderr_selection: jax.Array
     stderr: jax.Array
     decision_size: jax.Array
+    bad_temperature: jax.Array
+    bad_radius: jax.Array
 
     # What a training log records of each step (its schema: keep the order).
     LOGGED = ("temperature", "radius", "acceptance_rate")
+    # Flags that stop a training loop, each with the field holding the offending value
+    # (the driver notes them on the device and reads them at its rows; see driver._faults).
+    FAULTS = {"bad_temperature": "temperature", "bad_radius": "radius"}
 
 
 # The annealer is an optimizer like any other (``Optimizer(init, step, cost,
@@ -156,7 +164,7 @@ def _validate(num_proposals, proposal, acceptance, t_min, patience) -> None:
     """Check ``simulated_annealing``'s scalar arguments (ValueError naming the argument)."""
     validation.integer("num_proposals", num_proposals, 1)
     validation.instance("proposal", proposal, Proposal, "gaussian(0.1)")
-    validation.is_callable("acceptance", acceptance, "metropolis()")
+    validation.rule("acceptance", acceptance, 3, "metropolis()")
     validation.finite_positive("t_min", t_min, optional=True)
     validation.integer("patience", patience, 1, optional=True)
 
@@ -253,13 +261,28 @@ class _Selection(NamedTuple):
 
 
 def _schedule_values(cfg: _Config, state: AnnealState):
-    """This step's temperature T, radius r, and whether the chain is halted (done, or T < t_min)."""
+    """This step's temperature T, radius r, and whether the chain is halted (done, T < t_min, or a bad schedule).
+
+    A schedule must return a scalar (checked when traced); a negative or
+    non-finite value halts the chain (a negative T would accept every worse
+    move, a NaN one none) and is flagged in ``info`` (:func:`schedule_faults`).
+    """
     t = cfg.temperature.value(state.schedule_state.temperature, state.count)
     r = cfg.radius.value(state.schedule_state.radius, state.count)
-    halt = state.done
+    for name, value in (("temperature", t), ("radius", r)):
+        if jnp.shape(value) != ():
+            raise ValueError(f"{name} schedule must return a scalar (one value per step), "
+                             f"got shape {jnp.shape(value)}")
+    bad_t, bad_r = schedule_faults(t, r)
+    halt = state.done | bad_t | bad_r
     if cfg.t_min is not None:
         halt = halt | (t < cfg.t_min)
     return t, r, halt
+
+
+def schedule_faults(t, r):
+    """Whether the temperature ``t`` and the radius ``r`` are unusable: negative or non-finite (two bools)."""
+    return ~(jnp.isfinite(t) & (t >= 0)), ~(jnp.isfinite(r) & (r >= 0))
 
 
 def _member_losses(cfg: _Config, prep, keys):
@@ -362,6 +385,8 @@ def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState,
         stderr_selection=on_selection.stderr,
         stderr=decided.stderr,
         decision_size=decided.num,
+        bad_temperature=schedule_faults(t, r)[0],
+        bad_radius=schedule_faults(t, r)[1],
     )
 
 
