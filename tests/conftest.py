@@ -168,3 +168,19 @@ def vae():
     model = sv.MLPVAE(hidden=16, latents=3)
     params = sv.models.init(jax.random.key(0), model, train.images[:1])
     return train.images, params, sv.make_loss(model)
+
+
+def nan_after(loss_fn, bad_step):
+    """Adam whose reported loss turns NaN from step ``bad_step`` (counted from 1) on: a fault injection."""
+    import jax.numpy as jnp
+    import optax
+
+    import savae_jax as sv
+
+    adam = sv.from_optax(loss_fn, optax.adam(1e-3))
+
+    def step(key, state, x):
+        state, info = adam.step(key, state, x)
+        return state, info._replace(loss=jnp.where(state.count >= bad_step, jnp.nan, info.loss))
+
+    return adam._replace(step=step)

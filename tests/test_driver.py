@@ -3,13 +3,14 @@
 import shutil
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
 import savae_jax as sv
 from savae_jax import annealing, checkpoint, driver
+
+from conftest import nan_after
 
 
 @pytest.fixture(scope="module")
@@ -40,17 +41,6 @@ def test_phases_split_the_budget_and_hand_over_parameters(setup):
         ("adam", 7, 21), ("adam", 14, 42), ("adam", 20, 60),
         ("sgd", 21, 63), ("sgd", 28, 84), ("sgd", 33, 99)]
     assert all(np.isfinite(r["test_neg_elbo"]) for r in history)
-
-
-def nan_after(loss_fn, bad_step):
-    """Adam whose reported loss turns NaN from step ``bad_step`` on (a fault injection)."""
-    adam = sv.from_optax(loss_fn, optax.adam(1e-3))
-
-    def step(key, state, x):
-        state, info = adam.step(key, state, x)
-        return state, info._replace(loss=jnp.where(state.count >= bad_step, jnp.nan, info.loss))
-
-    return adam._replace(step=step)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_path):

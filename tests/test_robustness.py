@@ -26,6 +26,8 @@ import savae_jax as sv
 import savae_jax.annealing as an
 from savae_jax import checkpoint, driver
 
+from conftest import nan_after
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -161,17 +163,6 @@ def test_replica_exchange_stops_on_a_bad_replica_schedule(tiny):
 
 
 # ---- divergence
-
-
-def nan_after(loss_fn, bad_step):
-    """Adam whose reported loss turns NaN at step ``bad_step`` (counted from 1) and after."""
-    adam = sv.from_optax(loss_fn, optax.adam(1e-3))
-
-    def step(key, state, x):
-        state, info = adam.step(key, state, x)
-        return state, info._replace(loss=jnp.where(state.count >= bad_step, jnp.nan, info.loss))
-
-    return adam._replace(step=step)
 
 
 def test_fit_stops_at_the_first_non_finite_step_and_keeps_the_last_finite_epoch(tiny):
