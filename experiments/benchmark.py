@@ -191,10 +191,7 @@ class Cache:
             loss_fn, params, x = self.problem(hidden)
             sa = an.simulated_annealing(
                 loss_fn, k, make_proposal(proposal), an.exponential(1.0, 0.999), an.metropolis())
-            state = sa.init(params)
-            args = (jax.random.key(3), state, x)
-            compiled, _ = compile_fn(sa.step, *args)
-            self.steps[key] = (compiled, args, memory(compiled))
+            self.steps[key] = _compiled_step(sa, jax.random.key(3), params, x)
         return self.steps[key]
 
     def roofline(self, k: int, hidden: int = HIDDEN):
@@ -291,40 +288,29 @@ def _matmul(rows: int, hidden: int = HIDDEN):
     return compile_fn(jnp.dot, a, b)[0], (a, b)
 
 
-def _es_step(cache: Cache, k: int):
-    """(compiled ES step with K = k low-rank members, args, memory dict)."""
-    loss_fn, params, x = cache.problem(HIDDEN)
-    es = an.evolution_strategy(loss_fn, k // 2, SCALE)
-    args = (jax.random.key(7), es.init(params), x)
-    compiled, _ = compile_fn(es.step, *args)
-    return compiled, args, memory(compiled)
-
-
-def _adam_step(cache: Cache):
-    """(compiled Adam step on one batch, args, memory dict), through ``optimizer.from_optax``."""
-    loss_fn, params, x = cache.problem(HIDDEN)
-    opt = sv.optimizer.from_optax(loss_fn, optax.adam(1e-3))
-    args = (jax.random.key(8), opt.init(params), x)
-    compiled, _ = compile_fn(opt.step, *args)
+def _compiled_step(optimizer, key, params, x):
+    """(compiled ``optimizer.step`` from ``optimizer.init(params)`` on batch ``x``, args, memory dict)."""
+    args = (key, optimizer.init(params), x)
+    compiled, _ = compile_fn(optimizer.step, *args)
     return compiled, args, memory(compiled)
 
 
 def bench_efficiency(cache: Cache, ks, rounds: int) -> list[dict]:
     """Achieved FLOP/s of every step over a same-shape matmul's, timed side by side."""
     rows = []
-    adam = _adam_step(cache)
+    loss_fn, params, x = cache.problem(HIDDEN)
+    adam = _compiled_step(sv.optimizer.from_optax(loss_fn, optax.adam(1e-3)), jax.random.key(8), params, x)
     for k in ks:
-        es = _es_step(cache, k)
+        es = _compiled_step(an.evolution_strategy(loss_fn, k // 2, SCALE), jax.random.key(7), params, x)
         steps = {"inference": cache.roofline(k), "gaussian": cache.step("gaussian", k),
                  "low_rank": cache.step("low_rank", k), "es": es, "adam": adam}
-        row_count = {"adam": BATCH}  # the others' matmuls have about k * batch rows
         fns = {name: step[:2] for name, step in steps.items()}
+        # The reference matmul has the step's own row count: one batch for Adam, K batches for the rest.
         fns["matmul"] = _matmul(k * BATCH)
         fns["matmul_batch"] = _matmul(BATCH)
         t = time_interleaved(fns, rounds)
         for name, step in steps.items():
-            ref = "matmul_batch" if row_count.get(name) == BATCH else "matmul"
-            ref_rows = BATCH if ref == "matmul_batch" else k * BATCH
+            ref, ref_rows = ("matmul_batch", BATCH) if name == "adam" else ("matmul", k * BATCH)
             matmul_rate = 2 * ref_rows * HIDDEN * PIXELS / t[ref]
             flops = necessary_flops(name, k)
             rows.append({

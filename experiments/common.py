@@ -117,7 +117,7 @@ def check_settings(config: dict, defaults: dict, prefix: str, what: str) -> dict
     unknown = set(config) - set(defaults)
     if unknown:
         raise ValueError(f"{prefix}*: unknown {what} settings {sorted(unknown)}; known: {', '.join(defaults)}")
-    return {key: checked_value(_flag(prefix, key), value, kind_of(key, defaults[key]),
+    return {key: checked_value(flag_name(prefix, key), value, kind_of(key, defaults[key]),
                                optional=defaults[key] is None)
             for key, value in config.items()}
 
@@ -382,7 +382,7 @@ def make_acceptance(config: dict, prefix: str = ""):
     return {"metropolis": annealing.metropolis, "greedy": annealing.greedy, "penalty": annealing.penalty}[name]()
 
 
-def _flag(prefix: str, key: str) -> str:
+def flag_name(prefix: str, key: str) -> str:
     """How an error names a setting: ``--sa-t-min`` for train.py's flags, ``sa.t_min`` for ``--set``."""
     return f"{prefix}{key.replace('_', '-')}" if prefix.endswith("-") else f"{prefix}{key}"
 
@@ -401,7 +401,7 @@ def _naming_settings(prefix: str, what: str, build):
 def make_decision(config: dict, batch_size: int | None, prefix: str = ""):
     """The decision batch of ``config["decision_size"]`` examples (None when 0: the selection batch decides)."""
     size = config["decision_size"]
-    flag = _flag(prefix, "decision_size")
+    flag = flag_name(prefix, "decision_size")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
         raise ValueError(f"{flag}: must be 0 (decide on the selection batch) or an integer >= 2, "
                          f"got {size!r}")
@@ -427,7 +427,7 @@ def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None, batch_size
     t0, t_min = config["t0"], config["t_min"]
     if t_min is not None and isinstance(t0, (int, float)) and isinstance(t_min, (int, float)) and t_min >= t0:
         # Every schedule here starts at t0: the annealer would be done before its first step.
-        raise ValueError(f"{_flag(prefix, 't_min')}: must be < {prefix}t0 = {t0} (every schedule starts at t0, "
+        raise ValueError(f"{flag_name(prefix, 't_min')}: must be < {prefix}t0 = {t0} (every schedule starts at t0, "
                          f"so the annealer would stop before its first step), got {t_min}")
     return _naming_settings(prefix, "annealing", lambda: annealing.simulated_annealing(
         loss_fn,

@@ -240,7 +240,7 @@ def check_config_types(config: dict) -> None:
         if key in ("seeds", "method_config", "methods"):
             continue
         optional = default is None or key in common.NONE_KINDS
-        config[key] = common.checked_value(f"--{key.replace('_', '-')}", config[key],
+        config[key] = common.checked_value(common.flag_name("--", key), config[key],
                                            common.kind_of(key, default), optional)
     unknown = set(config["method_config"]) - set(METHODS)
     if unknown:

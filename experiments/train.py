@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrain-lr", type=positive(float), default=1e-3, help="learning rate of the pretraining")
     sa = p.add_argument_group("simulated annealing (--optimizer sa); one step per batch")
     for key, default in common.SA_DEFAULTS.items():
-        flag = "--sa-" + key.replace("_", "-")
+        flag = common.flag_name("--sa-", key)
         if isinstance(default, bool):
             sa.add_argument(flag, action="store_true", help=SA_HELP[key])
         else:
@@ -121,12 +121,12 @@ def unused_flags(args, parser) -> list[str]:
     """The flags given a non-default value that this run does not use (--sa-* without --optimizer sa, ...)."""
     unused = []
     if args.optimizer != "sa":
-        unused += ["--sa-" + key.replace("_", "-") for key in common.SA_DEFAULTS
+        unused += [common.flag_name("--sa-", key) for key in common.SA_DEFAULTS
                    if getattr(args, "sa_" + key) != parser.get_default("sa_" + key)]
     elif args.lr != parser.get_default("lr"):
         unused.append("--lr")
     if not args.pretrain_epochs:
-        unused += [f"--{name.replace('_', '-')}" for name in ("pretrain_optimizer", "pretrain_lr")
+        unused += [common.flag_name("--", name) for name in ("pretrain_optimizer", "pretrain_lr")
                    if getattr(args, name) != parser.get_default(name)]
     return unused
 

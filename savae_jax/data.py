@@ -90,8 +90,6 @@ def validate_images(images, name: str = "images") -> None:
       ValueError: naming `name`, on wrong rank, non-float dtype, N == 0,
         NaN/inf, or values outside [0, 1].
     """
-    if isinstance(images, Dataset):
-        images = images.images
     if isinstance(images, jax.Array) and np.issubdtype(images.dtype, np.floating) and images.ndim == 4:
         # On the device: reduce there and fetch three numbers, not the whole array.
         arr = images

@@ -20,7 +20,9 @@ step is a pure function of the phase's key and its index.
 from __future__ import annotations
 
 import math
+import os
 import time
+import warnings
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -248,8 +250,6 @@ MEMORY_WARN_FRACTION = 0.5
 def device_memory_bytes(device=None) -> int | None:
     """Memory of ``device`` (default: the first local one): the allocator's limit on an
     accelerator, the machine's physical memory on CPU; None if unknown."""
-    import os
-
     device = device or jax.local_devices()[0]
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and stats.get("bytes_limit"):
@@ -294,8 +294,6 @@ def check_step_memory(compiled, limit: int | None = None) -> int | None:
                          f"outputs and scratch) but the device has {gib(limit)}; use fewer proposals "
                          "(num_proposals) or a smaller batch_size")
     if need > MEMORY_WARN_FRACTION * limit:
-        import warnings
-
         warnings.warn(f"the compiled training step needs about {gib(need)} of the device's {gib(limit)}",
                       ResourceWarning, stacklevel=3)
     return need

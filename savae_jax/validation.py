@@ -15,6 +15,7 @@ import numbers
 from typing import Callable
 
 import jax
+import numpy as np
 
 
 def is_traced(value) -> bool:
@@ -149,8 +150,6 @@ def integer_number(name: str, value, minimum: int) -> None:
     ``1.9`` would otherwise be used as 1.
     """
     if hasattr(value, "dtype") and getattr(value, "shape", None) == () and not is_traced(value):
-        import numpy as np
-
         if np.issubdtype(value.dtype, np.integer):
             value = int(value)
     integer(name, value, minimum)
