@@ -57,6 +57,16 @@ def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Ar
     return mean + jnp.exp(0.5 * logvar) * eps
 
 
+def _flat(a: jax.Array) -> jax.Array:
+    """``a`` as (B, pixels): flattened BEFORE the per-pixel terms, so XLA sums one axis.
+
+    Reducing the (B, H, W, C) image axes instead gives the same sum, bit for
+    bit, but XLA's CPU reduction over three trailing axes (one of size 1) ran
+    3-4x slower (issue 14: 242 ms against 66 ms for 257 x 128 MNIST images).
+    """
+    return a.reshape(a.shape[0], -1)
+
+
 def bernoulli_log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:
     """log p(x | logits) for Bernoulli pixels, summed over all but the first axis.
 
@@ -64,8 +74,8 @@ def bernoulli_log_prob(logits: jax.Array, x: jax.Array) -> jax.Array:
     large |l| and is also defined for x in [0, 1] (continuous Bernoulli-style
     use on grey images, as in most VAE code).
     """
-    per_pixel = x * logits - jax.nn.softplus(logits)
-    return per_pixel.reshape(per_pixel.shape[0], -1).sum(axis=-1)
+    logits, x = _flat(logits), _flat(x)
+    return jnp.sum(x * logits - jax.nn.softplus(logits), axis=-1)
 
 
 def gaussian_log_prob(mean: jax.Array, log_scale, x: jax.Array) -> jax.Array:
@@ -76,10 +86,11 @@ def gaussian_log_prob(mean: jax.Array, log_scale, x: jax.Array) -> jax.Array:
     for the usual uniform-dequantisation bound on 8-bit data).
     ``log_scale`` is an array broadcastable to ``x`` or a float.
     """
-    log_scale = jnp.broadcast_to(jnp.asarray(log_scale, x.dtype), x.shape)
+    log_scale = _flat(jnp.broadcast_to(jnp.asarray(log_scale, x.dtype), x.shape))
+    mean, x = _flat(mean), _flat(x)
     per_pixel = (-0.5 * jnp.square((x - mean) * jnp.exp(-log_scale))
                  - log_scale - 0.5 * math.log(2 * math.pi))
-    return per_pixel.reshape(per_pixel.shape[0], -1).sum(axis=-1)
+    return jnp.sum(per_pixel, axis=-1)
 
 
 def discretized_logistic_log_prob(loc: jax.Array, log_scale: jax.Array, x: jax.Array,
@@ -103,7 +114,8 @@ def discretized_logistic_log_prob(loc: jax.Array, log_scale: jax.Array, x: jax.A
     Returns:
       Shape (B,): log-probabilities in nats (<= 0).
     """
-    log_scale = jnp.broadcast_to(jnp.asarray(log_scale, x.dtype), x.shape)
+    log_scale = _flat(jnp.broadcast_to(jnp.asarray(log_scale, x.dtype), x.shape))
+    loc, x = _flat(loc), _flat(x)
     half = 0.5 / (num_bins - 1)
     inv_s = jnp.exp(-log_scale)
     plus = inv_s * (x - loc + half)
@@ -112,7 +124,7 @@ def discretized_logistic_log_prob(loc: jax.Array, log_scale: jax.Array, x: jax.A
     log_sf_minus = -jax.nn.softplus(minus)  # log (1 - sigma(minus)): the bin of 1
     log_mass = log_cdf_plus + log_sf_minus + jnp.log(-jnp.expm1(minus - plus))
     per_pixel = jnp.where(x < half, log_cdf_plus, jnp.where(x > 1.0 - half, log_sf_minus, log_mass))
-    return per_pixel.reshape(per_pixel.shape[0], -1).sum(axis=-1)
+    return jnp.sum(per_pixel, axis=-1)
 
 
 def log_likelihood(likelihood: str, loc: jax.Array, x: jax.Array, log_scale=None) -> jax.Array:

@@ -2,9 +2,10 @@
 
 One step from the incumbent x at temperature T = schedule(count):
 
-1. draw K proposals from the proposal kernel (noise generated inside the vmap;
-   full-rank kernels are evaluated ``prep.chunk_size`` proposals at a time,
-   so memory stays O(P) in K);
+1. draw K proposals from the proposal kernel (full-rank noise is generated
+   inside the vmap and evaluated ``prep.chunk_size`` proposals at a time, so
+   memory stays O(P) in K; ``low_rank``'s small noise is drawn for all
+   members at once, before the vmap, by ``prep.draw``);
 2. evaluate all K proposals AND the incumbent in one ``jax.vmap`` on the same
    batch with the same loss key (common random numbers); non-finite proposal
    losses count as +inf;
@@ -198,12 +199,17 @@ def init(params, proposal: Proposal, temperature, radius=None) -> AnnealState:
 
 
 def _evaluate(prep, keys, active):
-    """Losses of the members ``keys``/``active``: one vmap, or chunks of ``prep.chunk_size``."""
+    """Losses of the members ``keys``/``active``: one vmap, or chunks of ``prep.chunk_size``.
+
+    A kernel with ``prep.draw`` has every member's noise drawn here, once,
+    and its ``loss`` takes a member's noise instead of its key.
+    """
+    members = keys if getattr(prep, "draw", None) is None else prep.draw(keys)
     chunk = getattr(prep, "chunk_size", None)
     if chunk is None or chunk >= keys.shape[0]:
-        return jax.vmap(prep.loss)(keys, active)
+        return jax.vmap(prep.loss)(members, active)
     # A vmap over all K would hold K perturbed copies of the params.
-    return jax.lax.map(lambda ka: prep.loss(*ka), (keys, active), batch_size=int(chunk))
+    return jax.lax.map(lambda ma: prep.loss(*ma), (members, active), batch_size=int(chunk))
 
 
 def _evaluate_sharded(prep, keys, active, mesh, axis_name):

@@ -6,7 +6,8 @@ Protocol (a tiny one, so kernels are pluggable)::
     proposal_state = proposal.init(params)                 # () when stateless
     prep = proposal.prepare(loss_fn, params, key_loss, batch,
                             temperature, radius, proposal_state)
-    loss_j = prep.loss(key_j, active_j)     # called INSIDE jax.vmap over K+1
+    members = prep.draw(keys) if prep.draw else keys   # all K+1 members, once
+    loss_j = prep.loss(members[j], active_j)  # called INSIDE jax.vmap over K+1
     winner = prep.materialize(key_j)        # the accepted proposal's params
     prep.proposal_state                     # carried to the next step
 
@@ -17,10 +18,13 @@ its own key and returns ``loss_fn`` at the perturbed parameters with the
 step's shared ``key_loss`` and ``batch`` (common random numbers); with
 ``active=False`` it must return the loss of the unperturbed incumbent (the
 kernel evaluates the incumbent as the (K+1)-th member of the same vmap).
-The noise is generated inside the vmapped function, so nothing outside it
-holds K copies of the parameters; full-rank kernels (gaussian, cauchy,
-langevin) also set ``prep.chunk_size``, so the kernel evaluates them a chunk
-at a time and at most ``CHUNK_BYTES`` of perturbed copies exist at once.
+Full-rank kernels (gaussian, cauchy, langevin) generate the noise inside the
+vmapped function, so nothing outside it holds K copies of the parameters;
+they also set ``prep.chunk_size``, so the kernel evaluates them a chunk at a
+time and at most ``CHUNK_BYTES`` of perturbed copies exist at once.
+``low_rank``, whose noise is small (O(r (m + n)) per Dense layer), sets
+``prep.draw`` instead: the kernel draws every member's noise once, up front,
+and passes member j's to ``prep.loss`` in place of its key (see ``draw_all``).
 ``prep.materialize(key)`` re-generates the same noise from the winner's key
 and returns its parameters.
 
@@ -58,12 +62,17 @@ class Prepared(NamedTuple):
         of a vmap); None evaluates all K + 1 in one vmap. Kernels whose
         proposals each hold a full copy of the parameters set it so that a
         step's memory is O(chunk_size * P), independent of K.
+      draw: None, or ``keys (n,) -> members``: every member's noise drawn
+        at once (a pytree with leading axis n); ``loss`` then takes member
+        j's slice of it in place of ``keys[j]``. ``materialize`` still takes
+        the winner's key.
     """
 
-    loss: Callable[[jax.Array, jax.Array], jax.Array]
+    loss: Callable[[Any, jax.Array], jax.Array]
     materialize: Callable[[jax.Array], Any]
     proposal_state: Any
     chunk_size: int | None = None
+    draw: Callable[[jax.Array], Any] | None = None
 
 
 class Proposal(NamedTuple):
@@ -329,7 +338,8 @@ def low_rank(
         base = jnp.asarray(scale, jnp.float32) * radius
         layout = _layout(loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
         loss = functools.partial(_low_rank_loss, layout, loss_fn, key_loss, batch)
-        return Prepared(loss, functools.partial(_low_rank_materialize, layout), proposal_state)
+        return Prepared(loss, functools.partial(_low_rank_materialize, layout), proposal_state,
+                        draw=functools.partial(draw_all, layout))
 
     return Proposal(_stateless_init, prepare)
 
@@ -451,6 +461,23 @@ def _draw(layout: Layout, key) -> Noise:
     return noise
 
 
+def draw_all(layout: Layout, keys) -> Noise:
+    """Every member's :class:`Noise` (leading axis ``len(keys)``), each drawn from its own key.
+
+    The draws run in a sequential ``jax.lax.map``, not a vmap, and that is
+    the point: XLA does not fuse across a loop, so each normal variate is
+    computed once and stored. Drawn inside the members' vmap, XLA's CPU
+    fusion instead inlined the sampler (threefry bits, then erfinv's
+    polynomial) into every consumer, so a bias's or a factor B's noise was
+    recomputed for every example and output element: the low_rank step at
+    K = 256 took 0.26 s against 0.21 s drawn up front, with bitwise the same
+    losses (issue 14). ``jax.lax.optimization_barrier`` did not stop it (the
+    CPU compiler removes barriers before fusion). The noise is small:
+    r (m + n) + n floats per Dense layer per member.
+    """
+    return jax.lax.map(functools.partial(_draw, layout), keys)
+
+
 def _intercept_dense(layout: Layout, noise: Noise, active, next_fun, args, kwargs, context):
     """Flax method interceptor: a Dense layer's output plus its proposal's low-rank and bias noise.
 
@@ -472,9 +499,8 @@ def _intercept_dense(layout: Layout, noise: Noise, active, next_fun, args, kwarg
     return jnp.where(active, y + delta, y)
 
 
-def _low_rank_loss(layout: Layout, loss_fn, key_loss, batch, key, active):
-    """The loss of the proposal drawn from ``key`` (of the incumbent when not ``active``)."""
-    noise = _draw(layout, key)
+def _low_rank_loss(layout: Layout, loss_fn, key_loss, batch, noise: Noise, active):
+    """The loss of the proposal with ``noise`` (one member of :func:`draw_all`; the incumbent when not ``active``)."""
     # Dense kernels and biases stay as they are: the interceptor perturbs those layers' outputs.
     leaves = [jnp.where(active, p + noise.leaves[i], p) if i in noise.leaves else p
               for i, p in enumerate(layout.leaves)]
