@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -77,6 +78,21 @@ def test_chunked_gaussian_matches_one_vmap(monkeypatch):
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7),
         state.params, ref_state.params)
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="checks the CPU chunk size")
+def test_full_rank_chunks_are_sized_by_the_backend(monkeypatch):
+    """On CPU a chunk holds about an L2 cache (2 MiB) of perturbed parameters; CHUNK_BYTES overrides it."""
+    x = jnp.zeros((4, 28, 28, 1))
+    for hidden, members in ((500, 1), (20, 16)):  # P = 3.2 MB and 0.13 MB
+        model = sv.models.MLPVAE(hidden=hidden, latents=4)
+        params = sv.models.init(jax.random.key(1), model, x)
+        param_bytes = sum(leaf.size * 4 for leaf in jax.tree_util.tree_leaves(params))
+        prep = an.gaussian(0.01).prepare(sv.make_loss(model), params, jax.random.key(2), x, 1.0, 1.0, ())
+        assert prep.chunk_size == max(1, 2 * 2**20 // param_bytes) == members
+    monkeypatch.setattr(proposals, "CHUNK_BYTES", 64 * 2**20)
+    assert an.gaussian(0.01).prepare(sv.make_loss(model), params, jax.random.key(2), x, 1.0, 1.0,
+                                     ()).chunk_size == 64 * 2**20 // param_bytes
 
 
 def test_gaussian_step_memory_does_not_grow_with_k():
