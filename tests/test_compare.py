@@ -261,7 +261,11 @@ PINNED_DIGITS = {
     "sa-refine": (22.75390625, 22.701995849609375, 22.361196517944336, 15000, 2600),
     "sa-refine-naive": (22.75390625, 22.812376022338867, 22.361196517944336, 14975, 2615),
     "langevin-sa": (23.84307098388672, 23.84307098388672, 23.115440368652344, 15000, 500),
-    "es": (33.83714294433594, 33.83714294433594, 32.00383377075195, 14948, 202),
+    # Re-pinned in issue 14 (was 33.83714294433594, 33.83714294433594, 32.00383377075195): on CPU
+    # the members are now evaluated in cache-sized chunks, which moves member losses by <= 3 ulps;
+    # ES's centred ranks turn such a reordering into a slightly different gradient (+0.0006 nats
+    # after 202 steps). Every other method's numbers are unchanged.
+    "es": (33.8377685546875, 33.8377685546875, 32.00429153442383, 14948, 202),
     "es-refine": (22.75390625, 22.68389320373535, 22.361196517944336, 14974, 2601),
 }
 

@@ -13,7 +13,7 @@ import pytest
 import savae_jax as sv
 from savae_jax import annealing as an
 from savae_jax import driver
-from savae_jax.annealing import es
+from savae_jax.annealing import es, proposals
 
 DIM = 10_000
 
@@ -46,6 +46,21 @@ def test_the_search_gradient_on_a_quadratic_matches_antithetic_es_theory():
             assert abs(means[-1] - theory) < 0.2 * theory, (means[-1], theory)
     assert means[0] < means[1] < means[2], means
 
+
+
+def test_members_in_cache_sized_chunks_give_one_vmaps_losses(vae, monkeypatch):
+    """ES members evaluated a chunk at a time (as on CPU) give one vmap's losses up to float32
+    reordering: the chunks' smaller products may sum in another order (<= 8 ulps of each loss)."""
+    images, params, loss_fn = vae
+    x = jnp.asarray(images[:64])
+
+    def losses(budget):
+        monkeypatch.setattr(proposals, "ACTIVATION_BYTES", budget)
+        return np.asarray(es.estimate(loss_fn, params, jax.random.key(1), jax.random.key(2), x, 5, 0.05)[1])
+
+    layout = es.estimate(loss_fn, params, jax.random.key(1), jax.random.key(2), x, 5, 0.05)[2]
+    whole, chunked = losses(2**30), losses(3 * layout.activation_bytes)  # 10 members in chunks of 3
+    assert np.all(np.abs(whole - chunked) <= 8 * np.spacing(whole)), (whole, chunked)
 
 
 def test_the_low_rank_estimate_equals_the_one_from_materialised_perturbations(vae):

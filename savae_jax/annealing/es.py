@@ -165,7 +165,7 @@ def estimate(loss_fn, params, key_noise, key_loss, batch, num_pairs: int, scale,
     half = jax.vmap(functools.partial(proposals_lib._draw, layout))(jax.random.split(key_noise, num_pairs))
     noises = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), half, _negate(half))
     losses = _member_losses(functools.partial(_member_loss, layout, loss_fn, key_loss, batch), noises,
-                            mesh, axis_name)
+                            mesh, axis_name, proposals_lib.member_chunk(layout))
     if mesh is not None:
         # Keep the assembly replicated: left to itself, XLA would shard the sum over k like the
         # members and add the partial sums across devices in another order than one device does.
@@ -174,16 +174,17 @@ def estimate(loss_fn, params, key_noise, key_loss, batch, num_pairs: int, scale,
     return search_gradient(layout, noises, shape_fitness(losses, shaping), base), losses, layout, noises
 
 
-def _member_losses(member, noises, mesh, axis_name):
-    """``member`` over the stacked ``noises``: one vmap, or sharded over the mesh axis (padded)."""
+def _member_losses(member, noises, mesh, axis_name, chunk=None):
+    """``member`` over the stacked ``noises``: a vmap (in chunks of ``chunk``), or sharded over the mesh axis (padded)."""
+    evaluate = functools.partial(proposals_lib.map_members, member, chunk=chunk)
     if mesh is None:
-        return jax.vmap(member)(noises)
+        return evaluate(noises)
     num = jax.tree_util.tree_leaves(noises)[0].shape[0]
     pad = -num % mesh.shape[axis_name]
     if pad:  # copies of the last member, dropped below
         noises = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), noises)
     spec = PartitionSpec(axis_name)
-    losses = jax.shard_map(jax.vmap(member), mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)(noises)
+    losses = jax.shard_map(evaluate, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)(noises)
     return losses[:num]
 
 

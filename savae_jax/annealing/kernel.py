@@ -47,6 +47,7 @@ from jax.sharding import PartitionSpec
 
 from savae_jax import distributed, validation
 from savae_jax.annealing import decision as decision_lib
+from savae_jax.annealing import proposals as proposals_lib
 from savae_jax.annealing.proposals import Proposal
 from savae_jax.annealing.schedules import ScheduleEvent, StatefulSchedule, as_stateful
 from savae_jax.optimizer import Optimizer, tree_where
@@ -205,11 +206,7 @@ def _evaluate(prep, keys, active):
     and its ``loss`` takes a member's noise instead of its key.
     """
     members = keys if getattr(prep, "draw", None) is None else prep.draw(keys)
-    chunk = getattr(prep, "chunk_size", None)
-    if chunk is None or chunk >= keys.shape[0]:
-        return jax.vmap(prep.loss)(members, active)
-    # A vmap over all K would hold K perturbed copies of the params.
-    return jax.lax.map(lambda ma: prep.loss(*ma), (members, active), batch_size=int(chunk))
+    return proposals_lib.map_members(prep.loss, members, active, chunk=getattr(prep, "chunk_size", None))
 
 
 def _evaluate_sharded(prep, keys, active, mesh, axis_name):
