@@ -277,7 +277,7 @@ def check_step_memory(compiled, limit: int | None = None) -> int | None:
     """Refuse (ValueError) a compiled step that needs more memory than the device has; warn above half.
 
     Runs before the first step, so a step too large for the machine (e.g.
-    ``num_proposals=10**6`` with ``low_rank``) is refused with the number
+    ``num_proposals=10**8`` with ``low_rank``) is refused with the number
     instead of exhausting the memory. Returns the step's bytes (None: unknown).
 
     Args:
