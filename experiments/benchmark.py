@@ -21,7 +21,13 @@ compiled first, then run in interleaved rounds and the median of each is kept.
    matmul of the model's largest layer shape, ``(rows, hidden) @ (hidden,
    784)`` with the step's own number of rows, timed in the same interleaved
    rounds.
-6. ``sharded`` (only with ``--devices N`` or ``--distributed``): the SA step
+6. ``precision``: the effect of ``--matmul-precision`` (float32, the
+   default; tensorfloat32 or bfloat16, which GPUs and TPUs honour and XLA's
+   CPU backend ignores) on the loss: the incumbent's loss and one low_rank
+   step's accepted loss, compiled at that precision and at float32, their
+   difference in nats and in float32 ulps. Every step timed above is compiled
+   at the chosen precision.
+7. ``sharded`` (only with ``--devices N`` or ``--distributed``): the SA step
    with its K + 1 members sharded over the device mesh against the same step
    on one device, interleaved; ``speedup`` = one-device time / mesh time,
    and whether one step from the same key gives the same parameters.
@@ -33,8 +39,10 @@ comparable across machines); ``machine.memory_stats`` adds the device's
 allocator statistics where the backend has them (GPU/TPU).
 
     python experiments/benchmark.py [--quick] [--out results/benchmark.json] [--devices all]
+        [--ks 64 256 1024 4096] [--matmul-precision bfloat16]
 
-Runs unchanged on CPU, GPU or TPU (the default JAX device).
+Runs unchanged on CPU, GPU or TPU (the default JAX device); on an
+accelerator the full run adds K = 4096 to the SA-step and efficiency sections.
 """
 
 from __future__ import annotations
@@ -70,6 +78,9 @@ FULL = dict(
     ks=(16, 64, 256, 1024), evosax_ks=(64, 256), rounds=3, sharded_ks=(64, 256),
     widths=(125, 250, 500, 1000), width_k=64, fit_examples=None, efficiency_ks=(64, 256, 1024),
 )
+# On a GPU or TPU the full run goes up to K = 4096 (a 2-core CPU takes minutes per step there).
+ACCELERATOR_KS = (16, 64, 256, 1024, 4096)
+ACCELERATOR_EFFICIENCY_KS = (64, 256, 1024, 4096)
 QUICK = dict(
     ks=(16, 64), evosax_ks=(16,), rounds=2, sharded_ks=(16,),
     widths=(125,), width_k=16, fit_examples=2048, efficiency_ks=(16,),
@@ -323,6 +334,48 @@ def bench_efficiency(cache: Cache, ks, rounds: int) -> list[dict]:
         print(f"  efficiency K={k}: " + "  ".join(f"{n} {s:.3f}s" for n, s in t.items()), flush=True)
         del es, fns
     return rows
+
+
+# --------------------------------------------------------------------------- precision
+
+
+# The names jax.default_matmul_precision takes for float32 inputs, fastest last.
+PRECISIONS = ("float32", "tensorfloat32", "bfloat16")
+
+
+def float32_ulp(value: float) -> float:
+    """The spacing of float32 numbers at ``value`` (one unit in the last place)."""
+    return float(np.spacing(np.float32(abs(value))))
+
+
+def precision_effect(loss_fn, params, x, precision: str, k: int = 64) -> dict:
+    """The loss at ``precision`` against float32: the incumbent's loss and one low_rank step's.
+
+    Each is compiled twice from the same key and batch, once under
+    ``jax.default_matmul_precision(precision)`` and once at float32, and the
+    two values are compared, in nats and in float32 ulps of the float32 value.
+    On XLA's CPU backend the precision setting has no effect on float32 dots
+    (both are float32), so the difference there is 0; GPUs (TF32, bf16) and
+    TPUs (bf16 passes) honour it.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    sa = an.simulated_annealing(loss_fn, k, make_proposal("low_rank"), an.exponential(1.0, 0.999),
+                                an.metropolis())
+    step_args = (jax.random.key(3), sa.init(params), x)
+    loss_args = (params, jax.random.key(2), x)
+    out = {"precision": precision, "K": k}
+    for name, fn, args, pick in (("incumbent_loss", loss_fn, loss_args, lambda v: v),
+                                 ("low_rank_step_loss", sa.step, step_args, lambda v: v[1].loss)):
+        values = {}
+        for prec in ("float32", precision):
+            with jax.default_matmul_precision(prec):
+                compiled = jax.jit(fn).lower(*args).compile()
+            values[prec] = float(pick(compiled(*args)))
+        diff = values[precision] - values["float32"]
+        out[name] = {"float32": values["float32"], precision: values[precision], "diff_nats": diff,
+                     "diff_float32_ulps": abs(diff) / float32_ulp(values["float32"])}
+    return out
 
 
 # --------------------------------------------------------------------------- 2. evosax
@@ -618,6 +671,12 @@ def print_table(result: dict) -> None:
         print(f"{r['axis']:<7}{r['proposal']:<10}{r['K']:>6}{r['hidden']:>7}{r['params']:>9}"
               f"{r['step_s']:>10.4f}{r['per_proposal_ms']:>9.3f}{extra:>10.2f}{r['temp_mb']:>10.1f}"
               f"{r['inference_temp_mb']:>10.1f}")
+    p = result["precision"]
+    print(f"\nmatmul precision {p['precision']} against float32 (the timed steps ran at {p['precision']})")
+    for name in ("incumbent_loss", "low_rank_step_loss"):
+        q = p[name]
+        print(f"  {name}: float32 {q['float32']:.6f}  {p['precision']} {q[p['precision']]:.6f}  "
+              f"diff {q['diff_nats']:+.3g} nats ({q['diff_float32_ulps']:.0f} float32 ulps)")
     if result.get("sharded"):
         print("\nSA step sharded over the mesh vs one device")
         print(f"{'proposal':<10}{'K':>6}{'devices':>8}{'one dev s':>11}{'mesh s':>9}{'speedup':>9}{'same':>6}")
@@ -629,11 +688,27 @@ def print_table(result: dict) -> None:
         print(f"  {'MET ' if t['met'] else 'MISS'} {name}: {t['value']:.3f} (target {t['target']})")
 
 
-def run(quick: bool, mesh=None) -> dict:
-    cfg = QUICK if quick else FULL
+def config(quick: bool, ks=None) -> dict:
+    """The run's sizes: QUICK or FULL (up to K = 4096 on an accelerator); ``ks`` overrides the K
+    of the SA-step and efficiency sections."""
+    cfg = dict(QUICK if quick else FULL)
+    if not quick and jax.default_backend() != "cpu":
+        cfg.update(ks=ACCELERATOR_KS, efficiency_ks=ACCELERATOR_EFFICIENCY_KS)
+    if ks:
+        cfg.update(ks=tuple(ks), efficiency_ks=tuple(ks))
+    return cfg
+
+
+def run(quick: bool, mesh=None, ks=None, precision: str = "float32") -> dict:
+    """Every section, each step compiled at ``precision`` (see :func:`precision_effect`)."""
+    with jax.default_matmul_precision(precision):
+        return _run(config(quick, ks), quick, mesh, precision)
+
+
+def _run(cfg: dict, quick: bool, mesh, precision: str) -> dict:
     start = time.perf_counter()
     cache = Cache()
-    result: dict[str, Any] = {"machine": machine_info(), "quick": quick,
+    result: dict[str, Any] = {"machine": machine_info(), "quick": quick, "matmul_precision": precision,
                               "config": {k: v for k, v in cfg.items()}}
     print("sa_step", flush=True)
     result["sa_step"] = bench_sa_step(cache, cfg["ks"], cfg["rounds"])
@@ -648,6 +723,8 @@ def run(quick: bool, mesh=None) -> dict:
     result["fit_overhead"] = bench_fit(cfg["fit_examples"], cfg["rounds"])
     print("scaling", flush=True)
     result["scaling"] = bench_scaling(cache, result["sa_step"], cfg["widths"], cfg["width_k"], cfg["rounds"])
+    print("precision", flush=True)
+    result["precision"] = precision_effect(*cache.problem(HIDDEN), precision, k=min(cfg["ks"]))
     if mesh is not None:
         print("sharded", flush=True)
         result["sharded"] = bench_sharded(cache, mesh, cfg["sharded_ks"], cfg["rounds"])
@@ -660,15 +737,33 @@ def run(quick: bool, mesh=None) -> dict:
     return result
 
 
+def _even_k(text: str) -> int:
+    """A --ks value: an even K >= 2 (the ES step has K / 2 antithetic pairs)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 2 or value % 2:
+        raise argparse.ArgumentTypeError(f"must be an even integer >= 2 (the ES step evaluates K / 2 "
+                                         f"antithetic pairs), got {text!r}")
+    return value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small K and data: a smoke run under a minute")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+    parser.add_argument("--ks", type=_even_k, nargs="+", default=None, metavar="K",
+                        help="numbers of proposals of the SA-step and efficiency sections (default: "
+                             "16 64 256 1024 on CPU, up to 4096 on an accelerator; --quick: 16 64)")
+    parser.add_argument("--matmul-precision", choices=PRECISIONS, default="float32",
+                        help="jax.default_matmul_precision of every timed step; the loss it gives is "
+                             "compared with float32's (default: float32)")
     common.add_scale_out_flags(parser)
     args, mesh = common.parse_args(parser, argv)
     if distributed.is_primary():
         print(common.backend_line(), flush=True)
-    result = run(args.quick, mesh)
+    result = run(args.quick, mesh, ks=args.ks, precision=args.matmul_precision)
     if not distributed.is_primary():  # across processes, process 0 reports
         return 0
     print_table(result)

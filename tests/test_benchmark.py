@@ -23,6 +23,14 @@ from conftest import background, background_result, popen
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _benchmark():
+    """experiments/benchmark.py as a module."""
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    import benchmark
+
+    return benchmark
+
+
 def _finite_numbers(obj, path="result"):
     """Yield (path, value) of every number in a JSON tree."""
     if isinstance(obj, bool):
@@ -118,8 +126,7 @@ def test_gaussian_step_memory_does_not_grow_with_k():
 
 def test_necessary_flops_count_the_dense_products_the_step_cannot_avoid():
     """The analytic FLOP counts of the efficiency section, against the layer sizes written out."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import benchmark
+    benchmark = _benchmark()
 
     full = 2 * (784 * 500 + 500 * 20 + 500 * 20 + 20 * 500 + 500 * 784)  # one example, 784-500-20
     first = 2 * 784 * 500
@@ -136,10 +143,50 @@ def test_necessary_flops_count_the_dense_products_the_step_cannot_avoid():
         benchmark.necessary_flops("lbfgs", 1)
 
 
+def test_precision_effect_compares_each_loss_with_its_float32_value():
+    benchmark = _benchmark()
+    model = sv.models.MLPVAE(hidden=16, latents=2)
+    loss_fn = sv.make_loss(model)
+    x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
+    params = sv.models.init(jax.random.key(1), model, x)
+    plain = float(jax.jit(loss_fn)(params, jax.random.key(2), x))  # the incumbent, key 2, as the section
+    same = benchmark.precision_effect(loss_fn, params, x, "float32", k=4)
+    assert same["incumbent_loss"]["float32"] == plain
+    for name in ("incumbent_loss", "low_rank_step_loss"):  # float32 against float32: the same program
+        assert same[name]["diff_nats"] == 0.0 and same[name]["diff_float32_ulps"] == 0.0
+    bf16 = benchmark.precision_effect(loss_fn, params, x, "bfloat16", k=4)
+    for name in ("incumbent_loss", "low_rank_step_loss"):
+        q = bf16[name]
+        assert q["float32"] == same[name]["float32"]
+        assert q["diff_nats"] == q["bfloat16"] - q["float32"]
+        assert q["diff_float32_ulps"] == pytest.approx(abs(q["diff_nats"]) / np.spacing(np.float32(q["float32"])))
+        # bf16 keeps 8 significand bits: products rounded at 2**-8 relative; the ~400-nat loss
+        # sums 784 such terms per example, so its error is bounded far below 1 % of it.
+        assert abs(q["diff_nats"]) < 0.01 * abs(q["float32"])
+    with pytest.raises(ValueError, match="precision must be one of float32, tensorfloat32, bfloat16"):
+        benchmark.precision_effect(loss_fn, params, x, "fp8")
+
+
+def test_ks_flag_sets_the_sections_k_and_accelerators_go_to_4096(monkeypatch, capsys):
+    benchmark = _benchmark()
+    assert benchmark.config(False)["efficiency_ks"] == (64, 256, 1024)  # this CPU
+    assert benchmark.config(False, ks=[32, 128]) == {**benchmark.FULL, "ks": (32, 128), "efficiency_ks": (32, 128)}
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert max(benchmark.config(False)["ks"]) == max(benchmark.config(False)["efficiency_ks"]) == 4096
+    assert benchmark.config(True) == benchmark.QUICK  # --quick stays small everywhere
+    for argv, needle in ((["--ks", "3"], "argument --ks: must be an even integer >= 2"),
+                         (["--ks", "many"], "argument --ks: must be an even integer >= 2"),
+                         (["--matmul-precision", "fp8"], "argument --matmul-precision: invalid choice")):
+        with pytest.raises(SystemExit) as info:
+            benchmark.main(argv)
+        assert info.value.code == 2 and needle in capsys.readouterr().err
+
+
 # Last in this file, so that its background --quick run overlaps the tests above.
 def test_quick_json_is_complete_and_finite(quick_result):
     r = quick_result
-    for key in ("machine", "sa_step", "efficiency", "evosax", "fit_overhead", "scaling", "sharded", "targets"):
+    for key in ("machine", "sa_step", "efficiency", "evosax", "fit_overhead", "scaling", "precision", "sharded",
+                "targets"):
         assert key in r, key
     for key in ("backend", "device_kind", "cpu_count", "jax", "memory_source"):
         assert key in r["machine"], key
@@ -168,6 +215,10 @@ def test_quick_json_is_complete_and_finite(quick_result):
             for key in ("proposal", "K", "speedup", "ours_mem_mb", "theirs_mem_mb"):
                 assert key in row, key
             assert row["speedup"] > 0
+
+    assert r["matmul_precision"] == "float32"  # the default
+    for name in ("incumbent_loss", "low_rank_step_loss"):  # float32 against itself
+        assert r["precision"][name]["diff_nats"] == 0.0 and math.isfinite(r["precision"][name]["float32"])
 
     fo = r["fit_overhead"]
     for key in ("fit_s", "minimal_s", "ratio"):
