@@ -7,6 +7,7 @@ the SIGKILL and determinism tests.
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import compare  # noqa: E402
-from conftest import without_seconds  # noqa: E402
+from conftest import background, background_result, popen, without_seconds  # noqa: E402
 
 import savae_jax as sv  # noqa: E402
 
@@ -252,7 +253,9 @@ def test_unwritable_workdir_is_refused(tmp_path, capsys):
 # refinements' gates kept the same Adam-phase parameters: same kept numbers). A change that moves
 # any of them is seen here. Tolerance 1e-6 relative (about 8 float32 ulps of these ~20-50 nat values):
 # the runs are bitwise reproducible on one machine; the slack only admits another CPU's last-bit
-# rounding of a value whose decisions did not change (docs/distributed.md).
+# rounding of a value whose decisions did not change (docs/distributed.md). Measured on an AMD EPYC
+# and an Intel Xeon (Sapphire Rapids): every method but rmsprop within it (es-refine's last value
+# differs by 3e-7 relative), rmsprop not: see RMSPROP_ON_INTEL.
 PINNED_DIGITS = {
     "adam": (22.653043746948242, 22.694250106811523, 22.183090209960938, 15000, 5000),
     "rmsprop": (22.628877639770508, 22.628877639770508, 22.175199508666992, 15000, 5000),
@@ -268,17 +271,42 @@ PINNED_DIGITS = {
     "es": (33.8377685546875, 33.8377685546875, 32.00429153442383, 14948, 202),
     "es-refine": (22.75390625, 22.68389320373535, 22.361196517944336, 14974, 2601),
 }
+# rmsprop's numbers on the other CPU vendor. optax.rmsprop scales by jax.lax.rsqrt(nu + eps), which
+# XLA's CPU backend computes from the processor's approximate reciprocal square root instruction and
+# a Newton step; AMD's and Intel's approximations differ in the last bits (here 14 % of random
+# inputs give another float32 than the correctly rounded 1/sqrt), and 5000 steps later the two runs
+# are 2e-4 relative apart. The PINNED_DIGITS value was measured on an AMD EPYC, this one on an Intel
+# Xeon (Sapphire Rapids), both with the code of issue 14; every other method gave the same numbers
+# on both. Either is accepted, to the same 1e-6.
+RMSPROP_ON_INTEL = (22.624780654907227, 22.624780654907227, 22.175621032714844, 15000, 5000)
+
+
+@background("digits_comparison")
+def _digits_comparison(tmp):
+    """`python experiments/compare.py` with every default, in a subprocess; its results.json."""
+    workdir = tmp / "w"
+    proc = popen([sys.executable, str(ROOT / "experiments" / "compare.py"), "--workdir", str(workdir), "--quiet"],
+                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stdout, stderr = proc.communicate(timeout=1800)
+    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    return json.loads((workdir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def digits_comparison(request):
+    return background_result(request)
 
 
 @pytest.mark.slow
-def test_the_digits_comparison_keeps_its_pinned_numbers(tmp_path):
-    results = compare.main(["--workdir", str(tmp_path), "--quiet"])
+def test_the_digits_comparison_keeps_its_pinned_numbers(digits_comparison):
+    results = digits_comparison
     assert list(results) == list(PINNED_DIGITS)
-    for name, (kept, last, iwae, evals, steps) in PINNED_DIGITS.items():
+    for name, pin in PINNED_DIGITS.items():
         r = results[name]["seeds"]["0"]
-        assert (r["evals"], r["steps"]) == (evals, steps), name
-        got = (r["test_neg_elbo"], r["last_test_neg_elbo"], r["test_neg_iwae"])
-        assert got == pytest.approx((kept, last, iwae), rel=1e-6, abs=0.0), name
+        got = (r["test_neg_elbo"], r["last_test_neg_elbo"], r["test_neg_iwae"], r["evals"], r["steps"])
+        pins = (pin, RMSPROP_ON_INTEL) if name == "rmsprop" else (pin,)
+        assert any(got[3:] == p[3:] and got[:3] == pytest.approx(p[:3], rel=1e-6, abs=0.0) for p in pins), \
+            f"{name}: got {got}, pinned {' or '.join(map(str, pins))}"
 
 
 def _mnist_dir():
