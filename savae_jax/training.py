@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable
 
 import jax
-import jax.numpy as jnp
 
 from savae_jax import data as data_lib
 from savae_jax import driver, evaluation, models

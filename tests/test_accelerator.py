@@ -5,7 +5,6 @@ Skipped where JAX's default backend is CPU (nothing to compare). Run on a GPU ma
 """
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest

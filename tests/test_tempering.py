@@ -11,7 +11,7 @@ import pytest
 
 import savae_jax as sv
 from savae_jax import annealing as an
-from savae_jax import checkpoint, driver
+from savae_jax import driver
 from savae_jax.annealing import tempering
 
 TILT = 0.05
