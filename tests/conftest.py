@@ -96,6 +96,16 @@ def popen(cmd, **kwargs) -> subprocess.Popen:
     return proc
 
 
+def run_script(*args, env=None, timeout: float = 900) -> str:
+    """Run ``python *args`` in the repository root to the end (see :func:`popen`); its output,
+    stdout and stderr together. Fails with the output's tail when the script exits non-zero."""
+    proc = popen([sys.executable, *map(str, args)], cwd=Path(__file__).resolve().parents[1], env=env,
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    log = proc.communicate(timeout=timeout)[0]
+    assert proc.returncode == 0, log[-4000:]
+    return log
+
+
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return

@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import subprocess
 import sys
 
 import jax
@@ -18,7 +17,7 @@ import savae_jax as sv
 from savae_jax import annealing as an
 from savae_jax.annealing import proposals
 
-from conftest import background, background_result, popen
+from conftest import background, background_result, run_script
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -50,12 +49,9 @@ def _quick_run(tmp):
     """One --quick run on 2 fake CPU devices with --devices 2 (adds the sharded section)."""
     out = tmp / "bench.json"
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-    proc = popen([sys.executable, os.path.join(ROOT, "experiments", "benchmark.py"), "--quick", "--devices", "2",
-                  "--out", str(out)],
-                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    stdout, stderr = proc.communicate(timeout=900)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
-    assert "SA step vs inference roofline" in stdout  # the printed table
+    log = run_script(os.path.join(ROOT, "experiments", "benchmark.py"), "--quick", "--devices", "2", "--out", out,
+                     env=env)
+    assert "SA step vs inference roofline" in log  # the printed table
     return json.loads(out.read_text())
 
 

@@ -7,7 +7,6 @@ the SIGKILL and determinism tests.
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,7 +16,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "experiments"))
 import compare  # noqa: E402
-from conftest import background, background_result, popen, without_seconds  # noqa: E402
+from conftest import background, background_result, run_script, without_seconds  # noqa: E402
 
 import savae_jax as sv  # noqa: E402
 
@@ -255,7 +254,7 @@ def test_unwritable_workdir_is_refused(tmp_path, capsys):
 # the runs are bitwise reproducible on one machine; the slack only admits another CPU's last-bit
 # rounding of a value whose decisions did not change (docs/distributed.md). Measured on an AMD EPYC
 # and an Intel Xeon (Sapphire Rapids): every method but rmsprop within it (es-refine's last value
-# differs by 3e-7 relative), rmsprop not: see RMSPROP_ON_INTEL.
+# differs by 3e-7 relative), rmsprop not: see PINNED_ON_INTEL.
 PINNED_DIGITS = {
     "adam": (22.653043746948242, 22.694250106811523, 22.183090209960938, 15000, 5000),
     "rmsprop": (22.628877639770508, 22.628877639770508, 22.175199508666992, 15000, 5000),
@@ -271,24 +270,21 @@ PINNED_DIGITS = {
     "es": (33.8377685546875, 33.8377685546875, 32.00429153442383, 14948, 202),
     "es-refine": (22.75390625, 22.68389320373535, 22.361196517944336, 14974, 2601),
 }
-# rmsprop's numbers on the other CPU vendor. optax.rmsprop scales by jax.lax.rsqrt(nu + eps), which
+# The numbers that differ on the other CPU vendor: rmsprop's. optax.rmsprop scales by jax.lax.rsqrt(nu + eps), which
 # XLA's CPU backend computes from the processor's approximate reciprocal square root instruction and
 # a Newton step; AMD's and Intel's approximations differ in the last bits (here 14 % of random
 # inputs give another float32 than the correctly rounded 1/sqrt), and 5000 steps later the two runs
 # are 2e-4 relative apart. The PINNED_DIGITS value was measured on an AMD EPYC, this one on an Intel
 # Xeon (Sapphire Rapids), both with the code of issue 14; every other method gave the same numbers
 # on both. Either is accepted, to the same 1e-6.
-RMSPROP_ON_INTEL = (22.624780654907227, 22.624780654907227, 22.175621032714844, 15000, 5000)
+PINNED_ON_INTEL = {"rmsprop": (22.624780654907227, 22.624780654907227, 22.175621032714844, 15000, 5000)}
 
 
 @background("digits_comparison")
 def _digits_comparison(tmp):
     """`python experiments/compare.py` with every default, in a subprocess; its results.json."""
     workdir = tmp / "w"
-    proc = popen([sys.executable, str(ROOT / "experiments" / "compare.py"), "--workdir", str(workdir), "--quiet"],
-                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    stdout, stderr = proc.communicate(timeout=1800)
-    assert proc.returncode == 0, stdout[-3000:] + stderr[-3000:]
+    run_script(ROOT / "experiments" / "compare.py", "--workdir", workdir, "--quiet", timeout=1800)
     return json.loads((workdir / "results.json").read_text())
 
 
@@ -304,7 +300,7 @@ def test_the_digits_comparison_keeps_its_pinned_numbers(digits_comparison):
     for name, pin in PINNED_DIGITS.items():
         r = results[name]["seeds"]["0"]
         got = (r["test_neg_elbo"], r["last_test_neg_elbo"], r["test_neg_iwae"], r["evals"], r["steps"])
-        pins = (pin, RMSPROP_ON_INTEL) if name == "rmsprop" else (pin,)
+        pins = (pin, PINNED_ON_INTEL[name]) if name in PINNED_ON_INTEL else (pin,)
         assert any(got[3:] == p[3:] and got[:3] == pytest.approx(p[:3], rel=1e-6, abs=0.0) for p in pins), \
             f"{name}: got {got}, pinned {' or '.join(map(str, pins))}"
 
