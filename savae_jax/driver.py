@@ -260,13 +260,19 @@ def device_memory_bytes(device=None) -> int | None:
         return None
 
 
+def memory_analysis(compiled):
+    """XLA's ``compiled.memory_analysis()`` (argument, output, scratch and alias bytes), or None
+    where the backend does not implement it."""
+    try:
+        return compiled.memory_analysis()
+    except Exception:  # not every backend implements it
+        return None
+
+
 def step_memory_bytes(compiled) -> int | None:
     """Bytes a compiled step needs at once by XLA's ``memory_analysis()`` (arguments, outputs
     and scratch, less the outputs aliased to arguments); None if the backend does not say."""
-    try:
-        m = compiled.memory_analysis()
-    except Exception:  # not every backend implements it
-        return None
+    m = memory_analysis(compiled)
     if m is None:
         return None
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes

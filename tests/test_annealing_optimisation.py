@@ -14,14 +14,12 @@ Bounds were set from runs with seeds 0, 1, 2 (measured, 32 chains each; below),
 with margin; the test runs seed 0.
 """
 
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
-import dual_annealing as D  # noqa: E402
+from savae_jax.experiments import dual_annealing as D
+from savae_jax.experiments import problems
 
 DIM, CHAINS, K, STEPS = 10, 32, 16, 1000
 
@@ -31,7 +29,7 @@ DIM, CHAINS, K, STEPS = 10, 32, 16, 1000
 
 
 def run(problem, fraction, scale, seed=0):
-    fn, _, half_width, radius_end = D.PROBLEMS[problem]
+    fn, _, half_width, radius_end = problems.PROBLEMS[problem]
     best, _ = D.run_sa(fn, half_width, radius_end, CHAINS, STEPS, K, DIM, seed, polish_steps=20,
                        polish_every=100, scale=scale, fraction=fraction)
     return best

@@ -13,7 +13,6 @@ written to the (fresh) workdir.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import sys
 from pathlib import Path
 from typing import Callable, NamedTuple
@@ -32,14 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad_inputs.md"
 
 
-def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_bad_inputs_{name}", ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script, compare_script = _script("train"), _script("compare")
+from savae_jax.experiments import compare as compare_script  # noqa: E402
+from savae_jax.experiments import train as train_script  # noqa: E402
 
 TINY = ["--hidden", "32", "--latents", "4", "--quiet"]
 

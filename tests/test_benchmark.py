@@ -6,7 +6,6 @@ import importlib.util
 import json
 import math
 import os
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _benchmark():
-    """experiments/benchmark.py as a module."""
-    sys.path.insert(0, os.path.join(ROOT, "experiments"))
-    import benchmark
+    """savae_jax.experiments.benchmark (what `savae bench` runs)."""
+    from savae_jax.experiments import benchmark
 
     return benchmark
 

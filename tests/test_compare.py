@@ -7,15 +7,13 @@ the SIGKILL and determinism tests.
 
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import compare  # noqa: E402
+from savae_jax.experiments import compare, figures, registry, report  # noqa: E402
 from conftest import background, background_result, run_script, without_seconds  # noqa: E402
 
 import savae_jax as sv  # noqa: E402
@@ -30,14 +28,14 @@ def step_cost(name: str) -> int:
     args = compare.build_parser().parse_args(["--workdir", "unused", *SMALL])
     config = compare.resolve_config(args)
     model = sv.MLPVAE(hidden=32, latents=4)
-    return compare.build_phases(name, config["method_config"][name], sv.make_loss(model),
+    return registry.build_phases(name, config["method_config"][name], sv.make_loss(model),
                                 batch_size=100)[-1].optimizer.cost
 
 
 def test_compare_writes_every_output_with_fair_budgets(tmp_path):
     results = compare.main(["--workdir", str(tmp_path), "--budget-evals", "300", "--eval-every", "10",
                             "--checkpoint-every", "50", *SMALL])
-    assert list(results) == list(compare.METHODS)
+    assert list(results) == list(registry.METHODS)
     for name, entry in results.items():
         assert list(entry["seeds"]) == ["0"]
         r = entry["seeds"]["0"]
@@ -67,7 +65,7 @@ def test_compare_writes_every_output_with_fair_budgets(tmp_path):
         assert entry["summary"]["test_neg_elbo"] == {"mean": r["test_neg_elbo"], "sd": None, "n": 1}
     # The refinements run Adam first, then annealing from Adam's parameters; the noise-aware one
     # decides on 512 other examples, the naive one on its selection batch.
-    for name in compare.REFINEMENTS:
+    for name in registry.REFINEMENTS:
         rows = results[name]["seeds"]["0"]["history"]
         assert rows[0]["phase"] == "adam" and rows[-1]["phase"] == ("es" if name == "es-refine" else "sa")
         assert results[name]["seeds"]["0"]["phase_ends"]["adam"] == [
@@ -80,8 +78,8 @@ def test_compare_writes_every_output_with_fair_budgets(tmp_path):
     assert config["config"]["budget_evals"] == 300 and config["backend"] == "cpu"
     assert "jax" in config["versions"]
     summary = (tmp_path / "summary.md").read_text()
-    assert summary.count("\n| ") == 1 + len(compare.METHODS) + 1 + len(compare.REFINEMENTS)
-    for name in compare.METHODS:
+    assert summary.count("\n| ") == 1 + len(registry.METHODS) + 1 + len(registry.REFINEMENTS)
+    for name in registry.METHODS:
         assert (tmp_path / f"history_{name}_seed0.csv").read_text().startswith("phase,step,evals")
         assert (tmp_path / f"reconstructions_{name}.png").stat().st_size > 0
     for png in ("test_neg_elbo_vs_seconds.png", "test_neg_elbo_vs_evals.png", "sa_traces.png"):
@@ -101,7 +99,7 @@ def check_curves_start_at_the_start(results):
     assert 40 < firsts[0]["test_neg_elbo"] < 80  # untrained (digits, 64 pixels)
     assert all(entry["seeds"]["0"]["history"][1]["step"] > 0 for entry in results.values())
     # So every plotted curve starts at (0 evaluations, that value), on a log-scaled axis too.
-    fig = compare.curves_figure(results, "evals", log_scale=True)
+    fig = figures.curves_figure(results, "evals", log_scale=True)
     ax = fig.axes[0]
     assert ax.get_xscale() == "symlog" and len(ax.get_lines()) == len(results)
     assert {(line.get_xdata()[0], line.get_ydata()[0]) for line in ax.get_lines()} == {
@@ -113,22 +111,22 @@ def check_traces(workdir, results):
     traces = {}
     for name, entry in results.items():
         run = entry["seeds"]["0"]
-        trace = traces[name] = compare.read_trace(workdir / f"trace_{name}_seed0.csv")
+        trace = traces[name] = report.read_trace(workdir / f"trace_{name}_seed0.csv")
         assert trace["step"].tolist() == list(range(1, run["steps"] + 1)), name
         adam_steps = max([row["step"] for row in run["history"] if row["phase"] == "adam"], default=0)
-        annealing = compare.annealing_steps(trace)
+        annealing = report.annealing_steps(trace)
         expected = 0 if name in ("adam", "rmsprop", "sgd") else run["steps"] - adam_steps
         assert len(annealing.get("step", [])) == expected, name
         if expected:
             assert annealing["step"].tolist() == list(range(adam_steps + 1, run["steps"] + 1))
             # The last traced step's cumulative acceptance rate is the last history row's.
             assert annealing["acceptance_rate"][-1] == pytest.approx(run["history"][-1]["acceptance_rate"], rel=1e-6)
-    fig = compare.traces_figure(traces)
+    fig = figures.traces_figure(traces)
     titles = [ax.get_title() for ax in fig.axes[::3]]
     annealers = [n for n in results if n not in ("adam", "rmsprop", "sgd")]
     assert [t.split(":")[0] for t in titles] == annealers
     for row, name in enumerate(annealers):
-        n = len(compare.annealing_steps(traces[name])["step"])
+        n = len(report.annealing_steps(traces[name])["step"])
         for ax in fig.axes[3 * row: 3 * row + 3]:  # temperature, acceptance, dL
             assert len(ax.get_lines()[0].get_xdata()) == n, (name, ax.get_ylabel())
 
@@ -140,13 +138,13 @@ def check_report(workdir, results):
 
     page = (workdir / "report.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
-    figures = compare.figure_files(workdir, results)
-    assert len(figures) == 3 + 2 * len(results) and len(embedded) == len(figures)
-    assert base64.b64decode(embedded[0]) == (workdir / figures[0]).read_bytes()
-    assert page.count("<tr>") == (1 + len(results)) + (1 + len(compare.REFINEMENTS))
+    names = report.figure_files(workdir, results)
+    assert len(names) == 3 + 2 * len(results) and len(embedded) == len(names)
+    assert base64.b64decode(embedded[0]) == (workdir / names[0]).read_bytes()
+    assert page.count("<tr>") == (1 + len(results)) + (1 + len(registry.REFINEMENTS))
     assert "src=\"http" not in page and "<link" not in page  # self-contained
     summary = (workdir / "summary.md").read_text()
-    assert all(f"]({name})" in summary for name in figures)
+    assert all(f"]({name})" in summary for name in names)
 
 
 def test_seeds_give_mean_and_sd_and_each_seed_equals_its_own_run(tmp_path):
@@ -163,7 +161,7 @@ def test_seeds_give_mean_and_sd_and_each_seed_equals_its_own_run(tmp_path):
     assert stat["sd"] == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, rel=1e-12)
     assert " ± " in (tmp_path / "both" / "summary.md").read_text()
     # The curve is the mean over the seeds, with a min-to-max band.
-    ax = compare.curves_figure({"adam": both}, "evals").axes[0]
+    ax = figures.curves_figure({"adam": both}, "evals").axes[0]
     curves = np.array([[row["test_neg_elbo"] for row in both["seeds"][s]["history"]] for s in ("0", "1")])
     np.testing.assert_allclose(ax.get_lines()[0].get_ydata(), curves.mean(axis=0), rtol=1e-12)
     assert len(ax.collections) == 1  # the band

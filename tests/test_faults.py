@@ -33,9 +33,7 @@ from savae_jax import checkpoint, driver
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare.py"
-sys.path.insert(0, str(ROOT / "experiments"))
-import common  # noqa: E402
-import compare  # noqa: E402
+from savae_jax.experiments import builders, compare, registry  # noqa: E402
 from conftest import background, background_result, popen, without_seconds  # noqa: E402
 
 TINY = ["--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet"]
@@ -138,15 +136,15 @@ def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_pa
     key_run = jax.random.split(jax.random.key(0), 3)[1]  # compare.py's derivation (seed 0)
     idx, _ = driver.epoch_plan(jax.random.fold_in(key_run, 0), 0, len(train.images), 100)
     target = jnp.asarray(train.images[int(idx[5, 0])])
-    make_annealer = common.make_annealer
-    monkeypatch.setattr(compare.common, "make_annealer",
+    make_annealer = builders.make_annealer
+    monkeypatch.setattr(builders, "make_annealer",
                         lambda loss_fn, config, prefix="", **kw: make_annealer(nan_on(loss_fn, target), config, prefix, **kw))
     flags = [*TINY, "--methods", "adam,sa", "--set", "sa.proposals=8", "--binarize", "none",
              "--eval-every", "2", "--checkpoint-every", "4", "--budget-evals", "90", "--eval-iwae", "0"]
     with pytest.raises(SystemExit) as info:
         compare.main(["--workdir", str(tmp_path), *flags])
     message = str(info.value.code)
-    assert message.startswith("compare.py: stopped: sa/seed0: the training loss became nan"), message
+    assert message.startswith("savae compare: stopped: sa/seed0: the training loss became nan"), message
     assert "the last good checkpoint is step" in message and str(tmp_path) in message
     # The finished method's results are intact; the annealer's last checkpoint restores.
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -154,7 +152,7 @@ def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_pa
     assert not (tmp_path / "summary.md").exists()
     model = sv.MLPVAE(hidden=32, latents=4)
     params = sv.models.init(jax.random.key(0), model, train.images[:1])
-    sa = common.make_annealer(sv.make_loss(model), compare.METHOD_DEFAULTS["sa"] | {"proposals": 8})
+    sa = builders.make_annealer(sv.make_loss(model), registry.METHOD_DEFAULTS["sa"] | {"proposals": 8})
     # With the validation gate the run state is (optimizer state, the gate's parameters).
     step, (state, kept), meta = checkpoint.RunCheckpointer(tmp_path / "checkpoints" / "sa" / "seed0").restore(
         (sa.init(params), params))

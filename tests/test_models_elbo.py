@@ -106,22 +106,17 @@ def test_model_sizes_are_checked_when_the_model_is_built(cls, kwargs, message):
 
 def test_make_model_names_the_flag():
     """The scripts' ``make_model`` rewords the library's check to name the flag."""
-    import importlib.util
-    from pathlib import Path
+    from savae_jax.experiments import builders, settings
 
-    path = Path(__file__).resolve().parents[1] / "experiments" / "common.py"
-    spec = importlib.util.spec_from_file_location("_models_elbo_common", path)
-    common = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(common)
-    config = dict(common.MODEL_DEFAULTS, hidden=32, latents=4)
+    config = dict(settings.MODEL_DEFAULTS, hidden=32, latents=4)
     for model in ("mlp", "conv"):
-        assert common.make_model(dict(config, model=model)).hidden == 32
+        assert builders.make_model(dict(config, model=model)).hidden == 32
         with pytest.raises(ValueError, match=r"^--hidden: must be an integer >= 1, got 0$"):
-            common.make_model(dict(config, model=model, hidden=0))
+            builders.make_model(dict(config, model=model, hidden=0))
         with pytest.raises(ValueError, match=r"^--latents: must be an integer >= 1, got -1$"):
-            common.make_model(dict(config, model=model, latents=-1))
+            builders.make_model(dict(config, model=model, latents=-1))
     with pytest.raises(ValueError, match="^--model: unknown model"):
-        common.make_model(dict(config, model="rnn"))
+        builders.make_model(dict(config, model="rnn"))
 
 
 def test_elbo_is_the_function_at_top_level():

@@ -1,15 +1,10 @@
 """experiments/plateau.py: Adam to a validation plateau, then five arms with equal further budgets."""
 
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "experiments"))
-import plateau  # noqa: E402
-
-import savae_jax as sv  # noqa: E402
+import savae_jax as sv
+from savae_jax.experiments import plateau
 
 TINY = ["--dataset", "digits", "--hidden", "32", "--latents", "4", "--batch-size", "100",
         "--eval-every", "5", "--eval-iwae", "0"]

@@ -32,10 +32,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script(name):
-    spec = importlib.util.spec_from_file_location(f"_robust_{name}", ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The experiment module behind ``savae <name>``."""
+    return importlib.import_module(f"savae_jax.experiments.{name}")
 
 
 @pytest.fixture(scope="module")
@@ -298,11 +296,12 @@ def test_train_cli_overwrite_replaces_only_its_own_run(tmp_path, capsys):
 
 def test_set_values_are_parsed_and_typed_by_the_defaults():
     compare_script = _script("compare")
-    common = sys.modules["common"]  # imported by the script
+    from savae_jax.experiments import settings
+
     assert compare_script.parse_set("sa.scale=.05") == ("sa", "scale", 0.05)
     assert compare_script.parse_set("sa.proposal=gaussian") == ("sa", "proposal", "gaussian")
-    checked = common.check_settings({"proposals": 8.0, "scale": 1, "t_min": None}, common.SA_DEFAULTS, "sa.", "annealing")
+    checked = settings.check_settings({"proposals": 8.0, "scale": 1, "t_min": None}, settings.SA_DEFAULTS, "sa.", "annealing")
     assert checked == {"proposals": 8, "scale": 1, "t_min": None} and isinstance(checked["proposals"], int)
     for value in (True, "8", 8.5):
         with pytest.raises(ValueError, match=r"sa\.proposals: must be an integer"):
-            common.check_settings({"proposals": value}, common.SA_DEFAULTS, "sa.", "annealing")
+            settings.check_settings({"proposals": value}, settings.SA_DEFAULTS, "sa.", "annealing")

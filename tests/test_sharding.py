@@ -162,11 +162,9 @@ SCRIPT = textwrap.dedent(
                    mesh=mesh8)
     out["fit_sa"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]]}
 
-    # experiments/dual_annealing.py: 16 vmapped chains sharded over the 8 devices.
-    import sys
-    sys.path.insert(0, "experiments")
-    import dual_annealing as D
-    args = (D.rastrigin, 5.12, 1e-2, 16, 30, 7, 10, 0)
+    # savae dual-annealing: 16 vmapped chains sharded over the 8 devices.
+    from savae_jax.experiments import dual_annealing as D, problems
+    args = (problems.rastrigin, 5.12, 1e-2, 16, 30, 7, 10, 0)
     a, _ = D.run_sa(*args)
     b, _ = D.run_sa(*args, mesh=mesh8)
     out["dual_annealing"] = {"best": compare(a, b), "values": a.tolist()}
@@ -352,8 +350,7 @@ def test_bad_mesh_arguments():
 def test_script_flags_need_distributed():
     import argparse
 
-    sys.path.insert(0, str(ROOT / "experiments"))
-    import common
+    from savae_jax.experiments import flags as common
 
     parser = argparse.ArgumentParser()
     common.add_scale_out_flags(parser)

@@ -1,6 +1,5 @@
 """experiments/train.py: outputs, schema, atomic writes and flag errors."""
 
-import importlib.util
 import csv
 import json
 import os
@@ -16,15 +15,8 @@ from savae_jax import checkpoint
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-train_script = load_script("train")
-import common  # noqa: E402  (on sys.path once train.py is loaded)
+from savae_jax.experiments import settings  # noqa: E402
+from savae_jax.experiments import train as train_script  # noqa: E402
 SMALL = ["--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet"]
 
 
@@ -53,7 +45,7 @@ def test_train_writes_metrics_grids_and_params(tmp_path):
 
 
 def test_any_optax_alias_is_accepted(tmp_path):
-    assert {"adam", "rmsprop", "sgd", "adamw", "lion"} <= set(common.OPTAX_ALIASES)
+    assert {"adam", "rmsprop", "sgd", "adamw", "lion"} <= set(settings.OPTAX_ALIASES)
     metrics = train_script.main(["--optimizer", "rmsprop", "--epochs", "1", "--workdir", str(tmp_path), *SMALL])
     assert np.isfinite(metrics["final"]["test_neg_elbo"])
 

@@ -1,0 +1,235 @@
+"""Figures of the experiment layer: learning curves, per-step annealing traces, image grids.
+
+matplotlib is imported inside each function (never by ``import savae_jax``);
+the functions return a figure for a notebook, and the ``save_*`` ones write
+PNGs with the Agg backend for the subcommands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import numpy as np
+
+import savae_jax as sv
+from savae_jax import checkpoint
+from savae_jax.experiments.report import annealing_steps, read_trace
+
+
+def running_mean(values, window: int):
+    """The mean of the last ``window`` values at every step (fewer at the start): one value per step."""
+    values = np.asarray(values, float)
+    total = np.concatenate([[0.0], np.cumsum(values)])
+    ends = np.arange(1, len(values) + 1)
+    starts = np.maximum(ends - window, 0)
+    return (total[ends] - total[starts]) / (ends - starts)
+
+
+def finite_or_nan(values):
+    """``values`` with every non-finite entry NaN (not drawn)."""
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def traces_figure(traces: dict):
+    """One row of panels per annealing method, one point per annealing step: the temperature, the
+    acceptance rate (running over 25 steps, and cumulative), dL with its standard error band.
+
+    Args:
+      traces: ``{method: read_trace(...) columns}``; methods without annealing steps are skipped.
+    Returns:
+      the matplotlib figure, or None when no method anneals.
+    """
+    import matplotlib.pyplot as plt
+
+    annealed = {name: steps for name, t in traces.items() if len((steps := annealing_steps(t)).get("step", ()))}
+    if not annealed:
+        return None
+    fig, axes = plt.subplots(len(annealed), 3, figsize=(13, 2.6 * len(annealed)), squeeze=False)
+    for (ax_t, ax_a, ax_d), (name, t) in zip(axes, annealed.items()):
+        x = np.arange(1, len(t["temperature"]) + 1)  # annealing step, counted from the phase's start
+        ax_t.plot(x, t["temperature"], color="C0")
+        ax_t.set(yscale="log" if np.all(t["temperature"] > 0) else "linear",  # greedy rules run at T = 0
+                 ylabel="temperature (nats)", title=f"{name}: {len(x)} annealing steps")
+        ax_a.plot(x, running_mean(t["accepted"], 25), color="C1", label="last 25 steps")
+        ax_a.plot(x, t["acceptance_rate"], color="C1", ls="--", alpha=0.6, label="cumulative")
+        if "swap_rate" in t:
+            ax_a.plot(x, t["swap_rate"], color="C2", label="swap rate")
+        ax_a.set(ylim=(-0.05, 1.05), ylabel="acceptance rate")
+        ax_a.legend(fontsize=7, loc="best")
+        delta = finite_or_nan(t["delta"])  # +inf: no finite proposal at that step
+        stderr = t.get("stderr", np.full_like(delta, np.nan))
+        label = "decided dL" if np.any(np.isfinite(stderr)) else "dL"
+        ax_d.plot(x, delta, color="C3", lw=0.8, label=label)
+        if np.any(np.isfinite(stderr)):
+            ax_d.fill_between(x, delta - stderr, delta + stderr, color="C3", alpha=0.25, label="+- 1 standard error")
+        selection = finite_or_nan(t.get("delta_selection", t["delta"]))
+        if not np.array_equal(selection, delta, equal_nan=True):
+            ax_d.plot(x, selection, color="C7", lw=0.6, alpha=0.7, label="dL on the selection batch")
+        ax_d.axhline(0.0, color="k", lw=0.5)
+        shown = np.concatenate([delta, selection])
+        finite = shown[np.isfinite(shown)]
+        if finite.size:  # a few outlying steps should not flatten the rest
+            low, high = np.percentile(finite, [1, 99])
+            pad = 0.1 * (high - low) + 1e-6
+            ax_d.set_ylim(low - pad, high + pad)
+        ax_d.set(ylabel="dL (nats)")
+        ax_d.legend(fontsize=7, loc="best")
+    for ax in axes[-1]:
+        ax.set_xlabel("annealing step")
+    fig.tight_layout()
+    return fig
+
+
+def histories_figure(histories: dict, axis: str, log_scale: bool = False):
+    """Test -ELBO of each curve against ``axis``: the mean over its runs, a min-to-max band with several.
+
+    Args:
+      histories: ``{label: [history, ...]}``, one history (a list of rows with ``axis`` and
+        ``"test_neg_elbo"``) per run (seed) of that curve.
+      axis: the row field on the horizontal axis ("evals" or "seconds").
+      log_scale: a symmetric-log horizontal axis (linear below the first positive value, so
+        rows at 0 stay on it).
+    Returns:
+      the matplotlib figure.
+    """
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, runs in histories.items():
+        rows = min(len(h) for h in runs)  # equal unless a time budget cut a seed short
+        x = np.mean([[row[axis] for row in h[:rows]] for h in runs], axis=0)
+        y = np.array([[row["test_neg_elbo"] for row in h[:rows]] for h in runs])
+        (line,) = ax.plot(x, y.mean(axis=0), label=name, marker=".")
+        if len(runs) > 1:
+            ax.fill_between(x, y.min(axis=0), y.max(axis=0), color=line.get_color(), alpha=0.2)
+    label = {"evals": "loss evaluations", "seconds": "training seconds"}[axis]
+    if log_scale:
+        first = min((row[axis] for runs in histories.values() for h in runs for row in h if row[axis] > 0),
+                    default=1)
+        ax.set_xscale("symlog", linthresh=first)
+        label += " (symmetric log scale)"
+    ax.set_xlabel(label)
+    ax.set_ylabel("test negative ELBO (nats), last parameters")
+    several = len(next(iter(histories.values()))) > 1
+    ax.set_title("mean over seeds; band: min to max" if several else "", fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: the curves start together
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def curves_figure(results: dict, axis: str, log_scale: bool = False):
+    """Test -ELBO of every method of a comparison against ``axis`` (:func:`histories_figure` of its seeds).
+
+    Args:
+      results: ``compare.run_all``'s results (``{method: {"seeds": {seed: run}}}``).
+      axis: "evals" or "seconds".
+      log_scale: a symmetric-log horizontal axis; every curve starts at its step-0 row.
+    """
+    return histories_figure({name: [run["history"] for run in r["seeds"].values()] for name, r in results.items()},
+                            axis, log_scale)
+
+
+def _agg():
+    """pyplot on the Agg backend (files, no display): what the subcommands write with."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    checkpoint.save_figure(fig, path)
+    _agg().close(fig)
+
+
+def save_comparison_figures(workdir: Path, results: dict, log_evals: bool = False) -> None:
+    """Test -ELBO against evaluations and seconds, and the first seed's per-step annealing traces.
+
+    Writes ``test_neg_elbo_vs_{seconds,evals}.png`` and ``sa_traces.png`` (from the
+    ``trace_<method>_seed<s>.csv`` files) into ``workdir``.
+
+    Args:
+      workdir: the run's folder (the trace CSVs are read from it, the PNGs written to it).
+      results: ``compare.run_all``'s results.
+      log_evals: a log-scaled evaluations axis (symmetric-log, so evaluations 0 stays on it).
+    """
+    _agg()
+    for axis in ("seconds", "evals"):
+        _save(curves_figure(results, axis, log_evals and axis == "evals"), workdir / f"test_neg_elbo_vs_{axis}.png")
+    traces = {}
+    for name, r in results.items():
+        path = workdir / f"trace_{name}_seed{next(iter(r['seeds']))}.csv"
+        if path.exists():
+            traces[name] = read_trace(path)
+    fig = traces_figure(traces)
+    if fig is not None:
+        _save(fig, workdir / "sa_traces.png")
+
+
+def grid_figures(key, params, model, images, binarize, label: str | None = None) -> dict:
+    """``{"reconstructions": fig, "samples": fig}``: 16 inputs over their reconstructions, 32 prior samples.
+
+    Args:
+      key: one key, split for the binarisation, the reconstruction and the prior samples.
+      params, model: the VAE.
+      images: the inputs (the first 16 are shown); their shape is the samples'.
+      binarize: None, or binarise the inputs with a Bernoulli draw (as the model saw in training).
+      label: a method's name, put before each title.
+    """
+    import matplotlib.pyplot as plt
+
+    key_bin, key_rec, key_prior = jax.random.split(key, 3)
+    x = images[:16]
+    if binarize is not None:
+        x = sv.data.binarize(key_bin, x)
+    rec = sv.models.reconstruct(key_rec, params, model, x)
+    samples = sv.models.sample_prior(key_prior, params, model, 32, images.shape[1:])
+    figures = {}
+    for kind, shown, title in (
+        ("reconstructions", np.concatenate([np.asarray(x), np.asarray(rec)]),
+         "test inputs (top two rows) and reconstructions (bottom two)"),
+        ("samples", np.asarray(samples), "samples from the prior (likelihood means)"),
+    ):
+        grid = sv.evaluation.image_grid(shown)
+        fig, ax = plt.subplots(figsize=(5, 5 * grid.shape[0] / grid.shape[1]))
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{label}: {title}" if label else title, fontsize=8)
+        ax.axis("off")
+        figures[kind] = fig
+    return figures
+
+
+def save_grids(workdir, key, params, model, test_images, binarize, label: str | None = None) -> None:
+    """Write reconstructions[_label].png and samples[_label].png (:func:`grid_figures`) into ``workdir``."""
+    _agg()
+    suffix = f"_{label}" if label else ""
+    for kind, fig in grid_figures(key, params, model, test_images, binarize, label).items():
+        _save(fig, Path(workdir) / f"{kind}{suffix}.png")
+
+
+def plateau_figure(results: dict, arms):
+    """Each arm's test -ELBO minus x*'s against the evaluations after x*, one line per seed."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, arm in enumerate(arms):
+        for j, r in enumerate(results.values()):
+            rows = r["arms"][arm]["history"]
+            ax.plot([0] + [row["evals"] for row in rows],
+                    [0.0] + [row["test_neg_elbo"] - r["x_star"]["test_neg_elbo"] for row in rows],
+                    color=f"C{i}", alpha=0.8, label=arm if j == 0 else None)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.set(xlabel="evaluations after x*", ylabel="test -ELBO minus x*'s (nats), last parameters")
+    ax.set_title("one line per seed", fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def save_plateau_figure(workdir: Path, results: dict, arms) -> None:
+    """plateau.png (:func:`plateau_figure`) in ``workdir``."""
+    _agg()
+    _save(plateau_figure(results, arms), Path(workdir) / "plateau.png")

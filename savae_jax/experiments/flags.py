@@ -1,0 +1,146 @@
+"""Command-line plumbing shared by the subcommands: help formatting, the model and scale-out flags, the mesh."""
+
+from __future__ import annotations
+
+import argparse
+
+import savae_jax as sv
+from savae_jax import distributed
+from savae_jax.experiments.settings import BETA_SCHEDULES, MODELS
+
+
+def positive(kind):
+    """argparse type: a number > 0 of type ``kind``."""
+
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+
+    return parse
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help with every flag's default (unless its help already says it or it has none); epilog kept as written."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" in text or action.default in (None, argparse.SUPPRESS) or not action.option_strings
+                or isinstance(action.default, bool)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def show_defaults(parser, defaults: dict) -> None:
+    """Append "(default X)" to the help of the flags whose default lives in ``defaults`` (argparse's is None)."""
+    for action in parser._actions:
+        value = defaults.get(action.dest)
+        if action.default is None and value is not None and "default" not in (action.help or ""):
+            action.help = f"{action.help} (default {value})" if action.help else f"default {value}"
+
+
+def parse_args(parser, argv):
+    """Parse ``argv`` and set up --distributed / --devices before any other JAX call.
+
+    Returns ``(args, mesh)``; a bad distributed setting is a usage error (exit 2).
+    """
+    args = parser.parse_args(argv)
+    try:
+        return args, mesh_from_args(args)
+    except ValueError as err:
+        parser.error(str(err))
+
+
+def backend_line() -> str:
+    """One line saying where JAX runs: the backend, how many devices of which kind, the processes.
+
+    On CPU it also says how to get an accelerator, so a GPU machine that
+    silently runs on CPU (jaxlib without CUDA) is noticed at the first line.
+    """
+    import jax
+
+    devices = jax.devices()
+    line = (f"JAX {jax.__version__} backend {jax.default_backend()}: {len(devices)} device(s), "
+            f"{devices[0].device_kind}")
+    if jax.process_count() > 1:
+        line += f", {jax.process_count()} processes ({jax.local_device_count()} local devices)"
+    if jax.default_backend() == "cpu":
+        line += " (no accelerator in use; on a GPU machine: pip install -e \".[cuda12]\")"
+    return line
+
+def make_log():
+    """``log(line)``: print (flushed) in process 0, nothing in the others (--distributed)."""
+    if distributed.is_primary():
+        return lambda line: print(line, flush=True)
+    return lambda line: None
+
+
+def add_scale_out_flags(parser) -> None:
+    """Add the scale-out flags of the experiment scripts to an argparse parser.
+
+    --distributed, --coordinator, --num-processes, --process-id (see
+    ``distributed.initialize_distributed``) and --devices (the mesh; see ``mesh_from_args``).
+    """
+    group = parser.add_argument_group("scale-out (docs/distributed.md)")
+    group.add_argument("--distributed", action="store_true",
+                       help="call jax.distributed.initialize() first (multi-process/multi-host) "
+                            "and run on a mesh of every process's devices")
+    group.add_argument("--coordinator", default=None,
+                       help="with --distributed: host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS "
+                            "or auto-detected)")
+    group.add_argument("--num-processes", type=int, default=None,
+                       help="with --distributed: number of processes (default: $JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, default=None,
+                       help="with --distributed: this process's index (default: $JAX_PROCESS_ID)")
+    group.add_argument("--devices", default=None,
+                       help="shard over a mesh of this many devices, or 'all' (default: one device; "
+                            "with --distributed: all devices of all processes)")
+
+
+def mesh_from_args(args):
+    """Initialise ``jax.distributed`` if ``args.distributed``, then the mesh ``--devices`` asks for.
+
+    Call it before any other JAX call of the script. Returns None (one
+    device, the default code path) unless --devices or --distributed is given.
+    """
+    for flag in ("coordinator", "num_processes", "process_id"):
+        if getattr(args, flag) is not None and not args.distributed:
+            raise ValueError(f"--{flag.replace('_', '-')} needs --distributed")
+    if args.distributed:
+        try:
+            distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+        except ValueError as err:
+            raise ValueError(f"--distributed: {err}") from err
+    devices = args.devices
+    if devices is None and not args.distributed:
+        return None
+    if devices is None or devices == "all":
+        return distributed.make_mesh()
+    try:
+        count = int(devices)
+    except ValueError:
+        raise ValueError(f"--devices: must be a number or 'all', got {devices!r}") from None
+    try:
+        return distributed.make_mesh(count)
+    except ValueError as err:
+        raise ValueError(f"--devices: {err}") from err
+
+
+def add_model_flags(parser) -> None:
+    """--model, --hidden, --latents, --likelihood and the beta/free-bits flags."""
+    group = parser.add_argument_group("model and objective")
+    group.add_argument("--model", choices=MODELS, default=None, help="mlp (default) or conv")
+    group.add_argument("--hidden", type=int, default=None, help="MLP hidden width / conv dense width")
+    group.add_argument("--latents", type=int, default=None, help="latent dimensions")
+    group.add_argument("--likelihood", choices=sv.models.LIKELIHOODS, default=None,
+                       help="bernoulli (default; binarised data), gaussian, logistic (8-bit data, bits/dim)")
+    group.add_argument("--beta", type=float, default=None, help="KL weight (default 1)")
+    group.add_argument("--beta-schedule", choices=BETA_SCHEDULES, default=None,
+                       help="constant (default), warmup (0 -> beta over --beta-steps), cyclical")
+    group.add_argument("--beta-steps", type=int, default=None, help="warm-up length or cyclical total steps")
+    group.add_argument("--beta-cycles", type=int, default=None, help="cyclical: number of cycles")
+    group.add_argument("--free-bits", type=float, default=None, help="minimum KL per latent dimension (nats)")
+    group.add_argument("--eval-iwae", type=int, default=None, help="k of the final IWAE-k evaluation (0: skip)")
+
+

@@ -1,0 +1,156 @@
+"""Reports: statistics over seeds, the comparison's summary table, the self-contained HTML page, trace CSVs."""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import jax
+
+from savae_jax.experiments.registry import REFINEMENTS
+
+
+def environment() -> dict:
+    versions = {name: metadata.version(name) for name in
+                ("jax", "jaxlib", "flax", "optax", "chex", "orbax-checkpoint", "numpy", "savae_jax")}
+    return {"versions": versions, "python": sys.version.split()[0], "backend": jax.default_backend(),
+            "devices": [str(d) for d in jax.devices()],
+            "device_kind": jax.devices()[0].device_kind}
+
+
+def mean_sd(values) -> dict:
+    """``{"mean", "sd", "n"}`` of a list of numbers; sd is the sample sd (n - 1), None for one value."""
+    n = len(values)
+    mean = sum(values) / n
+    sd = None if n < 2 else math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
+    return {"mean": mean, "sd": sd, "n": n}
+
+
+# The per-seed numbers every method's entry summarises over its seeds.
+SUMMARISED = ("test_neg_elbo", "last_test_neg_elbo", "test_neg_iwae", "active_units", "evals", "steps", "seconds")
+
+
+def aggregate(runs: dict) -> dict:
+    """One method's entry of results.json: ``{"seeds": {seed: run}, "summary": {number: mean_sd}}``."""
+    summary = {k: mean_sd([r[k] for r in runs.values()]) for k in SUMMARISED
+               if all(k in r for r in runs.values())}
+    return {"seeds": runs, "summary": summary}
+
+
+def format_mean_sd(stat: dict | None, fmt: str = ".2f") -> str:
+    """A :func:`mean_sd` as "mean ± sd" (just the mean for one value; "-" for none)."""
+    if stat is None:
+        return "-"
+    sd_fmt = fmt.replace("+", "")  # a signed mean (a change), an unsigned sd
+    return f"{stat['mean']:{fmt}}" + ("" if stat["sd"] is None else f" ± {stat['sd']:{sd_fmt}}")
+
+
+def summarize(results: dict, config: dict) -> str:
+    """summary.md: methods ranked by mean test negative ELBO (mean ± sd over seeds), ratios to Adam."""
+    ranked = sorted(results.items(), key=lambda item: item[1]["summary"]["test_neg_elbo"]["mean"])
+    ref = results.get("adam", {}).get("summary")
+    gate = "best-validation" if config["validation"] else "last"
+    seeds = ",".join(map(str, config["seeds"]))
+    lines = [f"# {config['dataset']}: budget {config['budget_evals']} evaluations per method"
+             + (f", {config['budget_seconds']} s" if config["budget_seconds"] else "")
+             + f"; seeds {seeds} (mean ± sd)",
+             "",
+             f"Test numbers at the {gate} parameters"
+             + (f" (validation: {config['validation']:g} of the training set)" if config["validation"] else "")
+             + "; 'last' is the last parameters'.",
+             "",
+             f"| rank | method | test -ELBO (nats) | last test -ELBO | test -IWAE-{config['eval_iwae']} "
+             "| active units | evals | steps | seconds | evals / Adam | time / Adam |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rank, (name, r) in enumerate(ranked, 1):
+        m = r["summary"]
+        ratio = lambda k: f"{m[k]['mean'] / ref[k]['mean']:.2f}" if ref and ref[k]["mean"] else "-"  # noqa: E731
+        pm = format_mean_sd
+        lines.append(f"| {rank} | {name} | {pm(m['test_neg_elbo'])} | {pm(m['last_test_neg_elbo'])} "
+                     f"| {pm(m.get('test_neg_iwae'))} | {pm(m['active_units'], '.1f')} | {m['evals']['mean']:.0f} "
+                     f"| {m['steps']['mean']:.0f} | {pm(m['seconds'], '.1f')} | {ratio('evals')} | {ratio('seconds')} |")
+    refined = [name for name in results if name in REFINEMENTS]
+    if refined:
+        lines += ["", "Refinement from the gradient optimum, per seed (test -ELBO, nats): the end of the Adam "
+                  "phase, the last annealing parameters, the parameters the validation gate kept.", "",
+                  "| method | seed | end of adam | last | kept | last - end of adam |", "|---|---|---|---|---|---|"]
+        for name in refined:
+            for seed, run in results[name]["seeds"].items():
+                start = run["phase_ends"]["adam"]
+                lines.append(f"| {name} | {seed} | {start:.2f} | {run['last_test_neg_elbo']:.2f} "
+                             f"| {run['test_neg_elbo']:.2f} | {run['last_test_neg_elbo'] - start:+.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def figure_files(workdir: Path, results: dict) -> list[str]:
+    """The run's PNGs that exist, in reading order: the curves, the traces, then each method's grids."""
+    names = ["test_neg_elbo_vs_evals.png", "test_neg_elbo_vs_seconds.png", "sa_traces.png"]
+    names += [f"{kind}_{m}.png" for m in results for kind in ("reconstructions", "samples")]
+    return [n for n in names if (workdir / n).is_file()]
+
+
+def figures_markdown(figures: list[str]) -> str:
+    """summary.md's figures section: the PNGs next to it, linked as images."""
+    return "\n## Figures\n\n" + "".join(f"![{n[:-4]}]({n})\n\n" for n in figures) if figures else ""
+
+
+def markdown_to_html(text: str) -> str:
+    """Markdown (the summaries' headings, paragraphs, pipe tables and image links) as HTML, by markdown-it-py."""
+    from markdown_it import MarkdownIt
+
+    return MarkdownIt("commonmark", {"html": False}).enable("table").render(text)
+
+
+def report_html(summary: str, workdir: Path, figures: list[str]) -> str:
+    """report.html: the summary's tables and every figure, embedded as base64 PNGs (one self-contained page)."""
+    import base64
+    import html
+
+    images = "\n".join(
+        f'<figure><img alt="{html.escape(n)}" src="data:image/png;base64,'
+        f'{base64.b64encode((workdir / n).read_bytes()).decode()}"><figcaption>{html.escape(n)}</figcaption></figure>'
+        for n in figures)
+    style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}figure{display:inline-block;margin:8px}"
+             "img{max-width:100%}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>compare.py report</title>"
+            f"<style>{style}</style></head><body>\n{markdown_to_html(summary)}\n<h2>Figures</h2>\n{images}\n"
+            "</body></html>\n")
+
+
+def trace_columns(rows: list[dict]) -> dict:
+    """Trace rows (``driver.run(..., trace=True)``'s, or a trace CSV's) as columns ``{field: array}``.
+
+    Numbers become floats, True/False 1/0, missing or empty values NaN; ``phase`` stays strings.
+    """
+    import numpy as np
+
+    def number(value) -> float:
+        if value in ("True", "False"):
+            return float(value == "True")
+        return math.nan if value is None or value == "" else float(value)
+
+    fields = list(dict.fromkeys(k for row in rows for k in row))
+    return {k: np.array([r.get(k, "") for r in rows]) if k == "phase" else np.array([number(r.get(k)) for r in rows])
+            for k in fields}
+
+
+def read_trace(path: Path) -> dict:
+    """A trace CSV (``trace_<method>_seed<s>.csv``) as columns (:func:`trace_columns`)."""
+    with open(path, newline="") as f:
+        return trace_columns(list(csv.DictReader(f)))
+
+
+def annealing_steps(trace: dict) -> dict:
+    """The annealing steps of a trace (the rows with a temperature), one entry per step."""
+    import numpy as np
+
+    if "temperature" not in trace:
+        return {}
+    keep = ~np.isnan(trace["temperature"])
+    return {k: v[keep] for k, v in trace.items()}
+
+

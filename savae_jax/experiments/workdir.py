@@ -1,0 +1,112 @@
+"""The workdir policy of every subcommand: refuse an existing run, ``--resume`` continues it, ``--overwrite``
+deletes only the subcommand's own files; and the atomic CSV writer."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from savae_jax import checkpoint, distributed
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    """Write ``rows`` (history or trace rows) as CSV, atomically; the columns are every key in order of first use."""
+    import csv
+    import io
+
+
+
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    checkpoint.atomic_write_text(path, buf.getvalue())
+
+
+def check_same_workdir(workdir) -> None:
+    """Across processes (--distributed), refuse a --workdir that differs between processes.
+
+    Process 0 writes the files and Orbax's checkpoints synchronise every
+    process on one folder: separate folders would hang in the first save.
+    """
+    import zlib
+
+    path = str(Path(workdir).absolute())
+    if not distributed.same_everywhere(zlib.crc32(path.encode())):
+        raise ValueError(f"--workdir: every process of a --distributed run must pass the same folder "
+                         f"(one all processes see); this process has {path}, another has a different one")
+
+
+def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resume", "quiet", "workdir"),
+                  replace_hint: str = "") -> None:
+    """Refuse an unusable --workdir before any training (errors name --workdir / --resume).
+
+    The folder must be writable (probed); one that holds a run (its
+    config.json) is refused unless ``resume``, and then its saved config must
+    equal ``config`` except for the keys in ``not_compared``.
+    """
+    import jax
+
+
+
+    if workdir.exists() and not workdir.is_dir():
+        raise ValueError(f"--workdir: {workdir} exists and is not a folder")
+    probe = workdir / f".write-test-{jax.process_index()}"  # one per process: they may share workdir
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+        checkpoint.atomic_write_bytes(probe, b"")
+        probe.unlink()
+    except OSError as err:
+        raise ValueError(f"--workdir: cannot write to {workdir}: {err}") from err
+    saved_path = workdir / "config.json"
+    if not saved_path.exists():
+        return
+    if not resume:
+        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it{replace_hint} "
+                         "or choose another --workdir (nothing was overwritten)")
+    saved = read_saved_config(saved_path)
+    diffs = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
+             for k in sorted(set(saved) | set(config))
+             if k not in not_compared and saved.get(k) != config.get(k)]
+    if diffs:
+        raise ValueError("--resume: the run in --workdir has a different config:\n  " + "\n  ".join(diffs))
+
+
+
+def read_saved_config(path: Path) -> dict:
+    """The ``"config"`` of a run's config.json; ValueError naming the file if it is unreadable or has none."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"--resume: cannot read {path} ({type(err).__name__}: {err}); it may be truncated. "
+                         "Restore it, or start the run again in another --workdir") from err
+    if not isinstance(saved, dict) or not isinstance(saved.get("config"), dict):
+        raise ValueError(f"--resume: {path} has no \"config\" object (not a config.json written by this "
+                         "script?); restore it, or start the run again in another --workdir")
+    return saved["config"]
+
+
+def clear_run(workdir: Path, outputs) -> None:
+    """Delete an earlier run's outputs from ``workdir`` (--overwrite); ValueError if it holds anything else.
+
+    Only the names in ``outputs`` (every file and folder the subcommand writes) (and our own temporary files) are
+    removed, and only when nothing else is there, so no file the user did not
+    ask the subcommand to write is ever deleted.
+    """
+    if not (workdir / "config.json").is_file():
+        return  # no run to replace
+    foreign = sorted(p.name for p in workdir.iterdir()
+                     if p.name not in outputs and not p.name.startswith((".write-test", ".")))
+    if foreign:
+        raise ValueError(f"--overwrite: {workdir} holds files this subcommand did not write ({', '.join(foreign)}); "
+                         "refusing to delete anything (move them, or choose another --workdir)")
+    if (workdir / "params").exists() and not checkpoint.is_checkpoint(workdir / "params"):
+        raise ValueError(f"--overwrite: {workdir / 'params'} is not a parameter checkpoint; refusing to delete it")
+    for name in outputs:
+        path = workdir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
