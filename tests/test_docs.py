@@ -1,4 +1,5 @@
-"""Every ```python block of README.md and docs/*.md runs as written (issue 16).
+"""Every ```python block of README.md and docs/*.md runs as written (issue 16), and every
+relative link between those pages resolves (issue 22: the README is a front page linking to docs/).
 
 The blocks of one file run in order in one namespace (a later block may use
 an earlier one's names, as a reader following the page would), in a fresh
@@ -61,3 +62,31 @@ def test_every_python_block_runs_as_written(page, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.strip().endswith(f"ran {len(blocks)} blocks"), done.stdout[-2000:]
+
+
+def heading_anchors(path: Path) -> set[str]:
+    """GitHub's anchors of the headings of ``path`` (lower case, punctuation dropped, spaces as -)."""
+    anchors, fenced = set(), False
+    for line in path.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and (m := re.match(r"#+\s+(.*)", line)):
+            anchors.add(re.sub(r"[^\w\- ]", "", m.group(1).strip().lower()).replace(" ", "-"))
+    return anchors
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.name)
+def test_relative_links_resolve(page):
+    """Each ``[text](target)`` outside code fences names a file that exists, and a ``#anchor`` a heading of it."""
+    text = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = page.parent / path if path else page
+        if not file.exists():
+            broken.append(target)
+        elif anchor and file.suffix == ".md" and anchor not in heading_anchors(file):
+            broken.append(target)
+    assert not broken, f"{page.name}: broken links {broken}"
