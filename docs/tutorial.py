@@ -45,6 +45,7 @@ import optax
 
 import savae_jax as sv
 from savae_jax import annealing as an
+from savae_jax.experiments import figures, report  # the figures `savae compare` writes
 
 print(jax.default_backend(), jax.devices())
 
@@ -99,20 +100,9 @@ print("test -ELBO: after Adam", round(sa_history[0]["test_neg_elbo"], 3),
       "after annealing", round(sa_history[-1]["test_neg_elbo"], 3))
 
 # %%
-steps = np.array([r["step"] for r in trace])
-delta, stderr = np.array([r["delta"] for r in trace]), np.array([r["stderr"] for r in trace])
-fig, (ax_t, ax_a, ax_d) = plt.subplots(1, 3, figsize=(13, 3))
-ax_t.plot(steps, [r["temperature"] for r in trace])
-ax_t.set(title="temperature (nats)", yscale="log", xlabel="step")
-ax_a.plot(steps, np.cumsum([r["accepted"] for r in trace]) / steps)
-ax_a.set(title="acceptance rate (cumulative)", xlabel="step", ylim=(0, 1))
-ax_d.plot(steps, delta, lw=0.8, label="decided dL")
-ax_d.fill_between(steps, delta - stderr, delta + stderr, alpha=0.3, label="+- 1 standard error")
-ax_d.plot(steps, [r["delta_selection"] for r in trace], lw=0.6, color="grey", label="dL, selection batch")
-ax_d.axhline(0, color="k", lw=0.5)
-ax_d.set(title="dL of the winner (nats)", xlabel="step")
-ax_d.legend(fontsize=7)
-plt.show()
+# The same panels as `savae compare`'s sa_traces.png: temperature, acceptance rate, and the decided
+# dL with its standard-error band beside the selection batch's dL.
+fig = figures.traces_figure({"noise-aware annealing": report.trace_columns(trace)})
 
 # %% [markdown]
 # The selection batch's dL (grey) is biased low: it is the minimum of 16 noisy differences. The
@@ -214,24 +204,13 @@ print("reloaded test -ELBO:", sv.evaluate(loss_fn, loaded, test.images, binarize
 
 # %%
 adam_evals = [3 * r["step"] for r in adam_history]  # a gradient step costs 3 evaluations
-sa_evals = [adam_evals[-1] + r["evals"] for r in sa_history]
-fig, ax = plt.subplots(figsize=(6, 3.5))
-ax.plot([0] + adam_evals, [untrained] + [r["test_neg_elbo"] for r in adam_history], label="adam", marker=".")
-ax.plot(sa_evals, [r["test_neg_elbo"] for r in sa_history], label="noise-aware annealing", marker=".")
-ax.set(xscale="symlog", xlabel="loss evaluations (symmetric log scale)", ylabel="test -ELBO (nats)")
-ax.legend()
-ax.grid(alpha=0.3)
-plt.show()
+curves = {  # one history (rows with "evals" and "test_neg_elbo") per curve
+    "adam": [[{"evals": 0, "test_neg_elbo": untrained}]
+             + [{"evals": e, "test_neg_elbo": r["test_neg_elbo"]} for e, r in zip(adam_evals, adam_history)]],
+    "noise-aware annealing": [[{"evals": adam_evals[-1] + r["evals"], "test_neg_elbo": r["test_neg_elbo"]}
+                               for r in sa_history]],
+}
+fig = figures.histories_figure(curves, "evals", log_scale=True)
 
 # %%
-key_bin, key_rec, key_prior = jax.random.split(jax.random.key(7), 3)
-x = sv.data.binarize(key_bin, test.images[:16])
-rows = np.concatenate([np.asarray(x), np.asarray(sv.models.reconstruct(key_rec, refined, model, x))])
-samples = np.asarray(sv.models.sample_prior(key_prior, refined, model, 32, test.images.shape[1:]))
-fig, (ax_r, ax_s) = plt.subplots(1, 2, figsize=(10, 4))
-for ax, images, title in ((ax_r, rows, "test digits (top) and reconstructions (bottom)"),
-                          (ax_s, samples, "samples from the prior")):
-    ax.imshow(sv.evaluation.image_grid(images)[..., 0], cmap="gray", vmin=0, vmax=1)
-    ax.set_title(title, fontsize=9)
-    ax.axis("off")
-plt.show()
+grids = figures.grid_figures(jax.random.key(7), refined, model, test.images, binarize="dynamic")

@@ -392,17 +392,48 @@ def trace_rows(phase: str, start: int, infos: list) -> list[dict]:
             for i in range(len(infos))]
 
 
+class RunResult(NamedTuple):
+    """What :func:`run` returns, whatever its options.
+
+    Attributes:
+      params: the last parameters, or with ``validate`` the best-validation ones.
+      history: one row per ``eval_every`` steps (:data:`ROW_FIELDS`, the gate's fields, the
+        optimizer's logged info fields).
+      trace: with ``trace=True``, one row per step (:data:`TRACE_FIELDS` and every info field);
+        None otherwise.
+    """
+
+    params: Any
+    history: list
+    trace: list | None
+
+
+class RunOptions(NamedTuple):
+    """The options of one :func:`run` call that its bookkeeping reads (see :func:`run`'s Args)."""
+
+    batch_size: int
+    eval_every: int
+    batch_fn: data_lib.BatchFn
+    evaluate: Callable[[Any], float] | None
+    validate: Callable[[Any], float] | None
+    checkpoint_dir: Any
+    mesh: Any
+    axis_name: str | None
+    desc: str
+    log: Callable[[str], None] | None
+    trace: bool
+
+
 class _Run:
     """The mutable bookkeeping of one :func:`run` call (position, history, checkpoints)."""
 
-    def __init__(self, key, phases, params, images, options):
+    def __init__(self, key, phases, params, images, options: RunOptions):
         self.key, self.phases, self.params0, self.images, self.o = key, phases, params, images, options
-        self.saver = (None if options["checkpoint_dir"] is None
-                      else checkpoint.RunCheckpointer(options["checkpoint_dir"]))
+        self.saver = None if options.checkpoint_dir is None else checkpoint.RunCheckpointer(options.checkpoint_dir)
         self.pos, self.history, self.finished = Position(), [], False
         self.trace, self.pending = [], []  # trace rows so far; this row's step infos, on the device
         self.state = phases[0].optimizer.init(params)
-        validate = options["validate"]
+        validate = options.validate
         self.best = None if validate is None else Best(float(validate(params)), 0, params)
 
     def restore(self) -> None:
@@ -415,7 +446,7 @@ class _Run:
             state = self.phases[meta["position"]["phase"]].optimizer.init(self.params0)
             return state if self.best is None else (state, self.params0)
 
-        restored = self.saver.restore(template, self.o["log"])
+        restored = self.saver.restore(template, self.o.log)
         if restored is not None:
             _, saved, meta = restored
             self.pos, self.history, self.finished = Position(**meta["position"]), meta["history"], meta["finished"]
@@ -429,7 +460,7 @@ class _Run:
     def save(self, finished: bool) -> None:
         if self.saver is not None:
             meta = {"position": self.pos._asdict(), "history": self.history, "finished": finished}
-            if self.o["trace"]:
+            if self.o.trace:
                 meta["trace"] = self.trace
             saved = self.state
             if self.best is not None:  # the gate's parameters travel with the state
@@ -446,7 +477,7 @@ class _Run:
 
     def gate(self, row: dict) -> None:
         """Validate the current parameters, keep them if they beat the best so far, note both in ``row``."""
-        value = float(self.o["validate"](self.params()))
+        value = float(self.o.validate(self.params()))
         if value < self.best.value:  # strictly lower: on a tie the earlier parameters stay
             self.best = Best(value, self.pos.total_steps, self.state.params)
         row["val_neg_elbo"], row["best_step"] = value, self.best.step
@@ -454,9 +485,9 @@ class _Run:
     def steps(self, phase_index: int):
         phase = self.phases[phase_index]
         key = phase.key if phase.key is not None else jax.random.fold_in(self.key, phase_index)
-        return iterate(key, phase.optimizer, self.state, self.images, phase_batch_size(phase, self.o["batch_size"]),
-                       batch_fn=self.o["batch_fn"], start_step=self.pos.step, mesh=self.o["mesh"],
-                       axis_name=self.o["axis_name"])
+        return iterate(key, phase.optimizer, self.state, self.images, phase_batch_size(phase, self.o.batch_size),
+                       batch_fn=self.o.batch_fn, start_step=self.pos.step, mesh=self.o.mesh,
+                       axis_name=self.o.axis_name)
 
     def next_phase(self) -> bool:
         """Start the next phase from this one's parameters; False after the last."""
@@ -480,9 +511,9 @@ class _Run:
                 info.loss.block_until_ready()  # time only finished work
                 out_of_time = self.pos.phase_seconds + time.perf_counter() - start >= max_seconds
                 out_of_time = distributed.agree(out_of_time)  # process 0's clock decides for all
-            if self.o["trace"]:
+            if self.o.trace:
                 self.pending.append(info)  # stays on the device until the row
-            if (self.pos.total_steps + count) % self.o["eval_every"] == 0:
+            if (self.pos.total_steps + count) % self.o.eval_every == 0:
                 break
         jax.block_until_ready(self.state)
         return count, loss_sum, info, distributed.agree(time.perf_counter() - start)
@@ -496,7 +527,7 @@ class _Run:
         train_loss = float(loss_sum) / count
         if not math.isfinite(train_loss) or int(self.first_bad) >= 0 or not _all_finite(self.state.params):
             self._non_finite(train_loss, count, info)
-        evaluate = self.o["evaluate"]
+        evaluate = self.o.evaluate
         row = {"phase": phase.name, "step": self.pos.total_steps, "evals": self.pos.evals,
                "seconds": self.pos.seconds, "train_loss": train_loss,
                "test_neg_elbo": None if evaluate is None else evaluate(self.params())}
@@ -504,7 +535,7 @@ class _Run:
             self.gate(row)
         row.update(logged_stats(info))
         self.history.append(row)
-        if self.o["trace"]:
+        if self.o.trace:
             self.trace += trace_rows(phase.name, pos.total_steps, self.pending)
             self.pending = []
         return row
@@ -512,7 +543,7 @@ class _Run:
     def initial_row(self) -> dict:
         """The step-0 row: the initial parameters' scores at 0 evaluations (no training loss yet)."""
         row = {"phase": self.phases[0].name, "step": 0, "evals": 0, "seconds": 0.0, "train_loss": None,
-               "test_neg_elbo": None if self.o["evaluate"] is None else self.o["evaluate"](self.params0)}
+               "test_neg_elbo": None if self.o.evaluate is None else self.o.evaluate(self.params0)}
         if self.best is not None:  # the gate scored the initial parameters already
             row["val_neg_elbo"], row["best_step"] = self.best.value, 0
         self.history.append(row)
@@ -526,7 +557,7 @@ class _Run:
         first_bad = int(self.first_bad)
         step = first_bad if first_bad >= 0 else None
         kept_state, kept_history = self.row_start
-        where = (f"{self.o['desc'] or 'run'}: ")
+        where = f"{self.o.desc or 'run'}: "
         span = (f"between steps {self.pos.total_steps - count} and {self.pos.total_steps} "
                 f"(phase {self.phases[self.pos.phase].name}"
                 + (f", first at step {step})" if step is not None else ")"))
@@ -591,7 +622,7 @@ def run(
     initial_row: bool = False,
     trace: bool = False,
 ):
-    """Run ``phases`` in order from ``params``; returns ``(params, history)`` (with ``trace``, ``(params, history, trace)``).
+    """Run ``phases`` in order from ``params``; returns a :class:`RunResult` ``(params, history, trace)``.
 
     Args:
       key: the run's key; phase ``p`` uses ``phase.key`` or ``fold_in(key, p)``.
@@ -641,23 +672,22 @@ def run(
         at each row (:func:`trace_rows`); saved with the checkpoints, so a
         resumed run's trace equals an uninterrupted one's.
     Returns:
-      ``(params, history)``: the last parameters, or with ``validate`` the
-      best-validation ones; each row has the fields :data:`ROW_FIELDS`
+      ``RunResult(params, history, trace)``: the last parameters, or with ``validate`` the
+      best-validation ones; each history row has the fields :data:`ROW_FIELDS`
       (``seconds`` and ``evals`` cumulative; ``test_neg_elbo`` is the *last*
       parameters' score), the gate's fields with ``validate``, and the
       optimizer's logged info fields (``temperature``, ``radius``,
-      ``acceptance_rate`` for annealing); with ``trace``, the trace rows third.
+      ``acceptance_rate`` for annealing); with ``trace``, the trace rows (else None).
     """
     checkpoint_every = _check_options(phases, eval_every, checkpoint_every, budget_seconds)
     validation.integer_number("batch_size", batch_size, 1)
     phases = [p._replace(optimizer=as_optimizer(p.optimizer)) for p in phases]
     images = jnp.asarray(images, jnp.float32)
     max_steps = phase_steps(phases, images.shape[0], batch_size, budget_evals)
-    r = _Run(key, phases, params, images, {
-        "batch_size": batch_size, "eval_every": eval_every, "batch_fn": batch_fn, "evaluate": evaluate,
-        "checkpoint_dir": checkpoint_dir, "mesh": mesh, "axis_name": axis_name, "desc": desc, "log": log,
-        "validate": validate, "trace": trace})
-    outputs = lambda: (r.result_params(), r.history) + ((r.trace,) if trace else ())  # noqa: E731
+    r = _Run(key, phases, params, images, RunOptions(
+        batch_size=batch_size, eval_every=eval_every, batch_fn=batch_fn, evaluate=evaluate, validate=validate,
+        checkpoint_dir=checkpoint_dir, mesh=mesh, axis_name=axis_name, desc=desc, log=log, trace=trace))
+    outputs = lambda: RunResult(r.result_params(), r.history, r.trace if trace else None)  # noqa: E731
     if resume:
         r.restore()
         if r.finished:
@@ -681,7 +711,8 @@ def run(
             break
         row = r.record(count, loss_sum, info, seconds)
         bar.update(phase.optimizer.cost * count)
-        bar.set_postfix({k: f"{row[k]:.3g}" for k in ("train_loss", "temperature", "acceptance_rate") if k in row})
+        shown = ("train_loss", *getattr(type(info), "LOGGED", ()))  # what the optimizer's info logs
+        bar.set_postfix({k: f"{row[k]:.3g}" for k in shown if k in row})
         if on_row is not None:
             on_row(row)
         if r.pos.total_steps % checkpoint_every == 0:

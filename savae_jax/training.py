@@ -125,9 +125,10 @@ def fit(
     phase = driver.Phase("fit", as_optimizer(optimizer, loss_fn), epochs=epochs, key=key)
     # An annealer with a decision batch takes more examples per step: fewer steps per epoch.
     steps_per_epoch = data_lib.num_batches(images.shape[0], driver.phase_batch_size(phase, batch_size))
-    return driver.run(key, [phase], params, images, batch_size=batch_size, eval_every=steps_per_epoch,
-                      batch_fn=batch_fn, evaluate=evaluate, validate=validate, mesh=mesh, progress=progress,
-                      on_row=epoch_rows([phase], images.shape[0], batch_size, log))
+    result = driver.run(key, [phase], params, images, batch_size=batch_size, eval_every=steps_per_epoch,
+                        batch_fn=batch_fn, evaluate=evaluate, validate=validate, mesh=mesh, progress=progress,
+                        on_row=epoch_rows([phase], images.shape[0], batch_size, log))
+    return result.params, result.history
 
 
 def epoch_rows(phases, num_examples: int, batch_size: int, log: Callable[[str], None] | None = None):

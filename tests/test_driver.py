@@ -26,9 +26,10 @@ def adam_phase(loss_fn, share=1.0):
 
 
 def run(phases, params, images, test_images, loss_fn, **kwargs):
-    """driver.run with the test set's negative ELBO in every row."""
-    return driver.run(jax.random.key(1), phases, params, images,
-                      evaluate=lambda p: sv.evaluate(loss_fn, p, test_images), **kwargs)
+    """driver.run with the test set's negative ELBO in every row: ``(params, history)``."""
+    result = driver.run(jax.random.key(1), phases, params, images,
+                        evaluate=lambda p: sv.evaluate(loss_fn, p, test_images), **kwargs)
+    return result.params, result.history
 
 
 def test_phases_split_the_budget_and_hand_over_parameters(setup):

@@ -111,7 +111,7 @@ def test_es_learns_on_digits_and_counts_its_evaluations(vae):
     noise_aware = make_es(loss_fn, acceptance=an.confident(0.05), decision=an.decision_batch(100, 200))
     assert noise_aware.cost == 16 + 2 + 4 and noise_aware.examples_per_step == 300
     before = sv.evaluate(loss_fn, params, images)
-    out, history = driver.run(jax.random.key(1), [driver.Phase("es", opt)], params, images, batch_size=100,
+    out, history, _ = driver.run(jax.random.key(1), [driver.Phase("es", opt)], params, images, batch_size=100,
                               eval_every=10, budget_evals=18 * 60)
     after = sv.evaluate(loss_fn, out, images)
     # Measured: 48.2 -> 45.3 nats on the training digits in 60 steps (every candidate accepted).
@@ -134,13 +134,13 @@ def test_es_is_deterministic_traces_once_and_resumes_exactly(vae, tmp_path):
         state, _ = step(jax.random.key(i), state, x)
     assert len(traces) == 1
     kwargs = dict(batch_size=50, eval_every=4, budget_evals=opt.cost * 12)
-    a, history = driver.run(jax.random.key(3), [driver.Phase("es", opt)], params, images, **kwargs)
-    b, _ = driver.run(jax.random.key(3), [driver.Phase("es", opt)], params, images, **kwargs)
+    a, history, _ = driver.run(jax.random.key(3), [driver.Phase("es", opt)], params, images, **kwargs)
+    b, _, _ = driver.run(jax.random.key(3), [driver.Phase("es", opt)], params, images, **kwargs)
     chex.assert_trees_all_equal(a, b)
     ckpt = tmp_path / "ckpt"
     driver.run(jax.random.key(3), [driver.Phase("es", opt)], params, images, checkpoint_dir=ckpt, **kwargs)
     shutil.rmtree(ckpt / "12")
-    c, resumed = driver.run(jax.random.key(3), [driver.Phase("es", opt)], params, images, checkpoint_dir=ckpt,
+    c, resumed, _ = driver.run(jax.random.key(3), [driver.Phase("es", opt)], params, images, checkpoint_dir=ckpt,
                             resume=True, **kwargs)
     chex.assert_trees_all_equal(c, a)
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in history]

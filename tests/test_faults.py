@@ -126,7 +126,7 @@ def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(t
     assert step == last_good and not meta["finished"]
     assert all(np.isfinite(row["train_loss"]) for row in meta["history"])
     # The checkpoint equals a clean run stopped there (run 1 of NUM_RUNS_COMPARED's pair).
-    clean, _ = driver.run(key, phases(loss_fn), params, images, **{**kwargs, "budget_evals": 5 * last_good})
+    clean, _, _ = driver.run(key, phases(loss_fn), params, images, **{**kwargs, "budget_evals": 5 * last_good})
     chex.assert_trees_all_equal(state.params, clean)
 
 

@@ -133,7 +133,7 @@ def test_the_budget_counts_the_decision_evaluations(vae):
     loss = counting(loss_fn, counter)
     sa = an.simulated_annealing(loss, 6, an.gaussian(0.01), 0.01, an.penalty(), decision=an.decision_batch(50, 100))
     assert sa.cost == 6 + 1 + 2 + 4 and sa.examples_per_step == 150
-    _, history = driver.run(jax.random.key(1), [driver.Phase("sa", sa)], params, images, batch_size=50,
+    _, history, _ = driver.run(jax.random.key(1), [driver.Phase("sa", sa)], params, images, batch_size=50,
                             eval_every=5, budget_evals=sa.cost * 10)
     jax.effects_barrier()
     assert history[-1]["evals"] == sa.cost * 10 and history[-1]["step"] == 10
@@ -176,7 +176,7 @@ def test_refinement_from_an_adam_optimum_with_a_decision_batch_does_not_get_wors
                                 decision=an.decision_batch(100, 200))
     phases = driver.refinement(adam, sa, epochs=(5, 3))
     score = lambda p: sv.evaluate(loss_fn, p, images)  # noqa: E731
-    after_adam, _ = driver.run(jax.random.key(2), phases[:1], params, images, batch_size=100, eval_every=15)
-    refined, history = driver.run(jax.random.key(2), phases, params, images, batch_size=100, eval_every=15)
+    after_adam, _, _ = driver.run(jax.random.key(2), phases[:1], params, images, batch_size=100, eval_every=15)
+    refined, history, _ = driver.run(jax.random.key(2), phases, params, images, batch_size=100, eval_every=15)
     assert score(refined) <= score(after_adam) + 0.05, (score(refined), score(after_adam))
     assert history[-1]["phase"] == "sa"

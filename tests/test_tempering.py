@@ -118,8 +118,8 @@ def test_replica_exchange_runs_in_the_driver_deterministically_and_resumes_exact
     pt = tiny_pt(loss_fn)
     assert pt.cost == 3 * 5 + 2  # 3 replicas x (4 proposals + incumbent) + 3 shared losses every 2 steps
     kwargs = dict(batch_size=100, eval_every=4, budget_evals=17 * 12)
-    a, history = driver.run(jax.random.key(1), [driver.Phase("pt", pt)], params, images, **kwargs)
-    b, _ = driver.run(jax.random.key(1), [driver.Phase("pt", pt)], params, images, **kwargs)
+    a, history, _ = driver.run(jax.random.key(1), [driver.Phase("pt", pt)], params, images, **kwargs)
+    b, _, _ = driver.run(jax.random.key(1), [driver.Phase("pt", pt)], params, images, **kwargs)
     chex.assert_trees_all_equal(a, b)
     assert [r["step"] for r in history] == [4, 8, 12]
     assert set(history[-1]) >= {"temperature", "acceptance_rate", "swap_rate"}
@@ -129,7 +129,7 @@ def test_replica_exchange_runs_in_the_driver_deterministically_and_resumes_exact
     ckpt = tmp_path / "ckpt"
     driver.run(jax.random.key(1), [driver.Phase("pt", pt)], params, images, checkpoint_dir=ckpt, **kwargs)
     shutil.rmtree(ckpt / "12")  # killed after step 8
-    c, resumed = driver.run(jax.random.key(1), [driver.Phase("pt", pt)], params, images, checkpoint_dir=ckpt,
+    c, resumed, _ = driver.run(jax.random.key(1), [driver.Phase("pt", pt)], params, images, checkpoint_dir=ckpt,
                             resume=True, **kwargs)
     chex.assert_trees_all_equal(c, a)
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in history]
@@ -215,8 +215,8 @@ def test_replicas_may_be_es_steps_and_the_exchange_resumes_exactly(vae, tmp_path
     pt = tempering.replica_exchange(build, tempering.geometric_ladder(0.3, 1.5, 3), loss_fn, swap_every=2)
     assert pt.cost == 3 * build(0.3).cost + 2  # R members' steps + the shared swap losses, every 2nd step
     kwargs = dict(batch_size=100, eval_every=5, budget_evals=pt.cost * 15)
-    a, history = driver.run(jax.random.key(3), [driver.Phase("pt-es", pt)], params, images, **kwargs)
-    b, _ = driver.run(jax.random.key(3), [driver.Phase("pt-es", pt)], params, images, **kwargs)
+    a, history, _ = driver.run(jax.random.key(3), [driver.Phase("pt-es", pt)], params, images, **kwargs)
+    b, _, _ = driver.run(jax.random.key(3), [driver.Phase("pt-es", pt)], params, images, **kwargs)
     chex.assert_trees_all_equal(a, b)
     x = jnp.asarray(images[:500])
     before, after = (float(loss_fn(p, jax.random.key(9), x)) for p in (params, a))
@@ -225,7 +225,7 @@ def test_replicas_may_be_es_steps_and_the_exchange_resumes_exactly(vae, tmp_path
     ckpt = tmp_path / "ckpt"
     driver.run(jax.random.key(3), [driver.Phase("pt-es", pt)], params, images, checkpoint_dir=ckpt, **kwargs)
     shutil.rmtree(ckpt / "15")  # killed after step 10
-    c, resumed = driver.run(jax.random.key(3), [driver.Phase("pt-es", pt)], params, images,
+    c, resumed, _ = driver.run(jax.random.key(3), [driver.Phase("pt-es", pt)], params, images,
                             checkpoint_dir=ckpt, resume=True, **kwargs)
     chex.assert_trees_all_equal(c, a)
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in history]

@@ -76,7 +76,9 @@ def test_the_trace_has_one_row_per_step_with_the_annealers_diagnostics(setup):
         assert row["train_loss"] == pytest.approx(np.mean(losses), rel=1e-6)
         start = row["step"]
     # Recording changes nothing: the same parameters and history as without it.
-    plain_params, plain_history = run(setup, phases, budget_evals=400)
+    plain = run(setup, phases, budget_evals=400)
+    assert isinstance(plain, driver.RunResult) and plain.trace is None  # one return shape, trace or not
+    plain_params, plain_history = plain.params, plain.history
     chex.assert_trees_all_equal(params, plain_params)
     assert [{k: v for k, v in r.items() if k != "seconds"} for r in history] == [
         {k: v for k, v in r.items() if k != "seconds"} for r in plain_history]
@@ -107,7 +109,7 @@ def test_the_initial_row_scores_the_initial_parameters_and_changes_no_result(set
     phases = refinement(loss_fn)
     kwargs = dict(budget_evals=400, validate=validate)
     rows_seen = []
-    kept, history = driver.run(jax.random.key(1), phases, params, train.images, batch_size=100, eval_every=7,
+    kept, history, _ = driver.run(jax.random.key(1), phases, params, train.images, batch_size=100, eval_every=7,
                                evaluate=lambda p: sv.evaluate(loss_fn, p, test_images), initial_row=True,
                                on_row=rows_seen.append, **kwargs)
     first = history[0]
@@ -115,7 +117,7 @@ def test_the_initial_row_scores_the_initial_parameters_and_changes_no_result(set
                      "test_neg_elbo": sv.evaluate(loss_fn, params, test_images),
                      "val_neg_elbo": validate(params), "best_step": 0}
     assert rows_seen == history
-    plain_kept, plain_history = driver.run(jax.random.key(1), phases, params, train.images, batch_size=100,
+    plain_kept, plain_history, _ = driver.run(jax.random.key(1), phases, params, train.images, batch_size=100,
                                            eval_every=7, evaluate=lambda p: sv.evaluate(loss_fn, p, test_images),
                                            **kwargs)
     chex.assert_trees_all_equal(kept, plain_kept)

@@ -19,7 +19,7 @@ def test_the_tutorial_notebook_runs_every_cell(tmp_path):
     outputs = [out for cell in notebook.cells if cell.cell_type == "code" for out in cell.get("outputs", [])]
     text = "".join(out.get("text", "") for out in outputs if out.output_type == "stream")
     figures = [out for out in outputs if "image/png" in out.get("data", {})]
-    assert len(figures) == 4, text  # the trace, the chains, the curves, the image grids
+    assert len(figures) == 5, text  # the trace, the chains, the curves, the reconstructions, the samples
     assert "resumed parameters equal the uninterrupted run's: True" in text
     assert "accept decisions equal: True" in text
     assert "0 of 20 moves accepted" in text  # the sweep's largest scale is rejected every step

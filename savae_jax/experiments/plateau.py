@@ -134,7 +134,7 @@ def run_seed(seed, arms, args, model, data, batch_fn, log) -> dict:
         f"({'plateaued' if plateau['plateaued'] else 'cap reached'}), test -ELBO {out['x_star']['test_neg_elbo']:.3f}")
     for arm in arms:
         # Every arm sees the same data order and keys (one key for all arms).
-        kept, history = driver.run(key_arms, [arm_phase(arm, loss_fn, state, args)], x_star, train.images,
+        kept, history, _ = driver.run(key_arms, [arm_phase(arm, loss_fn, state, args)], x_star, train.images,
                                    batch_size=args.batch_size, eval_every=args.eval_every,
                                    budget_evals=args.extra_evals, batch_fn=batch_fn, evaluate=evaluate,
                                    validate=validate)
