@@ -1,6 +1,7 @@
 """Shared test helpers: a session-wide JAX compilation cache, subprocess work started in the
 background, the TFDS mock fixture and result comparison without wall-clock fields."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -175,9 +176,9 @@ def vae():
     import savae_jax as sv
 
     train = sv.load("digits", "train")
-    model = sv.MLPVAE(hidden=16, latents=3)
+    model, loss_fn = small_vae(16, 3)
     params = sv.models.init(jax.random.key(0), model, train.images[:1])
-    return train.images, params, sv.make_loss(model)
+    return train.images, params, loss_fn
 
 
 def nan_after(loss_fn, bad_step):
@@ -194,3 +195,16 @@ def nan_after(loss_fn, bad_step):
         return state, info._replace(loss=jnp.where(state.count >= bad_step, jnp.nan, info.loss))
 
     return adam._replace(step=step)
+
+
+@functools.cache
+def small_vae(hidden: int = 16, latents: int = 3):
+    """``(model, loss_fn)`` of a small MLP VAE, built once per shape for the whole session.
+
+    Every test that asks for the same shape gets the same model and loss objects, so functions
+    jitted over them are traced once, and the tests read the shape they use in one call.
+    """
+    import savae_jax as sv
+
+    model = sv.MLPVAE(hidden=hidden, latents=latents)
+    return model, sv.make_loss(model)

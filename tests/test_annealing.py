@@ -11,9 +11,9 @@ import pytest
 
 import savae_jax.annealing as an
 from savae_jax.annealing import proposals
-from savae_jax.objectives import make_loss
-from savae_jax.models import MLPVAE, init as model_init
+from savae_jax.models import init as model_init
 from savae_jax.optimizer import GRAD_COST, Optimizer
+from conftest import small_vae
 
 
 # ---------------------------------------------------------------- helpers
@@ -39,10 +39,10 @@ def shift_proposal(dl, nan_fraction=0.0):
 
 
 def tiny_vae(num=32, seed=0):
-    model = MLPVAE(hidden=32, latents=4)
+    model, loss_fn = small_vae(32, 4)
     x = jax.random.uniform(jax.random.key(seed), (num, 8, 8, 1))
     params = model_init(jax.random.key(seed + 1), model, x)
-    return model, make_loss(model), params, x
+    return model, loss_fn, params, x
 
 
 def run_steps(step, state, batch, n, seed=0):

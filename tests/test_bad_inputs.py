@@ -26,6 +26,7 @@ import pytest
 import savae_jax as sv
 import savae_jax.annealing as an
 from savae_jax import checkpoint
+from conftest import small_vae
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "bad_inputs.md"
@@ -45,9 +46,9 @@ def digits():
 @functools.cache
 def tiny():
     """(model, loss_fn, params, batch) of a small MLP VAE on digits."""
-    model = sv.MLPVAE(hidden=32, latents=4)
+    model, loss_fn = small_vae(32, 4)
     params = sv.models.init(jax.random.key(0), model, digits().images[:1])
-    return model, sv.make_loss(model), params, jnp.asarray(digits().images[:16])
+    return model, loss_fn, params, jnp.asarray(digits().images[:16])
 
 
 def anneal(proposal=None, temperature=1.0, acceptance=None, num_proposals=4, loss_fn=None, **kw):

@@ -14,9 +14,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 from savae_jax.experiments import compare, figures, registry, report  # noqa: E402
-from conftest import background, background_result, run_script, without_seconds  # noqa: E402
+from conftest import background, background_result, run_script, small_vae, without_seconds  # noqa: E402
 
-import savae_jax as sv  # noqa: E402
 
 SMALL = ["--hidden", "32", "--latents", "4", "--batch-size", "100",
          "--set", "sa.proposals=8", "--set", "sa-refine.proposals=8", "--set", "sa-refine-naive.proposals=8",
@@ -27,8 +26,7 @@ def step_cost(name: str) -> int:
     """Evaluations per step of a method's last phase at the SMALL settings."""
     args = compare.build_parser().parse_args(["--workdir", "unused", *SMALL])
     config = compare.resolve_config(args)
-    model = sv.MLPVAE(hidden=32, latents=4)
-    return registry.build_phases(name, config["method_config"][name], sv.make_loss(model),
+    return registry.build_phases(name, config["method_config"][name], small_vae(32, 4)[1],
                                 batch_size=100)[-1].optimizer.cost
 
 

@@ -10,15 +10,15 @@ import pytest
 import savae_jax as sv
 from savae_jax import annealing, checkpoint, driver
 
-from conftest import nan_after
+from conftest import nan_after, small_vae
 
 
 @pytest.fixture(scope="module")
 def setup():
     train, test = sv.load("digits", "train"), sv.load("digits", "test")
-    model = sv.MLPVAE(hidden=16, latents=3)
+    model, loss_fn = small_vae(16, 3)
     params = sv.models.init(jax.random.key(0), model, train.images[:1])
-    return train.images, test.images, params, sv.make_loss(model)
+    return train.images, test.images, params, loss_fn
 
 
 def adam_phase(loss_fn, share=1.0):

@@ -34,7 +34,7 @@ from savae_jax import checkpoint, driver
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare.py"
 from savae_jax.experiments import builders, compare, registry  # noqa: E402
-from conftest import background, background_result, popen, without_seconds  # noqa: E402
+from conftest import background, background_result, popen, small_vae, without_seconds  # noqa: E402
 
 TINY = ["--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet"]
 # The subprocess runs of the SIGKILL test (the tiny digits config): Adam, then sa-refine
@@ -96,9 +96,8 @@ def nan_on(loss_fn, target):
 def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train, test = sv.load("digits", "train"), sv.load("digits", "test")
     images = jnp.asarray(train.images)
-    model = sv.MLPVAE(hidden=16, latents=3)
+    model, loss_fn = small_vae(16, 3)
     params = sv.models.init(jax.random.key(0), model, images[:1])
-    loss_fn = sv.make_loss(model)
     key, batch_size = jax.random.key(1), 100
     # The image in the 8th batch of the first epoch poisons the loss from then on.
     idx, _ = driver.epoch_plan(jax.random.fold_in(key, 0), 0, len(images), batch_size)
