@@ -1,0 +1,157 @@
+"""The 8-device half of tests/test_sharding.py: every mesh run against the same-key one-device run.
+
+Run by the test as ``python -m sharding_worker`` (cwd tests/) with
+``XLA_FLAGS=--xla_force_host_platform_device_count=8``, which must be set
+before JAX starts; prints one line ``RESULT {json}`` of comparisons.
+"""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import savae_jax as sv
+from savae_jax import annealing as A
+from savae_jax import distributed
+from savae_jax.experiments import dual_annealing as D
+from savae_jax.experiments import problems
+
+
+def main():
+    assert jax.device_count() == 8, jax.devices()
+    train = sv.load("digits", "train")
+    model = sv.MLPVAE(hidden=32, latents=4)
+    params = sv.models.init(jax.random.key(0), model, train.images[:1])
+    loss_fn = sv.make_loss(model)
+    x = jnp.asarray(train.images[:64])
+    mesh8 = distributed.make_mesh()
+
+    def leaves(tree):
+        return [np.asarray(leaf) for leaf in jax.tree.leaves(tree)]
+
+    def compare(a, b):
+        la, lb = leaves(a), leaves(b)
+        return {"bitwise": all(np.array_equal(u, v) for u, v in zip(la, lb)),
+                "max_abs": max(float(np.max(np.abs(u.astype(float) - v.astype(float))))
+                               for u, v in zip(la, lb))}
+
+    def anneal(proposal, k, mesh, steps=3, t0=1.0, acceptance=A.metropolis(), decision=None):
+        sa = A.simulated_annealing(loss_fn, k, proposal, A.exponential(t0, 0.9), acceptance,
+                                   mesh=mesh, decision=decision)
+        assert sa.examples_per_step in (None, x.shape[0]), sa.examples_per_step
+        state, step, infos = sa.init(params), jax.jit(sa.step), []
+        for i in range(steps):
+            state, info = step(jax.random.key(i), state, x)
+            infos.append(info)
+        return state, infos
+
+    out, single = {}, {}
+    proposals = {"low_rank": A.low_rank(0.05, rank=2), "gaussian": A.gaussian(0.05)}
+    # K + 1 = 8 (one member per device), 11 (padded to 16) and 2 (padded to 8).
+    for name, k in [("low_rank", 7), ("low_rank", 10), ("low_rank", 1), ("gaussian", 7), ("gaussian", 10)]:
+        proposal = proposals[name]
+        a, ia = single[name, k] = anneal(proposal, k, None)
+        b, ib = anneal(proposal, k, mesh8)
+        out[f"sa/{name}/{k}"] = {
+            "params": compare(a.params, b.params),
+            "best_params": compare(a.best_params, b.best_params),
+            "loss": compare([i.loss for i in ia], [i.loss for i in ib]),
+            "accepted": [bool(i.accepted) for i in ia] == [bool(i.accepted) for i in ib],
+            "num_nonfinite": [int(i.num_nonfinite) for i in ib],
+            "proposal_loss_mean": compare([i.proposal_loss_mean for i in ia],
+                                          [i.proposal_loss_mean for i in ib]),
+            "num_accepted": int(a.num_accepted),
+        }
+    # Three devices: 11 members padded to 12.
+    a, _ = single["gaussian", 10]
+    b, _ = anneal(proposals["gaussian"], 10, distributed.make_mesh(3))
+    out["sa/gaussian/10/mesh3"] = {"params": compare(a.params, b.params)}
+
+    # The noise-aware step: select on the first 32 examples of x, decide on the other 32 with
+    # fresh noise (the paired differences computed outside the sharded member evaluation).
+    # penalty: stochastic, at T0 = 0.3 (at 1.0 it accepted all 6 steps); confident: deterministic,
+    # with a growing decision size (24, 28, then 32 = all: the mask path).
+    noise_aware = {
+        "penalty": (A.low_rank(0.05, rank=2), 0.3, A.penalty(), A.decision_batch(32, 32)),
+        "confident": (A.gaussian(0.05), 1.0, A.confident(0.05),
+                      A.decision_batch(32, lambda count: 24 + 4 * count, max_size=32)),
+    }
+    for rule, (proposal, t0, acceptance, decision) in noise_aware.items():
+        a, ia = anneal(proposal, 7, None, 6, t0, acceptance, decision)
+        b, ib = anneal(proposal, 7, mesh8, 6, t0, acceptance, decision)
+        field = lambda infos, name: [getattr(i, name) for i in infos]
+        out[f"noise_aware/{rule}"] = {
+            "params": compare(a.params, b.params),
+            "best_params": compare(a.best_params, b.best_params),
+            "accepted": [[bool(v) for v in field(i, "accepted")] for i in (ia, ib)],
+            "decision_size": [[int(v) for v in field(i, "decision_size")] for i in (ia, ib)],
+            **{name: compare(field(ia, name), field(ib, name))
+               for name in ("loss", "delta", "stderr", "delta_selection", "stderr_selection")},
+        }
+
+    # ES recombination: its 2 x 5 = 10 members sharded over 8 devices (padded to 16); the gradient
+    # assembly and the confident decision on the other 32 examples run replicated.
+    def run_es(mesh, steps=6):
+        es = A.evolution_strategy(loss_fn, 5, 0.05, optimizer=optax.adam(3e-3), acceptance=A.confident(0.05),
+                                  decision=A.decision_batch(32, 32), mesh=mesh)
+        state, step, infos = es.init(params), jax.jit(es.step), []
+        for i in range(steps):
+            state, info = step(jax.random.key(i), state, x)
+            infos.append(info)
+        return state, infos
+
+    a, ia = run_es(None)
+    b, ib = run_es(mesh8)
+    out["es"] = {"params": compare(a.params, b.params),
+                 "accepted": [[bool(i.accepted) for i in infos] for infos in (ia, ib)],
+                 "grad_norm": compare([i.grad_norm for i in ia], [i.grad_norm for i in ib]),
+                 "member_loss_mean": compare([i.member_loss_mean for i in ia], [i.member_loss_mean for i in ib]),
+                 "delta": compare([i.delta for i in ia], [i.delta for i in ib])}
+
+    # Replica exchange: 8 replicas of a K = 3 annealer, one per device, swapping every step.
+    def run_pt(mesh, steps=6):
+        pt = A.replica_exchange(lambda t: A.simulated_annealing(loss_fn, 3, A.low_rank(0.05), t, A.metropolis()),
+                                A.geometric_ladder(0.5, 1.3, 8), loss_fn, mesh=mesh)
+        state, step, infos = pt.init(params), jax.jit(pt.step), []
+        for i in range(steps):
+            state, info = step(jax.random.key(i), state, x)
+            infos.append(info)
+        return state, infos
+
+    a, ia = run_pt(None)
+    b, ib = run_pt(mesh8)
+    out["replica_exchange"] = {
+        "params": compare(a.replicas.params, b.replicas.params),
+        "swapped": [[np.asarray(i.swapped).tolist() for i in infos] for infos in (ia, ib)],
+        "accepted": [[np.asarray(i.replicas.accepted).tolist() for i in infos] for infos in (ia, ib)],
+        "losses": compare([i.losses for i in ia], [i.losses for i in ib])}
+
+    # Optax, data parallel: one epoch of Adam (23 steps of 64 examples).
+    a, ha = sv.fit(jax.random.key(1), params, loss_fn, optax.adam(3e-3), train, 1, 64,
+                   binarize="dynamic")
+    b, hb = sv.fit(jax.random.key(1), params, loss_fn, optax.adam(3e-3), train, 1, 64,
+                   binarize="dynamic", mesh=mesh8)
+    out["optax"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]],
+                    "replicated": all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(b))}
+
+    # fit(mesh=...) with an annealer built on that mesh: proposals sharded, the batch replicated.
+    def sa_on(mesh):
+        return A.simulated_annealing(loss_fn, 10, A.low_rank(0.05), A.exponential(1.0, 0.99), A.metropolis(),
+                                     mesh=mesh)
+    a, ha = sv.fit(jax.random.key(2), params, loss_fn, sa_on(None), train, 1, 64, binarize="dynamic")
+    b, hb = sv.fit(jax.random.key(2), params, loss_fn, sa_on(mesh8), train, 1, 64, binarize="dynamic",
+                   mesh=mesh8)
+    out["fit_sa"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]]}
+
+    # savae dual-annealing: 16 vmapped chains sharded over the 8 devices.
+    args = (problems.rastrigin, 5.12, 1e-2, 16, 30, 7, 10, 0)
+    a, _ = D.run_sa(*args)
+    b, _ = D.run_sa(*args, mesh=mesh8)
+    out["dual_annealing"] = {"best": compare(a, b), "values": a.tolist()}
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
