@@ -26,7 +26,7 @@ def step_cost(name: str) -> int:
     """Evaluations per step of a method's last phase at the SMALL settings."""
     args = compare.build_parser().parse_args(["--workdir", "unused", *SMALL])
     config = compare.resolve_config(args)
-    return registry.build_phases(name, config["method_config"][name], small_vae(32, 4)[1],
+    return registry.build_phases(name, config.method_config[name], small_vae(32, 4)[1],
                                 batch_size=100)[-1].optimizer.cost
 
 

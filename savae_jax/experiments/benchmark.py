@@ -63,7 +63,7 @@ import savae_jax as sv
 from savae_jax import annealing as an
 from savae_jax import checkpoint, distributed
 from savae_jax.experiments import builders, flags
-from savae_jax.experiments.settings import SA_DEFAULTS
+from savae_jax.experiments.settings import AnnealerConfig
 from savae_jax.experiments.timing import MIB, compile_fn, machine_info, memory, peak_mb, time_interleaved
 
 BATCH = 128
@@ -98,7 +98,7 @@ def num_params(params) -> int:
 
 def make_proposal(name: str):
     """The benchmark's proposal: ``name`` (gaussian or low_rank, rank 1) at scale SCALE."""
-    return builders.make_proposal(SA_DEFAULTS | {"proposal": name, "scale": SCALE, "rank": 1})
+    return builders.make_proposal(AnnealerConfig(proposal=name, scale=SCALE, rank=1))
 
 
 class Cache:

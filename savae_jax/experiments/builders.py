@@ -1,7 +1,7 @@
 """Builders: the model, loss, Optax optimizer and annealer (proposal, schedule, rule, decision batch) from settings.
 
-Every builder takes a dict of the keys in :mod:`savae_jax.experiments.settings`
-and a ``prefix`` saying how errors name a key (``"--sa-"`` for train's
+Every builder takes a typed config of :mod:`savae_jax.experiments.settings`
+(the top-level ones also a dict of its keys) and a ``prefix`` saying how errors name a key (``"--sa-"`` for train's
 flags, ``"--set sa."`` for compare's), so a notebook and every subcommand
 build the same objects with the same checks.
 """
@@ -14,21 +14,22 @@ import optax
 
 import savae_jax as sv
 from savae_jax import annealing
-from savae_jax.experiments.settings import (ACCEPTANCES, BETA_SCHEDULES, ES_DEFAULTS, MODELS, OPTAX_ALIASES,
-                                            PROPOSALS, SA_DEFAULTS, SCHEDULES, check_settings, flag_name)
+from savae_jax.experiments.settings import (ACCEPTANCES, BETA_SCHEDULES, MODELS, OPTAX_ALIASES, PROPOSALS,
+                                            SCHEDULES, AnnealerConfig, ESConfig, ModelConfig, as_config, flag_name)
 
 
-def make_model(config: dict):
-    """The VAE named by config["model"] (ValueError names the flag).
+def make_model(config: ModelConfig | dict):
+    """The VAE named by ``config.model`` (ValueError names the flag).
 
     The library checks the fields; its message ("hidden must be an integer
     >= 1, got 0") is reworded to name the flag ("--hidden: must be ...").
     """
-    if config["model"] not in MODELS:
-        raise ValueError(f"--model: unknown model {config['model']!r}; choose one of {', '.join(MODELS)}")
-    cls = sv.ConvVAE if config["model"] == "conv" else sv.MLPVAE
+    config = as_config(ModelConfig, config, "--", "model")
+    if config.model not in MODELS:
+        raise ValueError(f"--model: unknown model {config.model!r}; choose one of {', '.join(MODELS)}")
+    cls = sv.ConvVAE if config.model == "conv" else sv.MLPVAE
     try:
-        return cls(hidden=config["hidden"], latents=config["latents"], likelihood=config["likelihood"])
+        return cls(hidden=config.hidden, latents=config.latents, likelihood=config.likelihood)
     except ValueError as err:
         name, _, reason = str(err).partition(" ")
         if name not in ("hidden", "latents", "likelihood"):
@@ -36,21 +37,22 @@ def make_model(config: dict):
         raise ValueError(f"--{name}: {reason}") from err
 
 
-def make_training_loss(model, config: dict):
+def make_training_loss(model, config: ModelConfig | dict):
     """The training objective: make_loss with the beta schedule and free bits of ``config``."""
-    beta, kind = config["beta"], config["beta_schedule"]
+    config = as_config(ModelConfig, config, "--", "model")
+    beta, kind = config.beta, config.beta_schedule
     if not (isinstance(beta, (int, float)) and beta >= 0):
         raise ValueError(f"--beta: must be >= 0, got {beta!r}")
-    if config["free_bits"] is not None and not config["free_bits"] >= 0:
-        raise ValueError(f"--free-bits: must be >= 0, got {config['free_bits']!r}")
+    if config.free_bits is not None and not config.free_bits >= 0:
+        raise ValueError(f"--free-bits: must be >= 0, got {config.free_bits!r}")
     try:
         if kind == "warmup":
-            beta = sv.beta.linear_warmup(beta, config["beta_steps"])
+            beta = sv.beta.linear_warmup(beta, config.beta_steps)
         elif kind == "cyclical":
-            beta = sv.beta.cyclical(beta, config["beta_steps"], config["beta_cycles"])
+            beta = sv.beta.cyclical(beta, config.beta_steps, config.beta_cycles)
         elif kind != "constant":
             raise ValueError(f"unknown schedule {kind!r}; choose one of {', '.join(BETA_SCHEDULES)}")
-        return sv.make_loss(model, beta=beta, free_bits=config["free_bits"])
+        return sv.make_loss(model, beta=beta, free_bits=config.free_bits)
     except ValueError as err:
         raise ValueError(f"--beta-schedule {kind}: {err}") from err
 
@@ -67,57 +69,57 @@ def make_optimizer(name: str, lr: float, flag: str = "--optimizer") -> optax.Gra
     return getattr(optax, name)(lr)
 
 
-def _choice(config: dict, key: str, options, prefix: str) -> str:
-    if config[key] not in options:
-        raise ValueError(f"{prefix}{key}: unknown {key} {config[key]!r}; choose one of {', '.join(options)}")
-    return config[key]
+def _choice(config, key: str, options, prefix: str) -> str:
+    value = getattr(config, key)
+    if value not in options:
+        raise ValueError(f"{prefix}{key}: unknown {key} {value!r}; choose one of {', '.join(options)}")
+    return value
 
 
-def make_proposal(config: dict, prefix: str = "") -> annealing.Proposal:
-    """The proposal kernel named by ``config["proposal"]``."""
+def make_proposal(config: AnnealerConfig, prefix: str = "") -> annealing.Proposal:
+    """The proposal kernel named by ``config.proposal``."""
     name = _choice(config, "proposal", PROPOSALS, prefix)
-    extra = {"scale_by_rms": config["scale_by_rms"]}
+    extra = {"scale_by_rms": config.scale_by_rms}
     if name == "gaussian":
-        return annealing.gaussian(config["scale"], **extra)
+        return annealing.gaussian(config.scale, **extra)
     if name == "cauchy":
-        return annealing.cauchy(config["scale"], **extra)
+        return annealing.cauchy(config.scale, **extra)
     if name == "low_rank":
-        return annealing.low_rank(config["scale"], config["rank"], **extra)
+        return annealing.low_rank(config.scale, config.rank, **extra)
     drift = None
-    if config["langevin_optimizer"] != "none":
-        drift = make_optimizer(config["langevin_optimizer"], config["langevin_lr"],
-                               f"{prefix}langevin_optimizer")
-    return annealing.langevin(config["langevin_step"], optimizer=drift)
+    if config.langevin_optimizer != "none":
+        drift = make_optimizer(config.langevin_optimizer, config.langevin_lr, f"{prefix}langevin_optimizer")
+    return annealing.langevin(config.langevin_step, optimizer=drift)
 
 
-def make_temperature(config: dict, prefix: str = ""):
-    """The temperature schedule named by ``config["schedule"]`` (with reheating if set)."""
+def make_temperature(config: AnnealerConfig, prefix: str = ""):
+    """The temperature schedule named by ``config.schedule`` (with reheating if set)."""
     name = _choice(config, "schedule", SCHEDULES, prefix)
-    t0 = config["t0"]
+    t0 = config.t0
     schedule = {
-        "exponential": lambda: annealing.exponential(t0, config["decay"]),
-        "linear": lambda: annealing.linear(t0, config["t_end"], config["schedule_steps"]),
+        "exponential": lambda: annealing.exponential(t0, config.decay),
+        "linear": lambda: annealing.linear(t0, config.t_end, config.schedule_steps),
         "logarithmic": lambda: annealing.logarithmic(t0),
         "fast": lambda: annealing.fast(t0),
-        "adaptive": lambda: annealing.adaptive(t0, config["target_rate"]),
+        "adaptive": lambda: annealing.adaptive(t0, config.target_rate),
         "constant": lambda: annealing.constant(t0),
     }[name]()
-    if config["reheat"]:
-        schedule = annealing.reheat(schedule, config["reheat"])
+    if config.reheat:
+        schedule = annealing.reheat(schedule, config.reheat)
     return schedule
 
 
-def make_acceptance(config: dict, prefix: str = ""):
-    """The acceptance rule named by ``config["acceptance"]``."""
+def make_acceptance(config: AnnealerConfig | ESConfig, prefix: str = ""):
+    """The acceptance rule named by ``config.acceptance``."""
     name = _choice(config, "acceptance", ACCEPTANCES, prefix)
     if name == "threshold":
-        return annealing.threshold(config["alpha"], config["d"])
+        return annealing.threshold(config.alpha, config.d)
     if name == "confident":
-        level = config["level"]
+        level = config.level
         if isinstance(level, bool) or not isinstance(level, (int, float)) or not 0 < level < 0.5:
             # the library calls it alpha, like the threshold rule's own alpha: name the setting
             raise ValueError(f"{prefix}level: the confident rule's level must be in (0, 0.5), got {level!r}")
-        return annealing.confident(level, config["margin"])
+        return annealing.confident(level, config.margin)
     return {"metropolis": annealing.metropolis, "greedy": annealing.greedy, "penalty": annealing.penalty}[name]()
 
 
@@ -132,9 +134,9 @@ def _naming_settings(prefix: str, what: str, build):
         raise ValueError(f"{prefix}* {what} settings: {err}") from err
 
 
-def make_decision(config: dict, batch_size: int | None, prefix: str = ""):
-    """The decision batch of ``config["decision_size"]`` examples (None when 0: the selection batch decides)."""
-    size = config["decision_size"]
+def make_decision(config: AnnealerConfig | ESConfig, batch_size: int | None, prefix: str = ""):
+    """The decision batch of ``config.decision_size`` examples (None when 0: the selection batch decides)."""
+    size = config.decision_size
     flag = flag_name(prefix, "decision_size")
     if isinstance(size, bool) or not isinstance(size, int) or size < 0 or size == 1:
         raise ValueError(f"{flag}: must be 0 (decide on the selection batch) or an integer >= 2, "
@@ -146,43 +148,44 @@ def make_decision(config: dict, batch_size: int | None, prefix: str = ""):
     return annealing.decision_batch(batch_size, size)
 
 
-def make_annealer(loss_fn, config: dict, prefix: str = "", mesh=None, batch_size: int | None = None) -> sv.Optimizer:
-    """``annealing.simulated_annealing`` from a dict of ``SA_DEFAULTS`` keys.
+def make_annealer(loss_fn, config: AnnealerConfig | dict, prefix: str = "", mesh=None,
+                  batch_size: int | None = None) -> sv.Optimizer:
+    """``annealing.simulated_annealing`` from an :class:`AnnealerConfig` (or a dict of its keys).
 
     Args:
       loss_fn: the shared loss.
-      config: hyperparameters; missing keys take ``SA_DEFAULTS``.
+      config: hyperparameters; a dict's missing keys take the defaults.
       prefix: how errors name a key (e.g. "--sa-" or "sa.").
       mesh: the mesh to shard the proposals over (--devices), or None.
       batch_size: the run's batch size, the selection batch of a decision
         batch (``decision_size`` > 0).
     """
-    config = SA_DEFAULTS | check_settings(config, SA_DEFAULTS, prefix, "annealing")
-    t0, t_min = config["t0"], config["t_min"]
+    config = as_config(AnnealerConfig, config, prefix, "annealing")
+    t0, t_min = config.t0, config.t_min
     if t_min is not None and isinstance(t0, (int, float)) and isinstance(t_min, (int, float)) and t_min >= t0:
         # Every schedule here starts at t0: the annealer would be done before its first step.
         raise ValueError(f"{flag_name(prefix, 't_min')}: must be < {prefix}t0 = {t0} (every schedule starts at t0, "
                          f"so the annealer would stop before its first step), got {t_min}")
     return _naming_settings(prefix, "annealing", lambda: annealing.simulated_annealing(
         loss_fn,
-        num_proposals=config["proposals"],
+        num_proposals=config.proposals,
         proposal=make_proposal(config, prefix),
         temperature=make_temperature(config, prefix),
         acceptance=make_acceptance(config, prefix),
-        t_min=config["t_min"],
-        patience=config["patience"],
+        t_min=config.t_min,
+        patience=config.patience,
         mesh=mesh,
         decision=make_decision(config, batch_size, prefix),
     ))
 
 
-def make_es(loss_fn, config: dict, prefix: str = "", batch_size: int | None = None) -> sv.Optimizer:
-    """``annealing.evolution_strategy`` from a dict of ``ES_DEFAULTS`` keys (ValueError names the key)."""
-    config = ES_DEFAULTS | check_settings(config, ES_DEFAULTS, prefix, "ES")
+def make_es(loss_fn, config: ESConfig | dict, prefix: str = "", batch_size: int | None = None) -> sv.Optimizer:
+    """``annealing.evolution_strategy`` from an :class:`ESConfig` (or a dict of its keys; ValueError names the key)."""
+    config = as_config(ESConfig, config, prefix, "ES")
     return _naming_settings(prefix, "ES", lambda: annealing.evolution_strategy(
-        loss_fn, config["pairs"], config["scale"], noise=config["noise"], rank=config["rank"],
-        optimizer=make_optimizer(config["es_optimizer"], config["es_lr"], f"{prefix}es_optimizer"),
-        shaping=config["shaping"], acceptance=make_acceptance(config, prefix),
+        loss_fn, config.pairs, config.scale, noise=config.noise, rank=config.rank,
+        optimizer=make_optimizer(config.es_optimizer, config.es_lr, f"{prefix}es_optimizer"),
+        shaping=config.shaping, acceptance=make_acceptance(config, prefix),
         decision=make_decision(config, batch_size, prefix)))
 
 

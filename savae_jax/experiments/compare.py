@@ -40,6 +40,8 @@ for --resume) and params/<method>/seed<s>/ (returned parameters).
 from __future__ import annotations
 
 import argparse
+import copy
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -50,24 +52,32 @@ import savae_jax as sv
 from savae_jax import checkpoint, distributed, driver
 from savae_jax.experiments import builders, figures, flags, report, workdir as workdirs
 from savae_jax.experiments.registry import METHOD_DEFAULTS, METHODS, build_phases, set_keys_help
-from savae_jax.experiments.settings import MODEL_DEFAULTS, NONE_KINDS, checked_value, flag_name, kind_of
+from savae_jax.experiments.settings import ModelConfig
 
-DEFAULTS = {
-    "dataset": "digits",
-    "data_dir": None,
-    "methods": ",".join(METHODS),
-    "budget_evals": 15000,
-    "budget_seconds": None,
-    "seeds": [0],
-    "validation": 0.1,
-    "batch_size": 128,
-    "binarize": "dynamic",
-    **MODEL_DEFAULTS,
-    "eval_iwae": 100,
-    "eval_every": 200,
-    "checkpoint_every": None,  # None: every 5th evaluation
-    "method_config": METHOD_DEFAULTS,
-}
+@dataclasses.dataclass(frozen=True)
+class CompareConfig(ModelConfig):
+    """Everything a comparison depends on (config.json's ``"config"``): the model's fields, then the run's.
+
+    Build it with :meth:`from_dict` (types checked, unknown keys named) or from
+    the flags with :func:`resolve_config`, which also checks the values.
+    """
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    methods: str = ",".join(METHODS)       # comma-separated names of the registry
+    budget_evals: int = 15000              # loss evaluations per method and seed
+    budget_seconds: float | None = None    # training seconds per method and seed
+    seeds: list = dataclasses.field(default_factory=lambda: [0])
+    validation: float = 0.1                # fraction of the training set held out for the gate; 0: none
+    batch_size: int = 128
+    binarize: str = "dynamic"              # dynamic | static | none
+    eval_iwae: int = 100                   # k of the final IWAE-k (0: skip)
+    eval_every: int = 200                  # steps between test rows
+    checkpoint_every: int | None = None    # None: every 5th row
+    method_config: dict = dataclasses.field(default_factory=lambda: copy.deepcopy(METHOD_DEFAULTS))
+
+
+DEFAULTS = CompareConfig.defaults()
 
 # Settings that may differ between a run and its --resume.
 NOT_COMPARED = ("resume", "quiet", "workdir", "log_evals")
@@ -128,8 +138,8 @@ def parse_set(item: str) -> tuple[str, str, object]:
         return method, name, raw  # a bare word such as gaussian
 
 
-def _read_config_file(path: str, config: dict) -> None:
-    """Merge the JSON settings of ``--config path`` into ``config`` (method settings key by key)."""
+def _read_config_file(path: str, merged: dict) -> None:
+    """Merge the JSON settings of ``--config path`` into ``merged`` (method settings key by key)."""
     try:
         from_file = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -145,8 +155,8 @@ def _read_config_file(path: str, config: dict) -> None:
     for method, overrides in method_config.items():
         if not isinstance(overrides, dict):
             raise ValueError(f"--config: method_config.{method} must be an object {{key: value}}, got {overrides!r}")
-        config["method_config"].setdefault(method, {}).update(overrides)
-    config.update(from_file)
+        merged["method_config"].setdefault(method, {}).update(overrides)
+    merged.update(from_file)
 
 
 def _seeds_from_flags(args):
@@ -163,72 +173,68 @@ def _seeds_from_flags(args):
         raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {args.seeds!r}") from None
 
 
-def resolve_config(args) -> dict:
+def resolve_config(args) -> CompareConfig:
     """Defaults, then --config FILE, then flags, then --set; validated. ValueError names the flag."""
-    config = json.loads(json.dumps(DEFAULTS))
+    merged = CompareConfig.defaults()
     if args.config:
-        _read_config_file(args.config, config)
+        _read_config_file(args.config, merged)
     for key in DEFAULTS:
         value = getattr(args, key, None)
         if value is not None and key not in ("method_config", "seeds"):
-            config[key] = value
+            merged[key] = value
     seeds = _seeds_from_flags(args)
     if seeds is not None:
-        config["seeds"] = seeds
+        merged["seeds"] = seeds
     for item in args.set:
         method, name, value = parse_set(item)
-        config["method_config"][method][name] = value
-    check_config_types(config)
-    check_config_values(config)
-    return config
+        merged["method_config"][method][name] = value
+    return check_config_values(check_config_types(merged))
 
 
-def check_config_values(config: dict) -> None:
+def check_config_values(config: CompareConfig) -> CompareConfig:
     """Refuse settings of the right type but out of range (an unknown method, a negative budget, ...)."""
-    methods = [m.strip() for m in str(config["methods"]).split(",") if m.strip()]
+    methods = [m.strip() for m in config.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"--methods: unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
-    config["methods"] = ",".join(methods)
-    seeds = config["seeds"]
+    config = config.replace(methods=",".join(methods))
+    seeds = config.seeds
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise ValueError(f"--seeds: must be distinct integers >= 0, at least one, got {seeds!r}")
-    fraction = config["validation"]
+    fraction = config.validation
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 <= fraction < 1:
         raise ValueError(f"--validation: must be a fraction in [0, 1) (0: no validation gate), got {fraction!r}")
-    if config["dataset"] not in sv.data.DATASETS:
-        raise ValueError(f"--dataset: unknown dataset {config['dataset']!r}; choose from "
+    if config.dataset not in sv.data.DATASETS:
+        raise ValueError(f"--dataset: unknown dataset {config.dataset!r}; choose from "
                          f"{', '.join(sv.data.DATASETS)}")
-    if config["checkpoint_every"] is None and isinstance(config["eval_every"], int):
-        config["checkpoint_every"] = 5 * config["eval_every"]
-    if not (isinstance(config["eval_iwae"], int) and config["eval_iwae"] >= 0):
-        raise ValueError(f"--eval-iwae: must be an integer >= 0, got {config['eval_iwae']!r}")
+    if config.checkpoint_every is None:
+        config = config.replace(checkpoint_every=5 * config.eval_every)
+    if not (isinstance(config.eval_iwae, int) and config.eval_iwae >= 0):
+        raise ValueError(f"--eval-iwae: must be an integer >= 0, got {config.eval_iwae!r}")
     for key in ("budget_evals", "batch_size", "eval_every", "checkpoint_every"):
-        if not (isinstance(config[key], int) and config[key] > 0):
-            raise ValueError(f"--{key.replace('_', '-')}: must be a positive integer, got {config[key]!r}")
-    if config["checkpoint_every"] % config["eval_every"]:
+        if not getattr(config, key) > 0:
+            raise ValueError(f"--{key.replace('_', '-')}: must be a positive integer, got {getattr(config, key)!r}")
+    if config.checkpoint_every % config.eval_every:
         raise ValueError(f"--checkpoint-every: must be a multiple of --eval-every "
-                         f"({config['eval_every']}), got {config['checkpoint_every']}")
-    if config["budget_seconds"] is not None and not config["budget_seconds"] > 0:
-        raise ValueError(f"--budget-seconds: must be > 0, got {config['budget_seconds']}")
-    if config["binarize"] not in ("dynamic", "static", "none"):
-        raise ValueError(f"--binarize: must be dynamic, static or none, got {config['binarize']!r}")
+                         f"({config.eval_every}), got {config.checkpoint_every}")
+    if config.budget_seconds is not None and not config.budget_seconds > 0:
+        raise ValueError(f"--budget-seconds: must be > 0, got {config.budget_seconds}")
+    if config.binarize not in ("dynamic", "static", "none"):
+        raise ValueError(f"--binarize: must be dynamic, static or none, got {config.binarize!r}")
+    return config
 
 
-def check_config_types(config: dict) -> None:
-    """Refuse a setting of the wrong type (``--config {"hidden": true}``) or an unknown method in
-    ``method_config``, naming the flag (the methods' own keys are checked by ``build_phases``)."""
-    for key, default in DEFAULTS.items():
-        if key in ("seeds", "method_config", "methods"):
-            continue
-        optional = default is None or key in NONE_KINDS
-        config[key] = checked_value(flag_name("--", key), config[key],
-                                           kind_of(key, default), optional)
-    unknown = set(config["method_config"]) - set(METHODS)
+def check_config_types(config: dict) -> CompareConfig:
+    """The typed config of merged settings; refuses a setting of the wrong type (``--config {"hidden": true}``)
+    or an unknown method in ``method_config``, naming the flag (the methods' own keys are checked by
+    ``build_phases``)."""
+    typed = CompareConfig.from_dict(config, "--", "comparison")
+    unknown = set(typed.method_config) - set(METHODS)
     if unknown:
         raise ValueError(f"--config: unknown method(s) {sorted(unknown)} in method_config; "
                          f"choose from {', '.join(METHODS)}")
+    return typed
 
 
 def unused_overrides(args, methods) -> list[str]:
@@ -241,31 +247,31 @@ def validate(args, mesh) -> tuple:
     config = resolve_config(args)
     model = builders.make_model(config)
     train_loss = builders.make_training_loss(model, config)
-    methods = {m: build_phases(m, config["method_config"][m], train_loss, mesh, config["batch_size"])
-               for m in config["methods"].split(",")}
+    methods = {m: build_phases(m, config.method_config[m], train_loss, mesh, config.batch_size)
+               for m in config.methods.split(",")}
     for m in unused_overrides(args, methods):  # checked like the others, then reported as doing nothing
-        build_phases(m, config["method_config"][m], train_loss, mesh, config["batch_size"])
+        build_phases(m, config.method_config[m], train_loss, mesh, config.batch_size)
         print(f"compare: warning: --set {m}.* has no effect: {m} is not in --methods", file=sys.stderr)
-    train = sv.load(config["dataset"], "train", config["data_dir"])
-    test = sv.load(config["dataset"], "test", config["data_dir"])
+    train = sv.load(config.dataset, "train", config.data_dir)
+    test = sv.load(config.dataset, "test", config.data_dir)
     val = None
-    if config["validation"]:
+    if config.validation:
         try:
-            train, val = sv.data.split_validation(train, config["validation"])
+            train, val = sv.data.split_validation(train, config.validation)
         except ValueError as err:
             raise ValueError(f"--validation: {err}") from err
-    sv.data.num_batches(len(train.images), config["batch_size"])
+    sv.data.num_batches(len(train.images), config.batch_size)
     probe_params = sv.models.init(jax.random.key(0), model, train.images[:1])
     for name, phases in methods.items():
         try:
-            driver.phase_steps(phases, len(train.images), config["batch_size"], config["budget_evals"])
+            driver.phase_steps(phases, len(train.images), config.batch_size, config.budget_evals)
         except ValueError as err:
             raise ValueError(f"--budget-evals: {err}") from err
         for phase in phases:  # e.g. a rank larger than a layer: before any file
-            sv.data.num_batches(len(train.images), driver.phase_batch_size(phase, config["batch_size"]))
+            sv.data.num_batches(len(train.images), driver.phase_batch_size(phase, config.batch_size))
             if phase.name in ("sa", "es"):
                 try:
-                    builders.probe_step(phase.optimizer, probe_params, train.images.shape[1:], config["batch_size"])
+                    builders.probe_step(phase.optimizer, probe_params, train.images.shape[1:], config.batch_size)
                 except ValueError as err:
                     raise ValueError(f"--set {name}.*: {err}") from err
     return config, model, methods, train, val, test
@@ -279,7 +285,7 @@ def main(argv=None, prog: str | None = None) -> dict:
     try:
         config, model, methods, train, val, test = validate(args, mesh)
         workdirs.check_same_workdir(workdir)
-        workdirs.check_workdir(workdir, config, args.resume, NOT_COMPARED)
+        workdirs.check_workdir(workdir, config.to_dict(), args.resume, NOT_COMPARED)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err).replace("batch_size", "--batch-size"))
 
@@ -290,10 +296,10 @@ def main(argv=None, prog: str | None = None) -> dict:
     log = flags.make_log()
     log(flags.backend_line())
     if distributed.is_primary() and not (workdir / "config.json").exists():
-        checkpoint.atomic_write_json(workdir / "config.json", {"config": config, **report.environment()})
-    log(f"{config['dataset']}: {len(train.images)} train / {0 if val is None else len(val.images)} validation / "
-        f"{len(test.images)} test, budget {config['budget_evals']} evals per method, seeds "
-        f"{','.join(map(str, config['seeds']))}, backend {jax.default_backend()}")
+        checkpoint.atomic_write_json(workdir / "config.json", {"config": config.to_dict(), **report.environment()})
+    log(f"{config.dataset}: {len(train.images)} train / {0 if val is None else len(val.images)} validation / "
+        f"{len(test.images)} test, budget {config.budget_evals} evals per method, seeds "
+        f"{','.join(map(str, config.seeds))}, backend {jax.default_backend()}")
     try:
         results = run_all(methods, config, args, workdir, model, (train, val, test), mesh, log)
     except driver.NonFiniteLossError as err:
@@ -326,7 +332,7 @@ def run_all(methods, config, args, workdir, model, data, mesh, log) -> dict:
     parameters, the test set is only reported.
     """
     train, val, test = data
-    binarize = None if config["binarize"] == "none" else config["binarize"]
+    binarize = None if config.binarize == "none" else config.binarize
     batch_fn = sv.data.BatchFn(binarize)  # one batch function for training and evaluation
     eval_loss = sv.make_loss(model)
     evaluate = lambda p: sv.evaluation.evaluate(eval_loss, p, test.images, binarize=batch_fn)  # noqa: E731
@@ -335,19 +341,19 @@ def run_all(methods, config, args, workdir, model, data, mesh, log) -> dict:
     results = {}
     for name, phases in methods.items():
         runs = {}
-        for index, seed in enumerate(config["seeds"]):
+        for index, seed in enumerate(config.seeds):
             key_init, key_run, key_grid = jax.random.split(jax.random.key(seed), 3)
             params0 = sv.models.init(key_init, model, train.images[:1])
             tag = f"{name}/seed{seed}"
             params, history, trace = driver.run(
-                key_run, phases, params0, train.images, batch_size=config["batch_size"],
-                eval_every=config["eval_every"], budget_evals=config["budget_evals"],
-                budget_seconds=config["budget_seconds"], batch_fn=batch_fn, evaluate=evaluate, validate=validate,
-                checkpoint_every=config["checkpoint_every"], checkpoint_dir=workdir / "checkpoints" / tag,
+                key_run, phases, params0, train.images, batch_size=config.batch_size,
+                eval_every=config.eval_every, budget_evals=config.budget_evals,
+                budget_seconds=config.budget_seconds, batch_fn=batch_fn, evaluate=evaluate, validate=validate,
+                checkpoint_every=config.checkpoint_every, checkpoint_dir=workdir / "checkpoints" / tag,
                 resume=args.resume, mesh=mesh, progress=not args.quiet and distributed.is_primary(), desc=tag,
                 log=log, initial_row=True, trace=True)
             runs[str(seed)] = run = method_result(history, sv.evaluation.report(
-                model, params, test.images, binarize=batch_fn, iwae_samples=config["eval_iwae"]))
+                model, params, test.images, binarize=batch_fn, iwae_samples=config.eval_iwae))
             log(f"{tag}: test negative ELBO {run['test_neg_elbo']:.3f} nats (last parameters "
                 f"{run['last_test_neg_elbo']:.3f}) after {run['evals']} evals, {run['seconds']:.1f} s")
             checkpoint.save_params(workdir / "params" / tag, params)  # collective: every process

@@ -31,6 +31,7 @@ test -ELBO at the last ones, all relative to x* too), plateau.png.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import jax
@@ -38,34 +39,60 @@ import optax
 
 import savae_jax as sv
 from savae_jax import checkpoint, driver
-from savae_jax.experiments import builders, figures, report
+from savae_jax.experiments import builders, figures, flags, report
 from savae_jax.experiments.registry import METHOD_DEFAULTS
+from savae_jax.experiments.settings import Config
 
 ARMS = ("adam", "adam-decayed", "sa-naive", "sa-noise-aware", "langevin-sa")
 # The annealers of the comparison's refinement methods and langevin-sa, unchanged.
 ANNEALERS = {"sa-naive": "sa-refine-naive", "sa-noise-aware": "sa-refine", "langevin-sa": "langevin-sa"}
 
 
+@dataclasses.dataclass(frozen=True)
+class PlateauConfig(Config):
+    """The plateau experiment's settings (its flags, one field each)."""
+
+    dataset: str = "mnist"
+    data_dir: str | None = None
+    seeds: str = "0,1,2"            # comma-separated
+    lr: float = 1e-3                # Adam's learning rate (phase 1 and arm a)
+    max_epochs: int = 30            # cap of phase 1
+    patience: int = 3               # epochs without validation improvement that end phase 1
+    extra_evals: int = 15000        # each arm's budget from x*
+    arms: str = ",".join(ARMS)      # comma-separated
+    batch_size: int = 128
+    hidden: int = 500
+    latents: int = 20
+    validation: float = 0.1
+    train_size: int | None = None   # the first N examples left after the validation split (None: all)
+    eval_every: int = 100           # arm steps between validation checks
+    eval_iwae: int = 100
+    workdir: str = "runs/plateau"
+
+
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog or "savae plateau", description=__doc__.split("\n")[0])
-    p.add_argument("--dataset", default="mnist")
-    p.add_argument("--data-dir", default=None)
-    p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
-    p.add_argument("--lr", type=float, default=1e-3, help="Adam's learning rate (phase 1 and arm a)")
-    p.add_argument("--max-epochs", type=int, default=30, help="cap of phase 1 (default 30)")
-    p.add_argument("--patience", type=int, default=3, help="epochs without validation improvement that end phase 1")
-    p.add_argument("--extra-evals", type=int, default=15000, help="each arm's budget from x* (default 15000)")
-    p.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {', '.join(ARMS)}")
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--hidden", type=int, default=500)
-    p.add_argument("--latents", type=int, default=20)
-    p.add_argument("--validation", type=float, default=0.1)
-    p.add_argument("--train-size", type=int, default=None,
+    d = PlateauConfig()
+    p = argparse.ArgumentParser(prog=prog or "savae plateau", description=__doc__.split("\n")[0],
+                                formatter_class=flags.HelpFormatter)
+    p.add_argument("--dataset", default=d.dataset)
+    p.add_argument("--data-dir", default=d.data_dir)
+    p.add_argument("--seeds", default=d.seeds, help="comma-separated seeds")
+    p.add_argument("--lr", type=float, default=d.lr, help="Adam's learning rate (phase 1 and arm a)")
+    p.add_argument("--max-epochs", type=int, default=d.max_epochs, help="cap of phase 1")
+    p.add_argument("--patience", type=int, default=d.patience,
+                   help="epochs without validation improvement that end phase 1")
+    p.add_argument("--extra-evals", type=int, default=d.extra_evals, help="each arm's budget from x*")
+    p.add_argument("--arms", default=d.arms, help=f"comma-separated, from {', '.join(ARMS)}")
+    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--hidden", type=int, default=d.hidden)
+    p.add_argument("--latents", type=int, default=d.latents)
+    p.add_argument("--validation", type=float, default=d.validation)
+    p.add_argument("--train-size", type=int, default=d.train_size,
                    help="train on the first N examples left after the validation split (a real plateau "
                         "comes sooner on fewer examples; default: all)")
-    p.add_argument("--eval-every", type=int, default=100, help="arm steps between validation checks")
-    p.add_argument("--eval-iwae", type=int, default=100)
-    p.add_argument("--workdir", default="runs/plateau")
+    p.add_argument("--eval-every", type=int, default=d.eval_every, help="arm steps between validation checks")
+    p.add_argument("--eval-iwae", type=int, default=d.eval_iwae)
+    p.add_argument("--workdir", default=d.workdir)
     return p
 
 
@@ -170,9 +197,10 @@ def summarize(results: dict, arms, args) -> str:
 
 
 def main(argv=None, prog: str | None = None) -> dict:
+    """``savae plateau``: flags -> PlateauConfig -> Adam to the plateau, then every arm, per seed."""
     parser = build_parser(prog)
-    args = parser.parse_args(argv)
     try:
+        args = PlateauConfig.from_dict(vars(parser.parse_args(argv)), "--", "plateau")
         seeds, arms = check(args)
         model = sv.MLPVAE(hidden=args.hidden, latents=args.latents)
         train = sv.load(args.dataset, "train", args.data_dir)
@@ -186,7 +214,7 @@ def main(argv=None, prog: str | None = None) -> dict:
         parser.error(str(err))
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_json(workdir / "config.json", vars(args))
+    checkpoint.atomic_write_json(workdir / "config.json", args.to_dict())
     log = lambda line: print(line, flush=True)  # noqa: E731
     batch_fn = sv.data.BatchFn("dynamic")
     results = {}

@@ -48,21 +48,21 @@ def format_mean_sd(stat: dict | None, fmt: str = ".2f") -> str:
     return f"{stat['mean']:{fmt}}" + ("" if stat["sd"] is None else f" ± {stat['sd']:{sd_fmt}}")
 
 
-def summarize(results: dict, config: dict) -> str:
+def summarize(results: dict, config) -> str:
     """summary.md: methods ranked by mean test negative ELBO (mean ± sd over seeds), ratios to Adam."""
     ranked = sorted(results.items(), key=lambda item: item[1]["summary"]["test_neg_elbo"]["mean"])
     ref = results.get("adam", {}).get("summary")
-    gate = "best-validation" if config["validation"] else "last"
-    seeds = ",".join(map(str, config["seeds"]))
-    lines = [f"# {config['dataset']}: budget {config['budget_evals']} evaluations per method"
-             + (f", {config['budget_seconds']} s" if config["budget_seconds"] else "")
+    gate = "best-validation" if config.validation else "last"
+    seeds = ",".join(map(str, config.seeds))
+    lines = [f"# {config.dataset}: budget {config.budget_evals} evaluations per method"
+             + (f", {config.budget_seconds} s" if config.budget_seconds else "")
              + f"; seeds {seeds} (mean ± sd)",
              "",
              f"Test numbers at the {gate} parameters"
-             + (f" (validation: {config['validation']:g} of the training set)" if config["validation"] else "")
+             + (f" (validation: {config.validation:g} of the training set)" if config.validation else "")
              + "; 'last' is the last parameters'.",
              "",
-             f"| rank | method | test -ELBO (nats) | last test -ELBO | test -IWAE-{config['eval_iwae']} "
+             f"| rank | method | test -ELBO (nats) | last test -ELBO | test -IWAE-{config.eval_iwae} "
              "| active units | evals | steps | seconds | evals / Adam | time / Adam |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for rank, (name, r) in enumerate(ranked, 1):

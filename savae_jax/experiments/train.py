@@ -29,10 +29,11 @@ import jax
 import savae_jax as sv
 from savae_jax import checkpoint, distributed, driver, training
 from savae_jax.experiments import builders, figures, flags, workdir as workdirs
-from savae_jax.experiments.settings import ACCEPTANCES, MODEL_DEFAULTS, PROPOSALS, SA_DEFAULTS, SCHEDULES, flag_name
+from savae_jax.experiments.settings import (ACCEPTANCES, MODEL_DEFAULTS, PROPOSALS, SA_DEFAULTS, SCHEDULES,
+                                            AnnealerConfig, ModelConfig, flag_name)
 
-# Types of the --sa-* flags whose default is None.
-_SA_NONE_TYPES = {"t_min": float, "patience": int}
+# argparse types of the --sa-* flags, by the kind of AnnealerConfig's field.
+_FLAG_TYPES = {"int": int, "number": float, "str": str}
 
 # What each --sa-* flag does (its default is shown by --help).
 SA_HELP = {
@@ -92,12 +93,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pretrain-optimizer", default="adam", help="optax alias of the pretraining phase")
     p.add_argument("--pretrain-lr", type=flags.positive(float), default=1e-3, help="learning rate of the pretraining")
     sa = p.add_argument_group("simulated annealing (--optimizer sa); one step per batch")
-    for key, default in SA_DEFAULTS.items():
-        flag = flag_name("--sa-", key)
-        if isinstance(default, bool):
+    for key, (kind, _) in AnnealerConfig.kinds().items():
+        flag, default = flag_name("--sa-", key), SA_DEFAULTS[key]
+        if kind == "bool":
             sa.add_argument(flag, action="store_true", help=SA_HELP[key])
         else:
-            sa.add_argument(flag, type=_SA_NONE_TYPES.get(key, type(default)), default=default, help=SA_HELP[key])
+            sa.add_argument(flag, type=_FLAG_TYPES[kind], default=default, help=SA_HELP[key])
     flags.show_defaults(p, MODEL_DEFAULTS)
     return p
 
@@ -129,9 +130,9 @@ def effective_settings(args) -> dict:
     return settings
 
 
-def sa_config(args) -> dict:
-    """The --sa-* flags as a dict of ``SA_DEFAULTS`` keys."""
-    return {key: getattr(args, "sa_" + key) for key in SA_DEFAULTS}
+def sa_config(args) -> AnnealerConfig:
+    """The --sa-* flags as the typed annealer config (errors name the flag)."""
+    return AnnealerConfig.from_dict({key: getattr(args, "sa_" + key) for key in SA_DEFAULTS}, "--sa-", "annealing")
 
 
 def make_optimizer(args, loss_fn, mesh=None) -> sv.Optimizer:
@@ -153,8 +154,8 @@ OUTPUTS = ("config.json", "metrics.json", "checkpoints", "params", "reconstructi
 
 def validate(args, mesh) -> dict:
     """Everything main needs, checked before any file is written (ValueError names the flag)."""
-    model_config = {k: v if getattr(args, k) is None else getattr(args, k)
-                    for k, v in MODEL_DEFAULTS.items()}
+    model_config = ModelConfig.from_dict({k: getattr(args, k) for k in MODEL_DEFAULTS
+                                          if getattr(args, k) is not None}, "--", "model")
     model = builders.make_model(model_config)
     loss_fn = builders.make_training_loss(model, model_config)
     eval_iwae = args.eval_iwae or 0
@@ -179,8 +180,8 @@ def validate(args, mesh) -> dict:
             builders.probe_step(optimizer, params, train.images.shape[1:], args.batch_size)
         except ValueError as err:
             raise ValueError(f"--sa-*: {err}") from err
-    config = effective_settings(args) | model_config | {"eval_iwae": eval_iwae, "backend": jax.default_backend(),
-                                          "devices": [str(d) for d in jax.devices()]}
+    config = effective_settings(args) | model_config.to_dict() | {
+        "eval_iwae": eval_iwae, "backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()]}
     return {"config": config, "model": model, "loss_fn": loss_fn, "optimizer": optimizer,
             "pretrain": pretrain, "train": train, "test": test}
 

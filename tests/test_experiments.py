@@ -1,0 +1,103 @@
+"""The experiment layer as a library: typed configs, the `savae` command, no matplotlib on import."""
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from savae_jax.experiments import builders, compare, settings
+from savae_jax.experiments.settings import AnnealerConfig, ESConfig, ModelConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_from_dict_fills_defaults_and_keeps_the_given_values():
+    config = AnnealerConfig.from_dict({"proposals": 8, "scale": 0.05, "t_min": 0.1}, "--sa-", "annealing")
+    assert (config.proposals, config.scale, config.t_min) == (8, 0.05, 0.1)
+    assert config.decay == 0.995 and config.patience is None  # the defaults
+    assert AnnealerConfig.from_dict({"proposals": 8.0}).proposals == 8  # an integral float is an integer
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.scale = 1.0
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"lrr": 1e-3}, r"^--sa-\*: unknown annealing settings \['lrr'\]; known: proposals, proposal, "),
+    ({"proposals": "8"}, r"^--sa-proposals: must be an integer, got '8'$"),
+    ({"proposals": 8.5}, r"^--sa-proposals: must be an integer, got 8.5$"),
+    ({"scale": True}, r"^--sa-scale: must be a number, got True$"),
+    ({"t_min": "low"}, r"^--sa-t-min: must be a number or null, got 'low'$"),
+    ({"scale_by_rms": 1}, r"^--sa-scale-by-rms: must be true or false, got 1$"),
+])
+def test_from_dict_names_the_key_of_a_bad_setting(values, message):
+    with pytest.raises(ValueError, match=message):
+        AnnealerConfig.from_dict(values, "--sa-", "annealing")
+
+
+def test_the_kinds_come_from_the_annotations():
+    kinds = AnnealerConfig.kinds()
+    assert kinds["proposals"] == ("int", False) and kinds["scale"] == ("number", False)
+    assert kinds["t_min"] == ("number", True) and kinds["patience"] == ("int", True)
+    assert kinds["proposal"] == ("str", False) and kinds["scale_by_rms"] == ("bool", False)
+    assert ESConfig.kinds()["decision_size"] == ("int", False)
+    assert compare.CompareConfig.kinds()["seeds"] == ("any", False)  # a list, checked by resolve_config
+
+
+def test_builders_take_a_config_or_a_dict_of_its_keys():
+    model = builders.make_model(ModelConfig(hidden=8, latents=2))
+    assert builders.make_model({"hidden": 8, "latents": 2}) == model
+    loss_fn = builders.make_training_loss(model, ModelConfig())
+    typed = builders.make_annealer(loss_fn, AnnealerConfig(proposals=5))
+    from_dict = builders.make_annealer(loss_fn, {"proposals": 5})
+    assert typed.cost == from_dict.cost == 6  # K + 1 evaluations a step
+    es = builders.make_es(loss_fn, ESConfig(pairs=3, decision_size=0))
+    assert es.cost == 2 * 3 + 2  # the antithetic pairs, then the candidate and incumbent for the decision
+
+
+def test_a_compare_config_round_trips_through_its_dict_and_refuses_a_bad_type():
+    args = compare.build_parser().parse_args(["--methods", "adam,sa", "--seeds", "0,2", "--hidden", "16",
+                                              "--set", "sa.scale=0.05"])
+    config = compare.resolve_config(args)
+    assert isinstance(config, compare.CompareConfig) and isinstance(config, ModelConfig)
+    assert (config.methods, config.seeds, config.hidden) == ("adam,sa", [0, 2], 16)
+    assert config.checkpoint_every == 5 * config.eval_every  # filled in by resolve_config
+    assert config.method_config["sa"]["scale"] == 0.05 and config.method_config["adam"] == {"lr": 1e-3}
+    assert compare.CompareConfig.from_dict(config.to_dict()) == config  # config.json's form
+    with pytest.raises(ValueError, match=r"^--hidden: must be an integer, got True$"):
+        compare.check_config_types(compare.DEFAULTS | {"hidden": True})
+
+
+def test_settings_defaults_are_the_configs_defaults():
+    assert settings.SA_DEFAULTS == dataclasses.asdict(AnnealerConfig())
+    assert list(settings.MODEL_DEFAULTS) == [f.name for f in dataclasses.fields(ModelConfig)]
+
+
+def test_importing_the_library_or_the_experiment_layer_does_not_import_matplotlib():
+    code = ("import sys, savae_jax, savae_jax.experiments.compare, savae_jax.experiments.train, "
+            "savae_jax.experiments.plateau, savae_jax.experiments.benchmark, savae_jax.experiments.figures; "
+            "print('matplotlib' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+
+
+def test_the_savae_command_lists_and_runs_its_subcommands(tmp_path):
+    """The console command (installed by pip) and a subcommand's own help, from a folder with no checkout."""
+    savae = Path(sys.executable).with_name("savae")
+    if not savae.exists():
+        pytest.skip(f"no savae console script beside {sys.executable} (install the package with pip)")
+    top = subprocess.run([str(savae), "--help"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert top.returncode == 0, top.stderr
+    for name in ("train", "compare", "plateau", "bench", "dual-annealing"):
+        assert f"    {name}" in top.stdout, top.stdout
+    sub = subprocess.run([str(savae), "compare", "--help"], capture_output=True, text=True, timeout=300,
+                         cwd=tmp_path)
+    assert sub.returncode == 0 and sub.stdout.startswith("usage: savae compare"), sub.stdout[:400]
+    bad = subprocess.run([str(savae), "compar"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad.returncode == 2 and "invalid choice: 'compar'" in bad.stderr, bad.stderr
+    bad_flag = subprocess.run([str(savae), "compare", "--budget-evals", "0", "--workdir", str(tmp_path / "w")],
+                              capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert bad_flag.returncode == 2 and "savae compare: error: --budget-evals: must be a positive integer" \
+        in bad_flag.stderr, bad_flag.stderr[-1000:]
+    assert not (tmp_path / "w").exists()  # refused before anything was written
