@@ -697,10 +697,17 @@ def run(
         if on_row is not None:
             on_row(row)
     total = sum(n * p.optimizer.cost for n, p in zip(max_steps, phases))
-    bar = tqdm(total=total, initial=r.pos.evals, desc=desc, disable=not progress, unit="eval", leave=True)
+    with tqdm(total=total, initial=r.pos.evals, desc=desc, disable=not progress, unit="eval", leave=True) as bar:
+        _loop(r, max_steps, budget_seconds, checkpoint_every, bar, on_row)
+    r.save(finished=True)
+    return outputs()
+
+
+def _loop(r: _Run, max_steps, budget_seconds, checkpoint_every: int, bar, on_row) -> None:
+    """:func:`run`'s loop: segments of steps to the next row, a row each, phases in turn, checkpoints."""
     steps = None  # one generator (one compiled step) per phase, kept across rows
     while True:
-        phase = phases[r.pos.phase]
+        phase = r.phases[r.pos.phase]
         max_seconds = None if budget_seconds is None else phase.share * budget_seconds
         steps = steps or r.steps(r.pos.phase)
         count, loss_sum, info, seconds = r.segment(steps, max_steps[r.pos.phase], max_seconds)
@@ -708,7 +715,7 @@ def run(
             steps = None
             if r.next_phase():
                 continue
-            break
+            return
         row = r.record(count, loss_sum, info, seconds)
         bar.update(phase.optimizer.cost * count)
         shown = ("train_loss", *getattr(type(info), "LOGGED", ()))  # what the optimizer's info logs
@@ -717,6 +724,3 @@ def run(
             on_row(row)
         if r.pos.total_steps % checkpoint_every == 0:
             r.save(finished=False)
-    bar.close()
-    r.save(finished=True)
-    return outputs()

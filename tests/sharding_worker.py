@@ -37,15 +37,19 @@ def main():
                 "max_abs": max(float(np.max(np.abs(u.astype(float) - v.astype(float))))
                                for u, v in zip(la, lb))}
 
-    def anneal(proposal, k, mesh, steps=3, t0=1.0, acceptance=A.metropolis(), decision=None):
-        sa = A.simulated_annealing(loss_fn, k, proposal, A.exponential(t0, 0.9), acceptance,
-                                   mesh=mesh, decision=decision)
-        assert sa.examples_per_step in (None, x.shape[0]), sa.examples_per_step
-        state, step, infos = sa.init(params), jax.jit(sa.step), []
+    def run_steps(algorithm, steps):
+        """``steps`` jitted steps of ``algorithm`` from ``params`` on ``x``, key i at step i: (state, infos)."""
+        state, step, infos = algorithm.init(params), jax.jit(algorithm.step), []
         for i in range(steps):
             state, info = step(jax.random.key(i), state, x)
             infos.append(info)
         return state, infos
+
+    def anneal(proposal, k, mesh, steps=3, t0=1.0, acceptance=A.metropolis(), decision=None):
+        sa = A.simulated_annealing(loss_fn, k, proposal, A.exponential(t0, 0.9), acceptance,
+                                   mesh=mesh, decision=decision)
+        assert sa.examples_per_step in (None, x.shape[0]), sa.examples_per_step
+        return run_steps(sa, steps)
 
     out, single = {}, {}
     proposals = {"low_rank": A.low_rank(0.05, rank=2), "gaussian": A.gaussian(0.05)}
@@ -96,11 +100,7 @@ def main():
     def run_es(mesh, steps=6):
         es = A.evolution_strategy(loss_fn, 5, 0.05, optimizer=optax.adam(3e-3), acceptance=A.confident(0.05),
                                   decision=A.decision_batch(32, 32), mesh=mesh)
-        state, step, infos = es.init(params), jax.jit(es.step), []
-        for i in range(steps):
-            state, info = step(jax.random.key(i), state, x)
-            infos.append(info)
-        return state, infos
+        return run_steps(es, steps)
 
     a, ia = run_es(None)
     b, ib = run_es(mesh8)
@@ -114,11 +114,7 @@ def main():
     def run_pt(mesh, steps=6):
         pt = A.replica_exchange(lambda t: A.simulated_annealing(loss_fn, 3, A.low_rank(0.05), t, A.metropolis()),
                                 A.geometric_ladder(0.5, 1.3, 8), loss_fn, mesh=mesh)
-        state, step, infos = pt.init(params), jax.jit(pt.step), []
-        for i in range(steps):
-            state, info = step(jax.random.key(i), state, x)
-            infos.append(info)
-        return state, infos
+        return run_steps(pt, steps)
 
     a, ia = run_pt(None)
     b, ib = run_pt(mesh8)

@@ -573,6 +573,11 @@ def print_table(result: dict) -> None:
         for r in result["evosax"]:
             print(f"{r['proposal']:<10}{r['K']:>6}{r['speedup']:>9.2f}{r['ours_step_s']:>10.4f}"
                   f"{r['theirs_step_s']:>10.4f}{r['ours_mem_mb']:>10.1f}{r['theirs_mem_mb']:>11.1f}")
+    _print_rest(result)
+
+
+def _print_rest(result: dict) -> None:
+    """The tables after the evosax one: fit overhead, scaling, precision, sharded, targets."""
     f = result["fit_overhead"]
     print(f"\nfit overhead (one Adam epoch, {f['dataset']}, {f['examples']} examples): "
           f"fit {f['fit_s']:.3f}s  minimal {f['minimal_s']:.3f}s  ratio {f['ratio']:.3f}")
