@@ -9,7 +9,7 @@ import pytest
 from scipy import integrate, stats
 
 import savae_jax.annealing as an
-from savae_jax.annealing.acceptance import student_t_quantile
+from savae_jax.annealing.acceptance import student_t_quantile, t_quantile_table, with_max_num
 
 N_DRAWS = 20_000  # the issue's number of vmapped draws per case
 
@@ -160,6 +160,51 @@ def test_t_quantile_vmaps_over_df():
     df = jnp.array([1, 2, 3, 9, 100], jnp.int32)
     got = jax.jit(jax.vmap(student_t_quantile, in_axes=(None, 0)))(0.95, df)
     np.testing.assert_allclose(np.asarray(got), stats.t.ppf(0.95, np.asarray(df)), rtol=5e-4)
+
+
+# The exact path: a table of scipy's quantiles, looked up on n - 1 where n is bounded (issue 22).
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.05, 0.01, 0.001])
+def test_t_quantile_table_is_scipys_ppf_to_float32_rounding(alpha):
+    table = t_quantile_table(alpha, 511)
+    df = np.arange(1, 512)
+    assert table.dtype == np.float32 and table.shape == (511,)
+    # float32 rounding of the float64 quantile: at most half an ulp, 2**-24 relative (measured 5.6e-8
+    # at most); the Cornish-Fisher fallback is off by up to 3.9e-3 (alpha 0.01) and 2.8e-2 (0.001) here.
+    np.testing.assert_allclose(table, stats.t.ppf(1 - alpha, df), rtol=2.0**-24, atol=0)
+    assert t_quantile_table(alpha, 511) is table  # built once per (alpha, max_df)
+
+
+def test_confident_with_a_bound_on_n_decides_with_the_exact_quantile():
+    """Between the Cornish-Fisher quantile and the exact one (n = 4, df = 3, alpha = 0.001: 9.934
+    against 10.215), the bound rule rejects, as scipy's t-test does; the unbound fallback accepts."""
+    alpha, n, s = 0.001, 4, 0.1
+    exact = stats.t.ppf(1 - alpha, n - 1)
+    delta = -10.07 * s  # q s < -delta iff q < 10.07: the fallback's q passes, the exact one does not
+    assert float(student_t_quantile(1 - alpha, n - 1)) < 10.07 < exact
+    bound, fallback = an.confident(alpha, max_num=16), an.confident(alpha)
+    assert not call(jax.jit(bound), delta, 1.0, s, num=n)
+    assert call(jax.jit(fallback), delta, 1.0, s, num=n)
+    assert not call(jax.jit(with_max_num(an.confident(alpha), 16)), delta, 1.0, s, num=n)
+    # Every n up to the bound (2 .. 16) against scipy's one-sided paired t-test, both sides of it.
+    for n in range(2, 17):
+        q = stats.t.ppf(1 - alpha, n - 1)
+        for factor, want in [(0.999, False), (1.001, True)]:  # accept iff -delta > q s
+            assert call(jax.jit(bound), -factor * q * s, 1.0, s, num=n) == want, (n, factor)
+
+
+def test_with_max_num_leaves_other_rules_alone_and_a_traced_alpha_on_the_fallback():
+    rule = an.metropolis()
+    assert with_max_num(rule, 64) is rule and with_max_num(an.penalty(), 64).needs_stderr
+    assert with_max_num(an.confident(), 64).needs_stderr
+    with pytest.raises(ValueError, match="max_num"):
+        an.confident(0.05, max_num=1)
+
+    def decide(alpha):  # a traced alpha cannot index a table built in Python: the expansion is used
+        return an.confident(alpha, max_num=16)(jax.random.key(0), jnp.float32(-10.07 * 0.1), jnp.float32(1.0),
+                                               stderr=jnp.float32(0.1), num=jnp.int32(4))
+    assert bool(jax.vmap(decide)(jnp.array([0.001]))[0])  # the fallback's answer (the exact one rejects)
 
 
 # ---------------------------------------------------------------- 4. edges
