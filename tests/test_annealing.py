@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import savae_jax.annealing as an
-from savae_jax.annealing import proposals
+from savae_jax.annealing import lowrank
 from savae_jax.objectives import make_loss
 from savae_jax.models import MLPVAE, init as model_init
 from savae_jax.optimizer import GRAD_COST, Optimizer
@@ -253,19 +253,19 @@ def test_low_rank_step_computes_each_shared_kernel_product_as_one_matmul():
 def test_low_rank_members_in_cache_sized_chunks_match_one_vmap(monkeypatch):
     """Members evaluated a chunk at a time (as on CPU) give one vmap's step, up to float32 reordering."""
     model, loss_fn, params, x = tiny_vae()
-    layout = proposals._layout(loss_fn, params, jax.random.key(0), x, 1, jnp.float32(0.01), False, 1e-3)
+    layout = lowrank.build_layout(loss_fn, params, jax.random.key(0), x, 1, jnp.float32(0.01), False, 1e-3)
     # One member's Dense outputs: batch 32 x (hidden 32 + mean 4 + logvar 4 + hidden 32 + logits 64) floats.
     assert layout.activation_bytes == 32 * (32 + 4 + 4 + 32 + 64) * 4
     sa = an.simulated_annealing(loss_fn, 12, an.low_rank(0.05), 1.0, an.metropolis())
 
     def step(budget):
-        monkeypatch.setattr(proposals, "ACTIVATION_BYTES", budget)
+        monkeypatch.setattr(lowrank, "ACTIVATION_BYTES", budget)
         return jax.jit(sa.step)(jax.random.key(3), sa.init(params), x)
 
-    assert proposals.member_chunk(layout) == (16 * 2**20 // layout.activation_bytes
-                                              if jax.default_backend() == "cpu" else None)
-    monkeypatch.setattr(proposals, "ACTIVATION_BYTES", 4 * layout.activation_bytes)
-    assert proposals.member_chunk(layout) == 4
+    assert lowrank.member_chunk(layout) == (16 * 2**20 // layout.activation_bytes
+                                            if jax.default_backend() == "cpu" else None)
+    monkeypatch.setattr(lowrank, "ACTIVATION_BYTES", 4 * layout.activation_bytes)
+    assert lowrank.member_chunk(layout) == 4
     _, whole = step(2**30)
     _, chunked = step(4 * layout.activation_bytes)  # 13 members: 3 chunks of 4 and 1 more
     # The chunks' smaller products may sum in another order: the ~50-nat losses may differ in
