@@ -5,10 +5,12 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import integrate, stats
 
 import savae_jax.annealing as an
+from savae_jax.annealing import acceptance
 from savae_jax.annealing.acceptance import student_t_quantile, t_quantile_table, with_max_num
 
 N_DRAWS = 20_000  # the issue's number of vmapped draws per case
@@ -205,6 +207,47 @@ def test_with_max_num_leaves_other_rules_alone_and_a_traced_alpha_on_the_fallbac
         return an.confident(alpha, max_num=16)(jax.random.key(0), jnp.float32(-10.07 * 0.1), jnp.float32(1.0),
                                                stderr=jnp.float32(0.1), num=jnp.int32(4))
     assert bool(jax.vmap(decide)(jnp.array([0.001]))[0])  # the fallback's answer (the exact one rejects)
+
+
+def test_the_annealers_decide_with_the_exact_quantiles(monkeypatch):
+    """Inside simulated_annealing (with and without a decision batch) and evolution_strategy the
+    confident rule is bound to the largest n, so the Cornish-Fisher fallback is never traced, and
+    every decision is scipy's t-test on the step's (delta, stderr, n)."""
+    def fail(*args):
+        raise AssertionError("the Cornish-Fisher fallback was used inside an annealer")
+
+    monkeypatch.setattr(acceptance, "student_t_quantile", fail)
+    dim = 6
+
+    def per_example(params, key, x):
+        return jnp.sum(jnp.square(x - params["w"]), axis=1)
+
+    def loss_fn(params, key, x):
+        return per_example(params, key, x).mean()
+
+    loss_fn.per_example = per_example
+    params = {"w": jnp.full((dim,), 0.6, jnp.float32)}
+    data = jax.random.normal(jax.random.key(1), (64, 8 + 5, dim)) * 0.5
+    rule = an.confident(0.05)
+    optimizers = {
+        "sa, decision batch of 5": an.simulated_annealing(loss_fn, 8, an.gaussian(0.1), 1.0, rule,
+                                                          decision=an.decision_batch(8, 5)),
+        "sa, selection batch": an.simulated_annealing(loss_fn, 8, an.gaussian(0.1), 1.0, rule),
+        "es, selection batch": an.evolution_strategy(loss_fn, 4, 0.1, noise="gaussian", acceptance=rule,
+                                                     optimizer=optax.sgd(0.05)),
+    }
+    for name, opt in optimizers.items():
+        step = jax.jit(opt.step)
+        state, decided = opt.init(params), 0
+        for i in range(40):
+            batch = data[i] if opt.examples_per_step else data[i, :8]
+            state, info = step(jax.random.key(i), state, batch)
+            n = int(getattr(info, "decision_size", batch.shape[0]))
+            bound = float(info.delta) + stats.t.ppf(0.95, n - 1) * float(info.stderr)
+            if abs(bound) > 1e-5 * abs(float(info.delta)):  # away from float32 ties
+                assert bool(info.accepted) == (bound < 0), (name, i, bound)
+                decided += 1
+        assert decided >= 35 and int(state.num_accepted) > 0, (name, decided)
 
 
 # ---------------------------------------------------------------- 4. edges

@@ -42,7 +42,7 @@ import optax
 from savae_jax import validation
 from savae_jax.annealing import decision as decision_lib
 from savae_jax.annealing import lowrank, sharding
-from savae_jax.annealing.acceptance import metropolis, needs_stderr
+from savae_jax.annealing.acceptance import metropolis, needs_stderr, with_max_num
 from savae_jax.optimizer import Optimizer, checked_loss, tree_norm, tree_where
 
 SHAPINGS = ("centered_ranks", "z_scores", "none")
@@ -262,21 +262,30 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
 def _rule(acceptance, decision, loss_fn):
     """``(the acceptance rule, loss_fn.per_example or None)``, checked.
 
-    A decision batch or a noise-aware rule needs ``per_example``.
+    A decision batch or a noise-aware rule needs ``per_example``. With a
+    decision batch n <= max_size: a rule that can use the bound
+    (``confident``'s exact t quantiles) gets it here.
     """
     acceptance = metropolis() if acceptance is None else acceptance
     per_example = getattr(loss_fn, "per_example", None)
     if (decision is not None or needs_stderr(acceptance)) and not callable(per_example):
         raise ValueError("loss_fn: the " + ("decision batch" if decision is not None else "acceptance rule")
                          + " needs per-example losses (loss_fn.per_example, as make_loss provides)")
+    if decision is not None:
+        acceptance = with_max_num(acceptance, decision.max_size)
     return acceptance, per_example
 
 
 def _decide(acceptance, decision, key, delta, t, stderr, num, x):
-    """The rule's decision; a noise-aware rule also gets ``stderr`` and n."""
+    """The rule's decision; a noise-aware rule also gets ``stderr`` and n.
+
+    Without a decision batch n is the selection batch ``x``'s size, the
+    bound the rule gets (``acceptance.with_max_num``).
+    """
     if not needs_stderr(acceptance):
         return acceptance(key, delta, t)
-    return acceptance(key, delta, t, stderr=stderr, num=num)
+    rule = acceptance if decision is not None else with_max_num(acceptance, x.shape[0])
+    return rule(key, delta, t, stderr=stderr, num=num)
 
 
 def _decide_inputs(loss_fn, per_example, candidate, incumbent, key_loss, x, key_decide, x_decide, mask):

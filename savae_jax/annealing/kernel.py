@@ -415,10 +415,17 @@ def _noise_aware_step(cfg: _Config, key, state: AnnealState, batch):
 
 
 def _decide(cfg: _Config, key, decided: decision_lib.Paired, t, x):
-    """The rule's decision on the paired comparison ``decided`` (a noise-aware rule gets its stderr and n too)."""
+    """The rule's decision on the paired comparison ``decided``.
+
+    A noise-aware rule also gets the standard error and n; deciding on the
+    selection batch ``x``, n is its size, a bound the rule may use
+    (``acceptance.with_max_num``: confident's exact t quantiles); with a
+    decision batch the rule was bound to its ``max_size`` in ``build_kernel``.
+    """
     if not acceptance_lib.needs_stderr(cfg.acceptance):
         return cfg.acceptance(key, decided.delta, t)
-    return cfg.acceptance(key, decided.delta, t, stderr=decided.stderr, num=decided.num)
+    rule = cfg.acceptance if cfg.decision is not None else acceptance_lib.with_max_num(cfg.acceptance, x.shape[0])
+    return rule(key, decided.delta, t, stderr=decided.stderr, num=decided.num)
 
 
 def build_kernel(
@@ -440,6 +447,8 @@ def build_kernel(
     axis_name = sharding.mesh_axis(mesh, axis_name)
     if decision is not None:
         validation.instance("decision", decision, decision_lib.DecisionBatch, "decision_batch(128, 512)")
+        # n <= max_size: a rule that can use the bound (confident's exact t quantiles) gets it now.
+        acceptance = acceptance_lib.with_max_num(acceptance, decision.max_size)
     cfg = _Config(
         loss_fn=loss_fn, num_proposals=int(num_proposals), proposal=proposal,
         temperature=as_stateful(temperature, "temperature"),
