@@ -1,5 +1,6 @@
 """Tests of the annealing kernel, acceptance rules and proposals (issue 3)."""
 
+import inspect
 import math
 
 import chex
@@ -390,7 +391,7 @@ def test_hyperparameters_can_be_swept_in_one_vmap():
 
 def test_annealer_is_an_optimizer_that_states_its_cost():
     sa = an.simulated_annealing(identity_loss, 8, an.gaussian(0.1), 1.0, an.metropolis())
-    assert isinstance(sa, Optimizer) and an.SimulatedAnnealing is Optimizer
+    assert isinstance(sa, Optimizer) and not hasattr(an, "SimulatedAnnealing")  # the alias is gone (0.1.0)
     assert sa.cost == 8 + 1 and sa.loss_fn is identity_loss and sa.mesh is None
     # langevin's one gradient per step is charged on top of the K + 1 evaluations.
     sa = an.simulated_annealing(identity_loss, 8, an.langevin(0.1), 1.0, an.metropolis())
@@ -512,16 +513,23 @@ def test_as_optax_composes_with_chain_and_matches_step():
     assert int(opt_state[0].count) == 5
 
 
-def test_as_optax_old_argument_order_warns_and_builds_the_same_transformation():
-    """as_optax used to take loss_fn last; that order still works, with a DeprecationWarning."""
+def test_as_optax_takes_the_arguments_of_simulated_annealing_in_its_order():
+    """as_optax's signature is simulated_annealing's (loss_fn first, then K, proposal, temperature,
+    acceptance, radius, t_min, patience) plus seed; the old loss_fn-last order is gone (0.1.0)."""
+    sa_names = list(inspect.signature(an.simulated_annealing).parameters)
+    tx_names = list(inspect.signature(an.as_optax).parameters)
+    assert tx_names == [n for n in sa_names if n not in ("mesh", "axis_name", "decision")] + ["seed"]
     model, loss_fn, params, x = tiny_vae()
     args = (4, an.gaussian(0.01), 1.0, an.greedy())
-    with pytest.warns(DeprecationWarning, match="as_optax\\(loss_fn, num_proposals"):
-        old = an.as_optax(*args, loss_fn=loss_fn, seed=1)
-    new = an.as_optax(loss_fn, *args, seed=1)
+    with pytest.raises(TypeError):
+        an.as_optax(*args, loss_fn=loss_fn, seed=1)  # loss_fn given twice: positionally (4) and by name
+    tx = an.as_optax(loss_fn, *args, seed=1)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    outs = [tx.update(zeros, tx.init(params), params, batch=x)[0] for tx in (old, new)]
-    chex.assert_trees_all_equal(*outs)
+    key = jax.random.fold_in(jax.random.key(1), 0)  # the key the update derives from its seed
+    sa = an.simulated_annealing(loss_fn, *args)
+    stepped, _ = sa.step(key, sa.init(params), x)
+    chex.assert_trees_all_close(optax.apply_updates(params, tx.update(zeros, tx.init(params), params, batch=x)[0]),
+                                stepped.params, rtol=1e-6, atol=1e-7)
 
 
 def test_as_optax_requires_value_fn_and_derives_a_key_from_its_seed():

@@ -146,11 +146,6 @@ class AnnealInfo(NamedTuple):
     FAULTS = {"bad_temperature": "temperature", "bad_radius": "radius"}
 
 
-# The annealer is an optimizer like any other (``Optimizer(init, step, cost,
-# loss_fn, mesh)``); the old name is kept for code written against it.
-SimulatedAnnealing = Optimizer
-
-
 def _check_params_finite(params) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if validation.is_traced(leaf):
@@ -162,7 +157,7 @@ def _check_params_finite(params) -> None:
             )
 
 
-def _validate(num_proposals, proposal, acceptance, t_min, patience) -> None:
+def check_arguments(num_proposals, proposal, acceptance, t_min, patience) -> None:
     """Check ``simulated_annealing``'s scalar arguments (ValueError naming the argument)."""
     validation.integer("num_proposals", num_proposals, 1)
     validation.instance("proposal", proposal, Proposal, "gaussian(0.1)")
@@ -443,7 +438,7 @@ def build_kernel(
 ):
     """The pure ``step(key, state, batch) -> (state, info)`` (arguments as simulated_annealing)."""
     validation.is_callable("loss_fn", loss_fn)
-    _validate(num_proposals, proposal, acceptance, t_min, patience)
+    check_arguments(num_proposals, proposal, acceptance, t_min, patience)
     axis_name = sharding.mesh_axis(mesh, axis_name)
     if decision is not None:
         validation.instance("decision", decision, decision_lib.DecisionBatch, "decision_batch(128, 512)")
