@@ -20,6 +20,13 @@ from savae_jax import objectives, validation
 EVAL_SEED = 0
 
 
+def _check_model(model) -> None:
+    """Refuse a ``model`` that is not a flax Module: the argument order is ``(model, params, images, ...)``."""
+    if not isinstance(model, nn.Module):
+        raise ValueError("model must be a flax Module; the arguments are (model, params, images, ...), "
+                         f"got a {type(model).__name__} first")
+
+
 def _eval_inputs(images, key, batch_size: int, model=None, params=None):
     """Shared argument handling of the evaluations: validated device images, the default key, chunk size.
 
@@ -30,26 +37,11 @@ def _eval_inputs(images, key, batch_size: int, model=None, params=None):
     validation.integer_number("batch_size", batch_size, 1)
     images = data_lib.as_images(images, "images")
     if model is not None:
+        _check_model(model)
         models_lib.check_params(model, params, images.shape[1:])
     if key is None:
         key = jax.random.key(EVAL_SEED)
     return images, key, min(int(batch_size), images.shape[0])
-
-
-def _model_first(first, second, name: str):
-    """``(model, params)`` from the first two arguments of ``name``.
-
-    The order is ``(model, params, images)``, as ``evaluate(loss_fn, params,
-    images)``: what to compute, then the parameters, then the data. The old
-    order ``(params, model, images)`` (recognised by the flax Module in second
-    place) still works and gives the same value, with a DeprecationWarning.
-    """
-    if isinstance(second, nn.Module) and not isinstance(first, nn.Module):
-        warnings.warn(f"{name}(params, model, images, ...) is deprecated: call "
-                      f"{name}(model, params, images, ...), the order of evaluate(loss_fn, params, "
-                      "images)", DeprecationWarning, stacklevel=3)
-        return second, first
-    return first, second
 
 
 def per_example_loss(loss_fn, params, key: jax.Array, x: jax.Array, index: jax.Array) -> jax.Array:
@@ -192,7 +184,6 @@ def evaluate_iwae(
     Returns:
       A Python float.
     """
-    model, params = _model_first(model, params, "evaluate_iwae")
     validation.integer_number("num_samples", num_samples, 1)
     validation.integer_number("chunk_size", chunk_size, 1)
     images, key, batch_size = _eval_inputs(images, key, batch_size, model, params)
@@ -288,7 +279,6 @@ def diagnostics(
       ``active_units`` (int), ``posterior_mean_variance`` (list),
       ``mutual_info``, ``mi_examples`` (int, M), ``mi_max`` (log M).
     """
-    model, params = _model_first(model, params, "diagnostics")
     validation.integer_number("mi_examples", mi_examples, 1)
     images, key, batch_size = _eval_inputs(images, key, batch_size, model, params)
     key_bin, key_loss = jax.random.split(key)
@@ -332,7 +322,7 @@ def report(
       "diagnostics": {...}}`` of plain floats; the ELBO is the true one
       (beta = 1) whatever objective trained the model.
     """
-    model, params = _model_first(model, params, "report")
+    _check_model(model)
     images = data_lib.as_images(images, "images")
     batch_fn = data_lib.as_batch_fn(binarize, static_seed)
     out = {"test_neg_elbo": evaluate(objectives.make_loss(model), params, images, key, binarize=batch_fn)}

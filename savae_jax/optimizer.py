@@ -75,9 +75,14 @@ class OptaxInfo(NamedTuple):
     LOGGED = ()
 
 
-def tree_where(condition, new, old):
-    """``new`` where the scalar ``condition`` holds, else ``old``, leaf by leaf (an accept/reject of a pytree)."""
-    return jax.tree_util.tree_map(lambda a, b: jnp.where(condition, a, b), new, old)
+# ``tree_where(condition, new, old)``: ``new`` where the scalar ``condition`` holds, else ``old``, leaf
+# by leaf (an accept/reject of a pytree); ``tree_norm(tree)``: the global L2 norm. They are
+# ``optax.tree.where`` and ``optax.tree.norm``; the ``optax.tree`` namespace appeared in optax 0.2.5,
+# so on 0.2.4 (the oldest the project allows) the same functions come from ``optax.tree_utils``.
+if hasattr(optax, "tree"):
+    tree_where, tree_norm = optax.tree.where, optax.tree.norm
+else:  # optax 0.2.4
+    tree_where, tree_norm = optax.tree_utils.tree_where, optax.tree_utils.tree_l2_norm
 
 
 def replace_params(state, params):
@@ -165,7 +170,7 @@ def from_optax(loss_fn, transformation: optax.GradientTransformation) -> Optimiz
     extra_args = isinstance(transformation, optax.GradientTransformationExtraArgs)
 
     def init(params):
-        return OptaxState(params, transformation.init(params), jnp.zeros((), jnp.int32))
+        return OptaxState(params=params, opt_state=transformation.init(params), count=jnp.zeros((), jnp.int32))
 
     def step(key, state, batch):
         kwargs = {"step": state.count} if scheduled else {}
@@ -174,9 +179,9 @@ def from_optax(loss_fn, transformation: optax.GradientTransformation) -> Optimiz
         extra = {"value": loss, "grad": grads, "value_fn": value_fn} if extra_args else {}
         updates, opt_state = transformation.update(grads, state.opt_state, state.params, **extra)
         params = optax.apply_updates(state.params, updates)
-        return OptaxState(params, opt_state, state.count + 1), OptaxInfo(loss)
+        return OptaxState(params=params, opt_state=opt_state, count=state.count + 1), OptaxInfo(loss=loss)
 
-    return Optimizer(init, step, GRAD_COST, loss_fn)
+    return Optimizer(init=init, step=step, cost=GRAD_COST, loss_fn=loss_fn)
 
 
 def as_optimizer(optimizer, loss_fn=None) -> Optimizer:

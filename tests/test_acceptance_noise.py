@@ -5,11 +5,13 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import integrate, stats
 
 import savae_jax.annealing as an
-from savae_jax.annealing.acceptance import student_t_quantile
+from savae_jax.annealing import acceptance
+from savae_jax.annealing.acceptance import student_t_quantile, t_quantile_table, with_max_num
 
 N_DRAWS = 20_000  # the issue's number of vmapped draws per case
 
@@ -160,6 +162,92 @@ def test_t_quantile_vmaps_over_df():
     df = jnp.array([1, 2, 3, 9, 100], jnp.int32)
     got = jax.jit(jax.vmap(student_t_quantile, in_axes=(None, 0)))(0.95, df)
     np.testing.assert_allclose(np.asarray(got), stats.t.ppf(0.95, np.asarray(df)), rtol=5e-4)
+
+
+# The exact path: a table of scipy's quantiles, looked up on n - 1 where n is bounded (issue 22).
+
+
+@pytest.mark.parametrize("alpha", [0.2, 0.05, 0.01, 0.001])
+def test_t_quantile_table_is_scipys_ppf_to_float32_rounding(alpha):
+    table = t_quantile_table(alpha, 511)
+    df = np.arange(1, 512)
+    assert table.dtype == np.float32 and table.shape == (511,)
+    # float32 rounding of the float64 quantile: at most half an ulp, 2**-24 relative (measured 5.6e-8
+    # at most); the Cornish-Fisher fallback is off by up to 3.9e-3 (alpha 0.01) and 2.8e-2 (0.001) here.
+    np.testing.assert_allclose(table, stats.t.ppf(1 - alpha, df), rtol=2.0**-24, atol=0)
+    assert t_quantile_table(alpha, 511) is table  # built once per (alpha, max_df)
+
+
+def test_confident_with_a_bound_on_n_decides_with_the_exact_quantile():
+    """Between the Cornish-Fisher quantile and the exact one (n = 4, df = 3, alpha = 0.001: 9.934
+    against 10.215), the bound rule rejects, as scipy's t-test does; the unbound fallback accepts."""
+    alpha, n, s = 0.001, 4, 0.1
+    exact = stats.t.ppf(1 - alpha, n - 1)
+    delta = -10.07 * s  # q s < -delta iff q < 10.07: the fallback's q passes, the exact one does not
+    assert float(student_t_quantile(1 - alpha, n - 1)) < 10.07 < exact
+    bound, fallback = an.confident(alpha, max_num=16), an.confident(alpha)
+    assert not call(jax.jit(bound), delta, 1.0, s, num=n)
+    assert call(jax.jit(fallback), delta, 1.0, s, num=n)
+    assert not call(jax.jit(with_max_num(an.confident(alpha), 16)), delta, 1.0, s, num=n)
+    # Every n up to the bound (2 .. 16) against scipy's one-sided paired t-test, both sides of it.
+    for n in range(2, 17):
+        q = stats.t.ppf(1 - alpha, n - 1)
+        for factor, want in [(0.999, False), (1.001, True)]:  # accept iff -delta > q s
+            assert call(jax.jit(bound), -factor * q * s, 1.0, s, num=n) == want, (n, factor)
+
+
+def test_with_max_num_leaves_other_rules_alone_and_a_traced_alpha_on_the_fallback():
+    rule = an.metropolis()
+    assert with_max_num(rule, 64) is rule and with_max_num(an.penalty(), 64).needs_stderr
+    assert with_max_num(an.confident(), 64).needs_stderr
+    with pytest.raises(ValueError, match="max_num"):
+        an.confident(0.05, max_num=1)
+
+    def decide(alpha):  # a traced alpha cannot index a table built in Python: the expansion is used
+        return an.confident(alpha, max_num=16)(jax.random.key(0), jnp.float32(-10.07 * 0.1), jnp.float32(1.0),
+                                               stderr=jnp.float32(0.1), num=jnp.int32(4))
+    assert bool(jax.vmap(decide)(jnp.array([0.001]))[0])  # the fallback's answer (the exact one rejects)
+
+
+def test_the_annealers_decide_with_the_exact_quantiles(monkeypatch):
+    """Inside simulated_annealing (with and without a decision batch) and evolution_strategy the
+    confident rule is bound to the largest n, so the Cornish-Fisher fallback is never traced, and
+    every decision is scipy's t-test on the step's (delta, stderr, n)."""
+    def fail(*args):
+        raise AssertionError("the Cornish-Fisher fallback was used inside an annealer")
+
+    monkeypatch.setattr(acceptance, "student_t_quantile", fail)
+    dim = 6
+
+    def per_example(params, key, x):
+        return jnp.sum(jnp.square(x - params["w"]), axis=1)
+
+    def loss_fn(params, key, x):
+        return per_example(params, key, x).mean()
+
+    loss_fn.per_example = per_example
+    params = {"w": jnp.full((dim,), 0.6, jnp.float32)}
+    data = jax.random.normal(jax.random.key(1), (64, 8 + 5, dim)) * 0.5
+    rule = an.confident(0.05)
+    optimizers = {
+        "sa, decision batch of 5": an.simulated_annealing(loss_fn, 8, an.gaussian(0.1), 1.0, rule,
+                                                          decision=an.decision_batch(8, 5)),
+        "sa, selection batch": an.simulated_annealing(loss_fn, 8, an.gaussian(0.1), 1.0, rule),
+        "es, selection batch": an.evolution_strategy(loss_fn, 4, 0.1, noise="gaussian", acceptance=rule,
+                                                     optimizer=optax.sgd(0.05)),
+    }
+    for name, opt in optimizers.items():
+        step = jax.jit(opt.step)
+        state, decided = opt.init(params), 0
+        for i in range(40):
+            batch = data[i] if opt.examples_per_step else data[i, :8]
+            state, info = step(jax.random.key(i), state, batch)
+            n = int(getattr(info, "decision_size", batch.shape[0]))
+            bound = float(info.delta) + stats.t.ppf(0.95, n - 1) * float(info.stderr)
+            if abs(bound) > 1e-5 * abs(float(info.delta)):  # away from float32 ties
+                assert bool(info.accepted) == (bound < 0), (name, i, bound)
+                decided += 1
+        assert decided >= 35 and int(state.num_accepted) > 0, (name, decided)
 
 
 # ---------------------------------------------------------------- 4. edges

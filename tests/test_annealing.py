@@ -1,5 +1,6 @@
 """Tests of the annealing kernel, acceptance rules and proposals (issue 3)."""
 
+import inspect
 import math
 
 import chex
@@ -10,7 +11,7 @@ import optax
 import pytest
 
 import savae_jax.annealing as an
-from savae_jax.annealing import proposals
+from savae_jax.annealing import lowrank
 from savae_jax.models import init as model_init
 from savae_jax.optimizer import GRAD_COST, Optimizer
 from conftest import small_vae
@@ -253,19 +254,19 @@ def test_low_rank_step_computes_each_shared_kernel_product_as_one_matmul():
 def test_low_rank_members_in_cache_sized_chunks_match_one_vmap(monkeypatch):
     """Members evaluated a chunk at a time (as on CPU) give one vmap's step, up to float32 reordering."""
     model, loss_fn, params, x = tiny_vae()
-    layout = proposals._layout(loss_fn, params, jax.random.key(0), x, 1, jnp.float32(0.01), False, 1e-3)
+    layout = lowrank.build_layout(loss_fn, params, jax.random.key(0), x, 1, jnp.float32(0.01), False, 1e-3)
     # One member's Dense outputs: batch 32 x (hidden 32 + mean 4 + logvar 4 + hidden 32 + logits 64) floats.
     assert layout.activation_bytes == 32 * (32 + 4 + 4 + 32 + 64) * 4
     sa = an.simulated_annealing(loss_fn, 12, an.low_rank(0.05), 1.0, an.metropolis())
 
     def step(budget):
-        monkeypatch.setattr(proposals, "ACTIVATION_BYTES", budget)
+        monkeypatch.setattr(lowrank, "ACTIVATION_BYTES", budget)
         return jax.jit(sa.step)(jax.random.key(3), sa.init(params), x)
 
-    assert proposals.member_chunk(layout) == (16 * 2**20 // layout.activation_bytes
-                                              if jax.default_backend() == "cpu" else None)
-    monkeypatch.setattr(proposals, "ACTIVATION_BYTES", 4 * layout.activation_bytes)
-    assert proposals.member_chunk(layout) == 4
+    assert lowrank.member_chunk(layout) == (16 * 2**20 // layout.activation_bytes
+                                            if jax.default_backend() == "cpu" else None)
+    monkeypatch.setattr(lowrank, "ACTIVATION_BYTES", 4 * layout.activation_bytes)
+    assert lowrank.member_chunk(layout) == 4
     _, whole = step(2**30)
     _, chunked = step(4 * layout.activation_bytes)  # 13 members: 3 chunks of 4 and 1 more
     # The chunks' smaller products may sum in another order: the ~50-nat losses may differ in
@@ -390,7 +391,7 @@ def test_hyperparameters_can_be_swept_in_one_vmap():
 
 def test_annealer_is_an_optimizer_that_states_its_cost():
     sa = an.simulated_annealing(identity_loss, 8, an.gaussian(0.1), 1.0, an.metropolis())
-    assert isinstance(sa, Optimizer) and an.SimulatedAnnealing is Optimizer
+    assert isinstance(sa, Optimizer) and not hasattr(an, "SimulatedAnnealing")  # the alias is gone (0.1.0)
     assert sa.cost == 8 + 1 and sa.loss_fn is identity_loss and sa.mesh is None
     # langevin's one gradient per step is charged on top of the K + 1 evaluations.
     sa = an.simulated_annealing(identity_loss, 8, an.langevin(0.1), 1.0, an.metropolis())
@@ -512,16 +513,23 @@ def test_as_optax_composes_with_chain_and_matches_step():
     assert int(opt_state[0].count) == 5
 
 
-def test_as_optax_old_argument_order_warns_and_builds_the_same_transformation():
-    """as_optax used to take loss_fn last; that order still works, with a DeprecationWarning."""
+def test_as_optax_takes_the_arguments_of_simulated_annealing_in_its_order():
+    """as_optax's signature is simulated_annealing's (loss_fn first, then K, proposal, temperature,
+    acceptance, radius, t_min, patience) plus seed; the old loss_fn-last order is gone (0.1.0)."""
+    sa_names = list(inspect.signature(an.simulated_annealing).parameters)
+    tx_names = list(inspect.signature(an.as_optax).parameters)
+    assert tx_names == [n for n in sa_names if n not in ("mesh", "axis_name", "decision")] + ["seed"]
     model, loss_fn, params, x = tiny_vae()
     args = (4, an.gaussian(0.01), 1.0, an.greedy())
-    with pytest.warns(DeprecationWarning, match="as_optax\\(loss_fn, num_proposals"):
-        old = an.as_optax(*args, loss_fn=loss_fn, seed=1)
-    new = an.as_optax(loss_fn, *args, seed=1)
+    with pytest.raises(TypeError):
+        an.as_optax(*args, loss_fn=loss_fn, seed=1)  # loss_fn given twice: positionally (4) and by name
+    tx = an.as_optax(loss_fn, *args, seed=1)
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
-    outs = [tx.update(zeros, tx.init(params), params, batch=x)[0] for tx in (old, new)]
-    chex.assert_trees_all_equal(*outs)
+    key = jax.random.fold_in(jax.random.key(1), 0)  # the key the update derives from its seed
+    sa = an.simulated_annealing(loss_fn, *args)
+    stepped, _ = sa.step(key, sa.init(params), x)
+    chex.assert_trees_all_close(optax.apply_updates(params, tx.update(zeros, tx.init(params), params, batch=x)[0]),
+                                stepped.params, rtol=1e-6, atol=1e-7)
 
 
 def test_as_optax_requires_value_fn_and_derives_a_key_from_its_seed():

@@ -94,11 +94,10 @@ def test_diagnostics_binarises_like_evaluate_and_validates():
         evaluation.diagnostics(model, params, images, mi_examples=0)
 
 
-def test_diagnostics_old_argument_order_warns_and_gives_the_same_numbers():
+def test_diagnostics_refuses_the_old_argument_order():
+    """``(params, model, images)`` (deprecated before 0.1.0) is a ValueError naming the order."""
     rng = np.random.default_rng(3)
     images = rng.uniform(size=(40, 2, 2, 1)).astype(np.float32)
     model, params = _model_with_encoder(4, 4, 2, rng.normal(size=(4, 2)), np.zeros(2), rng)
-    want = evaluation.diagnostics(model, params, images, mi_examples=30)
-    with pytest.warns(DeprecationWarning, match=r"diagnostics\(model, params, images"):
-        got = evaluation.diagnostics(params, model, images, mi_examples=30)
-    assert got == want
+    with pytest.raises(ValueError, match=r"the arguments are \(model, params, images"):
+        evaluation.diagnostics(params, model, images, mi_examples=30)

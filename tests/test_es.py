@@ -13,7 +13,7 @@ import pytest
 import savae_jax as sv
 from savae_jax import annealing as an
 from savae_jax import driver
-from savae_jax.annealing import es, proposals
+from savae_jax.annealing import es, lowrank
 
 DIM = 10_000
 
@@ -55,7 +55,7 @@ def test_members_in_cache_sized_chunks_give_one_vmaps_losses(vae, monkeypatch):
     x = jnp.asarray(images[:64])
 
     def losses(budget):
-        monkeypatch.setattr(proposals, "ACTIVATION_BYTES", budget)
+        monkeypatch.setattr(lowrank, "ACTIVATION_BYTES", budget)
         return np.asarray(es.estimate(loss_fn, params, jax.random.key(1), jax.random.key(2), x, 5, 0.05)[1])
 
     layout = es.estimate(loss_fn, params, jax.random.key(1), jax.random.key(2), x, 5, 0.05)[2]

@@ -89,21 +89,19 @@ def test_evaluate_iwae_matches_evaluate_conventions(digits):
     assert got > 0  # a negative log-likelihood in nats
 
 
-def test_old_argument_order_warns_and_gives_the_same_float(digits):
+def test_the_old_argument_order_is_refused_with_the_order_named(digits):
     """``evaluate_iwae`` and ``report`` take ``(model, params, images)``, as ``evaluate``
-    takes ``(loss_fn, params, images)``; the old ``(params, model, images)`` still
-    works, with a DeprecationWarning, and gives the identical float."""
+    takes ``(loss_fn, params, images)``; the old ``(params, model, images)`` (deprecated before
+    0.1.0) is a ValueError that names the order, before anything is compiled."""
     model = sv.MLPVAE(hidden=16, latents=3)
     params = models.init(jax.random.key(0), model, digits[1].images[:1])
     images = digits[1].images[:30]
-    new = evaluation.evaluate_iwae(model, params, images, 4, batch_size=16, binarize="dynamic")
-    with pytest.warns(DeprecationWarning, match=r"evaluate_iwae\(model, params, images"):
-        old = evaluation.evaluate_iwae(params, model, images, 4, batch_size=16, binarize="dynamic")
-    assert old == new
+    with pytest.raises(ValueError, match=r"model must be a flax Module; the arguments are \(model, params, images"):
+        evaluation.evaluate_iwae(params, model, images, 4, batch_size=16, binarize="dynamic")
+    with pytest.raises(ValueError, match=r"model must be a flax Module; the arguments are \(model, params, images"):
+        evaluation.report(params, model, images, iwae_samples=2)
     want = evaluation.report(model, params, images, iwae_samples=2)
-    with pytest.warns(DeprecationWarning, match=r"report\(model, params, images"):
-        got = evaluation.report(params, model, images, iwae_samples=2)
-    assert got == want and want["test_neg_iwae"] == sv.evaluate_iwae(model, params, images, 2)
+    assert want["test_neg_iwae"] == sv.evaluate_iwae(model, params, images, 2)
 
 
 class LinearGaussianVAE(nn.Module):

@@ -27,7 +27,10 @@ The formulas (dL = delta, s = stderr, n = num):
   P(accept | Delta) / P(accept | -Delta) = exp(-Delta / T).
 - confident(alpha, margin): accept iff dL + q s < -margin, q the (1 - alpha)
   quantile of Student's t with n - 1 degrees of freedom: the one-sided upper
-  confidence bound of the true dL lies below -margin (a paired t-test).
+  confidence bound of the true dL lies below -margin (a paired t-test). q is
+  exact (a table from scipy, looked up on n) when a bound on n is known: the
+  annealers bind it (:func:`with_max_num`); else an expansion
+  (:func:`student_t_quantile`).
 
 The optimizer's curse (Smith & Winkler 2006): the smallest of K noisy loss
 estimates is biased low (by about s * E[max of K standard normals]), so a
@@ -38,11 +41,13 @@ Apply them to an independent decision batch (other examples, fresh noise).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.scipy.special import ndtri
 
 from savae_jax import validation
@@ -60,6 +65,24 @@ def needs_stderr(rule) -> bool:
       ``bool(rule.needs_stderr)``; False for a rule without the attribute.
     """
     return bool(getattr(rule, "needs_stderr", False))
+
+
+def with_max_num(rule, max_num: int):
+    """``rule`` for decisions on at most ``max_num`` examples (``num <= max_num``).
+
+    A rule that can use the bound (one with a ``with_max_num`` attribute:
+    :func:`confident`, which then looks its Student-t quantile up in a table
+    of exact values) is rebuilt with it; any other rule is returned as it is.
+    The annealers (``simulated_annealing``, ``evolution_strategy``) call this
+    with their decision batch's ``max_size``, or with the selection batch's
+    size when they decide on it.
+
+    Args:
+      rule: an acceptance rule.
+      max_num: the largest ``num`` the rule will be called with, >= 2.
+    """
+    bind = getattr(rule, "with_max_num", None)
+    return rule if bind is None else bind(int(max_num))
 
 
 def metropolis() -> Acceptance:
@@ -172,7 +195,12 @@ def _cornish_fisher(z, df):
 
 
 def student_t_quantile(p, df):
-    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (jittable, vmappable).
+    """The ``p`` quantile of Student's t with ``df`` degrees of freedom (jittable, vmappable), approximately.
+
+    The fallback of :func:`confident` where no bound on the number of
+    examples is known (a rule built without ``max_num`` and called directly,
+    or a traced ``alpha``); the annealers use exact quantiles
+    (:func:`t_quantile_table`, bound by :func:`with_max_num`).
 
     Exact closed forms for df = 1 and df = 2; the Cornish-Fisher expansion
     (A&S 26.7.5, four terms) for df >= 3. Relative error against
@@ -198,17 +226,54 @@ def student_t_quantile(p, df):
     return jnp.where(df < 1.5, one, jnp.where(df < 2.5, two, many))
 
 
-def confident(alpha: float = 0.05, margin: float = 0.0) -> Acceptance:
+@functools.lru_cache(maxsize=64)
+def t_quantile_table(alpha: float, max_df: int) -> np.ndarray:
+    """The exact (1 - ``alpha``) quantiles of Student's t for df = 1 .. ``max_df``: entry df - 1, float32.
+
+    Computed once per (alpha, max_df) with ``scipy.stats.t.isf(alpha, df)``
+    (= ``t.ppf(1 - alpha, df)``, without rounding 1 - alpha) in float64 and
+    rounded to float32; the array is read-only (it is cached).
+
+    Args:
+      alpha: the upper tail probability, a Python float in (0, 1).
+      max_df: the largest degrees of freedom, >= 1.
+    """
+    from scipy import stats  # a dependency of jax; imported here, where a table is built
+
+    table = stats.t.isf(float(alpha), np.arange(1, int(max_df) + 1)).astype(np.float32)
+    table.flags.writeable = False
+    return table
+
+
+def _t_quantile(alpha, df, max_num: int | None):
+    """The (1 - alpha) t quantile at ``df``: from the exact table when ``max_num`` bounds n, else approximated."""
+    if max_num is None:
+        return student_t_quantile(1 - jnp.asarray(alpha, jnp.float32), df)
+    # df > max_num - 1 cannot occur; clipped, it would take a larger quantile (a stricter test).
+    return jnp.take(jnp.asarray(t_quantile_table(float(alpha), max_num - 1)), df - 1, mode="clip")
+
+
+def confident(alpha: float = 0.05, margin: float = 0.0, max_num: int | None = None) -> Acceptance:
     """Significance rule: accept iff the upper (1 - alpha) confidence bound of dL is below -margin.
 
     Deterministic: accept iff dL + q * s < -margin, with s = ``stderr`` and q
     the (1 - alpha) quantile of Student's t with n - 1 degrees of freedom
-    (:func:`student_t_quantile`; n = ``num``). When the per-example
+    (n = ``num``). When the per-example
     differences are Gaussian with true mean Delta >= -margin, the probability
     of accepting is at most alpha (a one-sided paired t-test of level alpha);
     an accepted move is, with that confidence, better by more than ``margin``.
     The key and T are unused, so the rule never accepts a worse move on
     purpose: use it to refine, not to explore.
+
+    Which quantile: with ``max_num`` (and ``alpha`` a number, not traced), q
+    is exact, looked up on n - 1 in :func:`t_quantile_table`, built when the
+    rule is. The annealers (``simulated_annealing``,
+    ``evolution_strategy``) rebuild the rule so, with ``max_num`` their
+    decision batch's ``max_size`` or their selection batch's size
+    (:func:`with_max_num`): inside them q is always exact. Without a bound
+    (the rule called directly, or a traced ``alpha``), q is the Cornish-Fisher
+    approximation :func:`student_t_quantile` (relative error below 2.1e-4
+    for n >= 10, up to 2.8e-2 for n <= 9).
 
     With n < 2 there is no variance estimate and the rule rejects; with s = 0
     it is accept iff dL < -margin. A non-finite ``delta`` or ``stderr``, or
@@ -217,20 +282,25 @@ def confident(alpha: float = 0.05, margin: float = 0.0) -> Acceptance:
     Args:
       alpha: the test's level (false-acceptance probability), in (0, 0.5).
       margin: the improvement required, in loss units, >= 0.
+      max_num: the largest ``num`` the rule is called with (>= 2), or None.
 
     Returns:
       ``accept(key, delta, temperature, *, stderr, num) -> bool`` with
-      ``needs_stderr = True``.
+      ``needs_stderr = True`` and ``with_max_num(n) -> rule`` (the same rule
+      bound to ``num <= n``).
     """
     validation.in_interval("alpha", alpha, 0, 0.5)
     validation.non_negative("margin", margin)
+    validation.integer("max_num", max_num, 2, optional=True)
+    bound = None if max_num is None or validation.is_traced(alpha) else int(max_num)
 
     def accept(key, delta, temperature, *, stderr, num):
         delta, stderr = jnp.asarray(delta), jnp.asarray(stderr)
         num = jnp.asarray(num)
-        q = student_t_quantile(1 - jnp.asarray(alpha, jnp.float32), jnp.maximum(num - 1, 1))
-        bound = delta + q * stderr
-        return _finite_stderr(delta, stderr) & (num >= 2) & (bound < -jnp.asarray(margin, jnp.float32))
+        q = _t_quantile(alpha, jnp.maximum(num - 1, 1), bound)
+        upper = delta + q * stderr
+        return _finite_stderr(delta, stderr) & (num >= 2) & (upper < -jnp.asarray(margin, jnp.float32))
 
     accept.needs_stderr = True
+    accept.with_max_num = functools.partial(confident, alpha, margin)
     return accept

@@ -69,7 +69,7 @@ def decision_batch(selection: int, size, max_size: int | None = None) -> Decisio
         validation.integer("size", size, 2)
         max_size = size if max_size is None else max_size
         validation.integer("max_size", max_size, size)
-    return DecisionBatch(int(selection), int(max_size), size)
+    return DecisionBatch(selection=int(selection), max_size=int(max_size), size=size)
 
 
 def cost(decision: DecisionBatch | None) -> int:
@@ -115,4 +115,4 @@ def paired_stats(d, mask=None) -> Paired:
     n = jnp.sum(mask)
     mean = jnp.sum(jnp.where(mask, d, 0.0)) / n
     var = jnp.sum(jnp.where(mask, jnp.square(d - mean), 0.0)) / jnp.maximum(n - 1, 1)
-    return Paired(mean, jnp.sqrt(var / n), n.astype(jnp.int32))
+    return Paired(delta=mean, stderr=jnp.sqrt(var / n), num=n.astype(jnp.int32))

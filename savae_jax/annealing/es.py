@@ -35,17 +35,15 @@ from __future__ import annotations
 import functools
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import PartitionSpec
 
-from savae_jax import distributed, validation
+from savae_jax import validation
 from savae_jax.annealing import decision as decision_lib
-from savae_jax.annealing import proposals as proposals_lib
-from savae_jax.annealing.acceptance import metropolis, needs_stderr
-from savae_jax.optimizer import Optimizer, checked_loss, tree_where
+from savae_jax.annealing import lowrank, sharding
+from savae_jax.annealing.acceptance import metropolis, needs_stderr, with_max_num
+from savae_jax.optimizer import Optimizer, checked_loss, tree_norm, tree_where
 
 SHAPINGS = ("centered_ranks", "z_scores", "none")
 
@@ -105,22 +103,12 @@ def shape_fitness(losses, shaping: str = "centered_ranks"):
     return centred
 
 
-def _negate(noise: proposals_lib.Noise) -> proposals_lib.Noise:
-    """The antithetic partner of a draw: -E (for a kernel, -A B^T: negate A only)."""
-    return proposals_lib.Noise({p: (-a, b) for p, (a, b) in noise.factors.items()},
-                               {p: -b for p, b in noise.biases.items()},
-                               {i: -v for i, v in noise.leaves.items()})
-
-
 def _member_loss(layout, loss_fn, key_loss, batch, noise):
     """The loss at theta + E for one member's noise E (kernels perturbed inside their layers)."""
-    leaves = [p + noise.leaves[i] if i in noise.leaves else p for i, p in enumerate(layout.leaves)]
-    params = jax.tree_util.tree_unflatten(layout.treedef, leaves)
-    with nn.intercept_methods(functools.partial(proposals_lib._intercept_dense, layout, noise, jnp.bool_(True))):
-        return loss_fn(params, key_loss, batch)
+    return lowrank.perturbed_loss(layout, loss_fn, key_loss, batch, noise, jnp.bool_(True))
 
 
-def search_gradient(layout, noises: proposals_lib.Noise, weights, scale):
+def search_gradient(layout, noises: lowrank.Noise, weights, scale):
     """g = 1 / (K s) * sum_k w_k eps_k from K stacked noises (leading axis K), as a params pytree.
 
     A Dense kernel's sum is formed from its factors, (1 / (K s)) * coef / s *
@@ -162,39 +150,33 @@ def estimate(loss_fn, params, key_noise, key_loss, batch, num_pairs: int, scale,
     """
     base = jnp.asarray(scale, jnp.float32)
     layout = _layout(noise, loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
-    half = jax.vmap(functools.partial(proposals_lib._draw, layout))(jax.random.split(key_noise, num_pairs))
-    noises = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), half, _negate(half))
+    half = jax.vmap(functools.partial(lowrank.draw, layout))(jax.random.split(key_noise, num_pairs))
+    noises = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), half, lowrank.negate(half))
     losses = _member_losses(functools.partial(_member_loss, layout, loss_fn, key_loss, batch), noises,
-                            mesh, axis_name, proposals_lib.member_chunk(layout))
+                            mesh, axis_name, lowrank.member_chunk(layout))
     if mesh is not None:
         # Keep the assembly replicated: left to itself, XLA would shard the sum over k like the
         # members and add the partial sums across devices in another order than one device does.
-        replicated = jax.sharding.NamedSharding(mesh, PartitionSpec())
-        noises, losses = jax.lax.with_sharding_constraint((noises, losses), replicated)
+        noises, losses = sharding.replicated((noises, losses), mesh)
     return search_gradient(layout, noises, shape_fitness(losses, shaping), base), losses, layout, noises
 
 
 def _member_losses(member, noises, mesh, axis_name, chunk=None):
-    """``member`` over the stacked ``noises``: a vmap (in chunks of ``chunk``), or sharded over the mesh axis (padded)."""
-    evaluate = functools.partial(proposals_lib.map_members, member, chunk=chunk)
+    """``member`` over the stacked ``noises``: a vmap (in chunks of ``chunk``), or sharded over the mesh axis."""
+    evaluate = functools.partial(sharding.map_members, member, chunk=chunk)
     if mesh is None:
         return evaluate(noises)
-    num = jax.tree_util.tree_leaves(noises)[0].shape[0]
-    pad = -num % mesh.shape[axis_name]
-    if pad:  # copies of the last member, dropped below
-        noises = jax.tree_util.tree_map(lambda a: jnp.concatenate([a, jnp.repeat(a[-1:], pad, axis=0)]), noises)
-    spec = PartitionSpec(axis_name)
-    losses = jax.shard_map(evaluate, mesh=mesh, in_specs=(spec,), out_specs=spec, check_vma=False)(noises)
-    return losses[:num]
+    return sharding.shard_members(evaluate, noises, mesh=mesh, axis_name=axis_name)
 
 
 def _layout(noise: str, loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor):
+    """The noise's :class:`~savae_jax.annealing.lowrank.Layout`: Dense layers found (low_rank) or none (gaussian)."""
     if noise == "low_rank":
-        return proposals_lib._layout(loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
+        return lowrank.build_layout(loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    stds = {i: proposals_lib._leaf_std(p, base, scale_by_rms, rms_floor)
-            for i, p in enumerate(leaves) if proposals_lib._is_float(p)}
-    return proposals_lib.Layout(leaves, treedef, {}, stds, rank)
+    stds = {i: lowrank.leaf_std(p, base, scale_by_rms, rms_floor)
+            for i, p in enumerate(leaves) if lowrank.is_float(p)}
+    return lowrank.Layout(leaves=leaves, treedef=treedef, layers={}, stds=stds, rank=rank)
 
 
 def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "low_rank", rank: int = 1,
@@ -243,21 +225,15 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
     optimizer = optax.adam(1e-3) if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
-    acceptance = metropolis() if acceptance is None else acceptance
-    per_example = getattr(loss_fn, "per_example", None)
-    if (decision is not None or needs_stderr(acceptance)) and not callable(per_example):
-        raise ValueError("loss_fn: the " + ("decision batch" if decision is not None else "acceptance rule")
-                         + " needs per-example losses (loss_fn.per_example, as make_loss provides)")
+    acceptance, per_example = _rule(acceptance, decision, loss_fn)
     checked = checked_loss(loss_fn)
-    if mesh is not None:
-        axis_name = distributed.mesh_axis(mesh, axis_name)
-    elif axis_name is not None:
-        raise ValueError(f"axis_name {axis_name!r} given without a mesh")
+    axis_name = sharding.mesh_axis(mesh, axis_name)
     num_pairs = int(num_pairs)
     num = 2 * num_pairs
 
     def init_fn(params) -> ESState:
-        return ESState(params, optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        return ESState(params=params, opt_state=optimizer.init(params), count=jnp.zeros((), jnp.int32),
+                       num_accepted=jnp.zeros((), jnp.int32))
 
     def step_fn(key, state: ESState, batch):
         key_loss, key_noise, key_accept, key_decide = jax.random.split(key, 4)
@@ -270,16 +246,46 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
         candidate = optax.apply_updates(state.params, updates)
         delta, stderr, num_used, on_selection = _decide_inputs(
             checked, per_example, candidate, state.params, key_loss, x, key_decide, x_decide, mask)
-        extra = {"stderr": stderr, "num": num_used} if needs_stderr(acceptance) else {}
-        accepted = jnp.isfinite(delta) & acceptance(key_accept, delta, t, **extra)
+        accepted = jnp.isfinite(delta) & _decide(acceptance, decision, key_accept, delta, t, stderr, num_used, x)
         params, opt_state = tree_where(accepted, (candidate, opt_state), (state.params, state.opt_state))
         count, num_accepted = state.count + 1, state.num_accepted + accepted.astype(jnp.int32)
         loss = jnp.where(accepted, on_selection[0], on_selection[1])
-        info = ESInfo(loss, accepted, delta, stderr, t, num_accepted / count, losses.mean(), optax.tree.norm(grad))
-        return ESState(params, opt_state, count, num_accepted), info
+        info = ESInfo(loss=loss, accepted=accepted, delta=delta, stderr=stderr, temperature=t,
+                      acceptance_rate=num_accepted / count, member_loss_mean=losses.mean(),
+                      grad_norm=tree_norm(grad))
+        return ESState(params=params, opt_state=opt_state, count=count, num_accepted=num_accepted), info
 
-    return Optimizer(init_fn, step_fn, num + decision_lib.cost(decision), loss_fn, mesh,
+    return Optimizer(init=init_fn, step=step_fn, cost=num + decision_lib.cost(decision), loss_fn=loss_fn, mesh=mesh,
                      examples_per_step=None if decision is None else decision.selection + decision.max_size)
+
+
+def _rule(acceptance, decision, loss_fn):
+    """``(the acceptance rule, loss_fn.per_example or None)``, checked.
+
+    A decision batch or a noise-aware rule needs ``per_example``. With a
+    decision batch n <= max_size: a rule that can use the bound
+    (``confident``'s exact t quantiles) gets it here.
+    """
+    acceptance = metropolis() if acceptance is None else acceptance
+    per_example = getattr(loss_fn, "per_example", None)
+    if (decision is not None or needs_stderr(acceptance)) and not callable(per_example):
+        raise ValueError("loss_fn: the " + ("decision batch" if decision is not None else "acceptance rule")
+                         + " needs per-example losses (loss_fn.per_example, as make_loss provides)")
+    if decision is not None:
+        acceptance = with_max_num(acceptance, decision.max_size)
+    return acceptance, per_example
+
+
+def _decide(acceptance, decision, key, delta, t, stderr, num, x):
+    """The rule's decision; a noise-aware rule also gets ``stderr`` and n.
+
+    Without a decision batch n is the selection batch ``x``'s size, the
+    bound the rule gets (``acceptance.with_max_num``).
+    """
+    if not needs_stderr(acceptance):
+        return acceptance(key, delta, t)
+    rule = acceptance if decision is not None else with_max_num(acceptance, x.shape[0])
+    return rule(key, delta, t, stderr=stderr, num=num)
 
 
 def _decide_inputs(loss_fn, per_example, candidate, incumbent, key_loss, x, key_decide, x_decide, mask):

@@ -43,11 +43,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import PartitionSpec
 
-from savae_jax import distributed, validation
+from savae_jax import validation
+from savae_jax.annealing import acceptance as acceptance_lib
 from savae_jax.annealing import decision as decision_lib
-from savae_jax.annealing import proposals as proposals_lib
+from savae_jax.annealing import sharding
 from savae_jax.annealing.proposals import Proposal
 from savae_jax.annealing.schedules import ScheduleEvent, StatefulSchedule, as_stateful
 from savae_jax.optimizer import Optimizer, tree_where
@@ -146,11 +146,6 @@ class AnnealInfo(NamedTuple):
     FAULTS = {"bad_temperature": "temperature", "bad_radius": "radius"}
 
 
-# The annealer is an optimizer like any other (``Optimizer(init, step, cost,
-# loss_fn, mesh)``); the old name is kept for code written against it.
-SimulatedAnnealing = Optimizer
-
-
 def _check_params_finite(params) -> None:
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         if validation.is_traced(leaf):
@@ -162,7 +157,7 @@ def _check_params_finite(params) -> None:
             )
 
 
-def _validate(num_proposals, proposal, acceptance, t_min, patience) -> None:
+def check_arguments(num_proposals, proposal, acceptance, t_min, patience) -> None:
     """Check ``simulated_annealing``'s scalar arguments (ValueError naming the argument)."""
     validation.integer("num_proposals", num_proposals, 1)
     validation.instance("proposal", proposal, Proposal, "gaussian(0.1)")
@@ -194,7 +189,7 @@ def init(params, proposal: Proposal, temperature, radius=None) -> AnnealState:
         num_accepted=zero,
         steps_since_improvement=zero,
         done=jnp.zeros((), bool),
-        schedule_state=ScheduleState(temp.init(), rad.init()),
+        schedule_state=ScheduleState(temperature=temp.init(), radius=rad.init()),
         proposal_state=proposal.init(params),
     )
 
@@ -206,24 +201,7 @@ def _evaluate(prep, keys, active):
     and its ``loss`` takes a member's noise instead of its key.
     """
     members = keys if getattr(prep, "draw", None) is None else prep.draw(keys)
-    return proposals_lib.map_members(prep.loss, members, active, chunk=getattr(prep, "chunk_size", None))
-
-
-def _evaluate_sharded(prep, keys, active, mesh, axis_name):
-    """``_evaluate`` with the members sharded over ``mesh[axis_name]``, padded to a multiple of it."""
-    members = keys.shape[0]
-    size = mesh.shape[axis_name]
-    pad = -members % size
-    if pad:
-        # Dummy members: copies of the incumbent's member (inactive), dropped below.
-        keys = jnp.concatenate([keys, jnp.repeat(keys[-1:], pad, axis=0)])
-        active = jnp.concatenate([active, jnp.zeros((pad,), bool)])
-    spec = PartitionSpec(axis_name)
-    losses = jax.shard_map(
-        lambda k, a: _evaluate(prep, k, a), mesh=mesh, in_specs=(spec, spec), out_specs=spec,
-        check_vma=False,
-    )(keys, active)
-    return losses[:members]
+    return sharding.map_members(prep.loss, members, active, chunk=getattr(prep, "chunk_size", None))
 
 
 class _Config(NamedTuple):
@@ -245,11 +223,7 @@ class _Config(NamedTuple):
     @property
     def noise_aware(self) -> bool:
         """Whether steps measure paired per-example differences (a decision batch or a noise-aware rule)."""
-        return self.decision is not None or _needs_stderr(self.acceptance)
-
-
-def _needs_stderr(acceptance) -> bool:
-    return bool(getattr(acceptance, "needs_stderr", False))
+        return self.decision is not None or acceptance_lib.needs_stderr(self.acceptance)
 
 
 class _Selection(NamedTuple):
@@ -293,7 +267,9 @@ def _member_losses(cfg: _Config, prep, keys):
     active = jnp.arange(cfg.num_proposals + 1) < cfg.num_proposals
     if cfg.mesh is None:
         return _evaluate(prep, keys, active)
-    return _evaluate_sharded(prep, keys, active, cfg.mesh, cfg.axis_name)
+    # Padding members repeat the last one, the incumbent's (inactive): they never win.
+    return sharding.shard_members(lambda k, a: _evaluate(prep, k, a), keys, active, mesh=cfg.mesh,
+                                  axis_name=cfg.axis_name)
 
 
 def _select(losses, num_proposals: int) -> _Selection:
@@ -304,7 +280,8 @@ def _select(losses, num_proposals: int) -> _Selection:
     prop_losses = jnp.where(finite, raw, jnp.inf)
     j = jnp.argmin(prop_losses)
     best = prop_losses[j]
-    return _Selection(j, best, incumbent_loss, best - incumbent_loss, finite, raw)
+    return _Selection(index=j, loss=best, incumbent_loss=incumbent_loss, delta=best - incumbent_loss,
+                      finite=finite, raw=raw)
 
 
 def _track_best(state: AnnealState, params, loss):
@@ -320,8 +297,8 @@ def _next_schedules(cfg: _Config, state: AnnealState, event: ScheduleEvent) -> S
     """The schedules' states after a step with outcome ``event``."""
     sched = state.schedule_state
     return ScheduleState(
-        cfg.temperature.update(sched.temperature, state.count, event),
-        cfg.radius.update(sched.radius, state.count, event),
+        temperature=cfg.temperature.update(sched.temperature, state.count, event),
+        radius=cfg.radius.update(sched.radius, state.count, event),
     )
 
 
@@ -339,7 +316,7 @@ def _advance(cfg: _Config, state: AnnealState, prep, params, sel: _Selection, ac
     """The state after a step whose new incumbent is ``params`` (the winner if ``accepted``)."""
     loss = jnp.where(accepted, sel.loss, sel.incumbent_loss)
     best_params, best_loss, improved, stale = _track_best(state, params, loss)
-    sched = _next_schedules(cfg, state, ScheduleEvent(accepted, improved))
+    sched = _next_schedules(cfg, state, ScheduleEvent(accepted=accepted, improved=improved))
     new_count = state.count + 1
     return AnnealState(
         params=params,
@@ -365,7 +342,7 @@ def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState,
           on_selection=None, decided=None) -> AnnealInfo:
     """The step's :class:`AnnealInfo` (``on_selection``/``decided``: the paired comparisons made)."""
     nan = jnp.full((), jnp.nan, jnp.float32)
-    on_selection = on_selection or decision_lib.Paired(sel.delta, nan, jnp.zeros((), jnp.int32))
+    on_selection = on_selection or decision_lib.Paired(delta=sel.delta, stderr=nan, num=jnp.zeros((), jnp.int32))
     decided = decided or on_selection
     num_finite = jnp.sum(sel.finite)
     mean = jnp.where(
@@ -425,12 +402,25 @@ def _noise_aware_step(cfg: _Config, key, state: AnnealState, batch):
     on_selection = decision_lib.paired(cfg.per_example, winner, state.params, key_loss, x)
     decided = on_selection if x_decide is None else decision_lib.paired(
         cfg.per_example, winner, state.params, key_decide, x_decide, mask)
-    extra = {"stderr": decided.stderr, "num": decided.num} if _needs_stderr(cfg.acceptance) else {}
-    accepted = (cfg.acceptance(key_accept, decided.delta, t, **extra) & jnp.isfinite(sel.loss)
+    accepted = (_decide(cfg, key_accept, decided, t, x) & jnp.isfinite(sel.loss)
                 & jnp.isfinite(decided.delta) & ~halt)
     params = tree_where(accepted, winner, state.params)
     new_state = _freeze(halt, state, _advance(cfg, state, prep, params, sel, accepted))
     return new_state, _info(cfg, sel, accepted, t, r, new_state, on_selection, decided)
+
+
+def _decide(cfg: _Config, key, decided: decision_lib.Paired, t, x):
+    """The rule's decision on the paired comparison ``decided``.
+
+    A noise-aware rule also gets the standard error and n; deciding on the
+    selection batch ``x``, n is its size, a bound the rule may use
+    (``acceptance.with_max_num``: confident's exact t quantiles); with a
+    decision batch the rule was bound to its ``max_size`` in ``build_kernel``.
+    """
+    if not acceptance_lib.needs_stderr(cfg.acceptance):
+        return cfg.acceptance(key, decided.delta, t)
+    rule = cfg.acceptance if cfg.decision is not None else acceptance_lib.with_max_num(cfg.acceptance, x.shape[0])
+    return rule(key, decided.delta, t, stderr=decided.stderr, num=decided.num)
 
 
 def build_kernel(
@@ -448,21 +438,22 @@ def build_kernel(
 ):
     """The pure ``step(key, state, batch) -> (state, info)`` (arguments as simulated_annealing)."""
     validation.is_callable("loss_fn", loss_fn)
-    _validate(num_proposals, proposal, acceptance, t_min, patience)
-    if mesh is not None:
-        axis_name = distributed.mesh_axis(mesh, axis_name)
-    elif axis_name is not None:
-        raise ValueError(f"axis_name {axis_name!r} given without a mesh")
+    check_arguments(num_proposals, proposal, acceptance, t_min, patience)
+    axis_name = sharding.mesh_axis(mesh, axis_name)
     if decision is not None:
         validation.instance("decision", decision, decision_lib.DecisionBatch, "decision_batch(128, 512)")
+        # n <= max_size: a rule that can use the bound (confident's exact t quantiles) gets it now.
+        acceptance = acceptance_lib.with_max_num(acceptance, decision.max_size)
     cfg = _Config(
-        loss_fn, int(num_proposals), proposal, as_stateful(temperature, "temperature"),
-        as_stateful(1.0 if radius is None else radius, "radius"), acceptance, t_min, patience,
-        mesh, axis_name, decision, getattr(loss_fn, "per_example", None),
+        loss_fn=loss_fn, num_proposals=int(num_proposals), proposal=proposal,
+        temperature=as_stateful(temperature, "temperature"),
+        radius=as_stateful(1.0 if radius is None else radius, "radius"), acceptance=acceptance,
+        t_min=t_min, patience=patience, mesh=mesh, axis_name=axis_name, decision=decision,
+        per_example=getattr(loss_fn, "per_example", None),
     )
     if cfg.noise_aware and not callable(cfg.per_example):
         what = (f"the acceptance rule {getattr(acceptance, '__qualname__', acceptance)!r}"
-                if _needs_stderr(acceptance) else "decision")
+                if acceptance_lib.needs_stderr(acceptance) else "decision")
         raise ValueError(
             f"{what} needs per-example losses (a standard error of the paired differences): "
             "loss_fn must carry .per_example(params, key, x) -> (batch,), as make_loss(model) does "
@@ -538,7 +529,7 @@ def simulated_annealing(
         return init(params, proposal, temperature, radius)
 
     cost = int(num_proposals) + 1 + int(proposal.cost)
-    if decision is not None or _needs_stderr(acceptance):
+    if decision is not None or acceptance_lib.needs_stderr(acceptance):
         cost += decision_lib.cost(decision)
     examples = None if decision is None else decision.selection + decision.max_size
-    return Optimizer(init_fn, step, cost, loss_fn, mesh, examples)
+    return Optimizer(init=init_fn, step=step, cost=cost, loss_fn=loss_fn, mesh=mesh, examples_per_step=examples)

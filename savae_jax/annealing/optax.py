@@ -7,33 +7,13 @@ one annealing step from ``params`` and returns ``new_params - params``.
 
 from __future__ import annotations
 
-import numbers
-import warnings
-
 import jax
 import optax as _optax
 
-from savae_jax.annealing.kernel import _validate, build_kernel, init as _init
+from savae_jax.annealing.kernel import build_kernel, check_arguments, init as _init
 
 
-def as_optax(*args, **kwargs) -> _optax.GradientTransformationExtraArgs:
-    """SA as an optax transformation: ``as_optax(loss_fn, num_proposals, proposal, ...)``.
-
-    The arguments are those of ``simulated_annealing`` in the same order,
-    except that ``loss_fn`` may be None (then ``update`` needs ``value_fn``)
-    and ``mesh`` is not taken; ``seed`` (keyword) derives per-step keys (see
-    :func:`_as_optax`). The old order ``as_optax(num_proposals, proposal, ...,
-    loss_fn=None, seed=0)`` still works and warns (DeprecationWarning).
-    """
-    if args and isinstance(args[0], numbers.Integral) and not isinstance(args[0], bool):
-        warnings.warn("as_optax(num_proposals, ..., loss_fn=...) is deprecated: call "
-                      "as_optax(loss_fn, num_proposals, ...), the order of simulated_annealing "
-                      "(loss_fn may be None)", DeprecationWarning, stacklevel=2)
-        return _as_optax(kwargs.pop("loss_fn", None), *args, **kwargs)
-    return _as_optax(*args, **kwargs)
-
-
-def _as_optax(
+def as_optax(
     loss_fn,
     num_proposals: int,
     proposal,
@@ -44,7 +24,11 @@ def _as_optax(
     patience: int | None = None,
     seed: int = 0,
 ) -> _optax.GradientTransformationExtraArgs:
-    """SA as an optax transformation (the arguments of ``simulated_annealing``, loss_fn optional).
+    """SA as an optax transformation: the arguments of ``simulated_annealing`` in its order.
+
+    ``loss_fn`` may be None (then ``update`` needs ``value_fn``); ``mesh``,
+    ``axis_name`` and ``decision`` are not taken; ``seed`` derives per-step
+    keys when ``update`` gets no ``key`` (below).
 
     ``init(params)`` returns the :class:`AnnealState`.
     ``update(updates, state, params, *, key, batch, value_fn=None, value=None,
@@ -77,7 +61,7 @@ def _as_optax(
     """
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable or None, got {loss_fn!r}")
-    _validate(num_proposals, proposal, acceptance, t_min, patience)
+    check_arguments(num_proposals, proposal, acceptance, t_min, patience)
 
     def init_fn(params):
         return _init(params, proposal, temperature, radius)
@@ -99,4 +83,4 @@ def _as_optax(
         new_updates = _optax.tree_utils.tree_sub(new_state.params, params)
         return new_updates, new_state
 
-    return _optax.GradientTransformationExtraArgs(init_fn, update_fn)
+    return _optax.GradientTransformationExtraArgs(init=init_fn, update=update_fn)

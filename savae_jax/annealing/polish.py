@@ -85,7 +85,8 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
         raise ValueError("loss_fn: the optimizer was built on a different loss_fn")
 
     def init_fn(params) -> PolishState:
-        return PolishState(optimizer.init(params), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+        return PolishState(inner=optimizer.init(params), count=jnp.zeros((), jnp.int32),
+                           num_polished=jnp.zeros((), jnp.int32))
 
     def step_fn(key, state: PolishState, batch):
         key_inner, key_polish = jax.random.split(key)
@@ -100,10 +101,11 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
             count % every == 0, run,
             lambda: (inner.params, jnp.asarray(jnp.inf, jnp.float32), jnp.bool_(False)))
         inner = _keep(inner, polished, loss, keep)
-        return PolishState(inner, count, state.num_polished + keep.astype(jnp.int32)), info
+        return PolishState(inner=inner, count=count, num_polished=state.num_polished + keep.astype(jnp.int32)), info
 
     cost = optimizer.cost + math.ceil((GRAD_COST * num_steps + 2) / every)
-    return Optimizer(init_fn, step_fn, cost, loss_fn, optimizer.mesh, optimizer.examples_per_step)
+    return Optimizer(init=init_fn, step=step_fn, cost=cost, loss_fn=loss_fn, mesh=optimizer.mesh,
+                     examples_per_step=optimizer.examples_per_step)
 
 
 def _keep(state, polished, loss, keep):

@@ -204,7 +204,7 @@ def adaptive(
 
     def init():
         return AdaptiveState(
-            jnp.log(jnp.asarray(t0, jnp.float32)), jnp.asarray(target_rate, jnp.float32)
+            log_value=jnp.log(jnp.asarray(t0, jnp.float32)), acceptance=jnp.asarray(target_rate, jnp.float32)
         )
 
     def value(state, count):
@@ -214,9 +214,9 @@ def adaptive(
         rate = smoothing * state.acceptance + (1.0 - smoothing) * event.accepted.astype(jnp.float32)
         log_value = state.log_value + adapt_rate * (target_rate - rate)
         log_value = jnp.clip(log_value, math.log(t_lo), math.log(t_hi))
-        return AdaptiveState(log_value.astype(jnp.float32), rate.astype(jnp.float32))
+        return AdaptiveState(log_value=log_value.astype(jnp.float32), acceptance=rate.astype(jnp.float32))
 
-    return StatefulSchedule(init, value, update)
+    return StatefulSchedule(init=init, value=value, update=update)
 
 
 class ReheatState(NamedTuple):
@@ -252,7 +252,7 @@ def reheat(schedule: ScheduleLike, patience: int) -> StatefulSchedule:
 
     def init():
         zero = jnp.zeros((), jnp.int32)
-        return ReheatState(inner.init(), zero, zero, zero)
+        return ReheatState(inner=inner.init(), count=zero, stale=zero, num_reheats=zero)
 
     def value(state, count):
         return inner.value(state.inner, state.count)
@@ -264,10 +264,10 @@ def reheat(schedule: ScheduleLike, patience: int) -> StatefulSchedule:
         fresh = inner.init()
         inner_state = jax.tree_util.tree_map(lambda f, s: jnp.where(fire, f, s), fresh, stepped)
         return ReheatState(
-            inner_state,
-            jnp.where(fire, 0, state.count + 1).astype(jnp.int32),
-            jnp.where(fire, 0, stale).astype(jnp.int32),
-            (state.num_reheats + fire).astype(jnp.int32),
+            inner=inner_state,
+            count=jnp.where(fire, 0, state.count + 1).astype(jnp.int32),
+            stale=jnp.where(fire, 0, stale).astype(jnp.int32),
+            num_reheats=(state.num_reheats + fire).astype(jnp.int32),
         )
 
-    return StatefulSchedule(init, value, update)
+    return StatefulSchedule(init=init, value=value, update=update)

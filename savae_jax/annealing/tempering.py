@@ -38,10 +38,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from jax.sharding import PartitionSpec
-
-from savae_jax import distributed, validation
+from savae_jax import validation
 from savae_jax.annealing import decision as decision_lib
+from savae_jax.annealing import sharding
 from savae_jax.optimizer import Optimizer, replace_params
 
 tree_map = jax.tree_util.tree_map
@@ -143,6 +142,38 @@ def _shared_losses(loss_fn, params, key, batch):
     return stats.delta, stats.stderr
 
 
+def _check_ladder(temperatures) -> jax.Array:
+    """``temperatures`` as a float32 (R,) ladder (ValueError unless 1-D, R >= 2, finite, > 0 and increasing)."""
+    temperatures = jnp.asarray(temperatures, jnp.float32)
+    if temperatures.ndim != 1 or temperatures.shape[0] < 2:
+        raise ValueError(f"temperatures must be a 1-D ladder of at least 2 values, got shape {temperatures.shape}")
+    if not bool(jnp.all(jnp.isfinite(temperatures)) & jnp.all(temperatures > 0)
+                & jnp.all(jnp.diff(temperatures) > 0)):
+        raise ValueError("temperatures must be finite, > 0 and increasing (coldest first), "
+                         f"got {temperatures.tolist()}")
+    return temperatures
+
+
+def _swap(loss_fn, replicas, step_temperatures, key_loss, key_swap, batch, count, swap_every: int):
+    """The swap round due after step ``count`` (none unless ``count`` is a multiple of ``swap_every``).
+
+    Returns ``(replicas with their params exchanged, proposed (R-1,),
+    accepted (R-1,), losses (R,))``; the losses are NaN when no round is due.
+    """
+    num = step_temperatures.shape[0]
+    due = count % swap_every == 0
+    # Only a swap round evaluates the replicas on the shared key (what ``cost`` charges).
+    losses, stderrs = jax.lax.cond(
+        due, lambda: _shared_losses(loss_fn, replicas.params, key_loss, batch),
+        lambda: (jnp.full((num,), jnp.nan), jnp.zeros((num,))))
+    permutation, proposed, accepted = exchange(key_swap, losses, stderrs, step_temperatures,
+                                               (count // swap_every) % 2)
+    proposed, accepted = proposed & due, accepted & due
+    permutation = jnp.where(due, permutation, jnp.arange(num))
+    replicas = replace_params(replicas, tree_map(lambda leaf: leaf[permutation], replicas.params))
+    return replicas, proposed, accepted, losses
+
+
 def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss_fn,
                      swap_every: int = 1, mesh=None, axis_name: str | None = None) -> Optimizer:
     """R replicas of ``build(T_k)`` on the ladder ``temperatures``, exchanging neighbours.
@@ -169,22 +200,13 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
       :class:`ReplicaInfo`; ``cost`` = R times the inner step's cost plus R
       evaluations per swap round (rounded up per step).
     """
-    temperatures = jnp.asarray(temperatures, jnp.float32)
-    if temperatures.ndim != 1 or temperatures.shape[0] < 2:
-        raise ValueError(f"temperatures must be a 1-D ladder of at least 2 values, got shape {temperatures.shape}")
-    if not bool(jnp.all(jnp.isfinite(temperatures)) & jnp.all(temperatures > 0)
-                & jnp.all(jnp.diff(temperatures) > 0)):
-        raise ValueError("temperatures must be finite, > 0 and increasing (coldest first), "
-                         f"got {temperatures.tolist()}")
+    temperatures = _check_ladder(temperatures)
     validation.integer("swap_every", swap_every, 1)
     num = int(temperatures.shape[0])
-    if mesh is not None:
-        axis_name = distributed.mesh_axis(mesh, axis_name)
-        if num % mesh.shape[axis_name]:
-            raise ValueError(f"temperatures: {num} replicas cannot be split evenly over the mesh axis "
-                             f"{axis_name!r} of {mesh.shape[axis_name]} devices; use a multiple of it")
-    elif axis_name is not None:
-        raise ValueError(f"axis_name {axis_name!r} given without a mesh")
+    axis_name = sharding.mesh_axis(mesh, axis_name)
+    if mesh is not None and num % mesh.shape[axis_name]:
+        raise ValueError(f"temperatures: {num} replicas cannot be split evenly over the mesh axis "
+                         f"{axis_name!r} of {mesh.shape[axis_name]} devices; use a multiple of it")
     probe = build(temperatures[0])
     if probe.loss_fn is not None and probe.loss_fn is not loss_fn:
         raise ValueError("loss_fn: the replicas' optimizer was built on a different loss_fn")
@@ -192,37 +214,31 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
     def init_fn(params) -> ReplicaState:
         replicas = jax.vmap(lambda t: build(t).init(params))(temperatures)
         zeros = jnp.zeros((num - 1,), jnp.int32)
-        return ReplicaState(replicas, jnp.zeros((), jnp.int32), zeros, zeros)
+        return ReplicaState(replicas=replicas, count=jnp.zeros((), jnp.int32), swap_attempts=zeros,
+                            swap_accepts=zeros)
 
     def step_fn(key, state: ReplicaState, batch):
         key_steps, key_loss, key_swap = jax.random.split(key, 3)
         run = jax.vmap(lambda t, s, k: build(t).step(k, s, batch))
-        if mesh is not None:
-            spec = PartitionSpec(axis_name)
-            run = jax.shard_map(run, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec, check_vma=False)
-        replicas, infos = run(temperatures, state.replicas, jax.random.split(key_steps, num))
-        if mesh is not None:  # the swap round on every device, in one device's order
-            replicas, infos = jax.lax.with_sharding_constraint(
-                (replicas, infos), jax.sharding.NamedSharding(mesh, PartitionSpec()))
+        keys = jax.random.split(key_steps, num)
+        if mesh is None:
+            replicas, infos = run(temperatures, state.replicas, keys)
+        else:  # the swap round on every device, in one device's order
+            replicas, infos = sharding.replicated(sharding.shard_members(
+                run, temperatures, state.replicas, keys, mesh=mesh, axis_name=axis_name), mesh)
         count = state.count + 1
-        swap_round = count // swap_every
-        due = count % swap_every == 0
-        # Only a swap round evaluates the replicas on the shared key (what ``cost`` charges).
-        losses, stderrs = jax.lax.cond(
-            due, lambda: _shared_losses(loss_fn, replicas.params, key_loss, batch),
-            lambda: (jnp.full((num,), jnp.nan), jnp.zeros((num,))))
         step_temperatures = getattr(infos, "temperature", jnp.broadcast_to(temperatures, (num,)))
-        permutation, proposed, accepted = exchange(key_swap, losses, stderrs, step_temperatures, swap_round % 2)
-        proposed, accepted = proposed & due, accepted & due
-        permutation = jnp.where(due, permutation, jnp.arange(num))
-        replicas = replace_params(replicas, tree_map(lambda leaf: leaf[permutation], replicas.params))
+        replicas, proposed, accepted, losses = _swap(loss_fn, replicas, step_temperatures, key_loss, key_swap,
+                                                     batch, count, swap_every)
         attempts = state.swap_attempts + proposed.astype(jnp.int32)
         accepts = state.swap_accepts + accepted.astype(jnp.int32)
         pair_rate = accepts / jnp.maximum(attempts, 1)
         cold = tree_map(lambda leaf: leaf[0], infos)
-        info = ReplicaInfo(cold.loss, step_temperatures[0], getattr(cold, "acceptance_rate", jnp.nan),
-                           pair_rate.mean(), pair_rate, accepted, losses, infos)
-        return ReplicaState(replicas, count, attempts, accepts), info
+        info = ReplicaInfo(loss=cold.loss, temperature=step_temperatures[0],
+                           acceptance_rate=getattr(cold, "acceptance_rate", jnp.nan), swap_rate=pair_rate.mean(),
+                           pair_swap_rate=pair_rate, swapped=accepted, losses=losses, replicas=infos)
+        return ReplicaState(replicas=replicas, count=count, swap_attempts=attempts, swap_accepts=accepts), info
 
     cost = num * probe.cost + math.ceil(num / swap_every)
-    return Optimizer(init_fn, step_fn, cost, loss_fn, mesh, probe.examples_per_step)
+    return Optimizer(init=init_fn, step=step_fn, cost=cost, loss_fn=loss_fn, mesh=mesh,
+                     examples_per_step=probe.examples_per_step)
