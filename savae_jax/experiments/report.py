@@ -116,7 +116,7 @@ def report_html(summary: str, workdir: Path, figures: list[str]) -> str:
     style = ("body{font-family:sans-serif;max-width:1400px;margin:2em auto}table{border-collapse:collapse}"
              "td,th{border:1px solid #ccc;padding:2px 6px;text-align:right}figure{display:inline-block;margin:8px}"
              "img{max-width:100%}")
-    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>compare.py report</title>"
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>savae compare report</title>"
             f"<style>{style}</style></head><body>\n{markdown_to_html(summary)}\n<h2>Figures</h2>\n{images}\n"
             "</body></html>\n")
 
