@@ -165,10 +165,10 @@ def test_precision_effect_compares_each_loss_with_its_float32_value():
 
 def test_ks_flag_sets_the_sections_k_and_accelerators_go_to_4096(monkeypatch, capsys):
     benchmark = _benchmark()
-    assert benchmark.config(False)["efficiency_ks"] == (64, 256, 1024)  # this CPU
-    assert benchmark.config(False, ks=[32, 128]) == {**benchmark.FULL, "ks": (32, 128), "efficiency_ks": (32, 128)}
+    assert benchmark.config(False).efficiency_ks == (64, 256, 1024)  # this CPU
+    assert benchmark.config(False, ks=[32, 128]) == benchmark.FULL.replace(ks=(32, 128), efficiency_ks=(32, 128))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert max(benchmark.config(False)["ks"]) == max(benchmark.config(False)["efficiency_ks"]) == 4096
+    assert max(benchmark.config(False).ks) == max(benchmark.config(False).efficiency_ks) == 4096
     assert benchmark.config(True) == benchmark.QUICK  # --quick stays small everywhere
     for argv, needle in ((["--ks", "3"], "argument --ks: must be an even integer >= 2"),
                          (["--ks", "many"], "argument --ks: must be an even integer >= 2"),

@@ -101,3 +101,51 @@ def test_the_savae_command_lists_and_runs_its_subcommands(tmp_path):
     assert bad_flag.returncode == 2 and "savae compare: error: --budget-evals: must be a positive integer" \
         in bad_flag.stderr, bad_flag.stderr[-1000:]
     assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def test_a_config_file_sets_the_defaults_and_the_command_line_wins(tmp_path):
+    from savae_jax.experiments import flags, train
+
+    path = tmp_path / "train.json"
+    path.write_text('{"epochs": 2, "lr": 0.003, "sa-t0": 0.5, "sa_proposals": 8, "binarize": "static", '
+                    '"overwrite": true}')
+    args = flags.parse_with_config(train.build_parser(), ["--config", str(path), "--lr", "0.01"])
+    assert (args.epochs, args.lr, args.sa_t0, args.sa_proposals) == (2, 0.01, 0.5, 8)  # --lr wins over the file
+    assert args.binarize == "static" and args.overwrite is True
+    assert train.sa_config(args).t0 == 0.5  # the typed annealer config of the --sa-* settings
+    assert "config" not in train.effective_settings(args)  # recorded setting by setting, not as a path
+
+
+@pytest.mark.parametrize("text, message", [
+    ('{"epoch": 2}', "--config: unknown setting 'epoch'; known: "),
+    ('{"epochs": -2}', "--config epochs: must be > 0, got -2"),
+    ('{"epochs": "two"}', "--config epochs: invalid literal for int() with base 10: 'two'"),
+    ('{"binarize": "maybe"}', "--config binarize: must be one of dynamic, static, none, got 'maybe'"),
+    ('{"quiet": 1}', "--config quiet: must be true or false, got 1"),
+    ('{"lr": [0.1]}', "--config lr: must be a value such as --lr takes, got [0.1]"),
+    ('[1, 2]', "must hold a JSON object of settings, got list"),
+    ('{"lr": 0.1', "--config: cannot read"),
+])
+def test_a_bad_config_file_is_a_usage_error_naming_the_key(tmp_path, capsys, text, message):
+    from savae_jax.experiments import train
+
+    path = tmp_path / "bad.json"
+    path.write_text(text)
+    with pytest.raises(SystemExit) as info:
+        train.main(["--config", str(path), "--workdir", str(tmp_path / "w")])
+    assert info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # refused before anything was written
+
+
+def test_plateau_reads_a_config_file_into_its_typed_config(tmp_path, capsys):
+    from savae_jax.experiments import plateau
+
+    path = tmp_path / "plateau.json"
+    path.write_text('{"arms": "adam,warp"}')
+    with pytest.raises(SystemExit) as info:
+        plateau.main(["--config", str(path), "--workdir", str(tmp_path / "w")])
+    assert info.value.code == 2 and "--arms: choose from adam, adam-decayed" in capsys.readouterr().err
+    path.write_text('{"max_epochs": 2.5}')
+    with pytest.raises(SystemExit):
+        plateau.main(["--config", str(path), "--workdir", str(tmp_path / "w")])
+    assert "--config max_epochs: invalid literal for int()" in capsys.readouterr().err

@@ -48,6 +48,7 @@ accelerator the full run adds K = 4096 to the SA-step and efficiency sections.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import statistics
@@ -63,7 +64,7 @@ import savae_jax as sv
 from savae_jax import annealing as an
 from savae_jax import checkpoint, distributed
 from savae_jax.experiments import builders, flags
-from savae_jax.experiments.settings import AnnealerConfig
+from savae_jax.experiments.settings import AnnealerConfig, Config
 from savae_jax.experiments.timing import MIB, compile_fn, machine_info, memory, peak_mb, time_interleaved
 
 BATCH = 128
@@ -71,17 +72,28 @@ LATENTS = 20
 HIDDEN = 500
 SCALE = 1e-3  # proposal std, ours and evosax's alike
 
-FULL = dict(
-    ks=(16, 64, 256, 1024), evosax_ks=(64, 256), rounds=3, sharded_ks=(64, 256),
-    widths=(125, 250, 500, 1000), width_k=64, fit_examples=None, efficiency_ks=(64, 256, 1024),
-)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkConfig(Config):
+    """The sizes of a benchmark run (the full run's by default; :data:`QUICK` for --quick)."""
+
+    ks: tuple = (16, 64, 256, 1024)             # K of the SA-step section
+    evosax_ks: tuple = (64, 256)                # K compared with evosax
+    rounds: int = 3                             # interleaved rounds; the median is kept
+    sharded_ks: tuple = (64, 256)               # K of the sharded section (--devices)
+    widths: tuple = (125, 250, 500, 1000)       # hidden widths of the scaling section
+    width_k: int = 64                           # K of the width scaling
+    fit_examples: int | None = None             # examples of the fit-overhead epoch (None: all)
+    efficiency_ks: tuple = (64, 256, 1024)      # K of the efficiency section
+
+
+FULL = BenchmarkConfig()
 # On a GPU or TPU the full run goes up to K = 4096 (a 2-core CPU takes minutes per step there).
 ACCELERATOR_KS = (16, 64, 256, 1024, 4096)
 ACCELERATOR_EFFICIENCY_KS = (64, 256, 1024, 4096)
-QUICK = dict(
-    ks=(16, 64), evosax_ks=(16,), rounds=2, sharded_ks=(16,),
-    widths=(125,), width_k=16, fit_examples=2048, efficiency_ks=(16,),
-)
+QUICK = BenchmarkConfig(ks=(16, 64), evosax_ks=(16,), rounds=2, sharded_ks=(16,), widths=(125,), width_k=16,
+                        fit_examples=2048, efficiency_ks=(16,))
 
 
 def make_problem(hidden: int):
@@ -606,14 +618,14 @@ def _print_rest(result: dict) -> None:
         print(f"  {'MET ' if t['met'] else 'MISS'} {name}: {t['value']:.3f} (target {t['target']})")
 
 
-def config(quick: bool, ks=None) -> dict:
+def config(quick: bool, ks=None) -> BenchmarkConfig:
     """The run's sizes: QUICK or FULL (up to K = 4096 on an accelerator); ``ks`` overrides the K
     of the SA-step and efficiency sections."""
-    cfg = dict(QUICK if quick else FULL)
+    cfg = QUICK if quick else FULL
     if not quick and jax.default_backend() != "cpu":
-        cfg.update(ks=ACCELERATOR_KS, efficiency_ks=ACCELERATOR_EFFICIENCY_KS)
+        cfg = cfg.replace(ks=ACCELERATOR_KS, efficiency_ks=ACCELERATOR_EFFICIENCY_KS)
     if ks:
-        cfg.update(ks=tuple(ks), efficiency_ks=tuple(ks))
+        cfg = cfg.replace(ks=tuple(ks), efficiency_ks=tuple(ks))
     return cfg
 
 
@@ -623,29 +635,29 @@ def run(quick: bool, mesh=None, ks=None, precision: str = "float32") -> dict:
         return _run(config(quick, ks), quick, mesh, precision)
 
 
-def _run(cfg: dict, quick: bool, mesh, precision: str) -> dict:
+def _run(cfg: BenchmarkConfig, quick: bool, mesh, precision: str) -> dict:
     start = time.perf_counter()
     cache = Cache()
     result: dict[str, Any] = {"machine": machine_info(), "quick": quick, "matmul_precision": precision,
-                              "config": {k: v for k, v in cfg.items()}}
+                              "config": cfg.to_dict()}
     print("sa_step", flush=True)
-    result["sa_step"] = bench_sa_step(cache, cfg["ks"], cfg["rounds"])
+    result["sa_step"] = bench_sa_step(cache, cfg.ks, cfg.rounds)
     print("efficiency", flush=True)
-    result["efficiency"] = bench_efficiency(cache, cfg["efficiency_ks"], cfg["rounds"])
+    result["efficiency"] = bench_efficiency(cache, cfg.efficiency_ks, cfg.rounds)
     print("evosax", flush=True)
-    for k in cfg["ks"]:
-        if k not in cfg["evosax_ks"]:
-            cache.drop(hidden=HIDDEN, k=k) if k > max(cfg["evosax_ks"] + (cfg["width_k"],)) else None
-    result["evosax"], result["evosax_version"] = bench_evosax(cache, cfg["evosax_ks"], cfg["rounds"])
+    for k in cfg.ks:
+        if k not in cfg.evosax_ks:
+            cache.drop(hidden=HIDDEN, k=k) if k > max(cfg.evosax_ks + (cfg.width_k,)) else None
+    result["evosax"], result["evosax_version"] = bench_evosax(cache, cfg.evosax_ks, cfg.rounds)
     print("fit_overhead", flush=True)
-    result["fit_overhead"] = bench_fit(cfg["fit_examples"], cfg["rounds"])
+    result["fit_overhead"] = bench_fit(cfg.fit_examples, cfg.rounds)
     print("scaling", flush=True)
-    result["scaling"] = bench_scaling(cache, result["sa_step"], cfg["widths"], cfg["width_k"], cfg["rounds"])
+    result["scaling"] = bench_scaling(cache, result["sa_step"], cfg.widths, cfg.width_k, cfg.rounds)
     print("precision", flush=True)
-    result["precision"] = precision_effect(*cache.problem(HIDDEN), precision, k=min(cfg["ks"]))
+    result["precision"] = precision_effect(*cache.problem(HIDDEN), precision, k=min(cfg.ks))
     if mesh is not None:
         print("sharded", flush=True)
-        result["sharded"] = bench_sharded(cache, mesh, cfg["sharded_ks"], cfg["rounds"])
+        result["sharded"] = bench_sharded(cache, mesh, cfg.sharded_ks, cfg.rounds)
     param_mb = num_params(cache.problem(HIDDEN)[1]) * 4 / MIB
     result["targets"] = targets(result, param_mb)
     peak = peak_mb()
@@ -678,13 +690,14 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="jax.default_matmul_precision of every timed step; the loss it gives is "
                              "compared with float32's (default: float32)")
     flags.add_scale_out_flags(parser)
+    flags.add_config_flag(parser)
     return parser
 
 
 def main(argv=None, prog: str | None = None) -> int:
     """``savae bench``: every section in one process; prints the tables, --out writes the JSON."""
     parser = build_parser(prog)
-    args, mesh = flags.parse_args(parser, argv)
+    args, mesh = flags.parse_args(parser, argv, config_file=True)
     if distributed.is_primary():
         print(flags.backend_line(), flush=True)
     result = run(args.quick, mesh, ks=args.ks, precision=args.matmul_precision)

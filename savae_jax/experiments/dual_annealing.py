@@ -118,6 +118,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                              "coordinate per proposal, as scipy's per-coordinate visits; 1: all at once)")
     parser.add_argument("--json", default=None, help="write the results to this JSON file")
     flags.add_scale_out_flags(parser)
+    flags.add_config_flag(parser)
     return parser
 
 
@@ -176,7 +177,7 @@ def print_table(out: list[dict], dim: int, runs: int) -> None:
 def main(argv=None, prog: str | None = None):
     """``savae dual-annealing``: every problem, ours against scipy; prints the table (and --json)."""
     parser = build_parser(prog)
-    args, mesh = flags.parse_args(parser, argv)
+    args, mesh = flags.parse_args(parser, argv, config_file=True)
     try:
         check(args, mesh)
     except ValueError as err:

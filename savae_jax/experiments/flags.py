@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 import savae_jax as sv
 from savae_jax import distributed
@@ -40,12 +42,79 @@ def show_defaults(parser, defaults: dict) -> None:
             action.help = f"{action.help} (default {value})" if action.help else f"default {value}"
 
 
-def parse_args(parser, argv):
-    """Parse ``argv`` and set up --distributed / --devices before any other JAX call.
+def add_config_flag(parser) -> None:
+    """--config FILE: a JSON object of settings by flag name (read by :func:`parse_with_config`)."""
+    parser.add_argument("--config", default=None,
+                        help='JSON file of settings by flag name, e.g. {"lr": 0.003, "sa-t0": 0.5} '
+                             "(the flags given on the command line win over it)")
 
-    Returns ``(args, mesh)``; a bad distributed setting is a usage error (exit 2).
+
+def read_json_object(path, flag: str = "--config") -> dict:
+    """The JSON object in ``path``; ValueError naming ``flag`` if it is unreadable or not an object."""
+    try:
+        values = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{flag}: cannot read {path}: {err}") from err
+    if not isinstance(values, dict):
+        raise ValueError(f"{flag}: {path} must hold a JSON object of settings, got {type(values).__name__}")
+    return values
+
+
+def _file_value(action, key: str, value):
+    """``value`` for ``key`` of a --config file, parsed and checked as the flag's own text would be."""
+    name = f"--config {key}"
+    if isinstance(action, argparse._StoreTrueAction):
+        if not isinstance(value, bool):
+            raise ValueError(f"{name}: must be true or false, got {value!r}")
+        return value
+    if value is None and action.default is None:
+        return None
+    if value is None or isinstance(value, (bool, list, dict)):
+        raise ValueError(f"{name}: must be a value such as --{key.replace('_', '-')} takes, got {value!r}")
+    try:
+        parsed = action.type(str(value)) if action.type is not None else str(value)
+    except (TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        raise ValueError(f"{name}: {err}") from None
+    if action.choices is not None and parsed not in action.choices:
+        raise ValueError(f"{name}: must be one of {', '.join(map(str, action.choices))}, got {value!r}")
+    return parsed
+
+
+def parse_with_config(parser, argv):
+    """``parser.parse_args(argv)``, where a --config FILE's settings replace the defaults (flags still win).
+
+    The file's keys are flag names without the dashes (``"sa-t0"``, or ``"sa_t0"``);
+    each value is checked as the flag's own text would be. A bad file is a usage
+    error naming --config and the key.
     """
     args = parser.parse_args(argv)
+    if getattr(args, "config", None) is None:
+        return args
+    flags = {a.option_strings[-1][2:]: a for a in parser._actions
+             if a.option_strings and a.dest not in ("help", "config")}
+    try:
+        defaults = {}
+        for key, value in read_json_object(args.config).items():
+            action = flags.get(str(key).replace("_", "-"))
+            if action is None:
+                raise ValueError(f"--config: unknown setting {key!r}; known: {', '.join(flags)}")
+            defaults[action.dest] = _file_value(action, key, value)
+    except ValueError as err:
+        parser.error(str(err))
+    parser.set_defaults(**defaults)
+    return parser.parse_args(argv)
+
+
+def parse_args(parser, argv, config_file: bool = False):
+    """Parse ``argv`` and set up --distributed / --devices before any other JAX call.
+
+    Args:
+      parser: the subcommand's parser (with the scale-out flags).
+      argv: the arguments.
+      config_file: read --config FILE as settings by flag name (:func:`parse_with_config`).
+    Returns ``(args, mesh)``; a bad distributed setting is a usage error (exit 2).
+    """
+    args = parse_with_config(parser, argv) if config_file else parser.parse_args(argv)
     try:
         return args, mesh_from_args(args)
     except ValueError as err:

@@ -93,6 +93,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="arm steps between validation checks")
     p.add_argument("--eval-iwae", type=int, default=d.eval_iwae)
     p.add_argument("--workdir", default=d.workdir)
+    flags.add_config_flag(p)
     return p
 
 
@@ -200,7 +201,8 @@ def main(argv=None, prog: str | None = None) -> dict:
     """``savae plateau``: flags -> PlateauConfig -> Adam to the plateau, then every arm, per seed."""
     parser = build_parser(prog)
     try:
-        args = PlateauConfig.from_dict(vars(parser.parse_args(argv)), "--", "plateau")
+        given = vars(flags.parse_with_config(parser, argv))
+        args = PlateauConfig.from_dict({k: v for k, v in given.items() if k != "config"}, "--", "plateau")
         seeds, arms = check(args)
         model = sv.MLPVAE(hidden=args.hidden, latents=args.latents)
         train = sv.load(args.dataset, "train", args.data_dir)

@@ -86,6 +86,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="replace the run in --workdir: delete the files an earlier train run wrote there "
                         "(refused if the folder holds anything else)")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch log lines stay)")
+    flags.add_config_flag(p)
     p.add_argument("--init-from", default=None,
                    help="start from saved parameters (e.g. W/params of an earlier run)")
     p.add_argument("--pretrain-epochs", type=int, default=0,
@@ -120,6 +121,7 @@ def unused_flags(args, parser) -> list[str]:
 def effective_settings(args) -> dict:
     """The flags as recorded in config.json/metrics.json: only those that take effect in this run."""
     settings = vars(args).copy()
+    settings.pop("config")  # the file's settings are recorded one by one
     if args.optimizer != "sa":
         settings = {k: v for k, v in settings.items() if not k.startswith("sa_")}
     else:
@@ -221,7 +223,7 @@ def check_run(args, parser, mesh) -> dict:
 def main(argv=None, prog: str | None = None) -> dict:
     """``savae train``: flags -> checked run -> the phases through ``driver.run`` -> metrics, params, grids."""
     parser = build_parser(prog)
-    args, mesh = flags.parse_args(parser, argv)
+    args, mesh = flags.parse_args(parser, argv, config_file=True)
     run = check_run(args, parser, mesh)
     workdir, train, test = Path(args.workdir), run["train"], run["test"]
     # Across processes (--distributed) every process trains the same replicated
