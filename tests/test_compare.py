@@ -310,15 +310,32 @@ def _mnist_dir():
     return path
 
 
+@background("mnist_comparison")
+def _mnist_comparison(tmp):
+    """Issue 12's MNIST comparison (seed 0), `savae compare` in a subprocess; its results.json.
+
+    Background work (see conftest.py): the two-minute run overlaps the tests before it.
+    """
+    workdir = tmp / "w"
+    run_script(ROOT / "experiments" / "compare.py", "--dataset", "mnist", "--data-dir", _mnist_dir(), "--methods",
+               "sa-refine,sa-refine-naive", "--seed", "0", "--eval-iwae", "0", "--quiet", "--workdir", workdir,
+               timeout=1800)
+    return json.loads((workdir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def mnist_comparison(request):
+    _mnist_dir()  # skips, with its reason, where real MNIST is absent
+    return background_result(request)
+
+
 @pytest.mark.slow
-def test_on_mnist_noise_aware_refinement_does_no_harm_where_the_naive_rule_does(tmp_path):
+def test_on_mnist_noise_aware_refinement_does_no_harm_where_the_naive_rule_does(mnist_comparison):
     """Issue 12's acceptance check at compare.py's default budget (seed 0; README: seeds 0, 1, 2):
     after the same Adam half, noise-aware annealing ends at most 0.05 nats above the Adam phase's
     test -ELBO, while the seed's rule (best of 64 on one batch, Metropolis) ends worse, and the
     validation gate then keeps parameters that are not."""
-    results = compare.main(["--dataset", "mnist", "--data-dir", _mnist_dir(), "--methods",
-                            "sa-refine,sa-refine-naive", "--seed", "0", "--eval-iwae", "0", "--quiet",
-                            "--workdir", str(tmp_path)])
+    results = mnist_comparison
     aware, naive = (results[m]["seeds"]["0"] for m in ("sa-refine", "sa-refine-naive"))
     start = aware["phase_ends"]["adam"]
     assert naive["phase_ends"]["adam"] == start  # the same Adam half, bitwise

@@ -91,9 +91,10 @@ def test_the_savae_command_lists_and_runs_its_subcommands(tmp_path):
     assert top.returncode == 0, top.stderr
     for name in ("train", "compare", "plateau", "bench", "dual-annealing"):
         assert f"    {name}" in top.stdout, top.stdout
-    sub = subprocess.run([str(savae), "compare", "--help"], capture_output=True, text=True, timeout=300,
-                         cwd=tmp_path)
-    assert sub.returncode == 0 and sub.stdout.startswith("usage: savae compare"), sub.stdout[:400]
+    for name in ("train", "compare", "plateau", "bench", "dual-annealing"):  # each subcommand's own parser
+        sub = subprocess.run([str(savae), name, "--help"], capture_output=True, text=True, timeout=300,
+                             cwd=tmp_path)
+        assert sub.returncode == 0 and sub.stdout.startswith(f"usage: savae {name}"), sub.stdout[:400]
     bad = subprocess.run([str(savae), "compar"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "invalid choice: 'compar'" in bad.stderr, bad.stderr
     bad_flag = subprocess.run([str(savae), "compare", "--budget-evals", "0", "--workdir", str(tmp_path / "w")],
