@@ -43,7 +43,7 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         parser.print_help()
         return 0 if argv else 2
-    args, rest = parser.parse_known_args(argv[:1])
+    args, _ = parser.parse_known_args(argv[:1])
     module = importlib.import_module(f"savae_jax.experiments.{SUBCOMMANDS[args.command][0]}")
     module.main(argv[1:], prog=f"savae {args.command}")
     return 0

@@ -150,3 +150,14 @@ def test_plateau_reads_a_config_file_into_its_typed_config(tmp_path, capsys):
     with pytest.raises(SystemExit):
         plateau.main(["--config", str(path), "--workdir", str(tmp_path / "w")])
     assert "--config max_epochs: invalid literal for int()" in capsys.readouterr().err
+
+
+def test_train_warns_about_a_config_files_setting_that_has_no_effect(tmp_path, capsys):
+    from savae_jax.experiments import flags, train
+
+    path = tmp_path / "train.json"
+    path.write_text('{"sa-t0": 0.5, "hidden": 16, "latents": 2}')
+    parser = train.build_parser()
+    args = flags.parse_with_config(parser, ["--config", str(path), "--workdir", str(tmp_path / "w"), "--quiet"])
+    train.check_run(args, parser, None)  # --optimizer adam (the default): the annealer's t0 does nothing
+    assert "warning: --sa-t0 has no effect with --optimizer adam" in capsys.readouterr().err

@@ -140,12 +140,7 @@ def parse_set(item: str) -> tuple[str, str, object]:
 
 def _read_config_file(path: str, merged: dict) -> None:
     """Merge the JSON settings of ``--config path`` into ``merged`` (method settings key by key)."""
-    try:
-        from_file = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"--config: cannot read {path}: {err}") from err
-    if not isinstance(from_file, dict):
-        raise ValueError(f"--config: {path} must hold a JSON object of settings, got {type(from_file).__name__}")
+    from_file = flags.read_json_object(path, "--config")
     unknown = set(from_file) - set(DEFAULTS)
     if unknown:
         raise ValueError(f"--config: unknown settings {sorted(unknown)}")

@@ -212,6 +212,6 @@ def check_settings(config: dict, defaults: dict, prefix: str, what: str, kinds: 
 
 
 def flag_name(prefix: str, key: str) -> str:
-    """How an error names a setting: ``--sa-t-min`` for train.py's flags, ``sa.t_min`` for ``--set``."""
+    """How an error names a setting: ``--sa-t-min`` for train's flags, ``sa.t_min`` for ``--set``."""
     return f"{prefix}{key.replace('_', '-')}" if prefix.endswith("-") else f"{prefix}{key}"
 

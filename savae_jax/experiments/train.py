@@ -105,7 +105,10 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 def unused_flags(args, parser) -> list[str]:
-    """The flags given a non-default value that this run does not use (--sa-* without --optimizer sa, ...)."""
+    """The flags given a non-default value that this run does not use (--sa-* without --optimizer sa, ...).
+
+    ``parser`` gives the defaults: a fresh :func:`build_parser`, so settings from a --config file count too.
+    """
     unused = []
     if args.optimizer != "sa":
         unused += [flag_name("--sa-", key) for key in SA_DEFAULTS
@@ -213,7 +216,8 @@ def check_run(args, parser, mesh) -> dict:
                                replace_hint=", --overwrite to replace it,")
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    for flag in unused_flags(args, parser):
+    # against the built-in defaults (a --config file replaces the parser's own)
+    for flag in unused_flags(args, build_parser()):
         print(f"{parser.prog}: warning: {flag} has no effect with --optimizer {args.optimizer}"
               + (" and --pretrain-epochs 0" if flag.startswith("--pretrain") else "")
               + "; it is not recorded in config.json", file=sys.stderr)
