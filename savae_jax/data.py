@@ -127,12 +127,17 @@ def as_images(data, name: str = "images") -> jax.Array:
       data: a :class:`Dataset` or an array in [0, 1].
       name: the argument, as errors name it.
     """
+    if isinstance(data, (tuple, list, dict)) and not isinstance(data, Dataset):
+        hint = (" (data.split_validation returns (train, validation): pass its second item)"
+                if isinstance(data, tuple) and len(data) == 2 else "")
+        raise ValueError(f"{name} must be a Dataset or an (N, H, W, C) array in [0, 1], "
+                         f"got a {type(data).__name__} of {len(data)}{hint}")
     images = data.images if isinstance(data, Dataset) else data
     validate_images(images, name=name)
     return jnp.asarray(images, jnp.float32)
 
 
-def make_dataset(images, labels, name: str = "custom") -> Dataset:
+def make_dataset(images, labels=None, name: str = "custom") -> Dataset:
     """Validate and cast arrays into a `Dataset`.
 
     Args:
@@ -174,11 +179,14 @@ def split_validation(data: Dataset, size, seed: int = 0) -> tuple[Dataset, Datas
     reads this split, never the test set.
 
     Args:
-      data: the training ``Dataset``.
+      data: the training ``Dataset``, or its images (an (N, H, W, C) array
+        in [0, 1]; both parts are then Datasets without labels).
       size: examples to hold out: a float fraction in (0, 1) or an integer
         count; at least one example must remain on each side.
       seed: seed of the permutation.
     """
+    if not isinstance(data, Dataset):
+        data = make_dataset(as_images(data, "data"), None, "data")
     n = data.images.shape[0]
     if isinstance(size, bool) or not isinstance(size, (int, float, np.integer, np.floating)):
         raise ValueError(f"validation size must be a fraction in (0, 1) or a count >= 1, got {size!r}")

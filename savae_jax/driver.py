@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from savae_jax import checkpoint, distributed, validation
+from savae_jax import checkpoint, distributed, models, validation
 from savae_jax import data as data_lib
 from savae_jax.optimizer import Optimizer, as_optimizer, logged_stats
 
@@ -60,7 +60,8 @@ class NonFiniteLossError(FloatingPointError):
 
 
 class InvalidScheduleError(NonFiniteLossError):
-    """A schedule (temperature, radius) returned a negative or non-finite value; the run stopped."""
+    """A schedule (temperature, radius) returned a negative or non-finite value, or a decision-size
+    schedule a NaN, negative or fractional one; the run stopped."""
 
 
 def _fault_fields(info, prefix: str = ""):
@@ -106,15 +107,17 @@ class Phase(NamedTuple):
       optimizer: an :class:`~savae_jax.optimizer.Optimizer` (an Optax
         transformation is wrapped with ``from_optax(loss_fn, tx)`` first: the
         driver has no loss of its own).
-      share: fraction of the run's budgets (evaluations and seconds) this
-        phase may spend.
+      share: fraction of the run's budgets (``budget_evals``,
+        ``budget_seconds``) this phase may spend, in (0, 1]; None: an equal
+        part of what the phases with a share leave (:func:`resolve_shares`).
+        Shares summing above 1 are refused: a run never spends more than its budget.
       epochs: this phase's own budget in epochs (None: none).
       key: the phase's key; None: ``fold_in(run key, phase index)``.
     """
 
     name: str
     optimizer: Any
-    share: float = 1.0
+    share: float | None = None
     epochs: int | None = None
     key: jax.Array | None = None
 
@@ -136,6 +139,37 @@ class Position(NamedTuple):
     total_steps: int = 0
     evals: int = 0
     seconds: float = 0.0
+
+
+# Shares are floats: sums like 0.1 + 0.2 + 0.7 may exceed 1 by a few ulps of 1.0 (2.2e-16 each).
+SHARE_SUM_TOLERANCE = 1e-9
+
+
+def resolve_shares(phases) -> list[Phase]:
+    """``phases`` with every ``share`` set: the given ones checked, the others an equal part of the rest.
+
+    A given share must be a number in (0, 1], and the given shares may sum
+    to at most 1; the phases without one split ``1 - sum`` equally (one
+    phase alone gets 1). ValueError naming the phases otherwise, e.g. two
+    phases with shares 0.6 and 0.6, or phases without a share when the
+    others already take the whole budget.
+    """
+    given = {p.name: p.share for p in phases if p.share is not None}
+    for name, share in given.items():
+        validation.real(f"share of phase {name!r}", share, lambda v: 0 < v <= 1, "in (0, 1]")
+    total = sum(float(v) for v in given.values())
+    listed = ", ".join(f"{name} {float(v):g}" for name, v in given.items())
+    if total > 1 + SHARE_SUM_TOLERANCE:
+        raise ValueError(f"phases: the shares sum to {total:g} ({listed}), above 1; a run never spends more "
+                         "than its budget: give shares that sum to at most 1")
+    rest = [i for i, p in enumerate(phases) if p.share is None]
+    if not rest:
+        return list(phases)
+    left = max(0.0, 1.0 - total)
+    if left <= SHARE_SUM_TOLERANCE:
+        raise ValueError(f"phases: the shares ({listed}) take the whole budget, leaving nothing for "
+                         f"{', '.join(repr(phases[i].name) for i in rest)}; give every phase a share")
+    return [p._replace(share=left / len(rest)) if p.share is None else p for p in phases]
 
 
 def refinement(gradient, annealer, *, share: float | None = None, epochs: tuple[int, int] | None = None,
@@ -317,21 +351,58 @@ def _steps(train_step, key, state, images, batch_size, steps_per_epoch, step):
         yield step, state, info
 
 
-def phase_batch_size(phase: Phase, batch_size: int) -> int:
-    """Examples per step of ``phase``: the run's ``batch_size`` unless its optimizer needs another
-    (an annealer with a decision batch takes its decision examples on top)."""
-    return phase.optimizer.examples_per_step or batch_size
+# The run's batch size when neither the caller nor a phase's optimizer gives one.
+DEFAULT_BATCH_SIZE = 128
 
 
-def phase_steps(phases, num_examples: int, batch_size: int, budget_evals: int | None = None) -> list[int]:
+def check_batch_size(phases, batch_size: int | None) -> None:
+    """Refuse a ``batch_size`` that differs from the one a phase's optimizer was built for (ValueError
+    naming both): an annealer with ``decision_batch(selection=64, ...)`` ranks its proposals on 64
+    examples, and a run asking for 128 would otherwise silently get 64."""
+    if batch_size is not None:
+        validation.integer_number("batch_size", batch_size, 1)
+    for phase in phases:
+        built = getattr(phase.optimizer, "batch_size", None)
+        if batch_size is not None and built is not None and built != batch_size:
+            raise ValueError(
+                f"batch_size={batch_size}, but phase {phase.name!r}'s optimizer was built for batches of "
+                f"{built} (its decision batch's selection={built}); pass batch_size={built}, or build it "
+                f"with decision_batch(selection={batch_size}, ...)")
+
+
+def check_examples(phases, num_examples: int, batch_size: int | None) -> None:
+    """Refuse a phase that takes more examples per step than there are (ValueError naming the phase,
+    and its decision batch when that is what makes the step too large)."""
+    for phase in phases:
+        per_step = phase_batch_size(phase, batch_size)
+        if per_step <= num_examples:
+            continue
+        selection = getattr(phase.optimizer, "batch_size", None)
+        if phase.optimizer.examples_per_step and selection:
+            raise ValueError(
+                f"phase {phase.name!r} takes {selection} selection + {per_step - selection} decision examples "
+                f"per step (decision_size={per_step - selection}), more than the {num_examples} training "
+                "examples; use a smaller decision size")
+        raise ValueError(f"batch_size={per_step} is larger than the {num_examples} training examples")
+
+
+def phase_batch_size(phase: Phase, batch_size: int | None) -> int:
+    """Examples per step of ``phase``: what its optimizer needs (an annealer with a decision batch takes
+    its decision examples on top of its selection), else the run's ``batch_size`` (None: 128)."""
+    return phase.optimizer.examples_per_step or batch_size or DEFAULT_BATCH_SIZE
+
+
+def phase_steps(phases, num_examples: int, batch_size: int | None,
+                budget_evals: int | None = None) -> list[int]:
     """Steps each phase may take: its share of ``budget_evals`` over its cost, and/or its epochs.
 
-    Raises ValueError (naming ``budget_evals`` or the phase) when a phase has
-    no budget or its budget does not pay for one step, so callers can refuse
-    a run before anything is written.
+    Shares are resolved first (:func:`resolve_shares`). Raises ValueError
+    (naming ``budget_evals`` or the phase) when the shares sum above 1, a
+    phase has no budget or its budget does not pay for one step, so callers
+    can refuse a run before anything is written.
     """
     out = []
-    for phase in phases:
+    for phase in resolve_shares(phases):
         limits = []
         if budget_evals is not None:
             limits.append(int(phase.share * budget_evals) // phase.optimizer.cost)
@@ -433,8 +504,24 @@ class _Run:
         self.pos, self.history, self.finished = Position(), [], False
         self.trace, self.pending = [], []  # trace rows so far; this row's step infos, on the device
         self.state = phases[0].optimizer.init(params)
-        validate = options.validate
-        self.best = None if validate is None else Best(float(validate(params)), 0, params)
+        self.best = None if options.validate is None else Best(self.score(params, 0), 0, params)
+
+    def score(self, params, step: int) -> float:
+        """``validate(params)`` as a float; ValueError naming ``validate`` unless it is one finite number.
+
+        A NaN would never compare as better, so the gate would keep whatever
+        it held (the initial parameters) without a word.
+        """
+        value = np.asarray(self.o.validate(params))
+        if value.shape != () or not np.issubdtype(value.dtype, np.number):
+            raise ValueError(f"validate must return one number (the validation loss), got shape {value.shape} "
+                             f"and dtype {value.dtype} at step {step}; reduce it, e.g. with .mean()")
+        value = float(value)
+        if not math.isfinite(value):
+            raise ValueError(f"validate returned {value} for the parameters of step {step}; the validation gate "
+                             "needs a finite score to compare parameters (a NaN is never better, so the gate "
+                             "would silently keep older ones)")
+        return value
 
     def restore(self) -> None:
         """Continue from the newest readable checkpoint, if any."""
@@ -477,7 +564,7 @@ class _Run:
 
     def gate(self, row: dict) -> None:
         """Validate the current parameters, keep them if they beat the best so far, note both in ``row``."""
-        value = float(self.o.validate(self.params()))
+        value = self.score(self.params(), self.pos.total_steps)
         if value < self.best.value:  # strictly lower: on a tie the earlier parameters stay
             self.best = Best(value, self.pos.total_steps, self.state.params)
         row["val_neg_elbo"], row["best_step"] = value, self.best.step
@@ -488,6 +575,11 @@ class _Run:
         return iterate(key, phase.optimizer, self.state, self.images, phase_batch_size(phase, self.o.batch_size),
                        batch_fn=self.o.batch_fn, start_step=self.pos.step, mesh=self.o.mesh,
                        axis_name=self.o.axis_name)
+
+    def budget_left(self, max_steps) -> bool:
+        """Whether the budget allows more steps than the run has taken: a finished run resumed with a
+        larger budget (more epochs of its last phase) continues exactly as if it had been given it at first."""
+        return self.pos.phase < len(self.phases) - 1 or self.pos.step < max_steps[self.pos.phase]
 
     def next_phase(self) -> bool:
         """Start the next phase from this one's parameters; False after the last."""
@@ -571,10 +663,10 @@ class _Run:
             error = InvalidScheduleError
             # The first offending value (of the first flagged replica, when vmapped).
             what = ", ".join(
-                f"the {value} schedule returned "
+                f"the {value.removesuffix('_requested')} schedule returned "
                 f"{float(jnp.ravel(getattr(holder, value))[jnp.argmax(jnp.ravel(getattr(holder, flag)))])!r}"
                 for flag, value, holder in faults)
-            message = (f"{where}{what} (a negative or non-finite value; the annealer halted) {span}{tail}")
+            message = (f"{where}{what} (a negative or non-finite value, or a fractional decision size; the optimizer halted) {span}{tail}")
         elif not math.isfinite(train_loss):
             message = f"{where}the training loss became {train_loss} {span}{tail}"
         else:
@@ -592,8 +684,10 @@ def _check_options(phases, eval_every, checkpoint_every, budget_seconds) -> int:
     if checkpoint_every < 1 or checkpoint_every % eval_every:
         raise ValueError(f"checkpoint_every must be a positive multiple of eval_every={eval_every}, "
                          f"got {checkpoint_every}")
-    if budget_seconds is not None and not budget_seconds > 0:
-        raise ValueError(f"budget_seconds must be > 0, got {budget_seconds}")
+    if budget_seconds is not None:
+        validation.positive("budget_seconds", budget_seconds)
+    for phase in phases:
+        validation.integer(f"epochs of phase {phase.name!r}", phase.epochs, 1, optional=True)
     return checkpoint_every
 
 
@@ -603,7 +697,7 @@ def run(
     params,
     images,
     *,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     eval_every: int,
     budget_evals: int | None = None,
     budget_seconds: float | None = None,
@@ -630,10 +724,14 @@ def run(
       params: initial parameters.
       images: the training images, a validated (N, H, W, C) array in [0, 1].
       batch_size: examples per step (the remainder of each epoch is dropped);
-        a phase whose optimizer needs more (``examples_per_step``) gets them.
+        None: the one a phase's optimizer was built for (a decision batch's
+        selection), else 128. A phase whose optimizer needs more
+        (``examples_per_step``: its decision examples) gets them; one built
+        for another batch size is refused (:func:`check_batch_size`).
       eval_every: steps between history rows (a phase's end also ends a row).
       budget_evals: evaluations the run may spend; phase ``p`` gets
-        ``share * budget_evals`` and stops before it would exceed that.
+        ``share * budget_evals`` and stops before it would exceed that
+        (shares: :func:`resolve_shares`; they never sum above 1).
         Phases with ``epochs`` are limited by those too.
       budget_seconds: optional wall-clock budget of training time (evaluation
         and checkpointing excluded), split between phases by share. Time is
@@ -657,7 +755,9 @@ def run(
         processes every process passes the same folder (Orbax writes it from
         process 0).
       resume: continue from the newest readable checkpoint in
-        ``checkpoint_dir`` (a finished run returns at once).
+        ``checkpoint_dir``. A finished run returns at once, unless its last
+        phase is given a larger budget than it ran (e.g. more ``epochs``):
+        then it continues, with the same steps as a run given that budget from the start.
       mesh, axis_name: run on a ``jax.sharding.Mesh`` (see :func:`iterate`).
       progress: show a tqdm bar of evaluations; ``desc`` labels it.
       log: called with messages (e.g. a damaged checkpoint skipped).
@@ -680,9 +780,14 @@ def run(
       ``acceptance_rate`` for annealing); with ``trace``, the trace rows (else None).
     """
     checkpoint_every = _check_options(phases, eval_every, checkpoint_every, budget_seconds)
-    validation.integer_number("batch_size", batch_size, 1)
-    phases = [p._replace(optimizer=as_optimizer(p.optimizer)) for p in phases]
-    images = jnp.asarray(images, jnp.float32)
+    if budget_evals is not None:
+        validation.integer_number("budget_evals", budget_evals, 1)
+    phases = resolve_shares([p._replace(optimizer=as_optimizer(p.optimizer)) for p in phases])
+    check_batch_size(phases, batch_size)
+    images = data_lib.as_images(images, "images")
+    check_examples(phases, images.shape[0], batch_size)
+    for phase in phases:
+        models.check_loss_params(phase.optimizer.loss_fn, params, images.shape[1:], "images")
     max_steps = phase_steps(phases, images.shape[0], batch_size, budget_evals)
     r = _Run(key, phases, params, images, RunOptions(
         batch_size=batch_size, eval_every=eval_every, batch_fn=batch_fn, evaluate=evaluate, validate=validate,
@@ -690,7 +795,7 @@ def run(
     outputs = lambda: RunResult(r.result_params(), r.history, r.trace if trace else None)  # noqa: E731
     if resume:
         r.restore()
-        if r.finished:
+        if r.finished and not r.budget_left(max_steps):
             return outputs()
     if initial_row and not r.history:
         row = r.initial_row()

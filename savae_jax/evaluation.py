@@ -146,6 +146,21 @@ def _evaluate_iwae(params, key, images, *, model, num_samples, chunk_size, batch
     return jnp.sum(jax.lax.map(chunk_sum, (idx, mask))) / n
 
 
+# The most decoder passes (images x importance samples) one IWAE evaluation may take on. The usual
+# IWAE-5000 of a 10,000-image test set is 5e7; 1e10 (k = 10^6 there) is hours of an MLP VAE on a CPU
+# core, and a k of 10^9 (1e13 passes) would run for weeks: refused before it starts.
+MAX_IWAE_PASSES = 10**10
+
+
+def check_iwae_work(num_samples: int, num_images: int, name: str = "num_samples") -> None:
+    """Refuse an IWAE evaluation of more than :data:`MAX_IWAE_PASSES` decoder passes (ValueError naming ``name``)."""
+    passes = int(num_samples) * int(num_images)
+    if passes > MAX_IWAE_PASSES:
+        raise ValueError(
+            f"{name}={num_samples} on {num_images} images is {passes:.2g} decoder passes, more than the "
+            f"{MAX_IWAE_PASSES:.0e} one evaluation may take (IWAE-5000 on 10,000 images is 5e7); use a smaller k")
+
+
 def evaluate_iwae(
     model,
     params,
@@ -176,7 +191,8 @@ def evaluate_iwae(
       model: the VAE module (hashable: it is a static argument of the jit).
       params: model parameters.
       images: (N, H, W, C) array in [0, 1].
-      num_samples: k, importance samples per example (e.g. 5000).
+      num_samples: k, importance samples per example (e.g. 5000); k times
+        the number of images may not exceed :data:`MAX_IWAE_PASSES`.
       key: evaluation key; ``None`` means ``jax.random.key(EVAL_SEED)``.
       batch_size: examples per chunk.
       binarize, static_seed: as in ``evaluate``.
@@ -187,6 +203,7 @@ def evaluate_iwae(
     validation.integer_number("num_samples", num_samples, 1)
     validation.integer_number("chunk_size", chunk_size, 1)
     images, key, batch_size = _eval_inputs(images, key, batch_size, model, params)
+    check_iwae_work(num_samples, images.shape[0])
     value = _evaluate_iwae(
         params, key, images, model=model, num_samples=int(num_samples),
         chunk_size=int(chunk_size), batch_size=batch_size,
@@ -324,6 +341,9 @@ def report(
     """
     _check_model(model)
     images = data_lib.as_images(images, "images")
+    if iwae_samples:  # refused before the ELBO is computed, not after
+        validation.integer_number("iwae_samples", iwae_samples, 1)
+        check_iwae_work(iwae_samples, images.shape[0], "iwae_samples")
     batch_fn = data_lib.as_batch_fn(binarize, static_seed)
     out = {"test_neg_elbo": evaluate(objectives.make_loss(model), params, images, key, binarize=batch_fn)}
     if iwae_samples:

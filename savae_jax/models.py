@@ -459,6 +459,14 @@ def check_params(model: nn.Module, params, image_shape, what: str = "images") ->
                      f"{detail} (initialise them with models.init(key, model, images[:1]) on these images)")
 
 
+def check_loss_params(loss_fn, params, image_shape, what: str = "images") -> None:
+    """:func:`check_params` for the model ``loss_fn`` names (``make_loss``'s ``loss_fn.model``);
+    nothing for a loss that names none."""
+    model = getattr(loss_fn, "model", None)
+    if model is not None:
+        check_params(model, params, image_shape, what)
+
+
 def init(key: jax.Array, model: nn.Module, x: jax.Array):
     """Initialise ``model``'s parameters for inputs shaped like ``x``.
 

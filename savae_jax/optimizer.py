@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from savae_jax import models
+
 # Evaluations charged for one gradient: a forward pass plus a backward pass
 # of about twice the forward's work.
 GRAD_COST = 3
@@ -49,6 +51,9 @@ class Optimizer(NamedTuple):
         driver, given a mesh, then runs it data parallel (the batch sharded).
       examples_per_step: the batch size the step needs (an annealer with a
         decision batch: selection + decision examples), or None: the run's.
+      batch_size: the run's batch size the step was built for (an annealer
+        with a decision batch: its ``selection``), or None: any. The driver
+        refuses a run whose ``batch_size`` differs.
     """
 
     init: Callable[[Any], Any]
@@ -57,6 +62,7 @@ class Optimizer(NamedTuple):
     loss_fn: Callable[..., jax.Array]
     mesh: Any = None
     examples_per_step: int | None = None
+    batch_size: int | None = None
 
 
 class OptaxState(NamedTuple):
@@ -123,10 +129,20 @@ def checked_loss(loss_fn):
 
     Shapes and dtypes are static, so the check costs nothing at run time; a
     batch of losses or an integer loss would otherwise surface as an obscure
-    error deep in ``jax.grad`` or the annealing kernel.
+    error deep in ``jax.grad`` or the annealing kernel. A loss that names its
+    model (``make_loss``'s ``loss_fn.model``) also has the parameters checked
+    against the model's for the batch's images (``models.check_params``), so
+    every optimizer's step refuses another model's parameters by name.
     """
 
     def wrapped(params, key, batch, **kwargs):
+        if hasattr(batch, "shape") and getattr(loss_fn, "model", None) is not None:
+            # Static shapes and dtypes, checked when traced: another model's parameters or uint8
+            # pixels are named here, not by a Flax scope error or a NaN loss from the compiled step.
+            if not jnp.issubdtype(batch.dtype, jnp.floating):
+                raise ValueError(f"batch must be float images in [0, 1], got dtype {batch.dtype} "
+                                 "(convert uint8 pixels with x / 255)")
+            models.check_loss_params(loss_fn, params, batch.shape[1:], "the batch")
         out = loss_fn(params, key, batch, **kwargs)
         if isinstance(out, (tuple, list, dict)):
             # e.g. (loss, aux) for jax.value_and_grad(has_aux=True): numpy would fail on the tracers

@@ -29,9 +29,7 @@ def check_params_fit(loss_fn, params, images, name: str) -> None:
     of failing inside the first compiled step (or, for a test set of another
     shape, after an epoch). A loss without ``.model`` is not checked.
     """
-    model = getattr(loss_fn, "model", None)
-    if model is not None:
-        models.check_params(model, params, images.shape[1:], name)
+    models.check_loss_params(loss_fn, params, images.shape[1:], name)
 
 
 def fit(
@@ -41,7 +39,7 @@ def fit(
     optimizer,
     train,
     epochs: int,
-    batch_size: int = 128,
+    batch_size: int | None = None,
     test=None,
     *,
     validation=None,
@@ -70,6 +68,9 @@ def fit(
       train: a ``data.Dataset`` or an (N, H, W, C) array in [0, 1].
       epochs: number of passes over ``train`` (>= 1).
       batch_size: examples per step; the last partial batch is dropped.
+        None: the one the optimizer was built for (an annealer with a
+        decision batch: its selection), else 128; another one than the
+        optimizer's is refused, naming both.
       test: optional held-out ``Dataset``/array; its mean loss over every
         example at ``eval_key`` is recorded after each epoch.
       validation: optional held-out split of the *training* data
@@ -107,7 +108,8 @@ def fit(
     """
     if not isinstance(epochs, int) or isinstance(epochs, bool) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    checks.integer_number("batch_size", batch_size, 1)
+    if batch_size is not None:
+        checks.integer_number("batch_size", batch_size, 1)
     checks.integer_number("eval_batch_size", eval_batch_size, 1)
     batch_fn = data_lib.as_batch_fn(binarize, static_seed)
     images = _images(train, "train")

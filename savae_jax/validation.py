@@ -26,8 +26,9 @@ def is_traced(value) -> bool:
 def real(name: str, value, ok: Callable[[float], bool], what: str) -> None:
     """Check that ``value`` is a finite real number with ``ok(float(value))``.
 
-    Anything ``float()`` accepts counts (Python and NumPy scalars, 0-d
-    arrays); a traced value is not checked.
+    Python and NumPy numbers and 0-d arrays count; a bool or a string does
+    not (``float`` would read ``True`` as 1.0 and ``"0.5"`` as 0.5); a
+    traced value is not checked.
 
     Args:
       name: the argument, as the message names it.
@@ -37,6 +38,8 @@ def real(name: str, value, ok: Callable[[float], bool], what: str) -> None:
     """
     if is_traced(value):
         return
+    if isinstance(value, (bool, np.bool_, str, bytes)):  # float() would take True as 1.0 and "0.5" as 0.5
+        raise ValueError(f"{name} must be a real number, got {value!r}")
     try:
         v = float(value)
     except (TypeError, ValueError):

@@ -33,6 +33,7 @@ DOC = ROOT / "docs" / "bad_inputs.md"
 
 
 from savae_jax.experiments import compare as compare_script  # noqa: E402
+from savae_jax.experiments import plateau as plateau_script  # noqa: E402
 from savae_jax.experiments import train as train_script  # noqa: E402
 
 TINY = ["--hidden", "32", "--latents", "4", "--quiet"]
@@ -183,6 +184,78 @@ def config_file(tmp_path, config):
     path.write_text(__import__("json").dumps(config))
     return ["--workdir", str(tmp_path / "w"), "--config", str(path), "--methods", "adam", "--latents", "4",
             "--quiet"]
+
+
+# ---- issue 23: helpers of the cases below
+
+PLATEAU_TINY = ["--hidden", "16", "--latents", "4", "--max-epochs", "1", "--extra-evals", "40",
+                "--eval-every", "5", "--eval-iwae", "0", "--seeds", "0", "--arms", "adam"]
+
+
+def adam_phase(share=None):
+    return sv.Phase("adam", sv.from_optax(tiny()[1], optax.adam(1e-3)), share)
+
+
+def run_tiny(phases, params=None, images=None, **kw):
+    """driver.run on the digits with the tiny VAE (an argument under test in ``kw``)."""
+    options = dict(batch_size=None, eval_every=5, budget_evals=60) | kw
+    return sv.driver.run(jax.random.key(0), phases, tiny()[2] if params is None else params,
+                         digits().images if images is None else images, **options)
+
+
+def es(**kw):
+    return an.evolution_strategy(tiny()[1], 2, 0.01, noise="gaussian", **kw)
+
+
+def fit_es(**kw):
+    return fit(optimizer=es(**kw), batch_size=None)
+
+
+def with_per_example(fn):
+    """The tiny loss whose ``per_example`` is ``fn(per_example) -> per_example`` (a wrong shape under test)."""
+    loss = tiny()[1]
+
+    def wrapped(params, key, x):
+        return loss(params, key, x)
+
+    wrapped.per_example = fn(loss.per_example)
+    return wrapped
+
+
+def sized_decision(size):
+    """fit with an annealer deciding on a decision batch whose size schedule returns ``size``."""
+    decision = an.decision_batch(16, lambda count: jnp.float32(size), max_size=32)
+    return fit(optimizer=anneal(acceptance=an.confident(0.05), decision=decision), batch_size=None)
+
+
+def other_params():
+    """Parameters of a VAE of another width (hidden 24) than the tiny one (32)."""
+    return sv.models.init(jax.random.key(0), small_vae(24, 4)[0], digits().images[:1])
+
+
+def step_with(optimizer, params=None, batch=None):
+    """One jitted step of ``optimizer`` (state from ``params``, on ``batch``)."""
+    _, _, own, x = tiny()
+    state = optimizer.init(own if params is None else params)
+    return jax.jit(optimizer.step)(jax.random.key(1), state, x if batch is None else batch)
+
+
+def replicas(build=None, ladder=(1.0, 2.0)):
+    loss = tiny()[1]
+    build = build or (lambda t: an.simulated_annealing(loss, 2, an.gaussian(0.01), t, an.metropolis()))
+    return an.replica_exchange(build, jnp.asarray(ladder), loss)
+
+
+def plateau_cli(*flags):
+    return lambda tmp: [*flags, "--workdir", str(tmp / "w"), *PLATEAU_TINY]
+
+
+def plateau_workdir_with_a_run(tmp_path, *flags):
+    workdir = tmp_path / "w"
+    workdir.mkdir()
+    checkpoint.atomic_write_json(workdir / "config.json", {"config": {"seeds": "0"}})
+    (workdir / "results.json").write_text("{}")
+    return ["--workdir", str(workdir), *PLATEAU_TINY, *flags]
 
 
 class Case(NamedTuple):
@@ -490,6 +563,113 @@ CASES = [
          "give either --resume (continue the run) or --overwrite", lambda tmp: run_and_thesis(tmp, "--resume")),
     Case("cli-train-resume-truncated", "--resume with a truncated config.json", "train.py", E,
          "--resume: cannot read", lambda tmp: saved_config(tmp, '{"conf', script="train")),
+    # ---- issue 23: silent wrong results
+    Case("run-shares-above-one", "driver.run with phases of shares 0.6 and 0.6 (would spend 1.2x the budget)",
+         "driver.run", ValueError, "the shares sum to 1.2 (adam 0.6, sa 0.6), above 1",
+         lambda tmp: run_tiny([adam_phase(0.6), sv.Phase("sa", anneal(), 0.6)])),
+    Case("run-shares-none-left", "a phase of share 1.0 and one without a share", "driver.run", ValueError,
+         "leaving nothing for 'sa'", lambda tmp: run_tiny([adam_phase(1.0), sv.Phase("sa", anneal())])),
+    Case("validate-nan-initial", "validate returning NaN for the initial parameters (the gate would keep them)",
+         "driver.run", ValueError, "validate returned nan for the parameters of step 0",
+         lambda tmp: run_tiny([adam_phase()], validate=lambda p: float("nan"))),
+    Case("validate-vector", "validate returning a vector", "driver.run", ValueError,
+         "validate must return one number", lambda tmp: run_tiny([adam_phase()], validate=lambda p: np.ones(3))),
+    Case("es-negative-temperature", "evolution_strategy(..., temperature=-1.0) (accepted every move)",
+         "annealing.evolution_strategy", ValueError, "temperature must be a finite number >= 0 or a schedule",
+         lambda tmp: es(temperature=-1.0)),
+    Case("es-nan-schedule", "evolution_strategy with a temperature schedule returning NaN", "fit (first row)",
+         sv.driver.InvalidScheduleError, "the temperature schedule returned nan",
+         lambda tmp: fit_es(temperature=lambda count: jnp.nan)),
+    Case("es-acceptance-factory", "evolution_strategy(acceptance=metropolis) (the factory, uncalled)",
+         "annealing.evolution_strategy", ValueError, "acceptance must be a rule taking 3 arguments",
+         lambda tmp: es(acceptance=an.metropolis)),
+    Case("per-example-scalar", "loss_fn.per_example returning a scalar (stderr 0: every move certain)",
+         "annealing step (first trace)", ValueError, "loss_fn.per_example must return one floating-point loss "
+         "per example, shape (16,)", lambda tmp: first_step(anneal(
+             loss_fn=with_per_example(lambda f: lambda p, k, x: f(p, k, x).mean()), acceptance=an.confident()))),
+    Case("per-example-column", "loss_fn.per_example returning (n, 1) (broadcast to (n, n))",
+         "annealing step (first trace)", ValueError, "got shape (16, 1)", lambda tmp: first_step(anneal(
+             loss_fn=with_per_example(lambda f: lambda p, k, x: f(p, k, x)[:, None]), acceptance=an.penalty()))),
+    Case("fit-batch-size-vs-selection", "fit(annealer with decision_batch(selection=16), batch_size=100)", "fit",
+         ValueError, "batch_size=100, but phase 'fit''s optimizer was built for batches of 16",
+         lambda tmp: fit(optimizer=anneal(acceptance=an.confident(), decision=an.decision_batch(16, 32)))),
+    Case("run-batch-size-vs-selection", "driver.run(batch_size=32) with decision_batch(selection=16)",
+         "driver.run", ValueError, "pass batch_size=16",
+         lambda tmp: run_tiny([sv.Phase("sa", anneal(decision=an.decision_batch(16, 32)))], batch_size=32)),
+    Case("decision-size-schedule-nan", "a decision-size schedule returning NaN (became 2 examples)",
+         "fit (first row)", sv.driver.InvalidScheduleError, "the decision_size schedule returned nan",
+         lambda tmp: sized_decision(np.nan)),
+    Case("decision-size-schedule-negative", "a decision-size schedule returning -3", "fit (first row)",
+         sv.driver.InvalidScheduleError, "the decision_size schedule returned -3.0", lambda tmp: sized_decision(-3)),
+    Case("decision-size-schedule-fraction", "a decision-size schedule returning 20.5", "fit (first row)",
+         sv.driver.InvalidScheduleError, "the decision_size schedule returned 20.5", lambda tmp: sized_decision(20.5)),
+    # ---- issue 23: files
+    Case("cli-plateau-workdir-holds-run", "plateau into a --workdir holding a plateau run (overwrote it)",
+         "plateau.py", E, "already holds a run; pass --resume", plateau_workdir_with_a_run),
+    Case("cli-plateau-resume-and-overwrite", "plateau --resume --overwrite", "plateau.py", E,
+         "give either --resume", lambda tmp: plateau_workdir_with_a_run(tmp, "--resume", "--overwrite")),
+    Case("cli-train-workdir-empty", "--workdir '' (wrote into the current folder)", "train.py", E,
+         "--workdir: must be a folder path, got an empty string",
+         lambda tmp: ["--workdir", "", "--epochs", "1", *TINY]),
+    Case("cli-compare-workdir-empty", "--workdir ''", "compare.py", E, "--workdir: must be a folder path",
+         lambda tmp: ["--workdir", "", *TINY]),
+    Case("cli-train-decision-size-above-data", "--optimizer sa --sa-decision-size 5000 on digits (traceback after "
+         "config.json)", "train.py", E, "--sa-decision-size: phase 'sa' takes 128 selection + 5000 decision",
+         train_cli("--optimizer", "sa", "--sa-decision-size", "5000")),
+    Case("cli-compare-decision-size-above-data", "--set sa-refine.decision_size=5000 on digits", "compare.py", E,
+         "--set sa-refine.decision_size: phase 'sa' takes 128 selection + 5000 decision",
+         compare_cli("--methods", "sa-refine", "--set", "sa-refine.decision_size=5000")),
+    Case("cli-train-resume-nothing", "train --resume into a folder with no run (started a new one)", "train.py", E,
+         "holds no run to continue", train_cli("--resume")),
+    Case("cli-compare-resume-nothing", "compare --resume into a folder with no run", "compare.py", E,
+         "holds no run to continue", compare_cli("--resume")),
+    # ---- issue 23: deep tracebacks
+    Case("run-params-other-model", "driver.run with the parameters of another model", "driver.run", ValueError,
+         "params do not fit images of shape (8, 8, 1)", lambda tmp: run_tiny([adam_phase()], other_params())),
+    Case("sa-step-params-other-model", "sa.step from another model's parameters (Flax ScopeParamShapeError)",
+         "annealing step (first trace)", ValueError, "params do not fit the batch of shape (8, 8, 1)",
+         lambda tmp: step_with(anneal(), other_params())),
+    Case("es-step-params-other-model", "an ES step from another model's parameters", "ES step (first trace)",
+         ValueError, "params do not fit the batch", lambda tmp: step_with(es(), other_params())),
+    Case("replicas-step-params-other-model", "a replica-exchange step from another model's parameters",
+         "replica step (first trace)", ValueError, "params do not fit the batch",
+         lambda tmp: step_with(replicas(), other_params())),
+    Case("run-uint8", "driver.run with uint8 images (reported as a non-finite loss)", "driver.run", ValueError,
+         "images must be a float array with values in [0, 1], got dtype uint8",
+         lambda tmp: run_tiny([adam_phase()], images=(digits().images * 255).astype(np.uint8))),
+    Case("sa-step-uint8", "sa.step on a uint8 batch (a silent NaN loss)", "annealing step (first trace)",
+         ValueError, "batch must be float images in [0, 1], got dtype uint8",
+         lambda tmp: step_with(anneal(), batch=(digits().images[:16] * 255).astype(np.uint8))),
+    # ---- issue 23: unclear or late messages
+    Case("fit-validation-tuple", "fit(validation=split_validation(train, 0.1)) (the tuple)", "fit", ValueError,
+         "validation must be a Dataset or an (N, H, W, C) array in [0, 1], got a tuple of 2 (data.split_validation",
+         lambda tmp: sv.fit(jax.random.key(0), tiny()[2], tiny()[1], optax.adam(1e-3), digits(), 1,
+                            validation=sv.data.split_validation(digits(), 0.1))),
+    Case("replicas-of-optax", "replica_exchange(lambda t: optax.adam(1e-3), ...)", "annealing.replica_exchange",
+         ValueError, "build must return a savae_jax Optimizer", lambda tmp: replicas(lambda t: optax.adam(1e-3))),
+    Case("polish-of-optax", "local_polish(optax.adam(1e-3), ...)", "annealing.local_polish", ValueError,
+         "optimizer must be a savae_jax Optimizer to polish",
+         lambda tmp: an.local_polish(optax.adam(1e-3), tiny()[1], optax.adam(1e-2), 2, 2)),
+    Case("cauchy-fraction-bool", "cauchy(1.0, fraction=True)", "annealing.cauchy", ValueError,
+         "fraction must be a real number, got True", lambda tmp: an.cauchy(1.0, fraction=True)),
+    Case("gaussian-fraction-string", "gaussian(1.0, fraction='0.5')", "annealing.gaussian", ValueError,
+         "fraction must be a real number, got '0.5'", lambda tmp: an.gaussian(1.0, fraction="0.5")),
+    Case("ladder-huge", "a ladder of 10^7 values, not increasing (16.8 s to print it whole)",
+         "annealing.replica_exchange", ValueError, "10000000 values [0.0, 0.0, 0.0, 0.0, ..., 0.0, 0.0]",
+         lambda tmp: replicas(ladder=np.zeros(10**7, np.float32))),
+    Case("iwae-k-huge", "evaluate_iwae(..., 10**9) (would run for weeks)", "evaluate_iwae", ValueError,
+         "num_samples=1000000000 on 50 images is 5e+10 decoder passes",
+         lambda tmp: sv.evaluate_iwae(tiny()[0], tiny()[2], digits().images[:50], 10**9)),
+    Case("cli-compare-eval-iwae-huge", "--eval-iwae 1000000000", "compare.py", E, "--eval-iwae=1000000000 on",
+         compare_cli("--eval-iwae", "1000000000")),
+    # ---- issue 23: usability
+    Case("cli-compare-seeds-empty-entry", "--seeds 0,,1", "compare.py", E, "--seeds: expected a comma-separated "
+         "list without empty entries", compare_cli("--seeds", "0,,1")),
+    Case("cli-compare-methods-repeated", "--methods adam,adam", "compare.py", E,
+         "--methods: adam given more than once", compare_cli("--methods", "adam,adam")),
+    Case("cli-compare-fraction-low-rank", "--set sa.fraction=0.5 with the low_rank proposal", "compare.py", E,
+         "sa.fraction: moves a fraction of the entries of gaussian and cauchy proposals only",
+         compare_cli("--methods", "sa", "--set", "sa.fraction=0.5")),
 ]
 
 NUM_BAD_INPUTS = len(CASES)  # reported in the README's reliability section
@@ -526,7 +706,8 @@ def test_bad_input_gives_a_clear_error(case, tmp_path, capsys):
     argv = case.run(tmp_path)
     workdir = Path(argv[argv.index("--workdir") + 1])
     before = sorted(p.name for p in workdir.iterdir()) if workdir.is_dir() else None
-    main = train_script.main if case.where == "train.py" else compare_script.main
+    main = {"train.py": train_script.main, "compare.py": compare_script.main,
+            "plateau.py": plateau_script.main}[case.where]
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2

@@ -164,7 +164,7 @@ def test_idx_image_label_count_mismatch(tmp_path, monkeypatch):
 def _real_mnist_dir():
     env = os.environ.get(data.ENV_DATA_DIR)
     if not env:
-        return None, f"${data.ENV_DATA_DIR} is not set (e.g. ../shared/data/mnist)"
+        return None, f"${data.ENV_DATA_DIR} is not set (e.g. /path/to/mnist-idx)"
     p = pathlib.Path(env).expanduser()
     # CI gives a path relative to the repository; also accept one relative to cwd.
     candidates = [p] if p.is_absolute() else [pathlib.Path.cwd() / p, REPO_ROOT / p]

@@ -211,3 +211,59 @@ def test_split_validation_holds_out_a_fixed_random_subset():
     for bad in (0, 10, 1.0, 2.5, -0.1, "0.1", True):
         with pytest.raises(ValueError, match="validation size must be"):
             sv.data.split_validation(data, bad)
+    # Issue 23: the images alone (an array) split the same way, into Datasets without labels.
+    train_x, val_x = sv.data.split_validation(data.images, 0.3, seed=1)
+    np.testing.assert_array_equal(val_x.images, val.images)
+    np.testing.assert_array_equal(train_x.images, train.images)
+    assert np.all(val_x.labels == -1) and isinstance(val_x, sv.data.Dataset)
+
+
+def test_phases_without_a_share_split_what_is_left_and_never_exceed_the_budget(setup):
+    """Issue 23: every share used to default to 1.0, so two phases spent twice ``budget_evals``."""
+    images, test_images, params, loss_fn = setup
+    sgd = driver.Phase("sgd", sv.from_optax(loss_fn, optax.sgd(1e-2)))
+    _, history = run([adam_phase(loss_fn, None), sgd], params, images, test_images, loss_fn,
+                     batch_size=100, eval_every=50, budget_evals=300)
+    # 150 evaluations each: 50 steps of 3.
+    assert [(r["phase"], r["step"], r["evals"]) for r in history] == [("adam", 50, 150), ("sgd", 100, 300)]
+    # A given share leaves the rest to the others: 0.2 -> 20 Adam steps, the other two 120 evals each.
+    third = driver.Phase("sgd2", sv.from_optax(loss_fn, optax.sgd(1e-3)))
+    resolved = driver.resolve_shares([adam_phase(loss_fn, 0.2), sgd, third])
+    assert [p.share for p in resolved] == pytest.approx([0.2, 0.4, 0.4], abs=1e-15)
+    assert driver.phase_steps(resolved, len(images), 100, 300) == [20, 40, 40]
+    # Shares that sum to 1 up to float rounding (0.1 + 0.2 + 0.7 = 1.0000000000000002) are accepted.
+    tenths = [adam_phase(loss_fn, 0.1), sgd._replace(share=0.2), third._replace(share=0.7)]
+    assert sum(driver.phase_steps(tenths, len(images), 100, 300)) * 3 <= 300
+
+
+def test_a_non_finite_validation_score_later_in_the_run_names_validate_and_the_step(setup):
+    """Issue 23: a NaN never compares as better, so the gate silently kept older parameters."""
+    images, test_images, params, loss_fn = setup
+    calls = []
+
+    def validate(p):
+        calls.append(1)
+        return float("nan") if len(calls) == 3 else 100.0 - len(calls)
+
+    with pytest.raises(ValueError, match="validate returned nan for the parameters of step 10"):
+        driver.run(jax.random.key(0), [adam_phase(loss_fn)], params, images, batch_size=100, eval_every=5,
+                   budget_evals=60, validate=validate)
+
+
+def test_a_run_given_more_epochs_on_resume_continues_exactly(setup, tmp_path):
+    """Issue 23: 2 epochs, then the finished run resumed with 3, equals 3 epochs from the start, bitwise."""
+    images, _, params, loss_fn = setup
+    images = images[:500]
+    opts = dict(batch_size=100, eval_every=5)
+    phase = lambda epochs: driver.Phase("adam", sv.from_optax(loss_fn, optax.adam(1e-3)), epochs=epochs)  # noqa: E731
+    first = driver.run(jax.random.key(0), [phase(2)], params, images, checkpoint_dir=tmp_path / "c", **opts)
+    grown = driver.run(jax.random.key(0), [phase(3)], params, images, checkpoint_dir=tmp_path / "c", resume=True,
+                       **opts)
+    direct = driver.run(jax.random.key(0), [phase(3)], params, images, **opts)
+    assert len(first.history) == 2 and len(grown.history) == 3
+    chex.assert_trees_all_equal(grown.params, direct.params)
+    assert [r["train_loss"] for r in grown.history] == [r["train_loss"] for r in direct.history]
+    # Resumed again with the same budget: nothing left to do, the same result at once.
+    again = driver.run(jax.random.key(0), [phase(3)], params, images, checkpoint_dir=tmp_path / "c", resume=True,
+                       **opts)
+    chex.assert_trees_all_equal(again.params, direct.params)

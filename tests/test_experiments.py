@@ -161,3 +161,38 @@ def test_train_warns_about_a_config_files_setting_that_has_no_effect(tmp_path, c
     args = flags.parse_with_config(parser, ["--config", str(path), "--workdir", str(tmp_path / "w"), "--quiet"])
     train.check_run(args, parser, None)  # --optimizer adam (the default): the annealer's t0 does nothing
     assert "warning: --sa-t0 has no effect with --optimizer adam" in capsys.readouterr().err
+
+
+def test_every_library_feature_of_an_annealer_is_reachable_from_its_settings():
+    """Issue 23: fraction, local polish and replica exchange from --set / --sa-* (the sa-pt method)."""
+    import jax
+    import jax.numpy as jnp
+
+    import savae_jax as sv
+    from savae_jax import annealing
+    from savae_jax.experiments import registry
+
+    model = builders.make_model(ModelConfig(hidden=8, latents=2))
+    loss_fn = builders.make_training_loss(model, ModelConfig())
+    plain = builders.make_annealer(loss_fn, {"proposals": 4, "proposal": "cauchy", "fraction": 0.1})
+    polished = builders.make_annealer(loss_fn, {"proposals": 4, "polish_steps": 3, "polish_every": 10,
+                                                "polish_optimizer": "adam"})
+    assert polished.cost == plain.cost + 2  # ceil((3 x 3 + 2) / 10) evaluations a step for the polish
+    pt = builders.make_annealer(loss_fn, {"proposals": 4, "replicas": 3, "ladder_ratio": 3.0, "t0": 0.1})
+    assert pt.cost == 3 * plain.cost + 3  # 3 replicas, and 3 losses for the swap round of every step
+    params = sv.models.init(jax.random.key(0), model, jnp.zeros((1, 8, 8, 1)))
+    state, info = jax.jit(pt.step)(jax.random.key(1), pt.init(params), jnp.full((16, 8, 8, 1), 0.5))
+    assert isinstance(state, annealing.ReplicaState)
+    # Replica k cools on the schedule scaled by 3**k: T = 0.1, 0.3, 0.9 at the first step.
+    assert info.replicas.temperature.tolist() == pytest.approx([0.1, 0.3, 0.9], rel=1e-6)
+    with pytest.raises(ValueError, match=r"^sa\.fraction: moves a fraction of the entries of gaussian and cauchy"):
+        builders.make_annealer(loss_fn, {"fraction": 0.5}, "sa.")
+    with pytest.raises(ValueError, match=r"^sa\.replicas: replica exchange scales each replica's schedule"):
+        builders.make_annealer(loss_fn, {"replicas": 2, "schedule": "adaptive"}, "sa.")
+    with pytest.raises(ValueError, match=r"^sa\.replicas: must be 1 \(one annealer\) or an integer >= 2, got 0"):
+        builders.make_annealer(loss_fn, {"replicas": 0}, "sa.")
+    phases = registry.build_phases("sa-pt", registry.METHOD_DEFAULTS["sa-pt"], loss_fn, batch_size=16)
+    assert [p.name for p in phases] == ["adam", "sa"] and isinstance(
+        phases[1].optimizer.init(params), annealing.ReplicaState)
+    # The --help epilog says that each method has its own keys (a refinement's Adam reads adam_lr).
+    assert "--set adam.lr changes the adam method only" in registry.set_keys_help()

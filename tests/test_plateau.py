@@ -6,6 +6,8 @@ import pytest
 import savae_jax as sv
 from savae_jax.experiments import plateau
 
+from conftest import without_seconds
+
 TINY = ["--dataset", "digits", "--hidden", "32", "--latents", "4", "--batch-size", "100",
         "--eval-every", "5", "--eval-iwae", "0"]
 
@@ -45,3 +47,29 @@ def test_bad_flags_are_refused_before_training(tmp_path, capsys, flags, needle):
         plateau.main([*TINY, *flags, "--workdir", str(tmp_path / "w")])
     assert info.value.code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_plateau_follows_the_workdir_policy_and_resumes_the_seeds_left(tmp_path, capsys):
+    """Issue 23: a second run into the same --workdir overwrote the first one's results.json. Now it
+    is refused; --resume keeps the finished seeds and runs the rest (a run killed during seed 1 ends
+    with the results of an uninterrupted run); --overwrite replaces the run."""
+    import json
+
+    flags = [*TINY, "--seeds", "0,1", "--max-epochs", "1", "--extra-evals", "40", "--arms", "adam",
+             "--workdir", str(tmp_path)]
+    full = plateau.main(flags)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    with pytest.raises(SystemExit) as info:
+        plateau.main(flags)
+    assert info.value.code == 2 and "already holds a run" in capsys.readouterr().err
+    assert json.loads((tmp_path / "results.json").read_text()) == saved  # nothing overwritten
+    # As if killed during seed 1: only seed 0 was saved.
+    (tmp_path / "results.json").write_text(json.dumps({"0": saved["0"]}))
+    resumed = plateau.main([*flags, "--resume"])
+    assert without_seconds(json.loads(json.dumps(resumed))) == without_seconds(json.loads(json.dumps(full)))
+    assert resumed["0"] == saved["0"]  # the finished seed is kept as it was, not rerun
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit):
+        plateau.main([*flags, "--overwrite"])
+    assert "notes.txt" in capsys.readouterr().err and (tmp_path / "results.json").exists()
+

@@ -52,3 +52,28 @@ def test_bad_polish_settings_are_refused():
             an.local_polish(sa, rastrigin, *args)
     with pytest.raises(ValueError, match="different loss_fn"):
         an.local_polish(sa, lambda x, k=None, b=None: rastrigin(x), optax.adam(1e-3), 5, 5)
+
+
+def test_polish_of_a_decision_batch_annealer_sees_the_selection_examples_only():
+    """Issue 23: the polish used to run and be judged on all examples, the decision ones included,
+    which breaks the independence the decision batch exists for."""
+    import savae_jax as sv
+    from conftest import small_vae
+
+    model, loss = small_vae(16, 3)
+    seen = []
+
+    def spy(params, key, x):  # records the batch size of every trace that evaluates the loss
+        seen.append(x.shape[0])
+        return loss(params, key, x)
+
+    spy.per_example, spy.model = loss.per_example, model
+    sa = an.simulated_annealing(spy, 4, an.gaussian(1e-3), 1e-3, an.confident(0.05),
+                                decision=an.decision_batch(16, 32))
+    polished = an.local_polish(sa, spy, optax.adam(1e-3), 2, 1)
+    assert (polished.examples_per_step, polished.batch_size) == (48, 16)
+    images = sv.load("digits", "train").images
+    params = sv.models.init(jax.random.key(0), model, images[:1])
+    state, _ = jax.jit(polished.step)(jax.random.key(1), polished.init(params), jnp.asarray(images[:48]))
+    assert int(state.num_polished) in (0, 1)
+    assert seen and set(seen) == {16}, seen

@@ -229,3 +229,23 @@ def test_replicas_may_be_es_steps_and_the_exchange_resumes_exactly(vae, tmp_path
                             checkpoint_dir=ckpt, resume=True, **kwargs)
     chex.assert_trees_all_equal(c, a)
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in history]
+
+
+def test_replica_exchange_runs_with_jax_enable_x64():
+    """Issue 23: with x64 on, the swap round's two branches had float32 and float64 outputs
+    (``cond branches must have equal output types``). The double well in float64 parameters."""
+    jax.config.update("jax_enable_x64", True)
+    try:
+        pt = an.replica_exchange(
+            lambda t: an.simulated_annealing(double_well, 4, an.gaussian(0.3), t, an.metropolis()),
+            an.geometric_ladder(0.1, 3.0, 3), double_well, swap_every=1)
+        opt = sv.optimizer.as_optimizer(pt)
+        state = opt.init(jnp.array([1.0], jnp.float64))
+        step = jax.jit(opt.step)
+        for i in range(20):
+            state, info = step(jax.random.key(i), state, None)
+        assert state.params.dtype == jnp.float64
+        assert info.losses.dtype == jnp.float32 and bool(jnp.all(jnp.isfinite(info.losses)))
+        assert int(state.swap_attempts.sum()) == 20  # one pair per round on 3 replicas, every step
+    finally:
+        jax.config.update("jax_enable_x64", False)

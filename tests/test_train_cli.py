@@ -220,3 +220,23 @@ def test_pretrain_then_annealing_killed_mid_annealing_resumes_bitwise(tmp_path):
     like = sv.models.init(jax.random.key(0), sv.MLPVAE(hidden=32, latents=4), np.zeros((1, 8, 8, 1)))
     got, want = (checkpoint.load_params(d / "params", like) for d in (workdir, tmp_path / "reference"))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+
+
+def test_resume_with_more_epochs_extends_a_finished_run_exactly(tmp_path, capsys):
+    """Issue 23: --resume --epochs 2 on a finished 1-epoch run continues it; the result equals a
+    2-epoch run bitwise. Fewer epochs than the run had, or --resume where there is no run, are refused."""
+    grown, direct = tmp_path / "grown", tmp_path / "direct"
+    train_script.main(["--epochs", "1", "--workdir", str(grown), *SMALL])
+    metrics = train_script.main(["--epochs", "2", "--resume", "--workdir", str(grown), *SMALL])
+    reference = train_script.main(["--epochs", "2", "--workdir", str(direct), *SMALL])
+    assert [r["train_loss"] for r in metrics["history"]] == [r["train_loss"] for r in reference["history"]]
+    assert metrics["final"]["test_neg_elbo"] == reference["final"]["test_neg_elbo"]
+    assert json.loads((grown / "config.json").read_text())["config"]["epochs"] == 2
+    like = sv.models.init(jax.random.key(0), sv.MLPVAE(hidden=32, latents=4), np.zeros((1, 8, 8, 1), np.float32))
+    a, b = checkpoint.load_params(grown / "params", like), checkpoint.load_params(direct / "params", like)
+    assert all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    for flags, needle in ((["--epochs", "1", "--resume", "--workdir", str(grown)], "epochs: saved 2, now 1"),
+                          (["--epochs", "1", "--resume", "--workdir", str(tmp_path / "none")], "holds no run")):
+        with pytest.raises(SystemExit):
+            train_script.main([*flags, *SMALL])
+        assert needle in capsys.readouterr().err

@@ -67,6 +67,15 @@ def needs_stderr(rule) -> bool:
     return bool(getattr(rule, "needs_stderr", False))
 
 
+def check_rule(acceptance, name: str = "acceptance") -> None:
+    """Check that ``acceptance`` is a rule, not an uncalled factory (ValueError naming ``name``).
+
+    Every optimizer that takes a rule (annealing, ES, and replica exchange and
+    polish through them) checks it here when it is built.
+    """
+    validation.rule(name, acceptance, 3, "metropolis()")
+
+
 def with_max_num(rule, max_num: int):
     """``rule`` for decisions on at most ``max_num`` examples (``num <= max_num``).
 

@@ -57,7 +57,10 @@ def decision_batch(selection: int, size, max_size: int | None = None) -> Decisio
     Args:
       selection: examples of the selection batch (the run's batch size), >= 2.
       size: decision examples, an int >= 2, or a schedule ``count -> size``
-        (then ``max_size`` is required; values are clipped to [2, max_size]).
+        (then ``max_size`` is required; whole numbers are clipped to
+        [2, max_size]; a NaN, negative or fractional value halts the step
+        and is flagged in ``info.bad_decision_size``, which stops a run
+        with ``driver.InvalidScheduleError``).
       max_size: examples reserved per step for the decision batch; default ``size``.
     Returns:
       A ``DecisionBatch`` for ``simulated_annealing(..., decision=...)``.
@@ -84,20 +87,67 @@ def cost(decision: DecisionBatch | None) -> int:
     return 2 + math.ceil(2 * decision.max_size / decision.selection)
 
 
-def split(decision: DecisionBatch | None, batch, count):
-    """``(selection batch, decision batch or None, mask of the decision examples used or None)``."""
+class Split(NamedTuple):
+    """A step's batch split by :func:`split`.
+
+    Attributes:
+      x: the selection batch (the whole batch without a decision batch).
+      x_decide: the decision batch, or None.
+      mask: (max_size,) bool, the decision examples used, or None.
+      requested: float32, the decision size the schedule returned at this
+        step (NaN without a decision batch).
+      bad: bool, ``requested`` is unusable (:func:`size_fault`); the step must not move.
+    """
+
+    x: Any
+    x_decide: Any
+    mask: Any
+    requested: jax.Array
+    bad: jax.Array
+
+
+def size_fault(requested):
+    """Whether a decision size from a schedule is unusable: non-finite, negative or not a whole number.
+
+    Temperature and radius schedules are flagged the same way (``schedules.faults``);
+    a usable value is clipped to [2, max_size].
+    """
+    return ~(jnp.isfinite(requested) & (requested >= 0) & (requested == jnp.round(requested)))
+
+
+def split(decision: DecisionBatch | None, batch, count) -> Split:
+    """The step's :class:`Split`: selection batch, decision batch and mask, the requested size and its fault."""
     if decision is None:
-        return batch, None, None
+        return Split(batch, None, None, jnp.full((), jnp.nan, jnp.float32), jnp.zeros((), bool))
     total = decision.selection + decision.max_size
     if batch.shape[0] != total:
         raise ValueError(
             f"decision: the annealer expects batches of {decision.selection} selection + "
             f"{decision.max_size} decision examples = {total}, got {batch.shape[0]}; run it with "
             f"batch_size={decision.selection} (the driver adds the decision examples)")
-    size = as_stateful(decision.size, "decision size").value((), count)
-    size = jnp.clip(jnp.asarray(size, jnp.int32), 2, decision.max_size)
+    requested = as_stateful(decision.size, "decision size").value((), count)
+    if jnp.shape(requested) != ():
+        raise ValueError("decision size schedule must return a scalar (one value per step), "
+                         f"got shape {jnp.shape(requested)}")
+    bad = size_fault(requested)
+    size = jnp.clip(jnp.where(bad, 2, requested), 2, decision.max_size).astype(jnp.int32)
     mask = jnp.arange(decision.max_size) < size
-    return batch[: decision.selection], batch[decision.selection:], mask
+    return Split(batch[: decision.selection], batch[decision.selection:], mask, requested, bad)
+
+
+def per_example_losses(per_example: Callable, params, key, x):
+    """``per_example(params, key, x)``, checked when traced to be one floating-point loss per example, (n,).
+
+    A scalar would give a standard error of 0 (every move looks certain) and
+    an (n, 1) column would broadcast the paired differences to (n, n).
+    """
+    out = per_example(params, key, x)
+    shape, dtype = tuple(jnp.shape(out)), jnp.result_type(out)
+    if shape != (x.shape[0],) or not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(
+            "loss_fn.per_example must return one floating-point loss per example, shape "
+            f"({x.shape[0]},) for a batch of {x.shape[0]}, got shape {shape} and dtype {dtype}")
+    return out
 
 
 def paired(per_example: Callable, winner, incumbent, key, x, mask=None) -> Paired:
@@ -106,7 +156,8 @@ def paired(per_example: Callable, winner, incumbent, key, x, mask=None) -> Paire
     ``mask`` (n,) selects the examples used (None: all). A non-finite winner
     loss gives a non-finite ``delta``, which every rule rejects.
     """
-    return paired_stats(per_example(winner, key, x) - per_example(incumbent, key, x), mask)
+    return paired_stats(per_example_losses(per_example, winner, key, x)
+                        - per_example_losses(per_example, incumbent, key, x), mask)
 
 
 def paired_stats(d, mask=None) -> Paired:

@@ -42,7 +42,8 @@ import optax
 from savae_jax import validation
 from savae_jax.annealing import decision as decision_lib
 from savae_jax.annealing import lowrank, sharding
-from savae_jax.annealing.acceptance import metropolis, needs_stderr, with_max_num
+from savae_jax.annealing.acceptance import check_rule, metropolis, needs_stderr, with_max_num
+from savae_jax.annealing.schedules import ScheduleEvent, as_stateful, fault, scalar_value
 from savae_jax.optimizer import Optimizer, checked_loss, tree_norm, tree_where
 
 SHAPINGS = ("centered_ranks", "z_scores", "none")
@@ -56,12 +57,14 @@ class ESState(NamedTuple):
       opt_state: the Optax optimizer's state (advanced on accepted moves only).
       count: int32, steps taken (the temperature schedule's argument).
       num_accepted: int32, accepted moves.
+      schedule_state: the temperature schedule's state (``()`` unless it is a StatefulSchedule).
     """
 
     params: Any
     opt_state: Any
     count: jax.Array
     num_accepted: jax.Array
+    schedule_state: Any = ()
 
 
 class ESInfo(NamedTuple):
@@ -76,6 +79,11 @@ class ESInfo(NamedTuple):
       acceptance_rate: cumulative accepted / steps.
       member_loss_mean: mean loss of the K members.
       grad_norm: global norm of the recombined gradient estimate.
+      bad_temperature: bool, the temperature schedule returned a negative or
+        non-finite value (no move at this step; the driver stops the run).
+      decision_size_requested, bad_decision_size: the decision batch's size
+        at this step as its schedule returned it, and whether it was NaN,
+        negative or fractional (no move).
     """
 
     loss: jax.Array
@@ -86,8 +94,12 @@ class ESInfo(NamedTuple):
     acceptance_rate: jax.Array
     member_loss_mean: jax.Array
     grad_norm: jax.Array
+    bad_temperature: jax.Array
+    decision_size_requested: jax.Array
+    bad_decision_size: jax.Array
 
     LOGGED = ("temperature", "acceptance_rate")
+    FAULTS = {"bad_temperature": "temperature", "bad_decision_size": "decision_size_requested"}
 
 
 def shape_fitness(losses, shaping: str = "centered_ranks"):
@@ -204,7 +216,10 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
       acceptance: the rule deciding the candidate (default ``metropolis()``;
         at T = 0 it accepts improvements only); noise-aware rules
         (``penalty``, ``confident``) work too.
-      temperature: T, a scalar or a schedule ``count -> T`` (default 0).
+      temperature: T, a scalar >= 0, a schedule ``count -> T`` or a
+        StatefulSchedule (default 0), checked as ``simulated_annealing``
+        checks it: a step whose T is negative or non-finite does not move
+        and is flagged in ``info.bad_temperature``.
       decision: ``decision_batch(selection, size)`` to decide on other
         examples with fresh noise; None: on the selection batch.
       mesh, axis_name: shard the K member evaluations over this mesh axis
@@ -226,6 +241,7 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
     acceptance, per_example = _rule(acceptance, decision, loss_fn)
+    schedule = as_stateful(temperature, "temperature")
     checked = checked_loss(loss_fn)
     axis_name = sharding.mesh_axis(mesh, axis_name)
     num_pairs = int(num_pairs)
@@ -233,12 +249,14 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
 
     def init_fn(params) -> ESState:
         return ESState(params=params, opt_state=optimizer.init(params), count=jnp.zeros((), jnp.int32),
-                       num_accepted=jnp.zeros((), jnp.int32))
+                       num_accepted=jnp.zeros((), jnp.int32), schedule_state=schedule.init())
 
     def step_fn(key, state: ESState, batch):
         key_loss, key_noise, key_accept, key_decide = jax.random.split(key, 4)
-        x, x_decide, mask = decision_lib.split(decision, batch, state.count)
-        t = jnp.asarray(temperature(state.count) if callable(temperature) else temperature, jnp.float32)
+        parts = decision_lib.split(decision, batch, state.count)
+        x, x_decide, mask = parts.x, parts.x_decide, parts.mask
+        t = scalar_value(schedule, state.schedule_state, state.count, "temperature")
+        bad_t = fault(t)
         grad, losses, _, _ = estimate(checked, state.params, key_noise, key_loss, x, num_pairs, scale, noise=noise,
                                       rank=rank, scale_by_rms=scale_by_rms, rms_floor=rms_floor, shaping=shaping,
                                       mesh=mesh, axis_name=axis_name)
@@ -246,17 +264,22 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
         candidate = optax.apply_updates(state.params, updates)
         delta, stderr, num_used, on_selection = _decide_inputs(
             checked, per_example, candidate, state.params, key_loss, x, key_decide, x_decide, mask)
-        accepted = jnp.isfinite(delta) & _decide(acceptance, decision, key_accept, delta, t, stderr, num_used, x)
+        accepted = (jnp.isfinite(delta) & ~bad_t & ~parts.bad
+                    & _decide(acceptance, decision, key_accept, delta, t, stderr, num_used, x))
         params, opt_state = tree_where(accepted, (candidate, opt_state), (state.params, state.opt_state))
         count, num_accepted = state.count + 1, state.num_accepted + accepted.astype(jnp.int32)
         loss = jnp.where(accepted, on_selection[0], on_selection[1])
+        event = ScheduleEvent(accepted=accepted, improved=accepted & (delta < 0))
         info = ESInfo(loss=loss, accepted=accepted, delta=delta, stderr=stderr, temperature=t,
                       acceptance_rate=num_accepted / count, member_loss_mean=losses.mean(),
-                      grad_norm=tree_norm(grad))
-        return ESState(params=params, opt_state=opt_state, count=count, num_accepted=num_accepted), info
+                      grad_norm=tree_norm(grad), bad_temperature=bad_t,
+                      decision_size_requested=parts.requested, bad_decision_size=parts.bad)
+        return ESState(params=params, opt_state=opt_state, count=count, num_accepted=num_accepted,
+                       schedule_state=schedule.update(state.schedule_state, state.count, event)), info
 
     return Optimizer(init=init_fn, step=step_fn, cost=num + decision_lib.cost(decision), loss_fn=loss_fn, mesh=mesh,
-                     examples_per_step=None if decision is None else decision.selection + decision.max_size)
+                     examples_per_step=None if decision is None else decision.selection + decision.max_size,
+                     batch_size=None if decision is None else decision.selection)
 
 
 def _rule(acceptance, decision, loss_fn):
@@ -267,6 +290,7 @@ def _rule(acceptance, decision, loss_fn):
     (``confident``'s exact t quantiles) gets it here.
     """
     acceptance = metropolis() if acceptance is None else acceptance
+    check_rule(acceptance)
     per_example = getattr(loss_fn, "per_example", None)
     if (decision is not None or needs_stderr(acceptance)) and not callable(per_example):
         raise ValueError("loss_fn: the " + ("decision batch" if decision is not None else "acceptance rule")
@@ -298,7 +322,8 @@ def _decide_inputs(loss_fn, per_example, candidate, incumbent, key_loss, x, key_
     if per_example is None:
         on_selection = (loss_fn(candidate, key_loss, x), loss_fn(incumbent, key_loss, x))
         return on_selection[0] - on_selection[1], jnp.float32(jnp.nan), jnp.int32(x.shape[0]), on_selection
-    d_cand, d_inc = per_example(candidate, key_loss, x), per_example(incumbent, key_loss, x)
+    d_cand = decision_lib.per_example_losses(per_example, candidate, key_loss, x)
+    d_inc = decision_lib.per_example_losses(per_example, incumbent, key_loss, x)
     on_selection = (d_cand.mean(), d_inc.mean())
     if x_decide is None:
         paired = decision_lib.paired_stats(d_cand - d_inc)

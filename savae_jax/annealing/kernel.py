@@ -49,7 +49,8 @@ from savae_jax.annealing import acceptance as acceptance_lib
 from savae_jax.annealing import decision as decision_lib
 from savae_jax.annealing import sharding
 from savae_jax.annealing.proposals import Proposal
-from savae_jax.annealing.schedules import ScheduleEvent, StatefulSchedule, as_stateful
+from savae_jax.annealing.schedules import ScheduleEvent, StatefulSchedule, as_stateful, scalar_value
+from savae_jax.annealing.schedules import fault as schedule_fault
 from savae_jax.optimizer import Optimizer, tree_where
 
 tree_map = jax.tree_util.tree_map
@@ -120,6 +121,10 @@ class AnnealInfo(NamedTuple):
       bad_temperature: bool, the temperature schedule returned a negative or
         non-finite value at this step (the chain then halts: no move).
       bad_radius: bool, the same for the radius schedule.
+      decision_size_requested: the decision size the decision batch's
+        schedule returned at this step (NaN without a decision batch).
+      bad_decision_size: bool, that value was NaN, negative or fractional
+        (the chain then halts: no move).
     """
 
     accepted: jax.Array
@@ -138,12 +143,15 @@ class AnnealInfo(NamedTuple):
     decision_size: jax.Array
     bad_temperature: jax.Array
     bad_radius: jax.Array
+    decision_size_requested: jax.Array
+    bad_decision_size: jax.Array
 
     # What a training log records of each step (its schema: keep the order).
     LOGGED = ("temperature", "radius", "acceptance_rate")
     # Flags that stop a training loop, each with the field holding the offending value
     # (the driver notes them on the device and reads them at its rows; see driver._faults).
-    FAULTS = {"bad_temperature": "temperature", "bad_radius": "radius"}
+    FAULTS = {"bad_temperature": "temperature", "bad_radius": "radius",
+              "bad_decision_size": "decision_size_requested"}
 
 
 def _check_params_finite(params) -> None:
@@ -161,7 +169,7 @@ def check_arguments(num_proposals, proposal, acceptance, t_min, patience) -> Non
     """Check ``simulated_annealing``'s scalar arguments (ValueError naming the argument)."""
     validation.integer("num_proposals", num_proposals, 1)
     validation.instance("proposal", proposal, Proposal, "gaussian(0.1)")
-    validation.rule("acceptance", acceptance, 3, "metropolis()")
+    acceptance_lib.check_rule(acceptance)
     validation.finite_positive("t_min", t_min, optional=True)
     validation.integer("patience", patience, 1, optional=True)
 
@@ -244,12 +252,8 @@ def _schedule_values(cfg: _Config, state: AnnealState):
     non-finite value halts the chain (a negative T would accept every worse
     move, a NaN one none) and is flagged in ``info`` (:func:`schedule_faults`).
     """
-    t = cfg.temperature.value(state.schedule_state.temperature, state.count)
-    r = cfg.radius.value(state.schedule_state.radius, state.count)
-    for name, value in (("temperature", t), ("radius", r)):
-        if jnp.shape(value) != ():
-            raise ValueError(f"{name} schedule must return a scalar (one value per step), "
-                             f"got shape {jnp.shape(value)}")
+    t = scalar_value(cfg.temperature, state.schedule_state.temperature, state.count, "temperature")
+    r = scalar_value(cfg.radius, state.schedule_state.radius, state.count, "radius")
     bad_t, bad_r = schedule_faults(t, r)
     halt = state.done | bad_t | bad_r
     if cfg.t_min is not None:
@@ -259,7 +263,7 @@ def _schedule_values(cfg: _Config, state: AnnealState):
 
 def schedule_faults(t, r):
     """Whether the temperature ``t`` and the radius ``r`` are unusable: negative or non-finite (two bools)."""
-    return ~(jnp.isfinite(t) & (t >= 0)), ~(jnp.isfinite(r) & (r >= 0))
+    return schedule_fault(t), schedule_fault(r)
 
 
 def _member_losses(cfg: _Config, prep, keys):
@@ -339,8 +343,10 @@ def _freeze(halt, state: AnnealState, stepped: AnnealState) -> AnnealState:
 
 
 def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState,
-          on_selection=None, decided=None) -> AnnealInfo:
-    """The step's :class:`AnnealInfo` (``on_selection``/``decided``: the paired comparisons made)."""
+          on_selection=None, decided=None, parts: decision_lib.Split | None = None) -> AnnealInfo:
+    """The step's :class:`AnnealInfo` (``on_selection``/``decided``: the paired comparisons made;
+    ``parts``: the batch's split, for the decision size requested)."""
+    parts = parts or decision_lib.split(None, None, None)
     nan = jnp.full((), jnp.nan, jnp.float32)
     on_selection = on_selection or decision_lib.Paired(delta=sel.delta, stderr=nan, num=jnp.zeros((), jnp.int32))
     decided = decided or on_selection
@@ -367,6 +373,8 @@ def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState,
         decision_size=decided.num,
         bad_temperature=schedule_faults(t, r)[0],
         bad_radius=schedule_faults(t, r)[1],
+        decision_size_requested=parts.requested,
+        bad_decision_size=parts.bad,
     )
 
 
@@ -393,8 +401,10 @@ def _noise_aware_step(cfg: _Config, key, state: AnnealState, batch):
     and the rule decides on the latter (on the former without a decision batch).
     """
     key_prop, key_loss, key_accept, key_decide = jax.random.split(key, 4)
-    x, x_decide, mask = decision_lib.split(cfg.decision, batch, state.count)
+    parts = decision_lib.split(cfg.decision, batch, state.count)
+    x, x_decide, mask = parts.x, parts.x_decide, parts.mask
     t, r, halt = _schedule_values(cfg, state)
+    halt = halt | parts.bad
     prep = cfg.proposal.prepare(cfg.loss_fn, state.params, key_loss, x, t, r, state.proposal_state)
     keys = jax.random.split(key_prop, cfg.num_proposals + 1)
     sel = _select(_member_losses(cfg, prep, keys), cfg.num_proposals)
@@ -406,7 +416,7 @@ def _noise_aware_step(cfg: _Config, key, state: AnnealState, batch):
                 & jnp.isfinite(decided.delta) & ~halt)
     params = tree_where(accepted, winner, state.params)
     new_state = _freeze(halt, state, _advance(cfg, state, prep, params, sel, accepted))
-    return new_state, _info(cfg, sel, accepted, t, r, new_state, on_selection, decided)
+    return new_state, _info(cfg, sel, accepted, t, r, new_state, on_selection, decided, parts)
 
 
 def _decide(cfg: _Config, key, decided: decision_lib.Paired, t, x):
@@ -532,4 +542,5 @@ def simulated_annealing(
     if decision is not None or acceptance_lib.needs_stderr(acceptance):
         cost += decision_lib.cost(decision)
     examples = None if decision is None else decision.selection + decision.max_size
-    return Optimizer(init=init_fn, step=step, cost=cost, loss_fn=loss_fn, mesh=mesh, examples_per_step=examples)
+    return Optimizer(init=init_fn, step=step, cost=cost, loss_fn=loss_fn, mesh=mesh, examples_per_step=examples,
+                     batch_size=None if decision is None else decision.selection)

@@ -7,8 +7,9 @@ scipy's ``dual_annealing`` follows every improvement with a local search
 annealing found. ``local_polish`` gives any optimizer whose state has a
 ``params`` field the same: every ``every`` steps it runs ``num_steps`` steps
 of an Optax transformation (``optax.lbfgs()``, ``optax.adam(lr)``, ...) from
-the incumbent, on the step's batch and one key, and keeps the result if its
-loss there is lower (greedy, so a polish never makes the incumbent worse on
+the incumbent, on the step's batch and one key (the selection examples only,
+for an optimizer with a decision batch), and keeps the result if its loss
+there is lower (greedy, so a polish never makes the incumbent worse on
 the batch it was measured on). States that track a best-so-far
 (``best_params``/``best_loss``, like the annealer's) and an incumbent
 ``loss`` are updated to match.
@@ -77,6 +78,11 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
       optimizer's info; ``cost`` adds ceil((GRAD_COST * num_steps + 2) /
       every) (the gradients, and the two losses that decide to keep it).
     """
+    if not isinstance(optimizer, Optimizer):
+        raise ValueError("optimizer must be a savae_jax Optimizer to polish (e.g. simulated_annealing(...) or "
+                         f"evolution_strategy(...)), got {type(optimizer).__name__}; an Optax transformation is "
+                         "the local optimizer, the third argument: local_polish(annealer, loss_fn, optax.lbfgs(), ...)")
+    validation.is_callable("loss_fn", loss_fn)
     validation.integer("num_steps", num_steps, 1)
     validation.integer("every", every, 1)
     if not isinstance(local, optax.GradientTransformation):
@@ -92,10 +98,13 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
         key_inner, key_polish = jax.random.split(key)
         inner, info = optimizer.step(key_inner, state.inner, batch)
         count = state.count + 1
+        # With a decision batch, polish and judge on the selection examples only: the decision
+        # examples stay independent of every choice but the rule's.
+        x = batch if optimizer.examples_per_step is None else batch[:optimizer.batch_size]
 
         def run():
-            polished, loss = polish(loss_fn, local, num_steps, inner.params, key_polish, batch)
-            return polished, loss, loss < loss_fn(inner.params, key_polish, batch)
+            polished, loss = polish(loss_fn, local, num_steps, inner.params, key_polish, x)
+            return polished, loss, loss < loss_fn(inner.params, key_polish, x)
 
         polished, loss, keep = jax.lax.cond(
             count % every == 0, run,
@@ -105,7 +114,7 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
 
     cost = optimizer.cost + math.ceil((GRAD_COST * num_steps + 2) / every)
     return Optimizer(init=init_fn, step=step_fn, cost=cost, loss_fn=loss_fn, mesh=optimizer.mesh,
-                     examples_per_step=optimizer.examples_per_step)
+                     examples_per_step=optimizer.examples_per_step, batch_size=optimizer.batch_size)
 
 
 def _keep(state, polished, loss, keep):

@@ -90,6 +90,24 @@ def as_stateful(schedule: ScheduleLike, name: str = "schedule") -> StatefulSched
     )
 
 
+def fault(value):
+    """Whether a schedule's value is unusable as a temperature or radius: negative or non-finite.
+
+    Every optimizer that takes a schedule flags it per step in its info
+    (``bad_temperature``, ``bad_radius``) and does not move at that step; the
+    driver stops the run with ``InvalidScheduleError``.
+    """
+    return ~(jnp.isfinite(value) & (value >= 0))
+
+
+def scalar_value(schedule: StatefulSchedule, state, count, name: str):
+    """``schedule.value(state, count)``, checked when traced to be a scalar (ValueError naming ``name``)."""
+    value = schedule.value(state, count)
+    if jnp.shape(value) != ():
+        raise ValueError(f"{name} schedule must return a scalar (one value per step), got shape {jnp.shape(value)}")
+    return value
+
+
 def constant(value: float) -> Schedule:
     """T_k = value."""
     validation.real("value", value, lambda v: v >= 0, "a finite number >= 0")

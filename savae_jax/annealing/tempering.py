@@ -136,10 +136,11 @@ def _shared_losses(loss_fn, params, key, batch):
     """Every replica's mean loss and its standard error on one batch with one key, (R,) each."""
     per_example = getattr(loss_fn, "per_example", None)
     if per_example is None:
-        losses = jax.vmap(lambda p: loss_fn(p, key, batch))(params)
+        losses = jax.vmap(lambda p: loss_fn(p, key, batch))(params).astype(jnp.float32)
         return losses, jnp.zeros_like(losses)
-    stats = jax.vmap(lambda p: decision_lib.paired_stats(per_example(p, key, batch)))(params)
-    return stats.delta, stats.stderr
+    stats = jax.vmap(lambda p: decision_lib.paired_stats(
+        decision_lib.per_example_losses(per_example, p, key, batch)))(params)
+    return stats.delta.astype(jnp.float32), stats.stderr.astype(jnp.float32)
 
 
 def _check_ladder(temperatures) -> jax.Array:
@@ -150,8 +151,17 @@ def _check_ladder(temperatures) -> jax.Array:
     if not bool(jnp.all(jnp.isfinite(temperatures)) & jnp.all(temperatures > 0)
                 & jnp.all(jnp.diff(temperatures) > 0)):
         raise ValueError("temperatures must be finite, > 0 and increasing (coldest first), "
-                         f"got {temperatures.tolist()}")
+                         f"got {_shown(temperatures)}")
     return temperatures
+
+
+def _shown(values, limit: int = 8) -> str:
+    """``values`` for a message: whole when short, else the first and last few and their number."""
+    flat = [float(v) for v in jnp.ravel(values)[:limit]]
+    if values.size <= limit:
+        return str(flat)
+    tail = [float(v) for v in jnp.ravel(values)[-2:]]
+    return f"{values.size} values [{', '.join(map(str, flat[:4]))}, ..., {', '.join(map(str, tail))}]"
 
 
 def _swap(loss_fn, replicas, step_temperatures, key_loss, key_swap, batch, count, swap_every: int):
@@ -165,7 +175,7 @@ def _swap(loss_fn, replicas, step_temperatures, key_loss, key_swap, batch, count
     # Only a swap round evaluates the replicas on the shared key (what ``cost`` charges).
     losses, stderrs = jax.lax.cond(
         due, lambda: _shared_losses(loss_fn, replicas.params, key_loss, batch),
-        lambda: (jnp.full((num,), jnp.nan), jnp.zeros((num,))))
+        lambda: (jnp.full((num,), jnp.nan, jnp.float32), jnp.zeros((num,), jnp.float32)))
     permutation, proposed, accepted = exchange(key_swap, losses, stderrs, step_temperatures,
                                                (count // swap_every) % 2)
     proposed, accepted = proposed & due, accepted & due
@@ -207,7 +217,12 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
     if mesh is not None and num % mesh.shape[axis_name]:
         raise ValueError(f"temperatures: {num} replicas cannot be split evenly over the mesh axis "
                          f"{axis_name!r} of {mesh.shape[axis_name]} devices; use a multiple of it")
+    validation.is_callable("build", build, "lambda t: simulated_annealing(loss_fn, 16, gaussian(0.01), t, metropolis())")
     probe = build(temperatures[0])
+    if not isinstance(probe, Optimizer):
+        raise ValueError("build must return a savae_jax Optimizer for a temperature T (an annealer or ES step, "
+                         "e.g. lambda t: simulated_annealing(loss_fn, 16, gaussian(0.01), t, metropolis())), "
+                         f"got {type(probe).__name__}; replicas of a gradient optimizer have no temperature")
     if probe.loss_fn is not None and probe.loss_fn is not loss_fn:
         raise ValueError("loss_fn: the replicas' optimizer was built on a different loss_fn")
 
@@ -227,9 +242,11 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
             replicas, infos = sharding.replicated(sharding.shard_members(
                 run, temperatures, state.replicas, keys, mesh=mesh, axis_name=axis_name), mesh)
         count = state.count + 1
+        # With a decision batch the swap compares the replicas on the selection examples only.
+        swap_batch = batch if probe.examples_per_step is None else batch[:probe.batch_size]
         step_temperatures = getattr(infos, "temperature", jnp.broadcast_to(temperatures, (num,)))
         replicas, proposed, accepted, losses = _swap(loss_fn, replicas, step_temperatures, key_loss, key_swap,
-                                                     batch, count, swap_every)
+                                                     swap_batch, count, swap_every)
         attempts = state.swap_attempts + proposed.astype(jnp.int32)
         accepts = state.swap_accepts + accepted.astype(jnp.int32)
         pair_rate = accepts / jnp.maximum(attempts, 1)
@@ -241,4 +258,4 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
 
     cost = num * probe.cost + math.ceil(num / swap_every)
     return Optimizer(init=init_fn, step=step_fn, cost=cost, loss_fn=loss_fn, mesh=mesh,
-                     examples_per_step=probe.examples_per_step)
+                     examples_per_step=probe.examples_per_step, batch_size=probe.batch_size)

@@ -80,10 +80,13 @@ def make_proposal(config: AnnealerConfig, prefix: str = "") -> annealing.Proposa
     """The proposal kernel named by ``config.proposal``."""
     name = _choice(config, "proposal", PROPOSALS, prefix)
     extra = {"scale_by_rms": config.scale_by_rms}
+    if config.fraction != 1.0 and name not in ("gaussian", "cauchy"):
+        raise ValueError(f"{prefix}fraction: moves a fraction of the entries of gaussian and cauchy proposals "
+                         f"only, not {name}; leave it at 1")
     if name == "gaussian":
-        return annealing.gaussian(config.scale, **extra)
+        return annealing.gaussian(config.scale, fraction=config.fraction, **extra)
     if name == "cauchy":
-        return annealing.cauchy(config.scale, **extra)
+        return annealing.cauchy(config.scale, fraction=config.fraction, **extra)
     if name == "low_rank":
         return annealing.low_rank(config.scale, config.rank, **extra)
     drift = None
@@ -166,17 +169,46 @@ def make_annealer(loss_fn, config: AnnealerConfig | dict, prefix: str = "", mesh
         # Every schedule here starts at t0: the annealer would be done before its first step.
         raise ValueError(f"{flag_name(prefix, 't_min')}: must be < {prefix}t0 = {t0} (every schedule starts at t0, "
                          f"so the annealer would stop before its first step), got {t_min}")
-    return _naming_settings(prefix, "annealing", lambda: annealing.simulated_annealing(
-        loss_fn,
-        num_proposals=config.proposals,
-        proposal=make_proposal(config, prefix),
-        temperature=make_temperature(config, prefix),
-        acceptance=make_acceptance(config, prefix),
-        t_min=config.t_min,
-        patience=config.patience,
-        mesh=mesh,
-        decision=make_decision(config, batch_size, prefix),
-    ))
+    proposal, acceptance = make_proposal(config, prefix), make_acceptance(config, prefix)
+    decision, schedule = make_decision(config, batch_size, prefix), make_temperature(config, prefix)
+
+    def single(temperature, mesh=mesh):
+        sa = annealing.simulated_annealing(loss_fn, num_proposals=config.proposals, proposal=proposal,
+                                           temperature=temperature, acceptance=acceptance, t_min=config.t_min,
+                                           patience=config.patience, mesh=mesh, decision=decision)
+        return _polished(sa, loss_fn, config, prefix)
+
+    if config.replicas == 1:
+        return _naming_settings(prefix, "annealing", lambda: single(schedule))
+    return _naming_settings(prefix, "annealing", lambda: _replicas(single, schedule, loss_fn, config, prefix, mesh))
+
+
+def _polished(optimizer, loss_fn, config: AnnealerConfig, prefix: str):
+    """``optimizer`` with a local polish every ``polish_every`` steps when ``polish_steps`` > 0."""
+    if config.polish_steps == 0:
+        return optimizer
+    if config.polish_optimizer == "lbfgs":
+        local = optax.lbfgs()
+    else:
+        local = make_optimizer(config.polish_optimizer, config.polish_lr, f"{prefix}polish_optimizer")
+    return annealing.local_polish(optimizer, loss_fn, local, config.polish_steps, config.polish_every)
+
+
+def _replicas(single, schedule, loss_fn, config: AnnealerConfig, prefix: str, mesh):
+    """Replica exchange of ``single`` annealers: replica k cools on ``schedule`` scaled by ratio**k."""
+    if config.schedule == "adaptive" or config.reheat:
+        raise ValueError(f"{prefix}replicas: replica exchange scales each replica's schedule by its rung of the "
+                         "ladder, which a stateful schedule (adaptive, reheat) cannot be; use another schedule")
+    if isinstance(config.replicas, bool) or not isinstance(config.replicas, int) or config.replicas < 2:
+        raise ValueError(f"{prefix}replicas: must be 1 (one annealer) or an integer >= 2, got {config.replicas!r}")
+    ladder = annealing.geometric_ladder(1.0, config.ladder_ratio, config.replicas)  # rung multipliers
+
+    def build(rung):  # the mesh, if any, shards the replicas, not each one's proposals
+        return single(lambda count: rung * schedule(count), mesh=None)
+
+    if mesh is not None and config.replicas % mesh.devices.size:
+        mesh = None  # replicas that do not split evenly over the devices: the driver runs them data parallel
+    return annealing.replica_exchange(build, ladder, loss_fn, swap_every=config.swap_every, mesh=mesh)
 
 
 def make_es(loss_fn, config: ESConfig | dict, prefix: str = "", batch_size: int | None = None) -> sv.Optimizer:

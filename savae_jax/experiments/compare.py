@@ -1,7 +1,7 @@
 """Compare simulated annealing, hybrids and Optax baselines at equal budgets.
 
     savae compare                                     # digits, every method, ~2 min on 2 CPU cores
-    savae compare --dataset mnist --data-dir ../shared/data/mnist \
+    savae compare --dataset mnist --data-dir /path/to/mnist-idx \
         --budget-evals 300000 --workdir runs/compare-mnist
 
 Every method starts from the same parameters (same init key), sees the same
@@ -80,7 +80,12 @@ class CompareConfig(ModelConfig):
 DEFAULTS = CompareConfig.defaults()
 
 # Settings that may differ between a run and its --resume.
-NOT_COMPARED = ("resume", "quiet", "workdir", "log_evals")
+NOT_COMPARED = ("resume", "quiet", "workdir", "log_evals", "overwrite")
+
+# Everything a comparison writes into --workdir (what --overwrite may delete), as fnmatch patterns.
+OUTPUTS = ("config.json", "results.json", "summary.md", "report.html", "history_*_seed*.csv",
+           "trace_*_seed*.csv", "test_neg_elbo_vs_*.png", "sa_traces.png", "reconstructions_*.png",
+           "samples_*.png", "checkpoints", "params")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -108,9 +113,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     add("--set", action="append", default=[], metavar="METHOD.KEY=VALUE",
         help="override one method hyperparameter, e.g. --set sa.scale=0.05 (a JSON value, a number or a "
              "bare word; repeat for more; the keys of each method are listed below; default: none)")
-    add("--workdir", default="runs/compare", help="folder of every output (refused if it holds a run, "
-                                                   "unless --resume)")
-    add("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
+    flags.add_workdir_flags(p, "runs/compare")
     add("--quiet", action="store_true", help="no progress bars")
     add("--log-evals", action="store_true", help="plot test_neg_elbo_vs_evals.png on a log-scaled evaluations "
                                                  "axis (plotting only, not part of the run's config)")
@@ -162,10 +165,7 @@ def _seeds_from_flags(args):
         return [args.seed]
     if args.seeds is None:
         return None
-    try:
-        return [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds: expected comma-separated integers such as 0,1,2, got {args.seeds!r}") from None
+    return flags.comma_list(args.seeds, "--seeds", int, "0,1,2")
 
 
 def resolve_config(args) -> CompareConfig:
@@ -188,7 +188,7 @@ def resolve_config(args) -> CompareConfig:
 
 def check_config_values(config: CompareConfig) -> CompareConfig:
     """Refuse settings of the right type but out of range (an unknown method, a negative budget, ...)."""
-    methods = [m.strip() for m in config.methods.split(",") if m.strip()]
+    methods = flags.comma_list(config.methods, "--methods", example="adam,sa-refine")
     bad = [m for m in methods if m not in METHODS]
     if bad or not methods:
         raise ValueError(f"--methods: unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
@@ -256,14 +256,19 @@ def validate(args, mesh) -> tuple:
         except ValueError as err:
             raise ValueError(f"--validation: {err}") from err
     sv.data.num_batches(len(train.images), config.batch_size)
+    if config.eval_iwae:
+        sv.evaluation.check_iwae_work(config.eval_iwae, len(test.images), "--eval-iwae")
     probe_params = sv.models.init(jax.random.key(0), model, train.images[:1])
     for name, phases in methods.items():
         try:
             driver.phase_steps(phases, len(train.images), config.batch_size, config.budget_evals)
         except ValueError as err:
             raise ValueError(f"--budget-evals: {err}") from err
+        try:  # e.g. a decision batch larger than the training set
+            driver.check_examples(phases, len(train.images), config.batch_size)
+        except ValueError as err:
+            raise ValueError(f"--set {name}.decision_size: {err}") from err
         for phase in phases:  # e.g. a rank larger than a layer: before any file
-            sv.data.num_batches(len(train.images), driver.phase_batch_size(phase, config.batch_size))
             if phase.name in ("sa", "es"):
                 try:
                     builders.probe_step(phase.optimizer, probe_params, train.images.shape[1:], config.batch_size)
@@ -279,8 +284,7 @@ def main(argv=None, prog: str | None = None) -> dict:
     workdir = Path(args.workdir)
     try:
         config, model, methods, train, val, test = validate(args, mesh)
-        workdirs.check_same_workdir(workdir)
-        workdirs.check_workdir(workdir, config.to_dict(), args.resume, NOT_COMPARED)
+        workdirs.prepare(workdir, config.to_dict(), args, OUTPUTS, NOT_COMPARED)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err).replace("batch_size", "--batch-size"))
 

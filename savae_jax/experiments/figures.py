@@ -47,10 +47,17 @@ def traces_figure(traces: dict):
         return None
     fig, axes = plt.subplots(len(annealed), 3, figsize=(13, 2.6 * len(annealed)), squeeze=False)
     for (ax_t, ax_a, ax_d), (name, t) in zip(axes, annealed.items()):
+        t = _coldest_replica(t)
         x = np.arange(1, len(t["temperature"]) + 1)  # annealing step, counted from the phase's start
-        ax_t.plot(x, t["temperature"], color="C0")
-        ax_t.set(yscale="log" if np.all(t["temperature"] > 0) else "linear",  # greedy rules run at T = 0
-                 ylabel="temperature (nats)", title=f"{name}: {len(x)} annealing steps")
+        ax_t.set(title=f"{name}: {len(x)} annealing steps", ylabel="temperature (nats)")
+        constant = np.unique(t["temperature"])
+        if constant.size == 1:  # e.g. ES decides at T = 0: say so rather than draw a flat line
+            ax_t.text(0.5, 0.5, f"T = {constant[0]:g} at every step", ha="center", va="center",
+                      transform=ax_t.transAxes)
+            ax_t.set_yticks([])
+        else:
+            ax_t.plot(x, t["temperature"], color="C0")
+            ax_t.set(yscale="log" if np.all(t["temperature"] > 0) else "linear")
         ax_a.plot(x, running_mean(t["accepted"], 25), color="C1", label="last 25 steps")
         ax_a.plot(x, t["acceptance_rate"], color="C1", ls="--", alpha=0.6, label="cumulative")
         if "swap_rate" in t:
@@ -79,6 +86,13 @@ def traces_figure(traces: dict):
         ax.set_xlabel("annealing step")
     fig.tight_layout()
     return fig
+
+
+def _coldest_replica(trace: dict) -> dict:
+    """A replica exchange's trace with its coldest replica's step fields (``replicas.delta_0``, ...)
+    under the plain names (``delta``, ...) a single annealer's trace has; other traces unchanged."""
+    cold = {k[len("replicas."):-2]: v for k, v in trace.items() if k.startswith("replicas.") and k.endswith("_0")}
+    return {**cold, **trace} if cold else trace
 
 
 def histories_figure(histories: dict, axis: str, log_scale: bool = False):

@@ -42,6 +42,45 @@ def show_defaults(parser, defaults: dict) -> None:
             action.help = f"{action.help} (default {value})" if action.help else f"default {value}"
 
 
+def comma_list(text: str, flag: str, convert=str, example: str = "") -> list:
+    """``"a,b,c"`` as a list of ``convert``-ed items; ValueError naming ``flag`` on an empty entry
+    (``0,,1``), an item ``convert`` refuses, or an item given twice (``adam,adam``)."""
+    items = [item.strip() for item in str(text).split(",")]
+    hint = f", e.g. {example}" if example else ""
+    if not all(items):
+        raise ValueError(f"{flag}: expected a comma-separated list without empty entries{hint}, got {text!r}")
+    try:
+        values = [convert(item) for item in items]
+    except ValueError:
+        raise ValueError(f"{flag}: expected comma-separated {getattr(convert, '__name__', 'value')}s{hint}, "
+                         f"got {text!r}") from None
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"{flag}: {', '.join(repeated)} given more than once in {text!r}; give each once")
+    return values
+
+
+def workdir_path(text: str) -> str:
+    """--workdir's type: a non-empty path (an empty one would scatter the run's files over the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must be a folder path, got an empty string (the run's files would be "
+                                         "written into the current folder); e.g. --workdir runs/mine")
+    return text
+
+
+def add_workdir_flags(parser, default: str, add=None) -> None:
+    """--workdir, --resume and --overwrite: the one workdir policy of every subcommand (``workdir.prepare``).
+
+    ``add``: the parser's ``add_argument`` or a wrapper of it (compare's, which records defaults)."""
+    add = add or parser.add_argument
+    add("--workdir", default=default, type=workdir_path,
+        help="folder of every output (refused if it holds a run, unless --resume or --overwrite)")
+    add("--resume", action="store_true", help="continue the run in --workdir exactly where it stopped")
+    add("--overwrite", action="store_true",
+        help="replace the run in --workdir: delete the files an earlier run of this subcommand wrote there "
+             "(refused if the folder holds anything else)")
+
+
 def add_config_flag(parser) -> None:
     """--config FILE: a JSON object of settings by flag name (read by :func:`parse_with_config`)."""
     parser.add_argument("--config", default=None,

@@ -1,6 +1,6 @@
 """The seed's claim, measured: does annealing refine a gradient optimum better than more gradient steps?
 
-    savae plateau --dataset mnist --data-dir ../shared/data/mnist \
+    savae plateau --dataset mnist --data-dir /path/to/mnist-idx \
         --seeds 0,1,2 --workdir runs/plateau-mnist
 
 Per seed:
@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import jax
@@ -40,8 +41,13 @@ import optax
 import savae_jax as sv
 from savae_jax import checkpoint, driver
 from savae_jax.experiments import builders, figures, flags, report
+from savae_jax.experiments import workdir as workdirs
 from savae_jax.experiments.registry import METHOD_DEFAULTS
 from savae_jax.experiments.settings import Config
+
+# Settings that may differ between a run and its --resume; what --overwrite may delete.
+NOT_COMPARED = ("resume", "overwrite", "workdir")
+OUTPUTS = ("config.json", "results.json", "summary.md", "plateau.png")
 
 ARMS = ("adam", "adam-decayed", "sa-naive", "sa-noise-aware", "langevin-sa")
 # The annealers of the comparison's refinement methods and langevin-sa, unchanged.
@@ -52,7 +58,7 @@ ANNEALERS = {"sa-naive": "sa-refine-naive", "sa-noise-aware": "sa-refine", "lang
 class PlateauConfig(Config):
     """The plateau experiment's settings (its flags, one field each)."""
 
-    dataset: str = "mnist"
+    dataset: str = "digits"
     data_dir: str | None = None
     seeds: str = "0,1,2"            # comma-separated
     lr: float = 1e-3                # Adam's learning rate (phase 1 and arm a)
@@ -68,6 +74,8 @@ class PlateauConfig(Config):
     eval_every: int = 100           # arm steps between validation checks
     eval_iwae: int = 100
     workdir: str = "runs/plateau"
+    resume: bool = False
+    overwrite: bool = False
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -92,25 +100,22 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "comes sooner on fewer examples; default: all)")
     p.add_argument("--eval-every", type=int, default=d.eval_every, help="arm steps between validation checks")
     p.add_argument("--eval-iwae", type=int, default=d.eval_iwae)
-    p.add_argument("--workdir", default=d.workdir)
+    flags.add_workdir_flags(p, d.workdir)
     flags.add_config_flag(p)
     return p
 
 
 def check(args) -> tuple[list[int], list[str]]:
     """The seeds and arms; ValueError names the flag."""
-    try:
-        seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    except ValueError:
-        raise ValueError(f"--seeds: expected comma-separated integers, got {args.seeds!r}") from None
-    arms = [a.strip() for a in args.arms.split(",") if a.strip()]
-    if not arms or any(a not in ARMS for a in arms):
+    seeds = flags.comma_list(args.seeds, "--seeds", int, "0,1,2")
+    arms = flags.comma_list(args.arms, "--arms", example="adam,sa-noise-aware")
+    if any(a not in ARMS for a in arms):
         raise ValueError(f"--arms: choose from {', '.join(ARMS)}, got {args.arms!r}")
     for flag in ("max_epochs", "patience", "extra_evals", "batch_size", "eval_every"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
-    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
-        raise ValueError(f"--seeds: must be distinct integers >= 0, got {args.seeds!r}")
+    if min(seeds) < 0:
+        raise ValueError(f"--seeds: must be integers >= 0, got {args.seeds!r}")
     return seeds, arms
 
 
@@ -212,15 +217,22 @@ def main(argv=None, prog: str | None = None) -> dict:
             if not 1 <= args.train_size <= len(train.images):
                 raise ValueError(f"--train-size: must be in [1, {len(train.images)}], got {args.train_size}")
             train = sv.data.Dataset(train.images[: args.train_size], train.labels[: args.train_size], train.name)
+        if args.eval_iwae:
+            sv.evaluation.check_iwae_work(args.eval_iwae, len(test.images), "--eval-iwae")
+        workdirs.prepare(Path(args.workdir), args.to_dict(), args, OUTPUTS, NOT_COMPARED)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    checkpoint.atomic_write_json(workdir / "config.json", args.to_dict())
     log = lambda line: print(line, flush=True)  # noqa: E731
     batch_fn = sv.data.BatchFn("dynamic")
+    workdir = Path(args.workdir)
     results = {}
+    if args.resume and (workdir / "results.json").is_file():  # the seeds already done are kept as they are
+        results = json.loads((workdir / "results.json").read_text())
+        log(f"resuming: seeds {', '.join(results) or 'none'} done")
+    checkpoint.atomic_write_json(workdir / "config.json", {"config": args.to_dict()})
     for seed in seeds:
+        if str(seed) in results:
+            continue
         results[str(seed)] = run_seed(seed, arms, args, model, (train, val, test), batch_fn, log)
         checkpoint.atomic_write_json(workdir / "results.json", results)
     summary = summarize(results, arms, args)

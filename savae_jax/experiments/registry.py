@@ -15,7 +15,8 @@ from savae_jax import driver
 from savae_jax.experiments import builders
 from savae_jax.experiments.settings import ES_DEFAULTS, SA_DEFAULTS, check_settings
 
-METHODS = ("adam", "rmsprop", "sgd", "sa", "sa-refine", "sa-refine-naive", "langevin-sa", "es", "es-refine")
+METHODS = ("adam", "rmsprop", "sgd", "sa", "sa-refine", "sa-refine-naive", "sa-pt", "langevin-sa", "es",
+           "es-refine")
 
 # Per-method hyperparameters; --config FILE and --set METHOD.KEY=VALUE override them.
 METHOD_DEFAULTS = {
@@ -31,6 +32,10 @@ METHOD_DEFAULTS = {
     # The seed's rule, for comparison: Metropolis on the batch the winner was selected on.
     "sa-refine-naive": {"adam_share": 0.5, "adam_lr": 1e-3, "proposal": "low_rank", "proposals": 64,
                         "scale": 0.001, "t0": 0.005, "decay": 0.995},
+    # Replica exchange after the Adam half: 4 annealers on the ladder t0 * 2**k (each cooling on its
+    # own scaled schedule) swap neighbours every step; the coldest replica's parameters are the run's.
+    "sa-pt": {"adam_share": 0.5, "adam_lr": 1e-3, "proposal": "low_rank", "proposals": 16,
+              "scale": 0.001, "t0": 0.005, "decay": 0.995, "replicas": 4, "ladder_ratio": 2.0},
     "langevin-sa": {"proposal": "langevin", "proposals": 16, "langevin_step": 1e-3,
                     "langevin_optimizer": "adam", "langevin_lr": 1e-3, "t0": 0.01, "decay": 0.995,
                     "decision_size": 512},
@@ -40,12 +45,14 @@ METHOD_DEFAULTS = {
     "es-refine": {"adam_share": 0.5, "adam_lr": 1e-3, "pairs": 32, "scale": 0.001, "es_lr": 1e-4,
                   "acceptance": "confident", "level": 0.05, "decision_size": 512},
 }
-REFINEMENTS = ("sa-refine", "sa-refine-naive", "es-refine")
+REFINEMENTS = ("sa-refine", "sa-refine-naive", "sa-pt", "es-refine")
 
 
 def set_keys_help() -> str:
     """The --help epilog: the keys --set accepts for each method, with their defaults."""
-    lines = ["keys of --set METHOD.KEY=VALUE (and of --config's method_config), per method, with defaults:"]
+    lines = ["keys of --set METHOD.KEY=VALUE (and of --config's method_config), per method, with defaults",
+             "(each method has its own keys: --set adam.lr changes the adam method only; the Adam half of a",
+             "refinement (sa-refine, sa-refine-naive, sa-pt, es-refine) has its own adam_lr and adam_share):"]
     for method in METHODS:
         keys = ", ".join(f"{k}={json.dumps(v)}" for k, v in method_keys(method).items())
         lines.append(f"  {method}: {keys}")

@@ -82,7 +82,18 @@ def summarize(results: dict, config) -> str:
                 start = run["phase_ends"]["adam"]
                 lines.append(f"| {name} | {seed} | {start:.2f} | {run['last_test_neg_elbo']:.2f} "
                              f"| {run['test_neg_elbo']:.2f} | {run['last_test_neg_elbo'] - start:+.2f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + [""] + effective_settings(results, config)) + "\n"
+
+
+def effective_settings(results: dict, config) -> list[str]:
+    """Each method's settings as the run used them (its defaults and --set/--config overrides; every
+    other key at the annealer's or ES's default). A refinement's Adam half reads its own ``adam_lr``."""
+    lines = ["Settings of each method (its defaults with --set/--config applied; each method has its own keys, "
+             "so --set adam.lr does not change the Adam half of a refinement, which reads adam_lr):", ""]
+    for name in results:
+        settings = getattr(config, "method_config", {}).get(name, {})
+        lines.append(f"- {name}: " + ", ".join(f"{k}={v!r}" for k, v in settings.items()))
+    return lines
 
 
 def figure_files(workdir: Path, results: dict) -> list[str]:

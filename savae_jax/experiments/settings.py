@@ -123,6 +123,14 @@ class AnnealerConfig(Config):
     langevin_step: float = 1e-3       # langevin: step size
     langevin_optimizer: str = "none"  # langevin drift: "none" (plain gradient) or an optax alias
     langevin_lr: float = 1e-3         # learning rate of that optimizer
+    fraction: float = 1.0             # gaussian/cauchy: probability that an entry moves, in (0, 1]
+    replicas: int = 1                 # replica exchange: R annealers on a ladder t0 * ratio**k; 1: none
+    ladder_ratio: float = 2.0         # replica exchange: each replica's temperature over the last one's
+    swap_every: int = 1               # replica exchange: steps between swap rounds
+    polish_steps: int = 0             # local polish: steps of polish_optimizer every polish_every; 0: none
+    polish_every: int = 100
+    polish_optimizer: str = "lbfgs"   # lbfgs or an optax alias
+    polish_lr: float = 1e-3           # its learning rate (not lbfgs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Train an MLP VAE with one optimizer and write metrics, parameters and image grids.
 
 Example:
-  savae train --dataset mnist --data-dir ../shared/data/mnist \
+  savae train --dataset mnist --data-dir /path/to/mnist-idx \
     --optimizer adam --lr 1e-3 --epochs 10 --batch-size 128 --seed 0 \
     --binarize dynamic --workdir runs/adam
 
@@ -60,6 +60,16 @@ SA_HELP = {
     "langevin_step": "langevin proposal: step size",
     "langevin_optimizer": "langevin proposal's drift: none (the plain gradient) or an optax alias",
     "langevin_lr": "learning rate of --sa-langevin-optimizer",
+    "fraction": "gaussian and cauchy proposals: probability that an entry moves, in (0, 1] (1/D: one coordinate)",
+    "replicas": "replica exchange: R annealers on the ladder T_k = t0 * ratio**k, each cooling on its own "
+                "scaled schedule, swapping neighbours (1: a single annealer)",
+    "ladder_ratio": "replica exchange: each replica's temperature over the next colder one's, > 1",
+    "swap_every": "replica exchange: steps between swap rounds",
+    "polish_steps": "local polish: steps of --sa-polish-optimizer on the incumbent every --sa-polish-every "
+                    "steps, kept if better on the batch (0: none)",
+    "polish_every": "local polish: steps between polishes",
+    "polish_optimizer": "local polish: lbfgs or an optax alias",
+    "polish_lr": "local polish: learning rate of an optax alias (not lbfgs)",
 }
 
 
@@ -70,7 +80,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--optimizer", default="adam",
                    help="sa (simulated annealing, see --sa-*) or an optax alias: adam, rmsprop, sgd, ...")
     p.add_argument("--lr", type=flags.positive(float), default=1e-3, help="learning rate of an optax --optimizer")
-    p.add_argument("--epochs", type=flags.positive(int), default=10, help="epochs of --optimizer")
+    p.add_argument("--epochs", type=flags.positive(int), default=10,
+                   help="epochs of --optimizer (--resume may give a finished run more: it continues exactly)")
     p.add_argument("--batch-size", type=flags.positive(int), default=128,
                    help="examples per step (the last partial batch of an epoch is dropped)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial parameters, data order and keys")
@@ -79,12 +90,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         "or none (grey levels)")
     flags.add_model_flags(p)
     flags.add_scale_out_flags(p)
-    p.add_argument("--workdir", default="runs/train",
-                   help="folder of every output (refused if it holds a run, unless --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its checkpoints")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run in --workdir: delete the files an earlier train run wrote there "
-                        "(refused if the folder holds anything else)")
+    flags.add_workdir_flags(p, "runs/train")
     p.add_argument("--quiet", action="store_true", help="no progress bar (the per-epoch log lines stay)")
     flags.add_config_flag(p)
     p.add_argument("--init-from", default=None,
@@ -177,6 +183,12 @@ def validate(args, mesh) -> dict:
     if args.batch_size > len(train.images):
         raise ValueError(f"--batch-size: {args.batch_size} is larger than the "
                          f"{len(train.images)} training images")
+    if eval_iwae:
+        sv.evaluation.check_iwae_work(eval_iwae, len(test.images), "--eval-iwae")
+    try:  # e.g. a decision batch larger than the training set
+        driver.check_examples([driver.Phase(args.optimizer, optimizer)], len(train.images), args.batch_size)
+    except ValueError as err:
+        raise ValueError(f"--sa-decision-size: {err}") from err
     params = sv.models.init(jax.random.key(args.seed), model, train.images[:1])  # shapes only
     if args.init_from:
         checkpoint.load_params(args.init_from, like=params, name="--init-from")
@@ -205,15 +217,7 @@ def check_run(args, parser, mesh) -> dict:
     workdir = Path(args.workdir)
     try:
         run = validate(args, mesh)
-        workdirs.check_same_workdir(workdir)
-        if args.overwrite:  # only after every flag was checked: a refused run deletes nothing
-            if args.resume:
-                raise ValueError("--overwrite: give either --resume (continue the run) or --overwrite (replace it)")
-            if distributed.is_primary():
-                workdirs.clear_run(workdir, OUTPUTS)
-            distributed.barrier("train: earlier run cleared")
-        workdirs.check_workdir(workdir, run["config"], args.resume, NOT_COMPARED,
-                               replace_hint=", --overwrite to replace it,")
+        workdirs.prepare(workdir, run["config"], args, OUTPUTS, NOT_COMPARED, may_grow=("epochs",))
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     # against the built-in defaults (a --config file replaces the parser's own)
@@ -234,7 +238,7 @@ def main(argv=None, prog: str | None = None) -> dict:
     # model; process 0 alone prints and writes --workdir (give all the same one).
     primary = distributed.is_primary()
     distributed.barrier("train: workdir checked")  # before process 0 writes config.json
-    if primary and not (workdir / "config.json").exists():
+    if primary:  # on --resume the same config, but for a grown --epochs
         checkpoint.atomic_write_json(workdir / "config.json", {"config": run["config"]})
     log = flags.make_log()
     log(flags.backend_line())

@@ -39,13 +39,36 @@ def check_same_workdir(workdir) -> None:
                          f"(one all processes see); this process has {path}, another has a different one")
 
 
+def prepare(workdir: Path, config: dict, args, outputs, not_compared, may_grow=()) -> None:
+    """The one workdir policy of every subcommand, applied before anything is written.
+
+    A folder that holds a run is refused; ``--resume`` continues it (the
+    saved config must match, :func:`check_workdir`), and is refused where
+    there is no run; ``--overwrite`` first deletes the subcommand's own
+    ``outputs`` of an earlier run (:func:`clear_run`), never other files.
+    Across processes (--distributed) every process must name the same folder.
+    """
+    check_same_workdir(workdir)
+    if args.overwrite and args.resume:
+        raise ValueError("--overwrite: give either --resume (continue the run) or --overwrite (replace it)")
+    if args.resume and not (workdir / "config.json").is_file():
+        raise ValueError(f"--resume: {workdir} holds no run to continue (no config.json); "
+                         "drop --resume to start one there")
+    if args.overwrite:
+        if distributed.is_primary():
+            clear_run(workdir, outputs)
+        distributed.barrier("earlier run cleared")
+    check_workdir(workdir, config, args.resume, not_compared, may_grow)
+
+
 def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resume", "quiet", "workdir"),
-                  replace_hint: str = "") -> None:
+                  may_grow=()) -> None:
     """Refuse an unusable --workdir before any training (errors name --workdir / --resume).
 
     The folder must be writable (probed); one that holds a run (its
     config.json) is refused unless ``resume``, and then its saved config must
-    equal ``config`` except for the keys in ``not_compared``.
+    equal ``config`` except for the keys in ``not_compared``, and the keys in
+    ``may_grow`` (a budget such as ``epochs``), which may be larger than saved.
     """
     import jax
 
@@ -64,12 +87,18 @@ def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resu
     if not saved_path.exists():
         return
     if not resume:
-        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it{replace_hint} "
-                         "or choose another --workdir (nothing was overwritten)")
+        raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it, --overwrite "
+                         "to replace it, or choose another --workdir (nothing was overwritten)")
     saved = read_saved_config(saved_path)
+
+    def grown(k):
+        return k in may_grow and isinstance(saved.get(k), int) and isinstance(config.get(k), int) \
+            and config[k] >= saved[k]
+
     diffs = [f"{k}: saved {saved.get(k)!r}, now {config.get(k)!r}"
+             + (" (it may only grow)" if k in may_grow else "")
              for k in sorted(set(saved) | set(config))
-             if k not in not_compared and saved.get(k) != config.get(k)]
+             if k not in not_compared and saved.get(k) != config.get(k) and not grown(k)]
     if diffs:
         raise ValueError("--resume: the run in --workdir has a different config:\n  " + "\n  ".join(diffs))
 
@@ -91,22 +120,31 @@ def read_saved_config(path: Path) -> dict:
 def clear_run(workdir: Path, outputs) -> None:
     """Delete an earlier run's outputs from ``workdir`` (--overwrite); ValueError if it holds anything else.
 
-    Only the names in ``outputs`` (every file and folder the subcommand writes) (and our own temporary files) are
-    removed, and only when nothing else is there, so no file the user did not
-    ask the subcommand to write is ever deleted.
+    ``outputs`` names every file and folder the subcommand writes, as names
+    or ``fnmatch`` patterns (``history_*_seed*.csv``). Only those (and our own
+    temporary files) are removed, and only when nothing else is there, so no
+    file the user did not ask the subcommand to write is ever deleted.
     """
+    import fnmatch
+
     if not (workdir / "config.json").is_file():
         return  # no run to replace
-    foreign = sorted(p.name for p in workdir.iterdir()
-                     if p.name not in outputs and not p.name.startswith((".write-test", ".")))
+    ours = lambda name: any(fnmatch.fnmatchcase(name, pattern) for pattern in outputs)  # noqa: E731
+    foreign = sorted(p.name for p in workdir.iterdir() if not ours(p.name) and not p.name.startswith((".write-test", ".")))
     if foreign:
         raise ValueError(f"--overwrite: {workdir} holds files this subcommand did not write ({', '.join(foreign)}); "
                          "refusing to delete anything (move them, or choose another --workdir)")
-    if (workdir / "params").exists() and not checkpoint.is_checkpoint(workdir / "params"):
+    if (workdir / "params").exists() and not _only_checkpoints(workdir / "params"):
         raise ValueError(f"--overwrite: {workdir / 'params'} is not a parameter checkpoint; refusing to delete it")
-    for name in outputs:
-        path = workdir / name
+    for path in sorted(workdir.iterdir()):
+        if not ours(path.name):
+            continue
         if path.is_dir():
             shutil.rmtree(path)
-        elif path.exists():
+        else:
             path.unlink()
+
+
+def _only_checkpoints(path: Path) -> bool:
+    """Whether ``path`` is a parameter checkpoint or a folder of them (compare's params/<method>/seed<s>)."""
+    return checkpoint.is_checkpoint(path) or (path.is_dir() and all(_only_checkpoints(p) for p in path.iterdir()))
