@@ -203,8 +203,8 @@ def run_tiny(phases, params=None, images=None, **kw):
                          digits().images if images is None else images, **options)
 
 
-def es(**kw):
-    return an.evolution_strategy(tiny()[1], 2, 0.01, noise="gaussian", **kw)
+def es(num_pairs=2, **kw):
+    return an.evolution_strategy(tiny()[1], num_pairs, 0.01, noise="gaussian", **kw)
 
 
 def fit_es(**kw):
@@ -549,10 +549,14 @@ CASES = [
          ValueError, "temperature schedule must return a scalar",
          lambda tmp: first_step(anneal(temperature=lambda count: jnp.ones(3)))),
     # ~300 GiB: every member's low-rank noise is drawn before the evaluation (3 GiB per 10**6 members here)
-    Case("step-memory", "num_proposals=10**8 with low_rank on the tiny VAE (a step needing ~300 GiB)",
-         "driver.iterate (compile)",
-         ValueError, "the compiled training step needs about",
-         lambda tmp: fit(optimizer=anneal(proposal=an.low_rank(0.01), num_proposals=10**8))),
+    Case("step-memory", "num_proposals=10**9 with low_rank on the tiny VAE (noise of ~1.6 TB drawn at once)",
+         "annealing step (first trace)", ValueError, "num_proposals: the noise of 1000000001 members, drawn at "
+         "once, needs about", lambda tmp: fit(optimizer=anneal(proposal=an.low_rank(0.01), num_proposals=10**9))),
+    Case("jit-step-memory", "jax.jit(sa.step) at num_proposals=10**9 with low_rank, outside the driver (issue 23)",
+         "annealing step (first trace)", ValueError, "needs about",
+         lambda tmp: first_step(anneal(proposal=an.low_rank(0.01), num_proposals=10**9))),
+    Case("es-step-memory", "an ES step with num_pairs=10**9", "ES step (first trace)", ValueError,
+         "num_pairs: the noise of 2000000000 members", lambda tmp: step_with(es(num_pairs=10**9))),
     Case("cli-compare-resume-truncated", "--resume with a truncated config.json", "compare.py", E,
          "--resume: cannot read", lambda tmp: saved_config(tmp, '{"config": {"hidd')),
     Case("cli-compare-resume-keyless", '--resume with a config.json without its "config" key', "compare.py", E,

@@ -62,7 +62,9 @@ DISK_FAULTS = [("run-checkpoint", 4), ("run-checkpoint", 8), ("atomic-write", 7)
 NAN_FAULTS = ["nan-incumbent-run_method", "nan-incumbent-compare"]
 DETERMINISM_RUNS = 3
 
-NUM_FAULTS_INJECTED = len(NAN_FAULTS) + len(KILL_POINTS) + len(DISK_FAULTS)
+# The full disk of `savae train` and `savae plateau` (one injection each, issue 23).
+SUBCOMMAND_DISK_FAULTS = ["train", "plateau"]
+NUM_FAULTS_INJECTED = len(NAN_FAULTS) + len(KILL_POINTS) + len(DISK_FAULTS) + len(SUBCOMMAND_DISK_FAULTS)
 # Runs whose results are compared with another run's: the NaN test's clean
 # reference, the killed-and-resumed run, each disk-full run after its resume,
 # and the determinism runs (the first of which is the SIGKILL test's reference).
@@ -324,3 +326,36 @@ def test_three_runs_of_compare_give_identical_results(reference_run, determinism
     for other in determinism_runs:
         assert results(other) == results(reference_run)
         assert_same_params(other, reference_run, ("adam", "sa-refine"))
+
+
+@pytest.mark.parametrize("subcommand", SUBCOMMAND_DISK_FAULTS)
+def test_a_full_disk_is_one_clear_error_in_every_subcommand(tmp_path, monkeypatch, subcommand):
+    """Issue 23: `savae train` on a full disk ended in a raw OSError traceback (compare's clear message
+    did not reach it). One handler (flags.disk_errors) now serves every subcommand."""
+    from savae_jax.experiments import plateau, train
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC) + " (injected)")
+
+    small = ["--hidden", "16", "--latents", "3", "--batch-size", "100", "--workdir", str(tmp_path / "w")]
+    if subcommand == "train":
+        monkeypatch.setattr(checkpoint.RunCheckpointer, "save", full)  # the first epoch's checkpoint
+        argv, main = [*small, "--epochs", "1", "--quiet"], train.main
+    else:
+        original = checkpoint.atomic_write_bytes
+        calls = []
+
+        def third_write(*args, **kwargs):  # the workdir probe and config.json are written, results.json not
+            calls.append(1)
+            return full() if len(calls) >= 3 else original(*args, **kwargs)
+
+        monkeypatch.setattr(checkpoint, "atomic_write_bytes", third_write)
+        argv = [*small, "--max-epochs", "1", "--extra-evals", "30", "--eval-iwae", "0", "--seeds", "0",
+                "--arms", "adam"]
+        main = plateau.main
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    message = str(info.value.code)
+    assert message.startswith(f"savae {subcommand}: cannot write to --workdir") and "No space left" in message
+    assert "--resume" in message
+    assert json.loads((tmp_path / "w" / "config.json").read_text())["config"]  # what was written is intact

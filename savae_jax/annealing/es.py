@@ -162,7 +162,12 @@ def estimate(loss_fn, params, key_noise, key_loss, batch, num_pairs: int, scale,
     """
     base = jnp.asarray(scale, jnp.float32)
     layout = _layout(noise, loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
-    half = jax.vmap(functools.partial(lowrank.draw, layout))(jax.random.split(key_noise, num_pairs))
+    pair_keys = jax.random.split(key_noise, num_pairs)
+    draw_half = jax.vmap(functools.partial(lowrank.draw, layout))
+    # K = 2 x num_pairs members' noise (the pairs and their negatives), checked abstractly: no draw here.
+    lowrank.check_drawn_memory(draw_half, jax.ShapeDtypeStruct((2 * num_pairs, *pair_keys.shape[1:]),
+                                                               pair_keys.dtype), "num_pairs")
+    half = draw_half(pair_keys)
     noises = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), half, lowrank.negate(half))
     losses = _member_losses(functools.partial(_member_loss, layout, loss_fn, key_loss, batch), noises,
                             mesh, axis_name, lowrank.member_chunk(layout))

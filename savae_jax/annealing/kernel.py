@@ -47,7 +47,7 @@ import numpy as np
 from savae_jax import validation
 from savae_jax.annealing import acceptance as acceptance_lib
 from savae_jax.annealing import decision as decision_lib
-from savae_jax.annealing import sharding
+from savae_jax.annealing import lowrank, sharding
 from savae_jax.annealing.proposals import Proposal
 from savae_jax.annealing.schedules import ScheduleEvent, StatefulSchedule, as_stateful, scalar_value
 from savae_jax.annealing.schedules import fault as schedule_fault
@@ -208,7 +208,10 @@ def _evaluate(prep, keys, active):
     A kernel with ``prep.draw`` has every member's noise drawn here, once,
     and its ``loss`` takes a member's noise instead of its key.
     """
-    members = keys if getattr(prep, "draw", None) is None else prep.draw(keys)
+    draw = getattr(prep, "draw", None)
+    if draw is not None:
+        lowrank.check_drawn_memory(draw, keys, "num_proposals")
+    members = keys if draw is None else draw(keys)
     return sharding.map_members(prep.loss, members, active, chunk=getattr(prep, "chunk_size", None))
 
 

@@ -265,6 +265,24 @@ def draw_all(layout: Layout, keys) -> Noise:
     return jax.lax.map(functools.partial(draw, layout), keys)
 
 
+def check_drawn_memory(draw_fn, keys, what: str) -> None:
+    """Refuse noise drawn for every member at once that would not fit in the device's memory.
+
+    ``draw_fn(keys)`` is evaluated abstractly (``jax.eval_shape``: no FLOPs)
+    when the step is traced, so ``jax.jit(step)`` at an absurd member count
+    fails at once with the number, naming ``what`` (e.g. ``num_proposals``),
+    instead of compiling a step that exhausts the memory when it runs. The
+    driver checks the whole compiled step as well (``driver.check_step_memory``).
+    """
+    from savae_jax.driver import device_memory_bytes  # the driver imports nothing of annealing
+
+    need = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree_util.tree_leaves(jax.eval_shape(draw_fn, keys)))
+    limit = device_memory_bytes()
+    if limit and need > limit:
+        raise ValueError(f"{what}: the noise of {keys.shape[0]} members, drawn at once, needs about "
+                         f"{need / 2**30:.1f} GiB but the device has {limit / 2**30:.1f} GiB; use fewer members")
+
+
 def negate(noise: Noise) -> Noise:
     """The antithetic partner of a draw: -E (for a kernel, -A B^T: negate A only)."""
     return Noise(factors={p: (-a, b) for p, (a, b) in noise.factors.items()},

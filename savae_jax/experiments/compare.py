@@ -299,15 +299,13 @@ def main(argv=None, prog: str | None = None) -> dict:
     log(f"{config.dataset}: {len(train.images)} train / {0 if val is None else len(val.images)} validation / "
         f"{len(test.images)} test, budget {config.budget_evals} evals per method, seeds "
         f"{','.join(map(str, config.seeds))}, backend {jax.default_backend()}")
-    try:
-        results = run_all(methods, config, args, workdir, model, (train, val, test), mesh, log)
-    except driver.NonFiniteLossError as err:
-        sys.exit(f"{parser.prog}: stopped: {err}. Results of finished methods are in {workdir}.")
-    except OSError as err:
-        sys.exit(f"{parser.prog}: cannot write to --workdir {workdir}: {err}. "
-                 "Files written before this error are intact; fix the disk and rerun with --resume.")
-    if distributed.is_primary():
-        print(write_report(workdir, results, config, args.log_evals))
+    with flags.disk_errors(parser.prog, workdir):
+        try:
+            results = run_all(methods, config, args, workdir, model, (train, val, test), mesh, log)
+        except driver.NonFiniteLossError as err:
+            sys.exit(f"{parser.prog}: stopped: {err}. Results of finished methods are in {workdir}.")
+        if distributed.is_primary():
+            print(write_report(workdir, results, config, args.log_evals))
     return results
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import sys
 from pathlib import Path
 
 import savae_jax as sv
@@ -40,6 +42,18 @@ def show_defaults(parser, defaults: dict) -> None:
         value = defaults.get(action.dest)
         if action.default is None and value is not None and "default" not in (action.help or ""):
             action.help = f"{action.help} (default {value})" if action.help else f"default {value}"
+
+
+@contextlib.contextmanager
+def disk_errors(prog: str, workdir):
+    """Turn an OSError while a subcommand writes --workdir (a full disk, a folder removed under it)
+    into one clear exit (status 1) instead of a traceback: every file is written atomically, so what
+    was written before is intact and ``--resume`` continues the run."""
+    try:
+        yield
+    except OSError as err:
+        sys.exit(f"{prog}: cannot write to --workdir {workdir}: {err}. Files written before this error are "
+                 "intact; fix the disk and rerun with --resume.")
 
 
 def comma_list(text: str, flag: str, convert=str, example: str = "") -> list:

@@ -229,15 +229,16 @@ def main(argv=None, prog: str | None = None) -> dict:
     if args.resume and (workdir / "results.json").is_file():  # the seeds already done are kept as they are
         results = json.loads((workdir / "results.json").read_text())
         log(f"resuming: seeds {', '.join(results) or 'none'} done")
-    checkpoint.atomic_write_json(workdir / "config.json", {"config": args.to_dict()})
-    for seed in seeds:
-        if str(seed) in results:
-            continue
-        results[str(seed)] = run_seed(seed, arms, args, model, (train, val, test), batch_fn, log)
-        checkpoint.atomic_write_json(workdir / "results.json", results)
-    summary = summarize(results, arms, args)
-    checkpoint.atomic_write_text(workdir / "summary.md", summary)
-    figures.save_plateau_figure(workdir, results, arms)
+    with flags.disk_errors(parser.prog, workdir):
+        checkpoint.atomic_write_json(workdir / "config.json", {"config": args.to_dict()})
+        for seed in seeds:
+            if str(seed) in results:
+                continue
+            results[str(seed)] = run_seed(seed, arms, args, model, (train, val, test), batch_fn, log)
+            checkpoint.atomic_write_json(workdir / "results.json", results)
+        summary = summarize(results, arms, args)
+        checkpoint.atomic_write_text(workdir / "summary.md", summary)
+        figures.save_plateau_figure(workdir, results, arms)
     print(summary)
     return results
 

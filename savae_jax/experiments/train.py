@@ -233,6 +233,12 @@ def main(argv=None, prog: str | None = None) -> dict:
     parser = build_parser(prog)
     args, mesh = flags.parse_args(parser, argv, config_file=True)
     run = check_run(args, parser, mesh)
+    with flags.disk_errors(parser.prog, args.workdir):
+        return train_run(args, parser, run, mesh)
+
+
+def train_run(args, parser, run: dict, mesh) -> dict:
+    """main's run after the checks: config.json, the phases, then metrics.json, params/ and the grids."""
     workdir, train, test = Path(args.workdir), run["train"], run["test"]
     # Across processes (--distributed) every process trains the same replicated
     # model; process 0 alone prints and writes --workdir (give all the same one).
