@@ -6,6 +6,8 @@ pixels, never averaged.
 
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Callable, NamedTuple
 
@@ -79,6 +81,26 @@ def _free_bits_loss(key, params, x, model, beta, free_bits):
 
 
 def make_loss(model, beta=1.0, free_bits: float | None = None) -> LossFn:
+    """The shared objective (see :func:`_make_loss`); one object per ``(model, beta, free_bits)``.
+
+    The same arguments give the same function object (Flax modules compare by
+    their fields), so every evaluation jitted with the loss as a static
+    argument compiles once per loss, not once per call of ``make_loss``
+    (``evaluation.report`` builds the true ELBO's loss for every model it
+    scores). Arguments that cannot be hashed get a new function each time.
+    """
+    try:
+        return _cached_loss(model, beta, free_bits)
+    except TypeError:  # an unhashable beta (e.g. an array): build it afresh
+        return _make_loss(model, beta, free_bits)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_loss(model, beta, free_bits):
+    return _make_loss(model, beta, free_bits)
+
+
+def _make_loss(model, beta=1.0, free_bits: float | None = None) -> LossFn:
     """The shared objective: ``loss_fn(params, key, x)`` = mean negative ELBO (nats).
 
     With a constant ``beta`` (a number) the result is

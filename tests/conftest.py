@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -47,12 +48,13 @@ class _Job:
     def __init__(self, fixture: str, fn):
         self.fixture, self.fn = fixture, fn
         self.lock = threading.Lock()
-        self.done, self.result, self.error = False, None, None
+        self.done, self.result, self.error, self.seconds = False, None, None, 0.0
 
     def run(self, config):
         """The work's result, computed once (by whichever thread asks first; the other waits)."""
         with self.lock:
             if not self.done:
+                start = time.perf_counter()
                 try:
                     factory = getattr(config, "_tmp_path_factory", None)
                     tmp = (factory.mktemp(self.fixture) if factory is not None
@@ -60,7 +62,7 @@ class _Job:
                     self.result = self.fn(tmp)
                 except BaseException as err:  # re-raised in the fixture that needs it
                     self.error = err
-                self.done = True
+                self.done, self.seconds = True, time.perf_counter() - start
         if self.error is not None:
             raise self.error
         return self.result
@@ -130,6 +132,14 @@ def pytest_collection_finish(session):
                     pass
 
         threading.Thread(target=work, name="background-fixtures", daemon=True).start()
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The wall time of each background job (they overlap the tests, so --durations does not show them)."""
+    done = [job for job in _JOBS.values() if job.done]
+    if done:
+        terminalreporter.write_line("background jobs: " + ", ".join(
+            f"{job.fixture} {job.seconds:.1f} s" for job in done))
 
 
 def pytest_unconfigure(config):
