@@ -117,6 +117,24 @@ def evaluate(
     return float(value)
 
 
+def evaluate_stacked(loss_fn, params, images, key: jax.Array | None = None, batch_size: int = 1000,
+                     binarize: str | None = None, static_seed: int = 0) -> np.ndarray:
+    """:func:`evaluate` of every member of ``params``, stacked along a leading axis: (n,) numpy.
+
+    One ``jax.vmap`` over the members (e.g. the trials of a tuning group), each
+    scored on the same examples and noise as :func:`evaluate` scores it.
+    """
+    one = jax.tree_util.tree_map(lambda p: p[0], params)  # the members' shapes, checked against the model
+    images, key, batch_size = _eval_inputs(images, key, batch_size, getattr(loss_fn, "model", None), one)
+    batch_fn = data_lib.as_batch_fn(binarize, static_seed)
+    return np.asarray(_evaluate_members(loss_fn, params, key, images, batch_size=batch_size, batch_fn=batch_fn))
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size", "batch_fn"))
+def _evaluate_members(loss_fn, params, key, images, *, batch_size, batch_fn):
+    return jax.vmap(lambda p: _evaluate(loss_fn, p, key, images, batch_size=batch_size, batch_fn=batch_fn))(params)
+
+
 def _chunk_plan(n: int, batch_size: int):
     """Padded example indices (chunks, batch_size) and their validity mask."""
     num_chunks = -(-n // batch_size)

@@ -13,7 +13,7 @@ import math
 import optax
 
 import savae_jax as sv
-from savae_jax import annealing
+from savae_jax import annealing, validation
 from savae_jax.experiments.settings import (ACCEPTANCES, BETA_SCHEDULES, MODELS, OPTAX_ALIASES, PROPOSALS,
                                             SCHEDULES, AnnealerConfig, ESConfig, ModelConfig, as_config, flag_name)
 
@@ -57,16 +57,34 @@ def make_training_loss(model, config: ModelConfig | dict):
         raise ValueError(f"--beta-schedule {kind}: {err}") from err
 
 
-def make_optimizer(name: str, lr: float, flag: str = "--optimizer") -> optax.GradientTransformation:
-    """``optax.<name>(lr)``; ValueError naming ``flag`` for an unknown name or lr <= 0."""
+def _number_in(value, ok) -> bool:
+    """Whether ``value`` is a finite real scalar with ``ok(value)``; a traced one (a vmapped sweep) passes."""
+    if validation.is_traced(value):
+        return True
+    if isinstance(value, (bool, str, bytes)) or getattr(value, "ndim", 0) != 0:
+        return False
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        return False
+    return math.isfinite(v) and ok(v)
+
+
+def make_optimizer(name: str, lr: float, flag: str = "--optimizer", **kwargs) -> optax.GradientTransformation:
+    """``optax.<name>(lr, **kwargs)``; ValueError naming ``flag`` for an unknown name or lr <= 0.
+
+    ``lr`` may be traced (a vmapped sweep of trials): it is then not checked here."""
     if name not in OPTAX_ALIASES:
         raise ValueError(
             f"{flag}: unknown optimizer {name!r}; choose an optax alias such as adam, rmsprop "
             f"or sgd (all: {', '.join(OPTAX_ALIASES)})"
         )
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+    if not _number_in(lr, lambda v: v > 0):
         raise ValueError(f"{flag}: learning rate must be a finite number > 0, got {lr!r}")
-    return getattr(optax, name)(lr)
+    momentum = kwargs.get("momentum")
+    if momentum is not None and not _number_in(momentum, lambda v: 0 <= v < 1):
+        raise ValueError(f"{flag.rsplit('.', 1)[0]}.momentum: must be in [0, 1), got {momentum!r}")
+    return getattr(optax, name)(lr, **kwargs)
 
 
 def _choice(config, key: str, options, prefix: str) -> str:

@@ -247,3 +247,32 @@ def save_plateau_figure(workdir: Path, results: dict, arms) -> None:
     """plateau.png (:func:`plateau_figure`) in ``workdir``."""
     _agg()
     _save(plateau_figure(results, arms), Path(workdir) / "plateau.png")
+
+
+def tuning_figure(method: str, rows: list[dict], names: list[str]):
+    """The validation score of every trial of ``method`` against each hyperparameter (one panel each);
+    the default settings' trial in red. Log-scaled axes for values spanning more than a decade."""
+    import matplotlib.pyplot as plt
+
+    names = names or ["trial"]
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 3), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        sampled = [r for r in rows if r["trial"] != "default"]
+        xs = [r.get(name, r["trial"]) for r in sampled]
+        ax.scatter(xs, [r["val_neg_elbo"] for r in sampled], s=14, label="trials")
+        for r in rows:
+            if r["trial"] == "default":
+                ax.scatter([r.get(name, 0)], [r["val_neg_elbo"]], color="C3", marker="x", label="default")
+        numbers = [x for x in xs if isinstance(x, (int, float))]
+        if numbers and min(numbers) > 0 and max(numbers) / min(numbers) > 10:
+            ax.set_xscale("log")
+        ax.set(xlabel=name, title=method if name == names[0] else "")
+    axes[0][0].set_ylabel("validation -ELBO (nats)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def save_tuning_figure(workdir, method: str, rows: list[dict], names: list[str]) -> None:
+    """tuning_<method>.png (:func:`tuning_figure`) in ``workdir``."""
+    _save(tuning_figure(method, rows, names), Path(workdir) / f"tuning_{method}.png")

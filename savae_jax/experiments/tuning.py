@@ -1,0 +1,412 @@
+"""Equal tuning budgets: N quasi-random trials per method from its search space, scored on validation.
+
+    savae tune --dataset digits --methods adam,sa-refine --trials 16 --budget-evals 15000 --workdir runs/tune
+
+Every method of the registry declares a search space next to its defaults
+(``registry.SEARCH_SPACES``). A study draws the same number N of trials for
+every method from a scrambled Sobol sequence (``scipy.stats.qmc``; the same
+seed gives the same trials), runs each trial at the same budget of loss
+evaluations on the training part, and scores it by the validation negative
+ELBO of the parameters the validation gate keeps (``driver.run``'s gate: the
+best row, or the initial parameters). The test split is never loaded.
+
+Trials that differ only in floating-point hyperparameters (learning rates,
+scales, temperatures, momenta) share one compiled program: a trial group is
+one ``jax.vmap`` over them (:func:`stacked`), with every trial seeing the
+same batches and keys as a run of its own would. Trials whose choices differ
+(a share, a decision size, K, the confident rule's level) change the program
+and form other groups. The study is saved after every group (``study.json``)
+and ``--resume`` continues with the groups left.
+
+Outputs in --workdir: ``trials.csv`` (a row per trial: every hyperparameter,
+the validation score, the kept step, evaluations and seconds),
+``tuned_config.json`` (a ``savae compare --config`` file with each method's
+best trial), ``summary.md`` (best against default per method) and
+``tuning_<method>.png`` (validation score against each hyperparameter).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import time
+import zlib
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import savae_jax as sv
+from savae_jax import checkpoint, driver, evaluation
+from savae_jax.experiments import builders, figures, flags, registry
+from savae_jax.experiments import workdir as workdirs
+from savae_jax.experiments.settings import ModelConfig
+from savae_jax.optimizer import Optimizer
+
+tree_map = jax.tree_util.tree_map
+
+
+# ------------------------------------------------------------------ sampling
+
+
+def sobol(dims: int, num: int, seed: int) -> np.ndarray:
+    """(num, dims) points of a scrambled Sobol sequence in [0, 1), a pure function of ``seed``."""
+    import warnings
+
+    from scipy.stats import qmc
+
+    try:
+        sampler = qmc.Sobol(dims, scramble=True, rng=np.random.default_rng(seed))
+    except TypeError:  # scipy < 1.15 names it seed
+        sampler = qmc.Sobol(dims, scramble=True, seed=np.random.default_rng(seed))
+    with warnings.catch_warnings():  # N need not be a power of 2 (the balance warning is about that)
+        warnings.simplefilter("ignore", UserWarning)
+        return sampler.random(num)
+
+
+def method_seed(seed: int, method: str) -> int:
+    """The sampler's seed for ``method`` in a study of ``seed``: each method its own sequence."""
+    return int(np.random.SeedSequence([seed, zlib.crc32(method.encode())]).generate_state(1)[0])
+
+
+def sample_trials(space: dict, num: int, seed: int) -> list[dict]:
+    """``num`` trials from ``space`` (``{name: registry.Dist}``): log-uniform values sampled in log,
+    uniform ones linearly, choices equally often; the same ``seed`` gives the same trials."""
+    names = sorted(space)
+    if not names:
+        return [{} for _ in range(num)]
+    trials = []
+    for row in sobol(len(names), num, seed):
+        trial = {}
+        for name, u in zip(names, row):
+            d = space[name]
+            if d.kind == "log":
+                trial[name] = float(math.exp(math.log(d.low) + u * (math.log(d.high) - math.log(d.low))))
+            elif d.kind == "uniform":
+                trial[name] = float(d.low + u * (d.high - d.low))
+            else:
+                trial[name] = d.choices[min(int(u * len(d.choices)), len(d.choices) - 1)]
+        trials.append(trial)
+    return trials
+
+
+def group_key(trial: dict, space: dict) -> tuple:
+    """What a trial shares with the others of its group: its choices (sorted by name)."""
+    return tuple((name, trial[name]) for name in sorted(space) if space[name].kind == "choice")
+
+
+def groups(trials: list[dict], space: dict) -> dict[tuple, list[int]]:
+    """Trial indices by :func:`group_key`, in order of first appearance."""
+    out: dict[tuple, list[int]] = {}
+    for i, trial in enumerate(trials):
+        out.setdefault(group_key(trial, space), []).append(i)
+    return out
+
+
+def space_table() -> str:
+    """The search spaces of every method as one Markdown table (docs/tuning.md holds it; a test keeps
+    the two in sync)."""
+    def shown(d):
+        if d.kind == "choice":
+            return "one of " + ", ".join(map(str, d.choices))
+        return f"{d.kind} [{d.low:g}, {d.high:g}]"
+
+    rows = ["| method | hyperparameter | default | sampled from |", "|---|---|---|---|"]
+    for method in registry.METHODS:
+        defaults = registry.method_keys(method)
+        for name, d in sorted(registry.SEARCH_SPACES[method].items()):
+            rows.append(f"| {method} | {name} | {defaults[name]:g} | {shown(d)} |")
+    return "\n".join(rows) + "\n"
+
+
+# ------------------------------------------------------------------ one group as one vmap
+
+
+def stacked(build, hparams) -> Optimizer:
+    """The optimizers ``build(h)`` for every row of ``hparams`` as ONE optimizer over a trial axis.
+
+    ``hparams``: a dict of (n,) arrays; ``build(h)`` gets one row (traced
+    scalars) and returns an :class:`~savae_jax.optimizer.Optimizer` whose
+    program does not depend on the values (the sweep pattern of
+    ``annealing.replica_exchange``). Every trial gets the step's key and
+    batch unchanged, as a run of its own would. ``init`` takes stacked
+    parameters (a leading trial axis).
+    """
+    first = build(tree_map(lambda a: a[0], hparams))
+
+    def init(params):
+        return jax.vmap(lambda h, p: build(h).init(p))(hparams, params)
+
+    def step(key, state, batch):
+        return jax.vmap(lambda h, s: build(h).step(key, s, batch))(hparams, state)
+
+    return Optimizer(init=init, step=step, cost=first.cost, loss_fn=first.loss_fn,
+                     examples_per_step=first.examples_per_step, batch_size=first.batch_size)
+
+
+def trial_params(state):
+    """Each trial's parameters from a stacked state (a replica exchange's are its coldest replica's)."""
+    return jax.vmap(lambda s: s.params)(state)
+
+
+@dataclasses.dataclass
+class Workload:
+    """What every trial of a study runs on: the model, loss, data and budget."""
+
+    model: object
+    loss_fn: object
+    train: np.ndarray
+    val: np.ndarray
+    budget_evals: int
+    batch_size: int
+    eval_every: int
+    batch_fn: sv.data.BatchFn
+    key: jax.Array
+
+    def validate_stacked(self, params) -> np.ndarray:
+        """The validation negative ELBO of each trial's parameters (a leading trial axis)."""
+        return evaluation.evaluate_stacked(sv.make_loss(self.model), params, self.val, binarize=self.batch_fn)
+
+
+def run_group(method: str, settings: list[dict], work: Workload, params0) -> tuple[list[dict], object]:
+    """Run the trials ``settings`` (full setting dicts of ``method`` that differ only in floats) as one vmap.
+
+    Each trial runs the method's phases at ``work.budget_evals``, with rows
+    every ``eval_every`` steps and at each phase's end, as ``driver.run``
+    would, and the validation gate keeps its best row (or the initial
+    parameters, step 0). Returns ``(rows, kept)``: one dict per trial,
+    ``val_neg_elbo`` (of the kept parameters), ``best_step``, ``evals``,
+    ``steps``, ``seconds`` (the group's, shared); and the kept parameters,
+    stacked along a leading trial axis.
+    """
+    space = registry.SEARCH_SPACES[method]
+    floats = [k for k in sorted(space) if space[k].kind != "choice"]
+    fixed = {k: v for k, v in settings[0].items() if k not in floats}
+    num = len(settings)
+    # The swept floats (an index alone when a space has none: the vmap needs an axis).
+    hparams = {k: jnp.asarray([s[k] for s in settings], jnp.float32) for k in floats} or {
+        "_trial": jnp.arange(num)}
+
+    def build_phases(h):
+        h = {k: v for k, v in h.items() if k != "_trial"}
+        return registry.assemble_phases(method, fixed | h, work.loss_fn, batch_size=work.batch_size)
+
+    probe = registry.assemble_phases(method, settings[0], work.loss_fn, batch_size=work.batch_size)
+    max_steps = driver.phase_steps(probe, len(work.train), work.batch_size, work.budget_evals)
+    params = tree_map(lambda p: jnp.broadcast_to(p, (num, *p.shape)), params0)
+    best, kept = work.validate_stacked(params), params
+    best_step = np.zeros(num, np.int64)
+    total, evals, start = 0, 0, time.perf_counter()
+    for index, steps_left in enumerate(max_steps):
+        optimizer = stacked(lambda h, i=index: build_phases(h)[i].optimizer, hparams)
+        state = optimizer.init(params)
+        steps = driver.iterate(jax.random.fold_in(work.key, index), optimizer, state, work.train,
+                               driver.phase_batch_size(probe[index], work.batch_size), batch_fn=work.batch_fn)
+        for done in range(1, steps_left + 1):
+            _, state, _ = next(steps)
+            total += 1
+            if total % work.eval_every == 0 or done == steps_left:  # driver.run's rows
+                now = trial_params(state)
+                values = work.validate_stacked(now)
+                better = values < best  # strictly lower: on a tie the earlier parameters stay
+                best, best_step = np.where(better, values, best), np.where(better, total, best_step)
+                kept = tree_map(lambda n, k: jnp.where(better.reshape(-1, *[1] * (n.ndim - 1)), n, k), now, kept)
+        evals += steps_left * optimizer.cost
+        params = trial_params(state)
+    seconds = time.perf_counter() - start
+    rows = [{"val_neg_elbo": float(best[i]), "best_step": int(best_step[i]), "evals": evals, "steps": total,
+             "seconds": seconds} for i in range(num)]
+    return rows, kept
+
+
+# ------------------------------------------------------------------ the study
+
+
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+    """The study's settings (its flags)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    methods: str = "adam,sa-refine"
+    trials: int = 8
+    budget_evals: int = 15000
+    seed: int = 0
+    validation: float = 0.1
+    batch_size: int = 128
+    eval_every: int = 200
+    hidden: int = 500
+    latents: int = 20
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    d = TuneConfig()
+    p = argparse.ArgumentParser(prog=prog or "savae tune", description=__doc__.split("\n")[0],
+                                formatter_class=flags.HelpFormatter)
+    p.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(sv.data.DATASETS)}")
+    p.add_argument("--data-dir", default=d.data_dir, help="folder with MNIST IDX files or a TFDS data dir")
+    p.add_argument("--methods", default=d.methods, help=f"comma-separated, from {', '.join(registry.METHODS)}")
+    p.add_argument("--trials", type=flags.positive(int), default=d.trials,
+                   help="quasi-random trials per method (the same for every method)")
+    p.add_argument("--budget-evals", type=flags.positive(int), default=d.budget_evals,
+                   help="loss evaluations per trial")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of the trials, the initial parameters and keys")
+    p.add_argument("--validation", type=float, default=d.validation,
+                   help="fraction of the training set held out to score the trials")
+    p.add_argument("--batch-size", type=flags.positive(int), default=d.batch_size)
+    p.add_argument("--eval-every", type=flags.positive(int), default=d.eval_every,
+                   help="steps between validation checks of the gate")
+    p.add_argument("--hidden", type=flags.positive(int), default=d.hidden)
+    p.add_argument("--latents", type=flags.positive(int), default=d.latents)
+    flags.add_workdir_flags(p, "runs/tune")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    flags.add_config_flag(p)
+    return p
+
+
+OUTPUTS = ("config.json", "study.json", "trials.csv", "tuned_config.json", "summary.md", "tuning_*.png")
+NOT_COMPARED = ("resume", "overwrite", "workdir", "quiet")
+
+
+def check(config: TuneConfig) -> list[str]:
+    """The methods of the study (ValueError naming the flag)."""
+    methods = flags.comma_list(config.methods, "--methods", example="adam,sa-refine")
+    unknown = [m for m in methods if m not in registry.METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(registry.METHODS)}")
+    if not 0 < config.validation < 1:
+        raise ValueError(f"--validation: the trials are scored on it: must be in (0, 1), got {config.validation}")
+    if config.dataset not in sv.data.DATASETS:
+        raise ValueError(f"--dataset: unknown dataset {config.dataset!r}; choose from {', '.join(sv.data.DATASETS)}")
+    return methods
+
+
+def plan(methods: list[str], config: TuneConfig) -> list[dict]:
+    """Every trial of the study, in run order: ``{method, trial, group, settings, tuned}``.
+
+    ``trial`` is the index in the method's Sobol sequence, or "default" for
+    the method's default settings (scored alongside, in the group of its
+    choices, never chosen as the best: every method gets the same N sampled trials).
+    """
+    out = []
+    for method in methods:
+        space = registry.SEARCH_SPACES[method]
+        trials = sample_trials(space, config.trials, method_seed(config.seed, method))
+        default = {k: registry.method_keys(method)[k] for k in space}
+        entries = [(i, t) for i, t in enumerate(trials)] + [("default", default)]
+        by_group: dict[tuple, list] = {}
+        for index, trial in entries:
+            by_group.setdefault(group_key(trial, space), []).append((index, trial))
+        for g, (key, members) in enumerate(by_group.items()):
+            for index, trial in members:
+                out.append({"method": method, "trial": index, "group": f"{method}/{g}", "tuned": trial,
+                            "settings": registry.check_method_settings(method, trial)})
+    return out
+
+
+def main(argv=None, prog: str | None = None) -> dict:
+    """``savae tune``: flags -> the study's trials -> one vmap per group -> trials.csv, tuned_config.json."""
+    parser = build_parser(prog)
+    try:
+        given = vars(flags.parse_with_config(parser, argv))
+        config = TuneConfig(**{k: given[k] for k in TuneConfig.__dataclass_fields__})
+        methods = check(config)
+        model_config = ModelConfig(hidden=config.hidden, latents=config.latents)
+        model = builders.make_model(model_config)
+        loss_fn = builders.make_training_loss(model, model_config)
+        study = plan(methods, config)  # every trial's settings checked before anything runs
+        train = sv.load(config.dataset, "train", config.data_dir)  # the test split is never loaded
+        train, val = sv.data.split_validation(train, config.validation)
+        for entry in study:
+            phases = registry.assemble_phases(entry["method"], entry["settings"], loss_fn,
+                                              batch_size=config.batch_size)
+            driver.check_examples(phases, len(train.images), config.batch_size)
+            driver.phase_steps(phases, len(train.images), config.batch_size, config.budget_evals)
+        workdir = Path(given["workdir"])
+        workdirs.prepare(workdir, dataclasses.asdict(config), argparse.Namespace(**given), OUTPUTS, NOT_COMPARED)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    log = (lambda line: None) if given["quiet"] else (lambda line: print(line, flush=True))  # noqa: E731
+    with flags.disk_errors(parser.prog, workdir):
+        results = run_study(study, config, model, loss_fn, (train, val), workdir, log)
+        write_outputs(workdir, study, results, methods, config)
+    print((workdir / "summary.md").read_text())
+    return results
+
+
+def run_study(study, config: TuneConfig, model, loss_fn, data, workdir: Path, log) -> dict:
+    """Run every group not yet in ``workdir/study.json``, saving it after each; ``{trial id: result}``."""
+    train, val = data
+    checkpoint.atomic_write_json(workdir / "config.json", {"config": dataclasses.asdict(config)})
+    saved = workdir / "study.json"
+    results = json.loads(saved.read_text())["results"] if saved.is_file() else {}
+    key_init, key_run = jax.random.split(jax.random.key(config.seed))
+    params0 = sv.models.init(key_init, model, train.images[:1])
+    work = Workload(model=model, loss_fn=loss_fn, train=jnp.asarray(train.images), val=jnp.asarray(val.images),
+                    budget_evals=config.budget_evals, batch_size=config.batch_size, eval_every=config.eval_every,
+                    batch_fn=sv.data.BatchFn("dynamic"), key=key_run)
+    for group in dict.fromkeys(e["group"] for e in study):
+        members = [e for e in study if e["group"] == group]
+        if all(trial_id(e) in results for e in members):
+            continue
+        out, _ = run_group(members[0]["method"], [e["settings"] for e in members], work, params0)
+        for entry, result in zip(members, out):
+            results[trial_id(entry)] = result
+        checkpoint.atomic_write_json(saved, {"results": results})
+        log(f"{group}: {len(members)} trials in {out[0]['seconds']:.1f} s, best validation -ELBO "
+            f"{min(r['val_neg_elbo'] for r in out):.3f}")
+    return results
+
+
+def trial_id(entry: dict) -> str:
+    return f"{entry['method']}/{entry['trial']}"
+
+
+def best_trials(study, results) -> dict:
+    """Each method's best sampled trial (lowest validation score; the first on a tie)."""
+    best = {}
+    for entry in study:
+        if entry["trial"] == "default":
+            continue
+        value = results[trial_id(entry)]["val_neg_elbo"]
+        method = entry["method"]
+        if method not in best or value < results[trial_id(best[method])]["val_neg_elbo"]:
+            best[method] = entry
+    return best
+
+
+def write_outputs(workdir: Path, study, results, methods, config: TuneConfig) -> None:
+    """trials.csv, tuned_config.json, summary.md and the per-method plots."""
+    rows = [{"method": e["method"], "trial": e["trial"], "group": e["group"], **e["tuned"],
+             **results[trial_id(e)]} for e in study]
+    workdirs.write_csv(workdir / "trials.csv", rows)
+    best = best_trials(study, results)
+    tuned = {"dataset": config.dataset, "methods": ",".join(methods), "budget_evals": config.budget_evals,
+             "batch_size": config.batch_size, "hidden": config.hidden, "latents": config.latents,
+             "validation": config.validation,
+             "method_config": {m: {k: v for k, v in best[m]["settings"].items()
+                                   if k in registry.SEARCH_SPACES[m] or k in registry.METHOD_DEFAULTS[m]}
+                               for m in methods}}
+    checkpoint.atomic_write_json(workdir / "tuned_config.json", tuned)
+    checkpoint.atomic_write_text(workdir / "summary.md", summarize(study, results, methods, config))
+    for method in methods:
+        figures.save_tuning_figure(workdir, method, [r for r in rows if r["method"] == method],
+                                   sorted(registry.SEARCH_SPACES[method]))
+
+
+def summarize(study, results, methods, config: TuneConfig) -> str:
+    best = best_trials(study, results)
+    lines = [f"# Tuning on {config.dataset}: {config.trials} quasi-random trials per method, "
+             f"{config.budget_evals} evaluations each (seed {config.seed})", "",
+             "Validation negative ELBO (nats) of the parameters each trial's gate kept; the test set was not read.",
+             "", "| method | default | best of the trials | gain | best trial's settings |", "|---|---|---|---|---|"]
+    for method in methods:
+        default = results[f"{method}/default"]["val_neg_elbo"]
+        top = results[trial_id(best[method])]["val_neg_elbo"]
+        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
+                             for k, v in best[method]["tuned"].items())
+        lines.append(f"| {method} | {default:.3f} | {top:.3f} | {default - top:+.3f} | {settings} |")
+    return "\n".join(lines) + "\n"
