@@ -124,8 +124,13 @@ def evaluate_stacked(loss_fn, params, images, key: jax.Array | None = None, batc
     One ``jax.vmap`` over the members (e.g. the trials of a tuning group), each
     scored on the same examples and noise as :func:`evaluate` scores it.
     """
-    one = jax.tree_util.tree_map(lambda p: p[0], params)  # the members' shapes, checked against the model
-    images, key, batch_size = _eval_inputs(images, key, batch_size, getattr(loss_fn, "model", None), one)
+    one = jax.tree_util.tree_map(lambda p: p[0] if np.ndim(p) else p, params)  # one member's shapes
+    try:
+        images, key, batch_size = _eval_inputs(images, key, batch_size, getattr(loss_fn, "model", None), one)
+    except ValueError as err:
+        if not str(err).startswith("params do not fit"):
+            raise
+        raise ValueError(f"params must be stacked along a leading member axis: one member's {err}") from None
     batch_fn = data_lib.as_batch_fn(binarize, static_seed)
     return np.asarray(_evaluate_members(loss_fn, params, key, images, batch_size=batch_size, batch_fn=batch_fn))
 

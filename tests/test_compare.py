@@ -22,24 +22,28 @@ SMALL = ["--hidden", "32", "--latents", "4", "--batch-size", "100",
          "--set", "langevin-sa.proposals=4", "--set", "es.pairs=4", "--set", "es-refine.pairs=4", "--quiet"]
 
 
-def step_cost(name: str) -> int:
-    """Evaluations per step of a method's last phase at the SMALL settings."""
-    args = compare.build_parser().parse_args(["--workdir", "unused", *SMALL])
-    config = compare.resolve_config(args)
-    return registry.build_phases(name, config.method_config[name], small_vae(32, 4)[1],
-                                batch_size=100)[-1].optimizer.cost
+# The README's comparison: every default (the background run below).
+DEFAULT_FLAGS = ["--quiet"]
 
 
-def test_compare_writes_every_output_with_fair_budgets(tmp_path):
-    results = compare.main(["--workdir", str(tmp_path), "--budget-evals", "300", "--eval-every", "10",
-                            "--checkpoint-every", "50", *SMALL])
+def step_cost(name: str, flags=SMALL) -> int:
+    """Evaluations per step of a method's last phase at the settings of ``flags``."""
+    config = compare.resolve_config(compare.build_parser().parse_args(["--workdir", "unused", *flags]))
+    return registry.build_phases(name, config.method_config[name], small_vae(config.hidden, config.latents)[1],
+                                 batch_size=config.batch_size)[-1].optimizer.cost
+
+
+@pytest.mark.slow
+def test_compare_writes_every_output_with_fair_budgets(digits_comparison):
+    """The README's `savae compare` (every method, every default: the pinned run below): its files."""
+    tmp_path, results = digits_comparison
     assert list(results) == list(registry.METHODS)
     for name, entry in results.items():
         assert list(entry["seeds"]) == ["0"]
         r = entry["seeds"]["0"]
         # Every method spends the budget to within one step's cost, never more.
-        cost = step_cost(name)
-        assert 300 - cost < r["evals"] <= 300, (name, r["evals"], cost)
+        cost = step_cost(name, DEFAULT_FLAGS)
+        assert 15000 - cost < r["evals"] <= 15000, (name, r["evals"], cost)
         # The validation gate (on by default) returns the best-validation parameters: their test
         # score is the score of the row (or the initial parameters) it names.
         rows = r["history"]
@@ -51,13 +55,15 @@ def test_compare_writes_every_output_with_fair_budgets(tmp_path):
         assert r["last_test_neg_elbo"] == rows[-1]["test_neg_elbo"]
         assert 20 < r["test_neg_elbo"] < 80
         # IWAE-100 (the default final evaluation) is the tighter bound. Its gap is the posterior's
-        # misfit: below 5 nats for the methods that take gradient steps here;
-        # the annealers from the random init barely train at 300 evaluations (measured: es 5.01).
-        assert 0.0 <= r["elbo_iwae_gap"] < (5.0 if name not in ("sa", "es") else 10.0)
+        # misfit: below 2 nats for the methods that take gradient steps here (measured 0.39-0.73);
+        # sa and es from the random init train little (measured 9.40 and 1.83).
+        assert 0.0 <= r["elbo_iwae_gap"] < (2.0 if name not in ("sa", "es") else 10.0)
         assert r["test_neg_iwae"] == pytest.approx(r["test_neg_elbo"] - r["elbo_iwae_gap"])
-        assert 0 <= r["active_units"] <= 4 and len(r["diagnostics"]["kl_per_dim"]) == 4
+        assert 0 <= r["active_units"] <= 20 and len(r["diagnostics"]["kl_per_dim"]) == 20
         assert [row["evals"] for row in rows] == sorted(row["evals"] for row in rows)
-        if name.startswith(("sa", "langevin")):
+        if name == "sa-pt":  # a replica exchange logs the coldest replica's and the swap rate
+            assert {"temperature", "acceptance_rate", "swap_rate"} <= set(rows[-1])
+        elif name.startswith(("sa", "langevin")):
             assert {"temperature", "radius", "acceptance_rate"} <= set(rows[-1])
         # One seed: the summary is that seed's numbers, with no sd.
         assert entry["summary"]["test_neg_elbo"] == {"mean": r["test_neg_elbo"], "sd": None, "n": 1}
@@ -68,19 +74,20 @@ def test_compare_writes_every_output_with_fair_budgets(tmp_path):
         assert rows[0]["phase"] == "adam" and rows[-1]["phase"] == ("es" if name == "es-refine" else "sa")
         assert results[name]["seeds"]["0"]["phase_ends"]["adam"] == [
             row for row in rows if row["phase"] == "adam"][-1]["test_neg_elbo"]
-    # Its decision costs 2 + 2 * 512 / 100 -> 13 evaluations a step on top (counted in the budget).
-    assert step_cost("sa-refine") == step_cost("sa-refine-naive") + 13
+    # Its decision costs 2 + 2 * 512 / 128 = 10 evaluations a step on top (counted in the budget).
+    assert step_cost("sa-refine", DEFAULT_FLAGS) == step_cost("sa-refine-naive", DEFAULT_FLAGS) + 10
     saved = json.loads((tmp_path / "results.json").read_text())
     assert without_seconds(saved) == without_seconds(json.loads(json.dumps(results)))
     config = json.loads((tmp_path / "config.json").read_text())
-    assert config["config"]["budget_evals"] == 300 and config["backend"] == "cpu"
+    assert config["config"]["budget_evals"] == 15000 and config["backend"] == "cpu"
     assert "jax" in config["versions"]
     summary = (tmp_path / "summary.md").read_text()
-    assert summary.count("\n| ") == 1 + len(registry.METHODS) + 1 + len(registry.REFINEMENTS)
+    # The ranked table, the refinements' table, the time-to-result table.
+    assert summary.count("\n| ") == 1 + len(registry.METHODS) + 1 + len(registry.REFINEMENTS) + 1 + len(registry.METHODS)
     for name in registry.METHODS:
         assert (tmp_path / f"history_{name}_seed0.csv").read_text().startswith("phase,step,evals")
         assert (tmp_path / f"reconstructions_{name}.png").stat().st_size > 0
-    for png in ("test_neg_elbo_vs_seconds.png", "test_neg_elbo_vs_evals.png", "sa_traces.png"):
+    for png in ("test_neg_elbo_vs_seconds.png", "test_neg_elbo_vs_evals.png", "sa_traces.png", "performance_profile.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     check_curves_start_at_the_start(results)
     check_traces(tmp_path, results)
@@ -94,7 +101,7 @@ def check_curves_start_at_the_start(results):
     assert all((f["step"], f["evals"], f["seconds"], f["train_loss"], f["best_step"]) == (0, 0, 0.0, None, 0)
                for f in firsts)
     assert len({f["test_neg_elbo"] for f in firsts}) == 1 and len({f["val_neg_elbo"] for f in firsts}) == 1
-    assert 40 < firsts[0]["test_neg_elbo"] < 80  # untrained (digits, 64 pixels)
+    assert 40 < firsts[0]["test_neg_elbo"] < 80  # untrained (digits, 64 pixels; measured 50.65)
     assert all(entry["seeds"]["0"]["history"][1]["step"] > 0 for entry in results.values())
     # So every plotted curve starts at (0 evaluations, that value), on a log-scaled axis too.
     fig = figures.curves_figure(results, "evals", log_scale=True)
@@ -140,9 +147,9 @@ def check_report(workdir, results):
     page = (workdir / "report.html").read_text()
     embedded = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
     names = report.figure_files(workdir, results)
-    assert len(names) == 3 + 2 * len(results) and len(embedded) == len(names)
+    assert len(names) == 4 + 2 * len(results) and len(embedded) == len(names)
     assert base64.b64decode(embedded[0]) == (workdir / names[0]).read_bytes()
-    assert page.count("<tr>") == (1 + len(results)) + (1 + len(registry.REFINEMENTS))
+    assert page.count("<tr>") == (1 + len(results)) + (1 + len(registry.REFINEMENTS)) + (1 + len(results))
     assert "src=\"http" not in page and "<link" not in page  # self-contained
     summary = (workdir / "summary.md").read_text()
     assert all(f"]({name})" in summary for name in names)
@@ -283,10 +290,14 @@ PINNED_ON_INTEL = {"rmsprop": (22.624780654907227, 22.624780654907227, 22.175621
 
 @background("digits_comparison")
 def _digits_comparison(tmp):
-    """`python experiments/compare.py` with every default, in a subprocess; its results.json."""
+    """`python experiments/compare.py` with every default, in a subprocess: ``(workdir, results.json)``.
+
+    One run serves the pinned numbers and every check of the comparison's outputs (files, budgets,
+    the gate, traces, report.html), so CI runs the README's command once.
+    """
     workdir = tmp / "w"
-    run_script(ROOT / "experiments" / "compare.py", "--workdir", workdir, "--quiet", timeout=1800)
-    return json.loads((workdir / "results.json").read_text())
+    run_script(ROOT / "experiments" / "compare.py", "--workdir", workdir, *DEFAULT_FLAGS, timeout=1800)
+    return workdir, json.loads((workdir / "results.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +307,7 @@ def digits_comparison(request):
 
 @pytest.mark.slow
 def test_the_digits_comparison_keeps_its_pinned_numbers(digits_comparison):
-    results = digits_comparison
+    _, results = digits_comparison
     assert list(results) == list(PINNED_DIGITS)
     for name, pin in PINNED_DIGITS.items():
         r = results[name]["seeds"]["0"]

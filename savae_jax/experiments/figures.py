@@ -7,6 +7,7 @@ PNGs with the Agg backend for the subcommands.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import jax
@@ -14,6 +15,7 @@ import numpy as np
 
 import savae_jax as sv
 from savae_jax import checkpoint
+from savae_jax.experiments import report
 from savae_jax.experiments.report import annealing_steps, read_trace
 
 
@@ -181,6 +183,43 @@ def save_comparison_figures(workdir: Path, results: dict, log_evals: bool = Fals
     fig = traces_figure(traces)
     if fig is not None:
         _save(fig, workdir / "sa_traces.png")
+    goals = report.targets(results)
+    if goals is not None:
+        _save(performance_profile_figure(results, goals), workdir / "performance_profile.png")
+
+
+def performance_profile(results: dict, goals: list[float]) -> dict:
+    """Dolan-More performance profiles of evaluations to each target: ``{method: (taus, fractions)}``.
+
+    A problem is one (seed, target) pair; a method's ratio on it is its evaluations to the target
+    over the fewest any method needed (inf if it never got there). ``fractions[i]`` is the share
+    of problems on which its ratio is <= ``taus[i]``.
+    """
+    seeds = list(next(iter(results.values()))["seeds"])
+    cost = {m: [report.time_to_target(e["seeds"][s]["history"], g)[0] for s in seeds for g in goals]
+            for m, e in results.items() if all(s in e["seeds"] for s in seeds)}
+    best = [min(c[i] for c in cost.values()) for i in range(len(seeds) * len(goals))]
+    ratios = {m: [c[i] / best[i] if math.isfinite(c[i]) and best[i] > 0 else (1.0 if c[i] == best[i] == 0 else
+                                                                                 math.inf)
+                  for i in range(len(best))] for m, c in cost.items()}
+    finite = [r for rs in ratios.values() for r in rs if math.isfinite(r)]
+    taus = np.unique(np.concatenate([[1.0], finite, [max(finite, default=1.0) * 1.05]]))
+    return {m: (taus, np.array([np.mean([r <= t for r in rs]) for t in taus])) for m, rs in ratios.items()}
+
+
+def performance_profile_figure(results: dict, goals: list[float]):
+    """The :func:`performance_profile` of every method, a step curve each (log-scaled tau)."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, (taus, fractions) in performance_profile(results, goals).items():
+        ax.step(taus, fractions, where="post", label=name)
+    ax.set(xscale="log", ylim=(-0.02, 1.02), xlabel="tau (evaluations to the target / the fewest any method needed)",
+           ylabel="fraction of (seed, target) problems",
+           title="Performance profile: targets " + ", ".join(f"{g:.2f}" for g in goals))
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
 
 
 def grid_figures(key, params, model, images, binarize, label: str | None = None) -> dict:

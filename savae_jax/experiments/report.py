@@ -40,6 +40,54 @@ def aggregate(runs: dict) -> dict:
     return {"seeds": runs, "summary": summary}
 
 
+# Time-to-result targets, fixed before the runs: the reference method's validation -ELBO at its kept
+# parameters (the mean over seeds of its best row) plus these nats. The reference is Adam when it runs.
+TARGET_OFFSETS = (1.0, 3.0)
+TARGET_REFERENCE = "adam"
+
+
+def time_to_target(history: list[dict], target: float) -> tuple[float, float]:
+    """``(evaluations, seconds)`` at the first history row whose validation -ELBO is <= ``target``
+    (the step-0 row counts: 0, 0.0); ``(inf, inf)`` if no row reaches it or no row was validated."""
+    for row in history:
+        value = row.get("val_neg_elbo")
+        if value is not None and value <= target:
+            return float(row["evals"]), float(row["seconds"])
+    return math.inf, math.inf
+
+
+def targets(results: dict, offsets=TARGET_OFFSETS, reference: str = TARGET_REFERENCE) -> list[float] | None:
+    """The validation targets of a comparison: ``reference``'s best validation -ELBO (mean over its
+    seeds) plus each offset; None when the reference did not run or had no validation gate."""
+    runs = results.get(reference, {}).get("seeds", {})
+    best = [min(r["val_neg_elbo"] for r in run["history"] if r.get("val_neg_elbo") is not None)
+            for run in runs.values() if any(r.get("val_neg_elbo") is not None for r in run["history"])]
+    if not best or len(best) != len(runs):
+        return None
+    return [sum(best) / len(best) + o for o in offsets]
+
+
+def median(values) -> float:
+    """The median (inf counts as the largest value, so a method that misses on most seeds gets inf)."""
+    ordered = sorted(values)
+    n = len(ordered)
+    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+
+def time_to_target_table(results: dict, goals: list[float]) -> list[str]:
+    """Markdown: each method's median over seeds of the evaluations and seconds to each target."""
+    head = " | ".join(f"evals to {g:.2f} | seconds to {g:.2f}" for g in goals)
+    lines = [f"| method | {head} |", "|---|" + "---|---|" * len(goals)]
+    for name, entry in results.items():
+        cells = []
+        for goal in goals:
+            hits = [time_to_target(run["history"], goal) for run in entry["seeds"].values()]
+            evals, seconds = median([h[0] for h in hits]), median([h[1] for h in hits])
+            cells.append(f"{evals:.0f} | {seconds:.1f}" if math.isfinite(evals) else "∞ | ∞")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def format_mean_sd(stat: dict | None, fmt: str = ".2f") -> str:
     """A :func:`mean_sd` as "mean ± sd" (just the mean for one value; "-" for none)."""
     if stat is None:
@@ -82,6 +130,12 @@ def summarize(results: dict, config) -> str:
                 start = run["phase_ends"]["adam"]
                 lines.append(f"| {name} | {seed} | {start:.2f} | {run['last_test_neg_elbo']:.2f} "
                              f"| {run['test_neg_elbo']:.2f} | {run['last_test_neg_elbo'] - start:+.2f} |")
+    goals = targets(results)
+    if goals is not None:
+        lines += ["", f"Time to result: evaluations and training seconds until the validation -ELBO first "
+                  f"reaches each target (the {TARGET_REFERENCE} method's best validation value, mean over its "
+                  f"seeds, + {' and + '.join(f'{o:g}' for o in TARGET_OFFSETS)} nats; median over seeds; "
+                  "∞: not reached).", ""] + time_to_target_table(results, goals)
     return "\n".join(lines + [""] + effective_settings(results, config)) + "\n"
 
 
@@ -98,7 +152,7 @@ def effective_settings(results: dict, config) -> list[str]:
 
 def figure_files(workdir: Path, results: dict) -> list[str]:
     """The run's PNGs that exist, in reading order: the curves, the traces, then each method's grids."""
-    names = ["test_neg_elbo_vs_evals.png", "test_neg_elbo_vs_seconds.png", "sa_traces.png"]
+    names = ["test_neg_elbo_vs_evals.png", "test_neg_elbo_vs_seconds.png", "sa_traces.png", "performance_profile.png"]
     names += [f"{kind}_{m}.png" for m in results for kind in ("reconstructions", "samples")]
     return [n for n in names if (workdir / n).is_file()]
 

@@ -240,6 +240,7 @@ class TuneConfig:
     eval_every: int = 200
     hidden: int = 500
     latents: int = 20
+    one_by_one: bool = False        # also run every trial alone (driver.run), to time the vmap against it
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -261,6 +262,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="steps between validation checks of the gate")
     p.add_argument("--hidden", type=flags.positive(int), default=d.hidden)
     p.add_argument("--latents", type=flags.positive(int), default=d.latents)
+    p.add_argument("--one-by-one", action="store_true",
+                   help="also run every trial alone (driver.run) and report the group's wall-clock against "
+                        "the sum of the trials' (doubles the work; the choice of trials does not change)")
     flags.add_workdir_flags(p, "runs/tune")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     flags.add_config_flag(p)
@@ -353,12 +357,28 @@ def run_study(study, config: TuneConfig, model, loss_fn, data, workdir: Path, lo
         if all(trial_id(e) in results for e in members):
             continue
         out, _ = run_group(members[0]["method"], [e["settings"] for e in members], work, params0)
+        if config.one_by_one:
+            for entry, result in zip(members, out):
+                result["seconds_alone"] = run_alone(entry, work, params0)
         for entry, result in zip(members, out):
             results[trial_id(entry)] = result
         checkpoint.atomic_write_json(saved, {"results": results})
         log(f"{group}: {len(members)} trials in {out[0]['seconds']:.1f} s, best validation -ELBO "
             f"{min(r['val_neg_elbo'] for r in out):.3f}")
     return results
+
+
+def run_alone(entry: dict, work: Workload, params0) -> float:
+    """Wall-clock seconds of one trial run by itself through ``driver.run`` (compile included, as a
+    group's seconds include its one compile), with the same data, keys and gate."""
+    loss = sv.make_loss(work.model)
+    start = time.perf_counter()
+    driver.run(work.key, registry.build_phases(entry["method"], entry["settings"], work.loss_fn,
+                                               batch_size=work.batch_size),
+               params0, work.train, batch_size=work.batch_size, eval_every=work.eval_every,
+               budget_evals=work.budget_evals, batch_fn=work.batch_fn,
+               validate=lambda p: sv.evaluate(loss, p, work.val, binarize=work.batch_fn))
+    return time.perf_counter() - start
 
 
 def trial_id(entry: dict) -> str:
@@ -409,4 +429,15 @@ def summarize(study, results, methods, config: TuneConfig) -> str:
         settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
                              for k, v in best[method]["tuned"].items())
         lines.append(f"| {method} | {default:.3f} | {top:.3f} | {default - top:+.3f} | {settings} |")
+    if config.one_by_one:
+        lines += ["", "Wall-clock of the study (compiles included): each trial group as one vmap against its "
+                  "trials run one by one.", "", "| method | groups | trials | one vmap per group (s) | "
+                  "one by one (s) | speed-up |", "|---|---|---|---|---|---|"]
+        for method in methods:
+            entries = [e for e in study if e["method"] == method]
+            group_seconds = {e["group"]: results[trial_id(e)]["seconds"] for e in entries}
+            alone = sum(results[trial_id(e)]["seconds_alone"] for e in entries)
+            together = sum(group_seconds.values())
+            lines.append(f"| {method} | {len(group_seconds)} | {len(entries)} | {together:.1f} | {alone:.1f} "
+                         f"| {alone / together:.2f}x |")
     return "\n".join(lines) + "\n"
