@@ -15,11 +15,13 @@ with margin; the test runs seed 0.
 """
 
 
+import json
+import textwrap
+
 import numpy as np
 import pytest
 
-from savae_jax.experiments import dual_annealing as D
-from savae_jax.experiments import problems
+from conftest import background, background_result, run_script
 
 DIM, CHAINS, K, STEPS = 10, 32, 16, 1000
 
@@ -27,18 +29,41 @@ DIM, CHAINS, K, STEPS = 10, 32, 16, 1000
 #   one coordinate per proposal (scale 1):  Rastrigin 0.969, 0.969, 1.0;   Ackley 0.969, 0.938, 1.0
 #   every coordinate at once (scale 0.1):   Rastrigin 0.125, 0.156, 0.062; Ackley 0.781, 0.656, 0.531
 
+# The four runs (two problems, sparse and full moves), in a subprocess, as background work (see
+# conftest.py): about a minute of one core that the other tests do not wait for.
+RUNS = textwrap.dedent(f"""
+    import json
+    from savae_jax.experiments import dual_annealing as D
+    from savae_jax.experiments import problems
 
-def run(problem, fraction, scale, seed=0):
-    fn, _, half_width, radius_end = problems.PROBLEMS[problem]
-    best, _ = D.run_sa(fn, half_width, radius_end, CHAINS, STEPS, K, DIM, seed, polish_steps=20,
-                       polish_every=100, scale=scale, fraction=fraction)
-    return best
+    out = {{}}
+    for problem in ("rastrigin", "ackley"):
+        fn, _, half_width, radius_end = problems.PROBLEMS[problem]
+        for label, fraction, scale in (("sparse", 1.0 / {DIM}, 1.0), ("full", 1.0, 0.1)):
+            best, _ = D.run_sa(fn, half_width, radius_end, {CHAINS}, {STEPS}, {K}, {DIM}, 0, polish_steps=20,
+                               polish_every=100, scale=scale, fraction=fraction)
+            out[problem + "/" + label] = best.tolist()
+    print("RESULT " + json.dumps(out))
+""")
+
+
+@background("optimisation_runs")
+def _optimisation_runs(tmp):
+    log = run_script("-c", RUNS)
+    line = [ln for ln in log.splitlines() if ln.startswith("RESULT ")][-1]
+    return {k: np.asarray(v) for k, v in json.loads(line[len("RESULT "):]).items()}
+
+
+@pytest.fixture(scope="module")
+def optimisation_runs(request):
+    return background_result(request)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("problem", ["rastrigin", "ackley"])
-def test_coordinate_moves_with_polish_find_the_global_minimum(problem):
-    sparse, full = run(problem, 1.0 / DIM, 1.0), run(problem, 1.0, 0.1)
+def test_coordinate_moves_with_polish_find_the_global_minimum(problem, optimisation_runs):
+    sparse, full = optimisation_runs[f"{problem}/sparse"], optimisation_runs[f"{problem}/full"]
+    assert sparse.shape == full.shape == (CHAINS,)
     assert np.all(np.isfinite(sparse)) and np.all(sparse >= -1e-5)  # f >= 0 up to float32 rounding
     assert float(np.mean(sparse < 1e-2)) >= 0.9  # measured 0.94-1.0
     assert float(np.median(sparse)) < 1e-4

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import background, background_result, popen
+
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -55,13 +57,31 @@ def test_the_pages_hold_python_blocks():
     assert counts["README.md"] >= 2 and counts["architecture.md"] >= 1, counts
 
 
+@background("python_block_runs")
+def _python_block_runs(tmp):
+    """Every page's blocks, one fresh process per page (background work, see conftest.py):
+    ``{page name: (return code, stdout, stderr)}``."""
+    out = {}
+    for page in PAGES:
+        blocks = python_blocks(page)
+        if blocks:
+            proc = popen([sys.executable, "-c", RUNNER, str(page.relative_to(ROOT)), json.dumps(blocks)],
+                         cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            stdout, stderr = proc.communicate(timeout=900)
+            out[page.name] = (proc.returncode, stdout, stderr)
+    return out
+
+
+@pytest.fixture(scope="module")
+def python_block_runs(request):
+    return background_result(request)
+
+
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)
-def test_every_python_block_runs_as_written(page, tmp_path):
-    blocks = python_blocks(page)
-    done = subprocess.run([sys.executable, "-c", RUNNER, str(page.relative_to(ROOT)), json.dumps(blocks)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.strip().endswith(f"ran {len(blocks)} blocks"), done.stdout[-2000:]
+def test_every_python_block_runs_as_written(page, python_block_runs):
+    returncode, stdout, stderr = python_block_runs[page.name]
+    assert returncode == 0, stderr[-4000:]
+    assert stdout.strip().endswith(f"ran {len(python_blocks(page))} blocks"), stdout[-2000:]
 
 
 def heading_anchors(path: Path) -> set[str]:

@@ -278,14 +278,19 @@ def committed_checkpoints(workdir: Path, method: str = "*") -> int:
     return sum(1 for p in workdir.glob(f"checkpoints/{method}/seed*/*") if p.name.isdigit())
 
 
-@pytest.mark.slow
-def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(tmp_path, reference_run):
-    workdir = tmp_path / "killed"
+@background("sigkill_runs")
+def _sigkill_runs(tmp):
+    """The SIGKILL sequence (background work, see conftest.py): ``(workdir, what was seen)``.
+
+    Run i kills `savae compare` at KILL_POINTS[i] (run 0 starts it, the others --resume), then a
+    last --resume finishes it; the test compares the result with the reference run.
+    """
+    workdir = tmp / "killed"
     rng = np.random.default_rng(7)
     delays = iter(rng.uniform(0.0, 2.0, size=KILL_POINTS.count("delay")))
-    kills = 0
+    seen = {"kills": 0, "unreadable": [], "second_method": None}
     for i, kind in enumerate(KILL_POINTS):
-        log_path = tmp_path / f"run{i}.log"
+        log_path = tmp / f"run{i}.log"
         proc, log = launch(workdir, log_path, *(["--resume"] if i else []))
         start_count, deadline = committed_checkpoints(workdir), time.time() + 300
         start_second = committed_checkpoints(workdir, "sa-refine")
@@ -302,20 +307,36 @@ def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(tmp_path
         killed = proc.poll() is None
         if killed:
             proc.send_signal(signal.SIGKILL)
-            kills += 1
+            seen["kills"] += 1
         proc.wait()
         log.close()
-        # The next --resume starts from a complete checkpoint: it never has to skip a damaged one.
-        assert "unreadable" not in log_path.read_text()
+        seen["unreadable"].append("unreadable" in log_path.read_text())
         if kind == "second-method":
-            # Killed mid-run: adam's results are written, sa-refine's and the summary are not.
-            assert killed, log_path.read_text()[-3000:]
-            assert list(json.loads((workdir / "results.json").read_text())) == ["adam"]
-            assert not (workdir / "summary.md").exists()
-    assert kills >= len(KILL_POINTS) - 1
-    log_path = tmp_path / "final.log"
+            seen["second_method"] = {
+                "killed": killed, "log": log_path.read_text()[-3000:],
+                "results": list(json.loads((workdir / "results.json").read_text())),
+                "summary": (workdir / "summary.md").exists()}
+    log_path = tmp / "final.log"
     finish(*launch(workdir, log_path, "--resume"))
-    assert "unreadable" not in log_path.read_text()
+    seen["unreadable"].append("unreadable" in log_path.read_text())
+    return workdir, seen
+
+
+@pytest.fixture(scope="module")
+def sigkill_runs(request):
+    return background_result(request)
+
+
+@pytest.mark.slow
+def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(sigkill_runs, reference_run):
+    workdir, seen = sigkill_runs
+    # Every --resume started from a complete checkpoint: none had to skip a damaged one.
+    assert not any(seen["unreadable"]), seen["unreadable"]
+    # Killed mid-run: adam's results are written, sa-refine's and the summary are not.
+    second = seen["second_method"]
+    assert second["killed"], second["log"]
+    assert second["results"] == ["adam"] and not second["summary"]
+    assert seen["kills"] >= len(KILL_POINTS) - 1
     assert results(workdir) == results(reference_run)
     assert_same_params(workdir, reference_run, ("adam", "sa-refine"))
 

@@ -366,13 +366,12 @@ def test_two_processes_on_loopback_agree(tmp_path, train_single):
                                                                  abs=1e-4)
 
 
-@pytest.mark.slow
-def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path, compare_single):
-    """compare.py --distributed on one shared --workdir: SIGKILL both processes after the first
-    annealing checkpoint, --resume with two processes, and the results equal a one-device run
-    (annealing bitwise, data-parallel Adam to 1e-4 nats)."""
+@background("two_process_killed")
+def _two_process_killed(tmp):
+    """Two processes of COMPARE_ARGS SIGKILLed after the first annealing checkpoint, then resumed with two
+    (background work): ``(workdir, what was seen)``."""
     args = COMPARE_ARGS
-    both, ref = tmp_path / "both", compare_single
+    both = tmp / "both"
     procs = _two_processes(args[0], args[1:] + ["--workdir", str(both)])
     committed = lambda: [p for p in (both / "checkpoints" / "sa" / "seed0").glob("*") if p.name.isdigit()]  # noqa: E731
     deadline = time.monotonic() + 300
@@ -380,13 +379,33 @@ def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path, comp
         time.sleep(0.2)
     for proc in procs:
         proc.kill()
-    logs = _finish(procs)
-    assert committed(), "no annealing checkpoint before the kill:\n" + logs[0][-4000:]
-    assert not (both / "results.json").exists() or "sa" not in json.loads((both / "results.json").read_text())
+    killed_logs = _finish(procs)
+    seen = {"committed": bool(committed()), "killed_log": killed_logs[0][-4000:],
+            "sa_done_before_kill": (both / "results.json").exists()
+            and "sa" in json.loads((both / "results.json").read_text())}
     procs = _two_processes(args[0], args[1:] + ["--workdir", str(both), "--resume"])
-    logs = _finish(procs)
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-4000:]
+    seen["logs"] = _finish(procs)
+    seen["returncodes"] = [proc.returncode for proc in procs]
+    return both, seen
+
+
+@pytest.fixture(scope="module")
+def two_process_killed(request):
+    return background_result(request)
+
+
+@pytest.mark.slow
+def test_two_process_compare_killed_and_resumed_equals_one_device(two_process_killed, compare_single):
+    """compare.py --distributed on one shared --workdir: SIGKILL both processes after the first
+    annealing checkpoint, --resume with two processes, and the results equal a one-device run
+    (annealing bitwise, data-parallel Adam to 1e-4 nats)."""
+    both, seen = two_process_killed
+    ref = compare_single
+    assert seen["committed"], "no annealing checkpoint before the kill:\n" + seen["killed_log"]
+    assert not seen["sa_done_before_kill"]
+    logs = seen["logs"]
+    for rc, log in zip(seen["returncodes"], logs):
+        assert rc == 0, log[-4000:]
     assert "| adam |" in logs[0] and logs[1].count("nats") == 0  # one writer: process 0
     config = json.loads((both / "config.json").read_text())
     assert len(config["devices"]) == 8
@@ -422,19 +441,31 @@ def test_two_process_compare_killed_and_resumed_equals_one_device(tmp_path, comp
         assert (both / name).is_file(), name
 
 
-@pytest.mark.slow
-def test_two_process_compare_with_a_time_budget_stops_together(tmp_path):
-    """--budget-seconds across processes: process 0's clock decides, so both take the same
-    steps (a process that stopped alone would leave the other waiting in a collective)."""
+@background("two_process_time_budget")
+def _two_process_time_budget(tmp):
+    """Two processes of `savae compare --budget-seconds 1.5` (background work): ``(workdir, rcs, logs)``."""
     args = ["experiments/compare.py", "--dataset", "digits", "--methods", "sa,adam",
             "--budget-evals", "100000", "--budget-seconds", "1.5", "--eval-every", "5",
             "--batch-size", "64", "--hidden", "32", "--latents", "4", "--eval-iwae", "0",
-            "--set", "sa.proposals=7", "--quiet", "--workdir", str(tmp_path)]
+            "--set", "sa.proposals=7", "--quiet", "--workdir", str(tmp)]
     procs = _two_processes(args[0], args[1:])
     logs = _finish(procs)
-    for proc, log in zip(procs, logs):
-        assert proc.returncode == 0, log[-4000:]
-    results = json.loads((tmp_path / "results.json").read_text())
+    return tmp, [proc.returncode for proc in procs], logs
+
+
+@pytest.fixture(scope="module")
+def two_process_time_budget(request):
+    return background_result(request)
+
+
+@pytest.mark.slow
+def test_two_process_compare_with_a_time_budget_stops_together(two_process_time_budget):
+    """--budget-seconds across processes: process 0's clock decides, so both take the same
+    steps (a process that stopped alone would leave the other waiting in a collective)."""
+    workdir, returncodes, logs = two_process_time_budget
+    for rc, log in zip(returncodes, logs):
+        assert rc == 0, log[-4000:]
+    results = json.loads((workdir / "results.json").read_text())
     for method, cost in (("sa", 8), ("adam", 3)):
         last = results[method]["seeds"]["0"]["history"][-1]
         assert 1.5 - 1e-3 <= last["seconds"] < 60  # stopped by the clock (float32 sums), not by evals

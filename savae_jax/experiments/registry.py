@@ -127,7 +127,8 @@ def check_method_settings(method: str, settings: dict) -> dict:
     """Every key of ``method`` (:func:`method_keys`) with ``settings`` applied, each known and of its kind
     (ValueError naming ``--set METHOD.KEY``)."""
     prefix = f"--set {method}."
-    checked = check_settings(settings, method_keys(method), prefix, method)
+    what = method if method in ("adam", "rmsprop", "sgd") else "ES" if method in ("es", "es-refine") else "annealing"
+    checked = check_settings(settings, method_keys(method), prefix, what)
     full = method_keys(method) | checked
     if method in REFINEMENTS and not 0 < full["adam_share"] < 1:
         raise ValueError(f"{prefix}adam_share: must be in (0, 1), got {full['adam_share']}")
