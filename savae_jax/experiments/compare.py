@@ -188,10 +188,7 @@ def resolve_config(args) -> CompareConfig:
 
 def check_config_values(config: CompareConfig) -> CompareConfig:
     """Refuse settings of the right type but out of range (an unknown method, a negative budget, ...)."""
-    methods = flags.comma_list(config.methods, "--methods", example="adam,sa-refine")
-    bad = [m for m in methods if m not in METHODS]
-    if bad or not methods:
-        raise ValueError(f"--methods: unknown method(s) {bad or methods}; choose from {', '.join(METHODS)}")
+    methods = flags.methods_list(config.methods)
     config = config.replace(methods=",".join(methods))
     seeds = config.seeds
     if (not isinstance(seeds, list) or not seeds or len(set(seeds)) != len(seeds)

@@ -74,6 +74,17 @@ def comma_list(text: str, flag: str, convert=str, example: str = "") -> list:
     return values
 
 
+def methods_list(text: str, flag: str = "--methods") -> list[str]:
+    """The registry's methods named in ``text`` (``"adam,sa-refine"``); ValueError naming ``flag``."""
+    from savae_jax.experiments.registry import METHODS
+
+    methods = comma_list(text, flag, example="adam,sa-refine")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ValueError(f"{flag}: unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    return methods
+
+
 def workdir_path(text: str) -> str:
     """--workdir's type: a non-empty path (an empty one would scatter the run's files over the current folder)."""
     if not text.strip():

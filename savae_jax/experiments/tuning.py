@@ -277,10 +277,7 @@ NOT_COMPARED = ("resume", "overwrite", "workdir", "quiet")
 
 def check(config: TuneConfig) -> list[str]:
     """The methods of the study (ValueError naming the flag)."""
-    methods = flags.comma_list(config.methods, "--methods", example="adam,sa-refine")
-    unknown = [m for m in methods if m not in registry.METHODS]
-    if unknown:
-        raise ValueError(f"--methods: unknown method(s) {unknown}; choose from {', '.join(registry.METHODS)}")
+    methods = flags.methods_list(config.methods)
     if not 0 < config.validation < 1:
         raise ValueError(f"--validation: the trials are scored on it: must be in (0, 1), got {config.validation}")
     if config.dataset not in sv.data.DATASETS:
