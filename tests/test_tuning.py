@@ -166,3 +166,19 @@ def test_time_to_target_on_a_history_whose_crossing_is_known():
     # sa needs 120 / 90 and 120 / 60 of adam's evaluations on seeds 0 and 1.
     assert fractions[np.searchsorted(taus, 4 / 3)] == 0.5 and fractions[-1] == 1.0
     assert profile["adam"][1][0] == 1.0  # adam is the fastest on both
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--methods", "adam,adam"], "--methods: adam given more than once"),
+    (["--methods", "newton"], "--methods: unknown method(s) ['newton']"),
+    (["--validation", "0"], "--validation: the trials are scored on it"),
+    (["--seed", "-1"], "--seed: must be an integer >= 0"),
+    (["--trials", "0"], "--trials"),
+    (["--workdir", ""], "--workdir: must be a folder path"),
+])
+def test_bad_tune_flags_are_refused_before_anything_is_written(tmp_path, capsys, flags, needle):
+    argv = ["--workdir", str(tmp_path / "w"), "--hidden", "8", "--latents", "2", *flags]
+    with pytest.raises(SystemExit) as info:
+        tuning.main(argv)
+    assert info.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()

@@ -278,6 +278,8 @@ NOT_COMPARED = ("resume", "overwrite", "workdir", "quiet")
 def check(config: TuneConfig) -> list[str]:
     """The methods of the study (ValueError naming the flag)."""
     methods = flags.methods_list(config.methods)
+    if config.seed < 0:
+        raise ValueError(f"--seed: must be an integer >= 0, got {config.seed}")
     if not 0 < config.validation < 1:
         raise ValueError(f"--validation: the trials are scored on it: must be in (0, 1), got {config.validation}")
     if config.dataset not in sv.data.DATASETS:
