@@ -70,6 +70,9 @@ class _Job:
 
 _JOBS: dict[str, _Job] = {}
 _CHILDREN: list[subprocess.Popen] = []
+# Seconds from the start of the tests to the end of the background thread and to the first test that
+# waits on it: which of the two paths sets the suite's wall time (printed in the terminal summary).
+_CLOCK = {"start": None, "background done": None, "first waiting test": None}
 
 
 def background(fixture: str):
@@ -130,6 +133,7 @@ def pytest_collection_modifyitems(session, config, items):
 def pytest_collection_finish(session):
     if session.config.option.collectonly:
         return
+    _CLOCK["start"] = time.perf_counter()
     needed = []
     for item in session.items:  # in the order the tests will need them
         for job in _JOBS.values():
@@ -148,16 +152,27 @@ def pytest_collection_finish(session):
                     job.run(session.config)
                 except BaseException:  # reported by the fixture
                     pass
+            _CLOCK["background done"] = time.perf_counter()
 
         threading.Thread(target=work, name="background-fixtures", daemon=True).start()
 
 
+def pytest_runtest_setup(item):
+    if _CLOCK["first waiting test"] is None and _waits(item):
+        _CLOCK["first waiting test"] = time.perf_counter()
+
+
 def pytest_terminal_summary(terminalreporter):
-    """The wall time of each background job (they overlap the tests, so --durations does not show them)."""
+    """The wall time of each background job (they overlap the tests, so --durations does not show them),
+    and when the background thread ended against when the foreground reached the tests that wait on it."""
     done = [job for job in _JOBS.values() if job.done]
     if done:
         terminalreporter.write_line("background jobs: " + ", ".join(
             f"{job.fixture} {job.seconds:.1f} s" for job in done))
+    if _CLOCK["start"] is not None:
+        terminalreporter.write_line("from the start of the tests: " + ", ".join(
+            f"{name} at {value - _CLOCK['start']:.0f} s" for name, value in _CLOCK.items()
+            if name != "start" and value is not None))
 
 
 def pytest_unconfigure(config):

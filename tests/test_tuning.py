@@ -2,6 +2,9 @@
 
 import json
 import math
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +15,35 @@ import savae_jax as sv
 from savae_jax import driver
 from savae_jax.experiments import registry, tuning
 
-from conftest import small_vae
+from conftest import background, background_result, popen, run_script, small_vae
+
+# A study of three groups (one per method), small enough to run in seconds.
+KILL_FLAGS = ["--methods", "adam,sgd,rmsprop", "--trials", "2", "--budget-evals", "120", "--eval-every", "10",
+              "--hidden", "16", "--latents", "3", "--batch-size", "100", "--quiet"]
+
+
+@background("tune_killed")
+def _tune_killed(tmp):
+    """`savae tune` SIGKILLed as soon as its first group is saved, then `--resume`d to the end (background
+    work, see conftest.py): ``(workdir, what was seen)``."""
+    workdir = tmp / "killed"
+    proc = popen([sys.executable, "-m", "savae_jax.cli", "tune", *KILL_FLAGS, "--workdir", str(workdir)],
+                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    saved, deadline = workdir / "study.json", time.monotonic() + 300
+    while proc.poll() is None and not saved.is_file() and time.monotonic() < deadline:
+        time.sleep(0.002)
+    killed = proc.poll() is None
+    proc.kill()
+    log = proc.communicate()[0]
+    seen = {"killed": killed, "log": log[-3000:],
+            "saved_at_kill": sorted(json.loads(saved.read_text())["results"]) if saved.is_file() else []}
+    run_script("-m", "savae_jax.cli", "tune", *KILL_FLAGS, "--workdir", workdir, "--resume")
+    return workdir, seen
+
+
+@pytest.fixture(scope="module")
+def tune_killed(request):
+    return background_result(request)
 
 
 def test_the_sampler_is_deterministic_covers_each_space_and_samples_log_ranges_in_log():
@@ -182,3 +213,23 @@ def test_bad_tune_flags_are_refused_before_anything_is_written(tmp_path, capsys,
         tuning.main(argv)
     assert info.value.code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "w").exists()
+
+
+def test_a_study_sigkilled_mid_way_resumes_to_the_uninterrupted_study(tune_killed, tmp_path):
+    """Issue 24: SIGKILL `savae tune` after its first trial group, --resume: the same trials, scores
+    and choice as the study run without a stop (timings aside)."""
+    workdir, seen = tune_killed
+    assert seen["killed"], "the study ended before it could be killed:\n" + seen["log"]
+    # Killed with one group of three saved: adam's two trials and its default.
+    assert seen["saved_at_kill"] == ["adam/0", "adam/1", "adam/default"], seen
+    reference = tuning.main([*KILL_FLAGS, "--workdir", str(tmp_path)])
+    untimed = lambda r: {k: {f: v for f, v in row.items() if f != "seconds"} for k, row in r.items()}  # noqa: E731
+    resumed = json.loads((workdir / "study.json").read_text())["results"]
+    assert len(resumed) == 9 and untimed(resumed) == untimed(reference)
+    assert (workdir / "tuned_config.json").read_text() == (tmp_path / "tuned_config.json").read_text()
+    import csv
+
+    def rows(path):  # every column but the wall-clock
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(path.open())]
+
+    assert rows(workdir / "trials.csv") == rows(tmp_path / "trials.csv") and len(rows(tmp_path / "trials.csv")) == 9

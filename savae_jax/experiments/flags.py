@@ -226,9 +226,14 @@ def add_scale_out_flags(parser) -> None:
                        help="with --distributed: number of processes (default: $JAX_NUM_PROCESSES)")
     group.add_argument("--process-id", type=int, default=None,
                        help="with --distributed: this process's index (default: $JAX_PROCESS_ID)")
-    group.add_argument("--devices", default=None,
-                       help="shard over a mesh of this many devices, or 'all' (default: one device; "
-                            "with --distributed: all devices of all processes)")
+    add_devices_flag(group)
+
+
+def add_devices_flag(parser, what: str = "shard over") -> None:
+    """--devices N|all: the mesh of ``mesh_from_args`` (alone, for a subcommand that runs in one process)."""
+    parser.add_argument("--devices", default=None,
+                        help=f"{what} a mesh of this many devices, or 'all' (default: one device; "
+                             "with --distributed: all devices of all processes)")
 
 
 def mesh_from_args(args):
@@ -237,16 +242,17 @@ def mesh_from_args(args):
     Call it before any other JAX call of the script. Returns None (one
     device, the default code path) unless --devices or --distributed is given.
     """
+    distributed_run = getattr(args, "distributed", False)  # absent where only --devices is offered
     for flag in ("coordinator", "num_processes", "process_id"):
-        if getattr(args, flag) is not None and not args.distributed:
+        if getattr(args, flag, None) is not None and not distributed_run:
             raise ValueError(f"--{flag.replace('_', '-')} needs --distributed")
-    if args.distributed:
+    if distributed_run:
         try:
             distributed.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
         except ValueError as err:
             raise ValueError(f"--distributed: {err}") from err
     devices = args.devices
-    if devices is None and not args.distributed:
+    if devices is None and not distributed_run:
         return None
     if devices is None or devices == "all":
         return distributed.make_mesh()

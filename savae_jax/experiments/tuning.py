@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import math
 import time
@@ -38,9 +39,10 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
 
 import savae_jax as sv
-from savae_jax import checkpoint, driver, evaluation
+from savae_jax import checkpoint, distributed, driver, evaluation
 from savae_jax.experiments import builders, figures, flags, registry
 from savae_jax.experiments import workdir as workdirs
 from savae_jax.experiments.settings import ModelConfig
@@ -125,7 +127,7 @@ def space_table() -> str:
 # ------------------------------------------------------------------ one group as one vmap
 
 
-def stacked(build, hparams) -> Optimizer:
+def stacked(build, hparams, mesh=None) -> Optimizer:
     """The optimizers ``build(h)`` for every row of ``hparams`` as ONE optimizer over a trial axis.
 
     ``hparams``: a dict of (n,) arrays; ``build(h)`` gets one row (traced
@@ -133,18 +135,42 @@ def stacked(build, hparams) -> Optimizer:
     program does not depend on the values (the sweep pattern of
     ``annealing.replica_exchange``). Every trial gets the step's key and
     batch unchanged, as a run of its own would. ``init`` takes stacked
-    parameters (a leading trial axis).
+    parameters (a leading trial axis). ``mesh``: the trial axis is sharded
+    over its devices (n a multiple of their number; :func:`shard_trials`).
     """
     first = build(tree_map(lambda a: a[0], hparams))
+    place = (lambda tree: tree) if mesh is None else functools.partial(shard_trials, mesh=mesh, constraint=True)
 
     def init(params):
-        return jax.vmap(lambda h, p: build(h).init(p))(hparams, params)
+        return place(jax.vmap(lambda h, p: build(h).init(p))(hparams, params))
 
     def step(key, state, batch):
-        return jax.vmap(lambda h, s: build(h).step(key, s, batch))(hparams, state)
+        state, info = jax.vmap(lambda h, s: build(h).step(key, s, batch))(hparams, state)
+        return place(state), info
 
     return Optimizer(init=init, step=step, cost=first.cost, loss_fn=first.loss_fn,
                      examples_per_step=first.examples_per_step, batch_size=first.batch_size)
+
+
+def shard_trials(tree, mesh, constraint: bool = False):
+    """``tree``'s arrays split along their leading (trial) axis over ``mesh``'s devices.
+
+    Each device runs its share of a group's trials and nothing else: the
+    trials are independent, so a trial computes the same bits on any device
+    count (tests/sharding_worker.py checks it). ``constraint``: inside a
+    traced function (``jax.lax.with_sharding_constraint``), else a ``device_put``.
+    """
+    sharding = NamedSharding(mesh, PartitionSpec(mesh.axis_names[0]))
+    if constraint:
+        return tree_map(lambda a: jax.lax.with_sharding_constraint(a, sharding) if a.ndim else a, tree)
+    return jax.device_put(tree, sharding)
+
+
+def padded(settings: list, mesh) -> list:
+    """``settings`` padded with copies of the last to a multiple of ``mesh``'s devices (unchanged if None)."""
+    if mesh is None:
+        return settings
+    return settings + [settings[-1]] * (-len(settings) % mesh.size)
 
 
 def trial_params(state):
@@ -171,7 +197,7 @@ class Workload:
         return evaluation.evaluate_stacked(sv.make_loss(self.model), params, self.val, binarize=self.batch_fn)
 
 
-def run_group(method: str, settings: list[dict], work: Workload, params0) -> tuple[list[dict], object]:
+def run_group(method: str, settings: list[dict], work: Workload, params0, mesh=None) -> tuple[list[dict], object]:
     """Run the trials ``settings`` (full setting dicts of ``method`` that differ only in floats) as one vmap.
 
     Each trial runs the method's phases at ``work.budget_evals``, with rows
@@ -181,10 +207,16 @@ def run_group(method: str, settings: list[dict], work: Workload, params0) -> tup
     ``val_neg_elbo`` (of the kept parameters), ``best_step``, ``evals``,
     ``steps``, ``seconds`` (the group's, shared); and the kept parameters,
     stacked along a leading trial axis.
+
+    ``mesh``: a one-axis ``jax.sharding.Mesh``; the trials are sharded over
+    its devices (padded with copies of the last to a multiple of their
+    number, the copies dropped from the result), the data replicated. Every
+    trial's rows and parameters equal a one-device run's, bitwise.
     """
     space = registry.SEARCH_SPACES[method]
     floats = [k for k in sorted(space) if space[k].kind != "choice"]
     fixed = {k: v for k, v in settings[0].items() if k not in floats}
+    wanted, settings = len(settings), padded(settings, mesh)
     num = len(settings)
     # The swept floats (an index alone when a space has none: the vmap needs an axis).
     hparams = {k: jnp.asarray([s[k] for s in settings], jnp.float32) for k in floats} or {
@@ -197,11 +229,14 @@ def run_group(method: str, settings: list[dict], work: Workload, params0) -> tup
     probe = registry.assemble_phases(method, settings[0], work.loss_fn, batch_size=work.batch_size)
     max_steps = driver.phase_steps(probe, len(work.train), work.batch_size, work.budget_evals)
     params = tree_map(lambda p: jnp.broadcast_to(p, (num, *p.shape)), params0)
+    if mesh is not None:
+        params = shard_trials(params, mesh)
+        work = dataclasses.replace(work, **distributed.replicate({"train": work.train, "val": work.val}, mesh))
     best, kept = work.validate_stacked(params), params
     best_step = np.zeros(num, np.int64)
     total, evals, start = 0, 0, time.perf_counter()
     for index, steps_left in enumerate(max_steps):
-        optimizer = stacked(lambda h, i=index: build_phases(h)[i].optimizer, hparams)
+        optimizer = stacked(lambda h, i=index: build_phases(h)[i].optimizer, hparams, mesh)
         state = optimizer.init(params)
         steps = driver.iterate(jax.random.fold_in(work.key, index), optimizer, state, work.train,
                                driver.phase_batch_size(probe[index], work.batch_size), batch_fn=work.batch_fn)
@@ -218,8 +253,8 @@ def run_group(method: str, settings: list[dict], work: Workload, params0) -> tup
         params = trial_params(state)
     seconds = time.perf_counter() - start
     rows = [{"val_neg_elbo": float(best[i]), "best_step": int(best_step[i]), "evals": evals, "steps": total,
-             "seconds": seconds} for i in range(num)]
-    return rows, kept
+             "seconds": seconds} for i in range(wanted)]
+    return rows, tree_map(lambda a: a[:wanted], kept)
 
 
 # ------------------------------------------------------------------ the study
@@ -265,6 +300,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--one-by-one", action="store_true",
                    help="also run every trial alone (driver.run) and report the group's wall-clock against "
                         "the sum of the trials' (doubles the work; the choice of trials does not change)")
+    flags.add_devices_flag(p, "shard each trial group's trials over")
     flags.add_workdir_flags(p, "runs/tune")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     flags.add_config_flag(p)
@@ -272,7 +308,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
 
 
 OUTPUTS = ("config.json", "study.json", "trials.csv", "tuned_config.json", "summary.md", "tuning_*.png")
-NOT_COMPARED = ("resume", "overwrite", "workdir", "quiet")
+# --devices may change on --resume: a trial's kept step is the same on any device count (its
+# parameters differ in the last float32 bits where its device runs another number of trials).
+NOT_COMPARED = ("resume", "overwrite", "workdir", "quiet", "devices")
 
 
 def check(config: TuneConfig) -> list[str]:
@@ -313,8 +351,9 @@ def plan(methods: list[str], config: TuneConfig) -> list[dict]:
 def main(argv=None, prog: str | None = None) -> dict:
     """``savae tune``: flags -> the study's trials -> one vmap per group -> trials.csv, tuned_config.json."""
     parser = build_parser(prog)
+    args, mesh = flags.parse_args(parser, argv, config_file=True)
     try:
-        given = vars(flags.parse_with_config(parser, argv))
+        given = vars(args)
         config = TuneConfig(**{k: given[k] for k in TuneConfig.__dataclass_fields__})
         methods = check(config)
         model_config = ModelConfig(hidden=config.hidden, latents=config.latents)
@@ -333,15 +372,20 @@ def main(argv=None, prog: str | None = None) -> dict:
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     log = (lambda line: None) if given["quiet"] else (lambda line: print(line, flush=True))  # noqa: E731
+    if mesh is not None:
+        log(f"{flags.backend_line()}; each trial group sharded over {mesh.size} of them")
     with flags.disk_errors(parser.prog, workdir):
-        results = run_study(study, config, model, loss_fn, (train, val), workdir, log)
+        results = run_study(study, config, model, loss_fn, (train, val), workdir, log, mesh)
         write_outputs(workdir, study, results, methods, config)
     print((workdir / "summary.md").read_text())
     return results
 
 
-def run_study(study, config: TuneConfig, model, loss_fn, data, workdir: Path, log) -> dict:
-    """Run every group not yet in ``workdir/study.json``, saving it after each; ``{trial id: result}``."""
+def run_study(study, config: TuneConfig, model, loss_fn, data, workdir: Path, log, mesh=None) -> dict:
+    """Run every group not yet in ``workdir/study.json``, saving it after each; ``{trial id: result}``.
+
+    ``mesh``: each group's trials sharded over its devices (:func:`run_group`).
+    """
     train, val = data
     checkpoint.atomic_write_json(workdir / "config.json", {"config": dataclasses.asdict(config)})
     saved = workdir / "study.json"
@@ -355,7 +399,7 @@ def run_study(study, config: TuneConfig, model, loss_fn, data, workdir: Path, lo
         members = [e for e in study if e["group"] == group]
         if all(trial_id(e) in results for e in members):
             continue
-        out, _ = run_group(members[0]["method"], [e["settings"] for e in members], work, params0)
+        out, _ = run_group(members[0]["method"], [e["settings"] for e in members], work, params0, mesh)
         if config.one_by_one:
             for entry, result in zip(members, out):
                 result["seconds_alone"] = run_alone(entry, work, params0)
