@@ -117,6 +117,17 @@ def evaluate(
     return float(value)
 
 
+def _stacked_inputs(loss_fn, params, images, key, batch_size):
+    """:func:`_eval_inputs` for members stacked along a leading axis of ``params``."""
+    one = jax.tree_util.tree_map(lambda p: p[0] if np.ndim(p) else p, params)  # one member's shapes
+    try:
+        return _eval_inputs(images, key, batch_size, getattr(loss_fn, "model", None), one)
+    except ValueError as err:
+        if not str(err).startswith("params do not fit"):
+            raise
+        raise ValueError(f"params must be stacked along a leading member axis: one member's {err}") from None
+
+
 def evaluate_stacked(loss_fn, params, images, key: jax.Array | None = None, batch_size: int = 1000,
                      binarize: str | None = None, static_seed: int = 0) -> np.ndarray:
     """:func:`evaluate` of every member of ``params``, stacked along a leading axis: (n,) numpy.
@@ -124,13 +135,7 @@ def evaluate_stacked(loss_fn, params, images, key: jax.Array | None = None, batc
     One ``jax.vmap`` over the members (e.g. the trials of a tuning group), each
     scored on the same examples and noise as :func:`evaluate` scores it.
     """
-    one = jax.tree_util.tree_map(lambda p: p[0] if np.ndim(p) else p, params)  # one member's shapes
-    try:
-        images, key, batch_size = _eval_inputs(images, key, batch_size, getattr(loss_fn, "model", None), one)
-    except ValueError as err:
-        if not str(err).startswith("params do not fit"):
-            raise
-        raise ValueError(f"params must be stacked along a leading member axis: one member's {err}") from None
+    images, key, batch_size = _stacked_inputs(loss_fn, params, images, key, batch_size)
     batch_fn = data_lib.as_batch_fn(binarize, static_seed)
     return np.asarray(_evaluate_members(loss_fn, params, key, images, batch_size=batch_size, batch_fn=batch_fn))
 
@@ -138,6 +143,33 @@ def evaluate_stacked(loss_fn, params, images, key: jax.Array | None = None, batc
 @functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size", "batch_fn"))
 def _evaluate_members(loss_fn, params, key, images, *, batch_size, batch_fn):
     return jax.vmap(lambda p: _evaluate(loss_fn, p, key, images, batch_size=batch_size, batch_fn=batch_fn))(params)
+
+
+def per_example_stacked(loss_fn, params, images, key: jax.Array | None = None, batch_size: int = 1000,
+                        binarize: str | None = None, static_seed: int = 0) -> np.ndarray:
+    """Each member's loss on each example, (members, N) numpy: the terms whose means
+    :func:`evaluate_stacked` returns (the same examples, binarisation and noise).
+
+    What a paired comparison of two members needs: the per-example differences
+    and their spread (e.g. a noise-aware decision between tuning trials).
+    """
+    images, key, batch_size = _stacked_inputs(loss_fn, params, images, key, batch_size)
+    batch_fn = data_lib.as_batch_fn(binarize, static_seed)
+    return np.asarray(_per_example_members(loss_fn, params, key, images, batch_size=batch_size, batch_fn=batch_fn))
+
+
+@functools.partial(jax.jit, static_argnames=("loss_fn", "batch_size", "batch_fn"))
+def _per_example_members(loss_fn, params, key, images, *, batch_size, batch_fn):
+    n = images.shape[0]
+    idx, _ = _chunk_plan(n, batch_size)
+    key_bin, key_loss = jax.random.split(key)
+
+    def member(p):
+        def chunk(chunk_idx):
+            return per_example_loss(loss_fn, p, key_loss, _eval_images(images, chunk_idx, key_bin, batch_fn), chunk_idx)
+        return jax.lax.map(chunk, idx).reshape(-1)[:n]  # the padded slots are the last ones
+
+    return jax.vmap(member)(params)
 
 
 def _chunk_plan(n: int, batch_size: int):

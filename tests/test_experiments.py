@@ -82,19 +82,24 @@ def test_importing_the_library_or_the_experiment_layer_does_not_import_matplotli
     assert out.stdout.strip() == "False"
 
 
-def test_the_savae_command_lists_and_runs_its_subcommands(tmp_path):
+def test_the_savae_command_lists_and_runs_its_subcommands(tmp_path, capsys):
     """The console command (installed by pip) and a subcommand's own help, from a folder with no checkout."""
     savae = Path(sys.executable).with_name("savae")
     if not savae.exists():
         pytest.skip(f"no savae console script beside {sys.executable} (install the package with pip)")
     top = subprocess.run([str(savae), "--help"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert top.returncode == 0, top.stderr
-    for name in ("train", "compare", "plateau", "bench", "dual-annealing"):
+    for name in ("train", "compare", "plateau", "bench", "dual-annealing", "tune"):
         assert f"    {name}" in top.stdout, top.stdout
-    for name in ("train", "compare", "plateau", "bench", "dual-annealing"):  # each subcommand's own parser
-        sub = subprocess.run([str(savae), name, "--help"], capture_output=True, text=True, timeout=300,
-                             cwd=tmp_path)
-        assert sub.returncode == 0 and sub.stdout.startswith(f"usage: savae {name}"), sub.stdout[:400]
+    # Each subcommand's own parser, through the console command's entry point (in this process: the
+    # subprocesses above and below show the installed command itself works).
+    from savae_jax import cli
+
+    for name in ("train", "compare", "plateau", "bench", "dual-annealing", "tune"):
+        with pytest.raises(SystemExit) as info:
+            cli.main([name, "--help"])
+        out = capsys.readouterr().out
+        assert info.value.code == 0 and out.startswith(f"usage: savae {name}"), out[:400]
     bad = subprocess.run([str(savae), "compar"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert bad.returncode == 2 and "invalid choice: 'compar'" in bad.stderr, bad.stderr
     bad_flag = subprocess.run([str(savae), "compare", "--budget-evals", "0", "--workdir", str(tmp_path / "w")],

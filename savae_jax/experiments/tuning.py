@@ -31,7 +31,6 @@ import argparse
 import dataclasses
 import functools
 import json
-import math
 import time
 import zlib
 from pathlib import Path
@@ -43,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import savae_jax as sv
 from savae_jax import checkpoint, distributed, driver, evaluation
-from savae_jax.experiments import builders, figures, flags, registry
+from savae_jax.experiments import builders, figures, flags, registry, tuners
 from savae_jax.experiments import workdir as workdirs
 from savae_jax.experiments.settings import ModelConfig
 from savae_jax.optimizer import Optimizer
@@ -80,19 +79,8 @@ def sample_trials(space: dict, num: int, seed: int) -> list[dict]:
     names = sorted(space)
     if not names:
         return [{} for _ in range(num)]
-    trials = []
-    for row in sobol(len(names), num, seed):
-        trial = {}
-        for name, u in zip(names, row):
-            d = space[name]
-            if d.kind == "log":
-                trial[name] = float(math.exp(math.log(d.low) + u * (math.log(d.high) - math.log(d.low))))
-            elif d.kind == "uniform":
-                trial[name] = float(d.low + u * (d.high - d.low))
-            else:
-                trial[name] = d.choices[min(int(u * len(d.choices)), len(d.choices) - 1)]
-        trials.append(trial)
-    return trials
+    return [{name: tuners.from_unit(space[name], float(u)) for name, u in zip(names, row)}
+            for row in sobol(len(names), num, seed)]
 
 
 def group_key(trial: dict, space: dict) -> tuple:
@@ -196,6 +184,11 @@ class Workload:
         """The validation negative ELBO of each trial's parameters (a leading trial axis)."""
         return evaluation.evaluate_stacked(sv.make_loss(self.model), params, self.val, binarize=self.batch_fn)
 
+    def per_example_stacked(self, params) -> np.ndarray:
+        """Each trial's negative ELBO on each validation example (trials, examples): the terms of
+        :meth:`validate_stacked`'s means."""
+        return evaluation.per_example_stacked(sv.make_loss(self.model), params, self.val, binarize=self.batch_fn)
+
 
 def run_group(method: str, settings: list[dict], work: Workload, params0, mesh=None) -> tuple[list[dict], object]:
     """Run the trials ``settings`` (full setting dicts of ``method`` that differ only in floats) as one vmap.
@@ -276,6 +269,8 @@ class TuneConfig:
     hidden: int = 500
     latents: int = 20
     one_by_one: bool = False        # also run every trial alone (driver.run), to time the vmap against it
+    tuner: str = "random"           # tuners.TUNERS
+    round_size: int | None = None   # trials per round (optuna, anneal; default tuners.DEFAULT_ROUND_SIZE)
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -297,6 +292,12 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="steps between validation checks of the gate")
     p.add_argument("--hidden", type=flags.positive(int), default=d.hidden)
     p.add_argument("--latents", type=flags.positive(int), default=d.latents)
+    p.add_argument("--tuner", choices=tuners.TUNERS, default=d.tuner,
+                   help="random: N Sobol trials at once; optuna: TPE (ask/tell) in rounds; anneal: the annealing "
+                        "step on hyperparameters, in rounds (docs/tuning.md)")
+    p.add_argument("--round-size", type=flags.positive(int), default=d.round_size,
+                   help=f"with --tuner optuna or anneal: trials per round, run together "
+                        f"(default {tuners.DEFAULT_ROUND_SIZE})")
     p.add_argument("--one-by-one", action="store_true",
                    help="also run every trial alone (driver.run) and report the group's wall-clock against "
                         "the sum of the trials' (doubles the work; the choice of trials does not change)")
@@ -307,7 +308,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
-OUTPUTS = ("config.json", "study.json", "trials.csv", "tuned_config.json", "summary.md", "tuning_*.png")
+OUTPUTS = ("config.json", "study.json", "trials.csv", "tuned_config.json", "summary.md", "tuning_*.png",
+           "per_example")
 # --devices may change on --resume: a trial's kept step is the same on any device count (its
 # parameters differ in the last float32 bits where its device runs another number of trials).
 NOT_COMPARED = ("resume", "overwrite", "workdir", "quiet", "devices")
@@ -320,32 +322,24 @@ def check(config: TuneConfig) -> list[str]:
         raise ValueError(f"--seed: must be an integer >= 0, got {config.seed}")
     if not 0 < config.validation < 1:
         raise ValueError(f"--validation: the trials are scored on it: must be in (0, 1), got {config.validation}")
+    if config.round_size is not None and config.tuner == "random":
+        raise ValueError("--round-size: the random tuner draws all --trials at once; "
+                         "give --tuner optuna or anneal to tune in rounds")
     if config.dataset not in sv.data.DATASETS:
         raise ValueError(f"--dataset: unknown dataset {config.dataset!r}; choose from {', '.join(sv.data.DATASETS)}")
     return methods
 
 
-def plan(methods: list[str], config: TuneConfig) -> list[dict]:
-    """Every trial of the study, in run order: ``{method, trial, group, settings, tuned}``.
+def checked_settings(method: str) -> list[dict]:
+    """The settings of ``method`` at its defaults with every combination of its choices: what a
+    study checks (budget, batch size) before anything runs, whatever its tuner proposes later."""
+    import itertools
 
-    ``trial`` is the index in the method's Sobol sequence, or "default" for
-    the method's default settings (scored alongside, in the group of its
-    choices, never chosen as the best: every method gets the same N sampled trials).
-    """
-    out = []
-    for method in methods:
-        space = registry.SEARCH_SPACES[method]
-        trials = sample_trials(space, config.trials, method_seed(config.seed, method))
-        default = {k: registry.method_keys(method)[k] for k in space}
-        entries = [(i, t) for i, t in enumerate(trials)] + [("default", default)]
-        by_group: dict[tuple, list] = {}
-        for index, trial in entries:
-            by_group.setdefault(group_key(trial, space), []).append((index, trial))
-        for g, (key, members) in enumerate(by_group.items()):
-            for index, trial in members:
-                out.append({"method": method, "trial": index, "group": f"{method}/{g}", "tuned": trial,
-                            "settings": registry.check_method_settings(method, trial)})
-    return out
+    space = registry.SEARCH_SPACES[method]
+    default = {k: registry.method_keys(method)[k] for k in space}
+    choices = [name for name in sorted(space) if space[name].kind == "choice"]
+    return [registry.check_method_settings(method, default | dict(zip(choices, combo)))
+            for combo in itertools.product(*(space[name].choices for name in choices))]
 
 
 def main(argv=None, prog: str | None = None) -> dict:
@@ -359,14 +353,14 @@ def main(argv=None, prog: str | None = None) -> dict:
         model_config = ModelConfig(hidden=config.hidden, latents=config.latents)
         model = builders.make_model(model_config)
         loss_fn = builders.make_training_loss(model, model_config)
-        study = plan(methods, config)  # every trial's settings checked before anything runs
         train = sv.load(config.dataset, "train", config.data_dir)  # the test split is never loaded
         train, val = sv.data.split_validation(train, config.validation)
-        for entry in study:
-            phases = registry.assemble_phases(entry["method"], entry["settings"], loss_fn,
-                                              batch_size=config.batch_size)
-            driver.check_examples(phases, len(train.images), config.batch_size)
-            driver.phase_steps(phases, len(train.images), config.batch_size, config.budget_evals)
+        for method in methods:  # every program a trial may need, checked before anything runs
+            for settings in checked_settings(method):
+                phases = registry.assemble_phases(method, settings, loss_fn, batch_size=config.batch_size)
+                driver.check_examples(phases, len(train.images), config.batch_size)
+                driver.phase_steps(phases, len(train.images), config.batch_size, config.budget_evals)
+            tuners.make_tuner(config.tuner, registry.SEARCH_SPACES[method], 1, 0, config.round_size)
         workdir = Path(given["workdir"])
         workdirs.prepare(workdir, dataclasses.asdict(config), argparse.Namespace(**given), OUTPUTS, NOT_COMPARED)
     except (ValueError, FileNotFoundError) as err:
@@ -375,14 +369,17 @@ def main(argv=None, prog: str | None = None) -> dict:
     if mesh is not None:
         log(f"{flags.backend_line()}; each trial group sharded over {mesh.size} of them")
     with flags.disk_errors(parser.prog, workdir):
-        results = run_study(study, config, model, loss_fn, (train, val), workdir, log, mesh)
+        study, results = run_study(methods, config, model, (train, val), workdir, log, mesh, loss_fn)
         write_outputs(workdir, study, results, methods, config)
     print((workdir / "summary.md").read_text())
     return results
 
 
-def run_study(study, config: TuneConfig, model, loss_fn, data, workdir: Path, log, mesh=None) -> dict:
-    """Run every group not yet in ``workdir/study.json``, saving it after each; ``{trial id: result}``.
+def run_study(methods, config: TuneConfig, model, data, workdir: Path, log, mesh=None,
+              loss_fn=None) -> tuple[list[dict], dict]:
+    """Tune every method of ``methods`` with ``config.tuner``, saving ``workdir/study.json`` after each
+    trial group; ``(study, results)``: an entry per trial (method, trial, group, tuned values, settings)
+    and ``{trial id: result}``. Groups already in study.json are not run again (``--resume``).
 
     ``mesh``: each group's trials sharded over its devices (:func:`run_group`).
     """
@@ -392,23 +389,106 @@ def run_study(study, config: TuneConfig, model, loss_fn, data, workdir: Path, lo
     results = json.loads(saved.read_text())["results"] if saved.is_file() else {}
     key_init, key_run = jax.random.split(jax.random.key(config.seed))
     params0 = sv.models.init(key_init, model, train.images[:1])
+    loss_fn = loss_fn if loss_fn is not None else sv.make_loss(model)
     work = Workload(model=model, loss_fn=loss_fn, train=jnp.asarray(train.images), val=jnp.asarray(val.images),
                     budget_evals=config.budget_evals, batch_size=config.batch_size, eval_every=config.eval_every,
                     batch_fn=sv.data.BatchFn("dynamic"), key=key_run)
-    for group in dict.fromkeys(e["group"] for e in study):
-        members = [e for e in study if e["group"] == group]
-        if all(trial_id(e) in results for e in members):
-            continue
-        out, _ = run_group(members[0]["method"], [e["settings"] for e in members], work, params0, mesh)
-        if config.one_by_one:
+    study = []
+    for method in methods:
+        tuner = tuners.make_tuner(config.tuner, registry.SEARCH_SPACES[method], config.trials,
+                                  method_seed(config.seed, method), config.round_size)
+        study += tune_method(method, tuner, config, work, params0, results, workdir, log, mesh)
+    return study, results
+
+
+def round_entries(method: str, round_index: int, batch: list[tuple]) -> list[dict]:
+    """A round's trials ``[(index, tuned values)]`` as study entries, grouped by their choices (in order of
+    first appearance; round 0's groups are named ``method/g``, later rounds' ``method/r.g``)."""
+    space = registry.SEARCH_SPACES[method]
+    by_group: dict[tuple, list] = {}
+    for index, trial in batch:
+        by_group.setdefault(group_key(trial, space), []).append((index, trial))
+    entries = []
+    for g, members in enumerate(by_group.values()):
+        name = f"{method}/{g}" if round_index == 0 else f"{method}/{round_index}.{g}"
+        entries += [{"method": method, "trial": index, "group": name, "tuned": trial,
+                     "settings": registry.check_method_settings(method, trial)} for index, trial in members]
+    return entries
+
+
+def tune_method(method, tuner, config: TuneConfig, work: Workload, params0, results: dict, workdir: Path, log,
+                mesh=None) -> list[dict]:
+    """``config.trials`` trials of ``method``, asked from ``tuner`` round by round; the study's entries.
+
+    Round 0 also scores the method's default settings (never told to the tuner,
+    never chosen: every method gets the same N trials). A resumed study asks
+    the tuner again from the start and tells it the saved results, so it
+    proposes the same rounds as the uninterrupted study did.
+    """
+    space = registry.SEARCH_SPACES[method]
+    entries, done, round_index = [], 0, 0
+    while done < config.trials:
+        asked = tuner.ask(min(tuner.round_size, config.trials - done))
+        batch = [(done + i, trial) for i, trial in enumerate(asked)]
+        if round_index == 0:
+            batch.append(("default", {k: registry.method_keys(method)[k] for k in space}))
+        this_round = round_entries(method, round_index, batch)
+        for group in dict.fromkeys(e["group"] for e in this_round):
+            members = [e for e in this_round if e["group"] == group]
+            if all(is_saved(results, e) for e in members):
+                continue
+            out, kept = run_group(method, [e["settings"] for e in members], work, params0, mesh)
+            if tuner.needs_per_example:  # saved before study.json names the group done
+                for entry, losses in zip(members, work.per_example_stacked(kept)):
+                    save_per_example(workdir, entry, losses)
+            if config.one_by_one:
+                for entry, result in zip(members, out):
+                    result["seconds_alone"] = run_alone(entry, work, params0)
             for entry, result in zip(members, out):
-                result["seconds_alone"] = run_alone(entry, work, params0)
-        for entry, result in zip(members, out):
-            results[trial_id(entry)] = result
-        checkpoint.atomic_write_json(saved, {"results": results})
-        log(f"{group}: {len(members)} trials in {out[0]['seconds']:.1f} s, best validation -ELBO "
-            f"{min(r['val_neg_elbo'] for r in out):.3f}")
-    return results
+                results[trial_id(entry)] = result | {"tuned": entry["tuned"]}
+            checkpoint.atomic_write_json(workdir / "study.json", {"results": results})
+            log(f"{group}: {len(members)} trials in {out[0]['seconds']:.1f} s, best validation -ELBO "
+                f"{min(r['val_neg_elbo'] for r in out):.3f}")
+        sampled = [e for e in this_round if e["trial"] != "default"]
+        per_example = (np.stack([load_per_example(workdir, e) for e in sampled]) if tuner.needs_per_example
+                       else None)
+        tuner.tell([e["tuned"] for e in sampled], [results[trial_id(e)]["val_neg_elbo"] for e in sampled],
+                   per_example)
+        decided = getattr(tuner, "decisions", [])
+        if decided and decided[-1]["round"] == round_index:
+            d = decided[-1]
+            log(f"{method} round {round_index}: the round's best {'replaces' if d['accepted'] else 'does not replace'} "
+                f"the incumbent (paired difference {d['delta']:+.4f} +- {d['stderr']:.4f} nats, T {d['temperature']:.3g})")
+        entries += this_round
+        done, round_index = done + len(asked), round_index + 1
+    return entries
+
+
+def is_saved(results: dict, entry: dict) -> bool:
+    """Whether ``entry``'s result is in study.json (ValueError if the saved trial is another one)."""
+    saved = results.get(trial_id(entry))
+    if saved is None:
+        return False
+    if "tuned" in saved and saved["tuned"] != entry["tuned"]:
+        raise ValueError(f"--resume: study.json holds another trial {trial_id(entry)} ({saved['tuned']}) than "
+                         f"this study proposes ({entry['tuned']}); it was written by another study")
+    return True
+
+
+def per_example_path(workdir: Path, entry: dict) -> Path:
+    return workdir / "per_example" / f"{entry['method']}_{entry['trial']}.npy"
+
+
+def save_per_example(workdir: Path, entry: dict, losses) -> None:
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(losses, np.float32))
+    checkpoint.atomic_write_bytes(per_example_path(workdir, entry), buf.getvalue())
+
+
+def load_per_example(workdir: Path, entry: dict) -> np.ndarray:
+    return np.load(per_example_path(workdir, entry))
 
 
 def run_alone(entry: dict, work: Workload, params0) -> float:
@@ -444,7 +524,7 @@ def best_trials(study, results) -> dict:
 def write_outputs(workdir: Path, study, results, methods, config: TuneConfig) -> None:
     """trials.csv, tuned_config.json, summary.md and the per-method plots."""
     rows = [{"method": e["method"], "trial": e["trial"], "group": e["group"], **e["tuned"],
-             **results[trial_id(e)]} for e in study]
+             **{k: v for k, v in results[trial_id(e)].items() if k != "tuned"}} for e in study]
     workdirs.write_csv(workdir / "trials.csv", rows)
     best = best_trials(study, results)
     tuned = {"dataset": config.dataset, "methods": ",".join(methods), "budget_evals": config.budget_evals,
@@ -462,7 +542,9 @@ def write_outputs(workdir: Path, study, results, methods, config: TuneConfig) ->
 
 def summarize(study, results, methods, config: TuneConfig) -> str:
     best = best_trials(study, results)
-    lines = [f"# Tuning on {config.dataset}: {config.trials} quasi-random trials per method, "
+    how = ("quasi-random trials" if config.tuner == "random" else
+           f"trials of the {config.tuner} tuner in rounds of {config.round_size or tuners.DEFAULT_ROUND_SIZE}")
+    lines = [f"# Tuning on {config.dataset}: {config.trials} {how} per method, "
              f"{config.budget_evals} evaluations each (seed {config.seed})", "",
              "Validation negative ELBO (nats) of the parameters each trial's gate kept; the test set was not read.",
              "", "| method | default | best of the trials | gain | best trial's settings |", "|---|---|---|---|---|"]
