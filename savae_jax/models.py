@@ -464,6 +464,10 @@ def check_loss_params(loss_fn, params, image_shape, what: str = "images") -> Non
     nothing for a loss that names none."""
     model = getattr(loss_fn, "model", None)
     if model is not None:
+        if getattr(loss_fn, "quantized", False):  # quantize.quantized_loss: the model runs on dequantize(q)
+            from savae_jax import quantize
+
+            params = quantize.dequantize(params) if isinstance(params, quantize.QuantizedParams) else params
         check_params(model, params, image_shape, what)
 
 

@@ -32,7 +32,7 @@ from savae_jax.annealing.kernel import (
 )
 from savae_jax.annealing.optax import as_optax
 from savae_jax.annealing.polish import PolishState, local_polish, polish
-from savae_jax.annealing.proposals import Prepared, Proposal, cauchy, gaussian, langevin, low_rank
+from savae_jax.annealing.proposals import Prepared, Proposal, cauchy, gaussian, langevin, lattice, low_rank
 from savae_jax.annealing.tempering import (
     ReplicaInfo,
     ReplicaState,
@@ -97,6 +97,7 @@ __all__ = [
     "langevin",
     "linear",
     "logarithmic",
+    "lattice",
     "low_rank",
     "metropolis",
     "needs_stderr",
