@@ -14,6 +14,7 @@ import numpy as np
 from savae_jax import data as data_lib
 from savae_jax import models as models_lib
 from savae_jax import objectives, validation
+from savae_jax.quantize import as_float
 
 # The default evaluation key: every method in a comparison is scored with the
 # same reparameterisation and binarisation noise.
@@ -275,7 +276,7 @@ def _posteriors(params, key_bin, images, *, model, batch_size, batch_fn):
 
     def chunk(chunk_idx):
         x = _eval_images(images, chunk_idx, key_bin, batch_fn)
-        return model.apply(params, x, method=model.encode)
+        return model.apply(as_float(params), x, method=model.encode)
 
     mean, logvar = jax.lax.map(chunk, idx)
     latents = mean.shape[-1]

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from savae_jax import validation
+from savae_jax.quantize import as_float
 
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
 
@@ -415,7 +416,7 @@ def decoder_log_likelihood(model: nn.Module, params, z: jax.Array, x: jax.Array)
             return module.log_likelihood(loc, x)
         return module.log_likelihood(loc, x, log_scale)
 
-    return model.apply(params, z, x, method=fn)
+    return model.apply(as_float(params), z, x, method=fn)
 
 
 @functools.lru_cache(maxsize=64)
@@ -444,7 +445,7 @@ def check_params(model: nn.Module, params, image_shape, what: str = "images") ->
     """
     expected = _param_shapes(model, tuple(int(d) for d in image_shape))
     got = {jax.tree_util.keystr(path): tuple(np.shape(leaf))
-           for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]}
+           for path, leaf in jax.tree_util.tree_flatten_with_path(as_float(params))[0]}
     if got == expected:
         return
     missing = sorted(set(expected) - set(got))
@@ -464,10 +465,6 @@ def check_loss_params(loss_fn, params, image_shape, what: str = "images") -> Non
     nothing for a loss that names none."""
     model = getattr(loss_fn, "model", None)
     if model is not None:
-        if getattr(loss_fn, "quantized", False):  # quantize.quantized_loss: the model runs on dequantize(q)
-            from savae_jax import quantize
-
-            params = quantize.dequantize(params) if isinstance(params, quantize.QuantizedParams) else params
         check_params(model, params, image_shape, what)
 
 
@@ -491,10 +488,10 @@ def init(key: jax.Array, model: nn.Module, x: jax.Array):
 def sample_prior(key: jax.Array, params, model: nn.Module, num: int, image_shape) -> jax.Array:
     """Draw ``num`` images' means with z ~ N(0, I) (Bernoulli: sigmoid(decode(z)); see ``mean_image``)."""
     z = jax.random.normal(key, (num, model.latents))
-    logits = model.apply(params, z, tuple(image_shape), method=model.decode)
+    logits = model.apply(as_float(params), z, tuple(image_shape), method=model.decode)
     return mean_image(getattr(model, "likelihood", "bernoulli"), logits)
 
 
 def reconstruct(key: jax.Array, params, model: nn.Module, x: jax.Array) -> jax.Array:
     """Means of p(x|z) for one posterior sample z ~ q(z|x) (Bernoulli: sigmoid of the logits)."""
-    return mean_image(getattr(model, "likelihood", "bernoulli"), model.apply(params, x, key).logits)
+    return mean_image(getattr(model, "likelihood", "bernoulli"), model.apply(as_float(params), x, key).logits)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from savae_jax import models as models_lib
+from savae_jax.quantize import as_float
 
 LossFn = Callable[[object, jax.Array, jax.Array], jax.Array]
 
@@ -66,7 +67,7 @@ def elbo(key: jax.Array, params, x: jax.Array, model, beta: float = 1.0) -> ELBO
     Returns:
       ELBOParts with arrays of shape (B,).
     """
-    out = model.apply(params, x, key)
+    out = model.apply(as_float(params), x, key)
     log_likelihood = output_log_likelihood(model, out, x)
     kl = gaussian_kl(out.mean, out.logvar)
     return ELBOParts(log_likelihood - beta * kl, log_likelihood, kl)
@@ -74,7 +75,7 @@ def elbo(key: jax.Array, params, x: jax.Array, model, beta: float = 1.0) -> ELBO
 
 def _free_bits_loss(key, params, x, model, beta, free_bits):
     """-mean log p(x|z) + beta * sum_j max(mean_batch KL_j, free_bits)."""
-    out = model.apply(params, x, key)
+    out = model.apply(as_float(params), x, key)
     log_likelihood = output_log_likelihood(model, out, x)
     kl_dims = jnp.mean(gaussian_kl_per_dim(out.mean, out.logvar), axis=0)
     return -jnp.mean(log_likelihood) + beta * jnp.sum(jnp.maximum(kl_dims, free_bits))
@@ -215,7 +216,7 @@ def iwae_bound(key: jax.Array, params, x: jax.Array, model, num_samples: int,
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     chunk = min(chunk_size, num_samples)
     num_chunks = -(-num_samples // chunk)
-    mean, logvar = model.apply(params, x, method=model.encode)
+    mean, logvar = model.apply(as_float(params), x, method=model.encode)
     std = jnp.exp(0.5 * logvar)
     batch, latents = mean.shape
     x_rep = jnp.broadcast_to(x[None], (chunk,) + x.shape).reshape((chunk * batch,) + x.shape[1:])

@@ -1,9 +1,10 @@
 """Integer-weight models: per-output-channel symmetric int-b codes for every Dense and Conv kernel.
 
     q = quantize(params, bits=3)                 # round to nearest (RTN) from float parameters
-    loss_q = quantized_loss(make_loss(model))    # the same objective, of quantized parameters
-    loss_q(q, key, x)                            # = make_loss(model)(dequantize(q), key, x)
-    sa = simulated_annealing(loss_q, 16, lattice(fraction=1e-3), ...)   # search the lattice
+    loss = make_loss(model)
+    loss(q, key, x)                              # = loss(dequantize(q), key, x): the model runs dequantized
+    sa = simulated_annealing(loss, 16, lattice(fraction=1e-3), ...)   # search the lattice
+    ste = straight_through(loss, q)              # Optax baseline: STE on q's lattice, then requantize
 
 A kernel ``w`` (its last axis the output channels) becomes integer codes
 ``c`` in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` and one float32 scale per output
@@ -85,7 +86,8 @@ def quantize(params, bits: int, clip: str = "max") -> QuantizedParams:
     """``params`` with every Dense and Conv kernel rounded to the nearest int-``bits`` code (RTN).
 
     Args:
-      params: float parameters (e.g. an Adam optimum x*).
+      params: float parameters (e.g. an Adam optimum x*); :class:`QuantizedParams` of
+        ``bits`` bits are returned unchanged (of other bits: their values are quantized).
       bits: 2 to 8.
       clip: how each output channel's scale is chosen: "max" or "mse" (module docstring).
     Returns:
@@ -96,6 +98,10 @@ def quantize(params, bits: int, clip: str = "max") -> QuantizedParams:
         raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS} (codes are stored in int8), got {bits}")
     if clip not in CLIPS:
         raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
+    if isinstance(params, QuantizedParams):
+        if params.bits == bits:
+            return params  # already on an int-bits lattice: unchanged
+        params = dequantize(params)
     qmax = 2 ** (bits - 1) - 1
     leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
     if not any(is_quantized_leaf(path, leaf) for path, leaf in leaves):
@@ -125,33 +131,51 @@ def dequantize(q: QuantizedParams):
     return tree_map(one, q.codes, q.scales)
 
 
-def quantized_loss(loss_fn):
-    """``loss_fn`` of quantized parameters: ``loss(q, key, x) = loss_fn(dequantize(q), key, x)``.
+def as_float(params):
+    """``params`` as the model runs them: ``dequantize(params)`` for :class:`QuantizedParams`, else unchanged.
 
-    Keeps ``loss_fn``'s ``model`` and gives a matching ``per_example`` (the
-    annealers' decision batches need it), so every optimizer of the library
-    takes it as it takes ``loss_fn``.
+    Every place the library applies a model calls it, so ``make_loss(model)``,
+    evaluation and the annealers take quantized parameters as they take float ones.
     """
-    def check(q):
-        if not isinstance(q, QuantizedParams):
-            raise ValueError(f"params: a quantized loss takes QuantizedParams (quantize(params, bits)), "
-                             f"got {type(q).__name__}")
+    return dequantize(params) if isinstance(params, QuantizedParams) else params
 
-    def loss(q, key, x, *args, **kwargs):
-        check(q)
-        return loss_fn(dequantize(q), key, x, *args, **kwargs)
 
-    per_example = getattr(loss_fn, "per_example", None)
+def to_lattice(params, like: QuantizedParams):
+    """Float ``params`` with every quantized kernel rounded to ``like``'s lattice (its scales and bits)."""
+    def one(w, code, scale):
+        if jnp.issubdtype(code.dtype, jnp.integer):
+            return jnp.clip(jnp.round(w / scale), -like.qmax, like.qmax) * scale
+        return w
+    return tree_map(one, params, like.codes, like.scales)
 
-    def per_example_q(q, key, x):
-        check(q)
-        return per_example(dequantize(q), key, x)
 
-    loss.per_example = per_example_q if per_example is not None else None
-    for name in ("model", "beta", "scheduled", "free_bits"):
+def requantize(params, like: QuantizedParams) -> QuantizedParams:
+    """Float ``params`` as codes on ``like``'s lattice (``like``'s scales kept): e.g. the result of
+    straight-through training, which moved a float shadow of the weights."""
+    def one(w, code, scale):
+        if jnp.issubdtype(code.dtype, jnp.integer):
+            return jnp.clip(jnp.round(w / scale), -like.qmax, like.qmax).astype(code.dtype)
+        return w
+    return like.replace(codes=tree_map(one, params, like.codes, like.scales))
+
+
+def straight_through(loss_fn, like: QuantizedParams):
+    """Straight-through estimation (STE) of ``loss_fn`` on ``like``'s lattice, for Optax.
+
+    ``loss(w, key, x) = loss_fn(w + stop_gradient(to_lattice(w) - w), key, x)``: the
+    forward pass runs the rounded model, and the gradient with respect to the float
+    shadow ``w`` is ``loss_fn``'s gradient at the rounded point, as if rounding were
+    the identity. Train ``w`` (from ``dequantize(like)`` or x*) with any Optax
+    optimizer; ``requantize(w, like)`` is the integer model.
+    """
+    def loss(params, key, x, *args, **kwargs):
+        rounded = tree_map(lambda w, r: w + jax.lax.stop_gradient(r - w), params, to_lattice(params, like))
+        return loss_fn(rounded, key, x, *args, **kwargs)
+
+    for name in ("model", "beta", "free_bits", "scheduled"):
         if hasattr(loss_fn, name):
             setattr(loss, name, getattr(loss_fn, name))
-    loss.quantized = True
+    loss.per_example = None
     return loss
 
 

@@ -69,23 +69,77 @@ def test_the_mse_clip_never_rounds_worse_than_max_and_helps_at_few_bits(trained)
         assert total["mse"] < 0.9 * total["max"], (bits, total)
 
 
-def test_the_quantized_loss_is_the_model_s_loss_at_the_dequantized_weights(trained):
+def test_make_loss_and_evaluation_take_quantized_parameters(trained):
     model, loss, params, x = trained
     key = jax.random.key(3)
-    lq = Q.quantized_loss(loss)
     full = float(loss(params, key, x))
     # 8 bits: a step of max|w| / 127 per channel moves this loss by less than 0.05 nats (measured 0.01).
-    assert abs(float(lq(Q.quantize(params, 8), key, x)) - full) < 0.05
+    assert abs(float(loss(Q.quantize(params, 8), key, x)) - full) < 0.05
     # 2 bits: three levels per channel cost nats.
-    assert float(lq(Q.quantize(params, 2), key, x)) > full + 1.0
-    assert lq.model is model and lq.per_example(Q.quantize(params, 8), key, x).shape == (256,)
-    with pytest.raises(ValueError, match="params: a quantized loss takes QuantizedParams"):
-        lq(params, key, x)
+    q2 = Q.quantize(params, 2)
+    assert float(loss(q2, key, x)) > full + 1.0
+    assert loss.per_example(q2, key, x).shape == (256,)
+    assert sv.evaluate(loss, q2, x) == sv.evaluate(loss, Q.dequantize(q2), x)  # the same program's input
+    # Another model's quantized parameters are refused by name, as float ones are.
+    other, _ = small_vae(8, 2)
+    with pytest.raises(ValueError, match="params do not fit"):
+        sv.evaluate(sv.make_loss(other), q2, x)
+
+
+@pytest.mark.parametrize("clip", ["max", "mse"])
+def test_quantizing_a_quantized_model_gives_it_back(trained, clip):
+    q = Q.quantize(trained[2], 3, clip)
+    assert Q.quantize(q, 3) is q  # already int-3: unchanged
+    leaves = lambda t: [np.asarray(a) for a in jax.tree_util.tree_leaves(t)]  # noqa: E731
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(Q.requantize(Q.dequantize(q), q)), leaves(q)))
+    # From its float values: the same codes; each scale comes back from max|code * s| / qmax, where
+    # code * s was rounded to float32, so it may be the neighbouring float32 (1 ulp).
+    again = Q.quantize(Q.dequantize(q), 3, clip)
+    assert all(np.array_equal(a, b) for a, b in zip(leaves(again.codes), leaves(q.codes)))
+    for a, b in zip(leaves(again.scales), leaves(q.scales)):
+        np.testing.assert_allclose(a, b, rtol=np.finfo(np.float32).eps, atol=0)
+    assert Q.codes_in_range(Q.quantize(q, 2)) and Q.quantize(q, 2).bits == 2  # fewer bits: re-rounded
+
+
+def test_the_straight_through_gradient_is_the_float_gradient_at_the_rounded_point(trained):
+    """STE: the forward pass is the rounded model's, the gradient the loss's at the rounded point,
+    where the true gradient of the rounded model with respect to its float shadow is zero."""
+    _, loss, params, x = trained
+    q = Q.quantize(params, 3)
+    ste = Q.straight_through(loss, q)
+    key = jax.random.key(5)
+    shadow = jax.tree_util.tree_map(lambda a: a + 1e-3, params)  # off the lattice
+    rounded = Q.to_lattice(shadow, q)
+    assert float(ste(shadow, key, x)) == float(loss(rounded, key, x))
+    g_ste, g_float = jax.grad(ste)(shadow, key, x), jax.grad(loss)(rounded, key, x)
+    for a, b in zip(jax.tree_util.tree_leaves(g_ste), jax.tree_util.tree_leaves(g_float)):
+        # The same gradient program at the same point; XLA may fuse the two differently (a few ulps).
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+    rounding = jax.grad(lambda w: loss(Q.to_lattice(w, q), key, x))(shadow)
+    kernels = [np.asarray(g) for p, g in jax.tree_util.tree_flatten_with_path(rounding)[0] if Q.is_quantized_leaf(p, g)]
+    assert all(np.all(g == 0) for g in kernels) and any(np.any(np.asarray(g) != 0) for g in jax.tree_util.tree_leaves(g_ste))
+
+
+def test_straight_through_adam_lowers_the_rounded_model_s_loss(trained):
+    import optax
+
+    _, loss, params, x = trained
+    q = Q.quantize(params, 2)
+    ste = Q.straight_through(loss, q)
+    train = sv.load("digits", "train")
+    shadow, _ = sv.fit(jax.random.key(6), Q.dequantize(q), ste, optax.adam(1e-3), train, 2, 100, binarize="dynamic")
+    after = Q.requantize(shadow, q)
+    assert Q.codes_in_range(after) and after.bits == 2
+    before_loss, after_loss = (sv.evaluate(loss, p, x) for p in (q, after))
+    assert after_loss < before_loss - 0.5, (before_loss, after_loss)
 
 
 @pytest.mark.parametrize("call, match", [
+    (lambda p: Q.quantize(p, 0), "bits"),
     (lambda p: Q.quantize(p, 1), "bits"),
     (lambda p: Q.quantize(p, 9), "bits"),
+    (lambda p: Q.quantize(p, 2.5), "bits"),
+    (lambda p: Q.quantize(p, "4"), "bits"),
     (lambda p: Q.quantize(p, 4, clip="min"), "clip must be one of max, mse"),
     (lambda p: Q.quantize({"b": jnp.zeros(3)}, 4), "no Dense or Conv kernel"),
     (lambda p: Q.quantize(jax.tree_util.tree_map(lambda a: a * jnp.nan, p), 4), "non-finite weights"),
@@ -103,7 +157,7 @@ def test_lattice_moves_keep_every_code_in_range_and_greedy_search_lowers_the_los
     move changes codes by exactly +-1, and the same key gives the same codes."""
     _, loss, params, x = trained
     q0 = Q.quantize(params, 3)
-    lq = Q.quantized_loss(loss)
+    lq = loss
     ncodes = sum(c.size for c in jax.tree_util.tree_leaves(q0.codes) if c.dtype == jnp.int8)
     sa = A.simulated_annealing(lq, 8, A.lattice(4.0 / ncodes), A.exponential(1.0, 0.99), A.greedy())
     step = jax.jit(sa.step)
@@ -137,3 +191,28 @@ def test_lattice_moves_refuse_float_parameters(trained):
     sa = A.simulated_annealing(loss, 4, A.lattice(0.01), A.exponential(1.0, 0.99), A.greedy())
     with pytest.raises(ValueError, match="params: lattice moves need quantized parameters"):
         jax.jit(sa.step)(jax.random.key(0), sa.init(params), x)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained, bits):
+    """10^4 lattice moves in a row (each code moving with probability 1/2, steps of 1 and 3), every
+    move accepted: the codes never leave [-qmax, qmax]; and the move evaluated for a key is the
+    one re-created from it."""
+    _, loss, params, x = trained
+    q = Q.quantize(params, bits)
+    for step in (1, 3):
+        proposal = A.lattice(0.5, step=step)
+        prep = lambda p: proposal.prepare(loss, p, jax.random.key(0), x, 1.0, 1.0, ())  # noqa: E731
+
+        def body(p, key):
+            moved = prep(p).materialize(key)
+            return moved, jnp.max(jnp.array([jnp.max(jnp.abs(c.astype(jnp.int32)))
+                                             for c in jax.tree_util.tree_leaves(moved.codes)
+                                             if jnp.issubdtype(c.dtype, jnp.integer)]))
+
+        final, peaks = jax.jit(lambda p: jax.lax.scan(body, p, jax.random.split(jax.random.key(bits), 10_000)))(q)
+        assert int(peaks.max()) == q.qmax and Q.codes_in_range(final)
+    prepared = prep(q)
+    key = jax.random.key(11)
+    assert float(prepared.loss(key, jnp.bool_(True))) == float(loss(prepared.materialize(key), jax.random.key(0), x))
+    assert float(prepared.loss(key, jnp.bool_(False))) == float(loss(q, jax.random.key(0), x))
