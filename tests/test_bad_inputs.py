@@ -24,6 +24,7 @@ import optax
 import pytest
 
 import savae_jax as sv
+from savae_jax import quantize
 import savae_jax.annealing as an
 from savae_jax import checkpoint
 from conftest import small_vae
@@ -674,6 +675,24 @@ CASES = [
     Case("cli-compare-fraction-low-rank", "--set sa.fraction=0.5 with the low_rank proposal", "compare.py", E,
          "sa.fraction: moves a fraction of the entries of gaussian and cauchy proposals only",
          compare_cli("--methods", "sa", "--set", "sa.fraction=0.5")),
+    # ---- issue 25: integer weights
+    Case("quantize-bits-one", "quantize(params, bits=1)", "quantize.quantize", ValueError,
+         "bits must be an integer >= 2", lambda tmp: quantize.quantize(tiny()[2], 1)),
+    Case("quantize-bits-nine", "quantize(params, bits=9) (codes are int8)", "quantize.quantize", ValueError,
+         "bits must be an integer from 2 to 8", lambda tmp: quantize.quantize(tiny()[2], 9)),
+    Case("quantize-bits-float", "quantize(params, bits=2.5)", "quantize.quantize", ValueError,
+         "bits must be an integer >= 2", lambda tmp: quantize.quantize(tiny()[2], 2.5)),
+    Case("quantize-clip-unknown", "quantize(params, 4, clip='min')", "quantize.quantize", ValueError,
+         "clip must be one of max, mse", lambda tmp: quantize.quantize(tiny()[2], 4, clip="min")),
+    Case("quantize-no-kernel", "quantize of a tree without Dense or Conv kernels", "quantize.quantize",
+         ValueError, "params: no Dense or Conv kernel to quantize", lambda tmp: quantize.quantize({"b": jnp.ones(3)}, 4)),
+    Case("lattice-fraction-zero", "lattice(fraction=0)", "annealing.lattice", ValueError,
+         "fraction must be", lambda tmp: an.lattice(0.0)),
+    Case("lattice-step-zero", "lattice(0.1, step=0)", "annealing.lattice", ValueError,
+         "step must be an integer >= 1", lambda tmp: an.lattice(0.1, step=0)),
+    Case("lattice-float-params", "lattice moves of float (not quantized) parameters",
+         "annealing step (first trace)", ValueError, "params: lattice moves need quantized parameters",
+         lambda tmp: first_step(anneal(proposal=an.lattice(0.01)))),
 ]
 
 NUM_BAD_INPUTS = len(CASES)  # reported in the README's reliability section
