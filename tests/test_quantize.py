@@ -14,13 +14,13 @@ from conftest import small_vae
 
 @pytest.fixture(scope="module")
 def trained():
-    """(model, loss, params after 300 Adam steps, 256 training digits) of the small MLP VAE."""
+    """(model, loss, params after 8 epochs of Adam (120 steps), 256 training digits) of the small MLP VAE."""
     import optax
 
     model, loss = small_vae(16, 3)
     train = sv.load("digits", "train")
     params = sv.models.init(jax.random.key(0), model, train.images[:1])
-    params, _ = sv.fit(jax.random.key(1), params, loss, optax.adam(3e-3), train, 20, 100, binarize="dynamic")
+    params, _ = sv.fit(jax.random.key(1), params, loss, optax.adam(3e-3), train, 8, 100, binarize="dynamic")
     return model, loss, params, jnp.asarray(train.images[:256])
 
 
