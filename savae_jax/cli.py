@@ -21,7 +21,8 @@ SUBCOMMANDS = {
     "compare": ("compare", "every method side by side at equal budgets: tables, curves, traces, report.html"),
     "train": ("train", "train one VAE with one optimizer (Optax or annealing); metrics, params, image grids"),
     "plateau": ("plateau", "Adam to a validation plateau, then Adam, decayed Adam and annealing arms from it"),
-    "tune": ("tuning", "equal tuning budgets: N quasi-random trials per method, scored on validation"),
+    "tune": ("tuning", "equal tuning budgets: N trials per method (random, Optuna or annealing), scored on validation"),
+    "quantize": ("quantized", "integer weights: RTN, then straight-through Adam and lattice annealing at equal evaluations"),
     "bench": ("benchmark", "speed: the annealing step against inference, a matmul, evosax; fit overhead"),
     "dual-annealing": ("dual_annealing", "annealing chains against scipy's dual_annealing on test functions"),
 }

@@ -1,0 +1,241 @@
+"""Where gradients cannot go: refining a VAE rounded to integer weights, at equal evaluations.
+
+    savae quantize --dataset digits --bits 3 --budget-evals 3000 --seeds 0,1,2 --workdir runs/quantize
+
+Per seed:
+
+1. x*: Adam (lr 1e-3) for ``--pretrain-evals`` loss evaluations on the
+   training part (a gradient step counts 3), the validation gate keeping its
+   best parameters.
+2. RTN: x* rounded to per-output-channel int-``bits`` codes
+   (``quantize.quantize``, clip "mse"): zero evaluations.
+3. From RTN, each method spends ``--budget-evals`` evaluations and keeps the
+   integer model its validation gate scores best (RTN itself if none beats it):
+
+   - ``ste-adam``: straight-through Adam on a float shadow of the weights
+     started at RTN's values (``quantize.straight_through``), rounded back on
+     RTN's scales (``quantize.requantize``);
+   - ``lattice-sa``: annealing on the integer lattice (``annealing.lattice``:
+     K = 16 proposals each moving about ``moved`` codes by +-1), deciding by
+     the noise-aware confident rule (a paired t-test at level 0.05) on a
+     decision batch of 128 other examples;
+   - ``ste-then-lattice``: the seed's recipe in this regime: ``ste-adam`` for
+     half the budget, then ``lattice-sa`` from its rounded result.
+
+   Equal tuning: each method gets the same 3 trials of its one
+   hyperparameter, chosen on the validation split (STE's learning rate in
+   1e-4, 3e-4, 1e-3; the codes moved per proposal in 1, 4, 16);
+   ``ste-then-lattice`` uses the two values chosen for the others.
+4. The test negative ELBO of each kept model, and the fraction of RTN's gap
+   to x* it recovers: (RTN - method) / (RTN - x*).
+
+Outputs in --workdir: config.json, results.json (every seed, saved after
+each; ``--resume`` keeps the seeds done), summary.md (mean ± sd over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import savae_jax as sv
+from savae_jax import annealing as A
+from savae_jax import checkpoint, driver, quantize
+from savae_jax.experiments import flags, report
+from savae_jax.experiments import workdir as workdirs
+from savae_jax.experiments.settings import Config
+
+METHODS = ("ste-adam", "lattice-sa", "ste-then-lattice")
+STE_LRS = (1e-4, 3e-4, 1e-3)          # the 3 trials of ste-adam
+MOVED = (1, 4, 16)                    # the 3 trials of lattice-sa: codes moved per proposal
+NOT_COMPARED = ("resume", "overwrite", "workdir")
+OUTPUTS = ("config.json", "results.json", "summary.md")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig(Config):
+    """The experiment's settings (its flags, one field each)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    bits: int = 3
+    budget_evals: int = 3000
+    pretrain_evals: int = 15000
+    seeds: str = "0"
+    validation: float = 0.1
+    batch_size: int = 128
+    eval_every: int = 20
+    hidden: int = 64
+    latents: int = 8
+    workdir: str = "runs/quantize"
+    resume: bool = False
+    overwrite: bool = False
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    d = QuantizeConfig()
+    p = argparse.ArgumentParser(prog=prog or "savae quantize", description=__doc__.split("\n")[0],
+                                formatter_class=flags.HelpFormatter)
+    p.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(sv.data.DATASETS)}")
+    p.add_argument("--data-dir", default=d.data_dir, help="folder with MNIST IDX files or a TFDS data dir")
+    p.add_argument("--bits", type=int, default=d.bits, help="bits of the integer codes, 2 to 8")
+    p.add_argument("--budget-evals", type=flags.positive(int), default=d.budget_evals,
+                   help="loss evaluations each method spends after RTN")
+    p.add_argument("--pretrain-evals", type=flags.positive(int), default=d.pretrain_evals,
+                   help="loss evaluations of the Adam run that gives x*")
+    p.add_argument("--seeds", default=d.seeds, help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--validation", type=float, default=d.validation,
+                   help="fraction of the training set held out for the gate and the tuning")
+    p.add_argument("--batch-size", type=flags.positive(int), default=d.batch_size)
+    p.add_argument("--eval-every", type=flags.positive(int), default=d.eval_every,
+                   help="steps between validation checks of the gate")
+    p.add_argument("--hidden", type=flags.positive(int), default=d.hidden)
+    p.add_argument("--latents", type=flags.positive(int), default=d.latents)
+    flags.add_workdir_flags(p, d.workdir)
+    flags.add_config_flag(p)
+    return p
+
+
+def check(config: QuantizeConfig) -> list[int]:
+    """The seeds (ValueError naming the flag)."""
+    try:
+        quantize.quantize({"kernel": jnp.ones((2, 2))}, config.bits)  # the one check of bits
+    except ValueError as err:
+        raise ValueError(f"--bits: {err}") from None
+    if not 0 < config.validation < 1:
+        raise ValueError(f"--validation: must be in (0, 1), got {config.validation}")
+    if config.dataset not in sv.data.DATASETS:
+        raise ValueError(f"--dataset: unknown dataset {config.dataset!r}; choose from {', '.join(sv.data.DATASETS)}")
+    seeds = flags.comma_list(config.seeds, "--seeds", int, "0,1,2")
+    if min(seeds) < 0:
+        raise ValueError(f"--seeds: must be integers >= 0, got {config.seeds!r}")
+    return seeds
+
+
+@dataclasses.dataclass
+class Setup:
+    """What every method of a seed runs on."""
+
+    loss: object
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    config: QuantizeConfig
+    key: jax.Array
+    batch_fn: sv.data.BatchFn = dataclasses.field(default_factory=lambda: sv.data.BatchFn("dynamic"))
+
+    def score(self, params, images) -> float:
+        return sv.evaluate(self.loss, params, images, binarize=self.batch_fn)
+
+    def run(self, optimizer, params, budget, validate, name):
+        """``driver.run`` of one phase with the gate: ``(kept parameters, best validation score, evals)``."""
+        result = driver.run(self.key, [driver.Phase(name, optimizer)], params, self.train,
+                            batch_size=self.config.batch_size, budget_evals=budget, eval_every=self.config.eval_every,
+                            batch_fn=self.batch_fn, validate=validate)
+        best = min(r["val_neg_elbo"] for r in result.history if r.get("val_neg_elbo") is not None)
+        return result.params, best, result.history[-1]["evals"]
+
+
+def ste_adam(setup: Setup, q0, lr: float, budget: int):
+    """Straight-through Adam from ``q0``'s values; ``(integer model, validation score, evals)``."""
+    optimizer = sv.from_optax(quantize.straight_through(setup.loss, q0), optax.adam(lr))
+    shadow, best, evals = setup.run(optimizer, quantize.dequantize(q0), budget,
+                                    lambda w: setup.score(quantize.requantize(w, q0), setup.val), "ste-adam")
+    return quantize.requantize(shadow, q0), best, evals
+
+
+def lattice_sa(setup: Setup, q0, moved: int, budget: int):
+    """Annealing on ``q0``'s lattice, noise-aware decisions; ``(integer model, validation score, evals)``."""
+    codes = sum(c.size for c in jax.tree_util.tree_leaves(q0.codes) if jnp.issubdtype(c.dtype, jnp.integer))
+    sa = A.simulated_annealing(setup.loss, 16, A.lattice(min(1.0, moved / codes)), A.exponential(1.0, 0.99),
+                               A.confident(0.05), decision=A.decision_batch(setup.config.batch_size, 128))
+    return setup.run(sa, q0, budget, lambda q: setup.score(q, setup.val), "lattice-sa")
+
+
+def run_seed(seed: int, config: QuantizeConfig, model, data, log) -> dict:
+    """x*, RTN and every method for one seed: their test -ELBO and the tuning trials."""
+    train, val, test = data
+    key_init, key_pre, key_run = jax.random.split(jax.random.key(seed), 3)
+    setup = Setup(loss=sv.make_loss(model), train=train, val=val, test=test, config=config, key=key_run)
+    params = sv.models.init(key_init, model, train[:1])
+    adam = sv.from_optax(setup.loss, optax.adam(1e-3))
+    x_star, _, _ = dataclasses.replace(setup, key=key_pre).run(
+        adam, params, config.pretrain_evals, lambda p: setup.score(p, val), "adam")
+    q0 = quantize.quantize(x_star, config.bits, clip="mse")
+    out = {"x_star": setup.score(x_star, test), "rtn": setup.score(q0, test), "trials": {}, "methods": {}}
+    log(f"seed {seed}: x* {out['x_star']:.3f}, RTN at {config.bits} bits {out['rtn']:.3f} (test -ELBO)")
+    chosen = {}
+    for method, values, fn in (("ste-adam", STE_LRS, ste_adam), ("lattice-sa", MOVED, lattice_sa)):
+        trials = [(value, *fn(setup, q0, value, config.budget_evals)) for value in values]
+        out["trials"][method] = {str(v): best for v, _, best, _ in trials}
+        value, kept, best, evals = min(trials, key=lambda t: t[2])  # the best validation score
+        chosen[method] = value
+        out["methods"][method] = {"setting": value, "val_neg_elbo": best, "evals": evals,
+                                  "test_neg_elbo": setup.score(kept, test)}
+    half = config.budget_evals // 2
+    q1, _, evals1 = ste_adam(setup, q0, chosen["ste-adam"], half)
+    kept, best, evals2 = lattice_sa(setup, q1, chosen["lattice-sa"], config.budget_evals - evals1)
+    out["methods"]["ste-then-lattice"] = {"setting": [chosen["ste-adam"], chosen["lattice-sa"]], "val_neg_elbo": best,
+                                          "evals": evals1 + evals2, "test_neg_elbo": setup.score(kept, test)}
+    gap = out["rtn"] - out["x_star"]
+    for method, r in out["methods"].items():
+        r["gap_recovered"] = (out["rtn"] - r["test_neg_elbo"]) / gap if gap > 0 else float("nan")
+        log(f"seed {seed}: {method} {r['test_neg_elbo']:.3f} ({100 * r['gap_recovered']:.0f} % of RTN's gap)")
+    return out
+
+
+def summarize(results: dict, config: QuantizeConfig) -> str:
+    def ms(values, fmt=".3f"):
+        return report.format_mean_sd(report.mean_sd(values), fmt)
+
+    seeds = sorted(results, key=int)
+    lines = [f"# Integer weights on {config.dataset}: {config.bits} bits, {config.budget_evals} evaluations after RTN "
+             f"(seeds {', '.join(seeds)})", "",
+             "Test negative ELBO (nats) of the integer model each method's validation gate kept, and the fraction "
+             "of RTN's gap to the float x* it recovers (mean ± sd over seeds).", "",
+             "| model | test -ELBO | gap recovered |", "|---|---|---|",
+             f"| float x* | {ms([results[s]['x_star'] for s in seeds])} | – |",
+             f"| RTN | {ms([results[s]['rtn'] for s in seeds])} | 0 |"]
+    for method in METHODS:
+        rows = [results[s]["methods"][method] for s in seeds]
+        lines.append(f"| {method} | {ms([r['test_neg_elbo'] for r in rows])} | "
+                     f"{ms([100 * r['gap_recovered'] for r in rows], '.0f')} % |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None, prog: str | None = None) -> dict:
+    """``savae quantize``: flags -> x*, RTN and every method per seed -> results.json, summary.md."""
+    parser = build_parser(prog)
+    try:
+        given = vars(flags.parse_with_config(parser, argv))
+        config = QuantizeConfig.from_dict({k: v for k, v in given.items() if k != "config"}, "--", "quantize")
+        seeds = check(config)
+        model = sv.MLPVAE(hidden=config.hidden, latents=config.latents)
+        train = sv.load(config.dataset, "train", config.data_dir)
+        test = sv.load(config.dataset, "test", config.data_dir)
+        train, val = sv.data.split_validation(train, config.validation)
+        workdirs.prepare(Path(config.workdir), config.to_dict(), config, OUTPUTS, NOT_COMPARED)
+    except (ValueError, FileNotFoundError) as err:
+        parser.error(str(err))
+    log = lambda line: print(line, flush=True)  # noqa: E731
+    workdir = Path(config.workdir)
+    results = json.loads((workdir / "results.json").read_text()) if config.resume and (
+        workdir / "results.json").is_file() else {}
+    data = tuple(jnp.asarray(d.images) for d in (train, val, test))
+    with flags.disk_errors(parser.prog, workdir):
+        checkpoint.atomic_write_json(workdir / "config.json", {"config": config.to_dict()})
+        for seed in seeds:
+            if str(seed) not in results:
+                results[str(seed)] = run_seed(seed, config, model, data, log)
+                checkpoint.atomic_write_json(workdir / "results.json", results)
+        summary = summarize(results, config)
+        checkpoint.atomic_write_text(workdir / "summary.md", summary)
+    print(summary)
+    return results
