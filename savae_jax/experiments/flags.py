@@ -106,6 +106,17 @@ def add_workdir_flags(parser, default: str, add=None) -> None:
              "(refused if the folder holds anything else)")
 
 
+def add_gated_run_flags(parser, defaults, validation_help: str) -> None:
+    """--validation, --batch-size, --eval-every, --hidden, --latents: the runs of a subcommand that scores
+    them on a validation split (tune, quantize); ``defaults`` holds the five fields."""
+    parser.add_argument("--validation", type=float, default=defaults.validation, help=validation_help)
+    parser.add_argument("--batch-size", type=positive(int), default=defaults.batch_size)
+    parser.add_argument("--eval-every", type=positive(int), default=defaults.eval_every,
+                        help="steps between validation checks of the gate")
+    parser.add_argument("--hidden", type=positive(int), default=defaults.hidden)
+    parser.add_argument("--latents", type=positive(int), default=defaults.latents)
+
+
 def add_config_flag(parser) -> None:
     """--config FILE: a JSON object of settings by flag name (read by :func:`parse_with_config`)."""
     parser.add_argument("--config", default=None,

@@ -91,13 +91,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pretrain-evals", type=flags.positive(int), default=d.pretrain_evals,
                    help="loss evaluations of the Adam run that gives x*")
     p.add_argument("--seeds", default=d.seeds, help="comma-separated seeds, e.g. 0,1,2")
-    p.add_argument("--validation", type=float, default=d.validation,
-                   help="fraction of the training set held out for the gate and the tuning")
-    p.add_argument("--batch-size", type=flags.positive(int), default=d.batch_size)
-    p.add_argument("--eval-every", type=flags.positive(int), default=d.eval_every,
-                   help="steps between validation checks of the gate")
-    p.add_argument("--hidden", type=flags.positive(int), default=d.hidden)
-    p.add_argument("--latents", type=flags.positive(int), default=d.latents)
+    flags.add_gated_run_flags(p, d, "fraction of the training set held out for the gate and the tuning")
     flags.add_workdir_flags(p, d.workdir)
     flags.add_config_flag(p)
     return p

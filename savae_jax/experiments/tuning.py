@@ -285,13 +285,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--budget-evals", type=flags.positive(int), default=d.budget_evals,
                    help="loss evaluations per trial")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of the trials, the initial parameters and keys")
-    p.add_argument("--validation", type=float, default=d.validation,
-                   help="fraction of the training set held out to score the trials")
-    p.add_argument("--batch-size", type=flags.positive(int), default=d.batch_size)
-    p.add_argument("--eval-every", type=flags.positive(int), default=d.eval_every,
-                   help="steps between validation checks of the gate")
-    p.add_argument("--hidden", type=flags.positive(int), default=d.hidden)
-    p.add_argument("--latents", type=flags.positive(int), default=d.latents)
+    flags.add_gated_run_flags(p, d, "fraction of the training set held out to score the trials")
     p.add_argument("--tuner", choices=tuners.TUNERS, default=d.tuner,
                    help="random: N Sobol trials at once; optuna: TPE (ask/tell) in rounds; anneal: the annealing "
                         "step on hyperparameters, in rounds (docs/tuning.md)")
