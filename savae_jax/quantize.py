@@ -82,6 +82,13 @@ def _channel_scale(w: np.ndarray, qmax: int, clip: str) -> np.ndarray:
     return np.take_along_axis(candidates, best[None], axis=0)[0].astype(np.float32)
 
 
+def check_bits(bits) -> None:
+    """Refuse ``bits`` outside 2..8 (or not an integer), naming it."""
+    validation.integer("bits", bits, MIN_BITS)
+    if bits > MAX_BITS:
+        raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS} (codes are stored in int8), got {bits}")
+
+
 def quantize(params, bits: int, clip: str = "max") -> QuantizedParams:
     """``params`` with every Dense and Conv kernel rounded to the nearest int-``bits`` code (RTN).
 
@@ -93,9 +100,7 @@ def quantize(params, bits: int, clip: str = "max") -> QuantizedParams:
     Returns:
       :class:`QuantizedParams`; ``dequantize`` of it is the rounded model.
     """
-    validation.integer("bits", bits, MIN_BITS)
-    if bits > MAX_BITS:
-        raise ValueError(f"bits must be an integer from {MIN_BITS} to {MAX_BITS} (codes are stored in int8), got {bits}")
+    check_bits(bits)
     if clip not in CLIPS:
         raise ValueError(f"clip must be one of {', '.join(CLIPS)}, got {clip!r}")
     if isinstance(params, QuantizedParams):
