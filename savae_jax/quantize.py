@@ -62,6 +62,16 @@ class QuantizedParams:
         """The largest code, 2^(b-1) - 1 (the smallest is -qmax)."""
         return 2 ** (self.bits - 1) - 1
 
+    @property
+    def num_codes(self) -> int:
+        """How many integer codes the model has (the lattice's dimension)."""
+        return sum(c.size for c in jax.tree_util.tree_leaves(self.codes) if is_code(c))
+
+
+def is_code(leaf) -> bool:
+    """Whether a leaf of ``QuantizedParams.codes`` holds integer codes (else it is a float leaf)."""
+    return jnp.issubdtype(leaf.dtype, jnp.integer)
+
 
 def is_quantized_leaf(path, leaf) -> bool:
     """Whether a parameter is quantized: a Dense (2-D) or Conv (4-D) kernel."""
@@ -130,7 +140,7 @@ def quantize(params, bits: int, clip: str = "max") -> QuantizedParams:
 def dequantize(q: QuantizedParams):
     """The float parameters ``codes * scale`` (float32) for quantized kernels, the other leaves as they are."""
     def one(code, scale):
-        if jnp.issubdtype(code.dtype, jnp.integer):
+        if is_code(code):
             return code.astype(jnp.float32) * scale
         return code
     return tree_map(one, q.codes, q.scales)
@@ -148,7 +158,7 @@ def as_float(params):
 def to_lattice(params, like: QuantizedParams):
     """Float ``params`` with every quantized kernel rounded to ``like``'s lattice (its scales and bits)."""
     def one(w, code, scale):
-        if jnp.issubdtype(code.dtype, jnp.integer):
+        if is_code(code):
             return jnp.clip(jnp.round(w / scale), -like.qmax, like.qmax) * scale
         return w
     return tree_map(one, params, like.codes, like.scales)
@@ -158,7 +168,7 @@ def requantize(params, like: QuantizedParams) -> QuantizedParams:
     """Float ``params`` as codes on ``like``'s lattice (``like``'s scales kept): e.g. the result of
     straight-through training, which moved a float shadow of the weights."""
     def one(w, code, scale):
-        if jnp.issubdtype(code.dtype, jnp.integer):
+        if is_code(code):
             return jnp.clip(jnp.round(w / scale), -like.qmax, like.qmax).astype(code.dtype)
         return w
     return like.replace(codes=tree_map(one, params, like.codes, like.scales))
@@ -187,4 +197,4 @@ def straight_through(loss_fn, like: QuantizedParams):
 def codes_in_range(q: QuantizedParams) -> bool:
     """Whether every code lies in [-qmax, qmax] (a valid int-b model)."""
     return all(bool(jnp.all(jnp.abs(c.astype(jnp.int32)) <= q.qmax))
-               for c in jax.tree_util.tree_leaves(q.codes) if jnp.issubdtype(c.dtype, jnp.integer))
+               for c in jax.tree_util.tree_leaves(q.codes) if is_code(c))

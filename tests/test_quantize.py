@@ -158,7 +158,7 @@ def test_lattice_moves_keep_every_code_in_range_and_greedy_search_lowers_the_los
     _, loss, params, x = trained
     q0 = Q.quantize(params, 3)
     lq = loss
-    ncodes = sum(c.size for c in jax.tree_util.tree_leaves(q0.codes) if c.dtype == jnp.int8)
+    ncodes = q0.num_codes
     sa = A.simulated_annealing(lq, 8, A.lattice(4.0 / ncodes), A.exponential(1.0, 0.99), A.greedy())
     step = jax.jit(sa.step)
 
@@ -231,7 +231,7 @@ def test_lattice_annealing_runs_in_the_driver_deterministically_and_resumes_exac
     model, loss = small_vae(16, 3)
     train = sv.load("digits", "train")
     q = Q.quantize(sv.models.init(jax.random.key(0), model, train.images[:1]), 3)
-    codes = sum(c.size for c in jax.tree_util.tree_leaves(q.codes) if c.dtype == jnp.int8)
+    codes = q.num_codes
     sa = A.simulated_annealing(loss, 8, A.lattice(4 / codes), A.exponential(0.1, 0.99), A.greedy())
 
     def run(folder, steps, resume=False):

@@ -113,8 +113,9 @@ def chunk_bytes() -> int:
     return CPU_CHUNK_BYTES if jax.default_backend() == "cpu" else ACCELERATOR_CHUNK_BYTES
 
 
-def _chunk_size(leaves) -> int:
-    size = sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves if lowrank.is_float(leaf))
+def _chunk_size(leaves, moves=lowrank.is_float) -> int:
+    """Members per chunk: ``chunk_bytes()`` over the bytes of the leaves a proposal ``moves``."""
+    size = sum(leaf.size * jnp.dtype(leaf.dtype).itemsize for leaf in leaves if moves(leaf))
     return max(1, chunk_bytes() // max(size, 1))
 
 
@@ -278,7 +279,7 @@ def lattice(fraction: float, step: int = 1) -> Proposal:
     validation.integer("step", step, 1)
 
     def prepare(loss_fn, params, key_loss, batch, temperature, radius, proposal_state):
-        from savae_jax.quantize import QuantizedParams
+        from savae_jax.quantize import QuantizedParams, is_code
 
         if not isinstance(params, QuantizedParams):
             raise ValueError(f"params: lattice moves need quantized parameters (quantize.quantize(params, bits)), "
@@ -286,7 +287,7 @@ def lattice(fraction: float, step: int = 1) -> Proposal:
         loss_fn = checked_loss(loss_fn)
         qmax = params.qmax
         leaves, treedef = jax.tree_util.tree_flatten(params)
-        codes = [i for i, p in enumerate(leaves) if jnp.issubdtype(p.dtype, jnp.integer)]
+        codes = [i for i, p in enumerate(leaves) if is_code(p)]
 
         def moved(key, active):
             out = list(leaves)
@@ -299,10 +300,9 @@ def lattice(fraction: float, step: int = 1) -> Proposal:
                 out[i] = jnp.where(active, new, c)
             return jax.tree_util.tree_unflatten(treedef, out)
 
-        size = sum(leaves[i].size * jnp.dtype(leaves[i].dtype).itemsize for i in codes)
         return Prepared(loss=lambda key, active: loss_fn(moved(key, active), key_loss, batch),
                         materialize=lambda key: moved(key, jnp.bool_(True)), proposal_state=proposal_state,
-                        chunk_size=max(1, chunk_bytes() // max(size, 1)))
+                        chunk_size=_chunk_size(leaves, moves=is_code))
 
     return Proposal(init=_stateless_init, prepare=prepare)
 

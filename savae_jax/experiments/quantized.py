@@ -147,8 +147,7 @@ def ste_adam(setup: Setup, q0, lr: float, budget: int):
 
 def lattice_sa(setup: Setup, q0, moved: int, budget: int):
     """Annealing on ``q0``'s lattice, noise-aware decisions; ``(integer model, validation score, evals)``."""
-    codes = sum(c.size for c in jax.tree_util.tree_leaves(q0.codes) if jnp.issubdtype(c.dtype, jnp.integer))
-    sa = A.simulated_annealing(setup.loss, 16, A.lattice(min(1.0, moved / codes)), A.exponential(1.0, 0.99),
+    sa = A.simulated_annealing(setup.loss, 16, A.lattice(min(1.0, moved / q0.num_codes)), A.exponential(1.0, 0.99),
                                A.confident(0.05), decision=A.decision_batch(setup.config.batch_size, 128))
     return setup.run(sa, q0, budget, lambda q: setup.score(q, setup.val), "lattice-sa")
 
