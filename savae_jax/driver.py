@@ -495,6 +495,19 @@ class RunOptions(NamedTuple):
     trace: bool
 
 
+def uncommitted(tree):
+    """``tree``'s arrays as uncommitted arrays on the default device, like a fresh ``optimizer.init``'s.
+
+    Orbax restores arrays committed to their device, and a step lowered for committed
+    arguments carries sharding annotations that one lowered for a fresh state does not:
+    the same program to XLA, but another compilation-cache key, so every resumed run
+    compiled its step again (measured: 3.5 s for a replica-exchange step of ES
+    replicas on 2 CPU cores). Uncommitted, the resumed run reuses the uninterrupted
+    run's executable. One host copy of the state per resume.
+    """
+    return jax.tree.map(lambda leaf: jnp.asarray(np.asarray(leaf)), tree)
+
+
 class _Run:
     """The mutable bookkeeping of one :func:`run` call (position, history, checkpoints)."""
 
@@ -536,6 +549,7 @@ class _Run:
         restored = self.saver.restore(template, self.o.log)
         if restored is not None:
             _, saved, meta = restored
+            saved = uncommitted(saved)
             self.pos, self.history, self.finished = Position(**meta["position"]), meta["history"], meta["finished"]
             self.trace = meta.get("trace", [])
             if self.best is None:

@@ -54,6 +54,9 @@ class Optimizer(NamedTuple):
       batch_size: the run's batch size the step was built for (an annealer
         with a decision batch: its ``selection``), or None: any. The driver
         refuses a run whose ``batch_size`` differs.
+      bounds: the box ``(lower, upper)`` every point the step evaluates and
+        returns lies in (``annealing.bounds.Bounds``), or None: unbounded.
+        Wrappers (``local_polish``) keep to it too.
     """
 
     init: Callable[[Any], Any]
@@ -63,6 +66,7 @@ class Optimizer(NamedTuple):
     mesh: Any = None
     examples_per_step: int | None = None
     batch_size: int | None = None
+    bounds: Any = None
 
 
 class OptaxState(NamedTuple):

@@ -69,7 +69,7 @@ def test_the_low_rank_estimate_equals_the_one_from_materialised_perturbations(va
     interceptor equals the loss at its materialised parameters."""
     images, params, loss_fn = vae
     x, scale = jnp.asarray(images[:64]), 0.05
-    grad, losses, layout, noises = es.estimate(loss_fn, params, jax.random.key(1), jax.random.key(2), x, 4, scale,
+    grad, losses, layout, noises, _ = es.estimate(loss_fn, params, jax.random.key(1), jax.random.key(2), x, 4, scale,
                                                rank=2, shaping="z_scores")
     weights = es.shape_fitness(losses, "z_scores")
     moved = []

@@ -11,6 +11,7 @@
 evaluations per step (K + 1, plus the proposal's own ``cost``).
 """
 
+from savae_jax.annealing import bounds
 from savae_jax.annealing.acceptance import (
     Acceptance,
     confident,
@@ -20,6 +21,7 @@ from savae_jax.annealing.acceptance import (
     penalty,
     threshold,
 )
+from savae_jax.annealing.bounds import Bounds
 from savae_jax.annealing.decision import DecisionBatch, Paired, decision_batch
 from savae_jax.annealing.es import ESInfo, ESState, evolution_strategy
 from savae_jax.annealing.kernel import (
@@ -57,6 +59,8 @@ from savae_jax.annealing.schedules import (
 )
 
 __all__ = [
+    "Bounds",
+    "bounds",
     "PolishState",
     "local_polish",
     "polish",

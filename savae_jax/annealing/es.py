@@ -41,7 +41,8 @@ import optax
 
 from savae_jax import validation
 from savae_jax.annealing import decision as decision_lib
-from savae_jax.annealing import lowrank, sharding
+from savae_jax.annealing import bounds as bounds_lib
+from savae_jax.annealing import lowrank, proposals, sharding
 from savae_jax.annealing.acceptance import check_rule, metropolis, needs_stderr, with_max_num
 from savae_jax.annealing.schedules import ScheduleEvent, as_stateful, fault, scalar_value
 from savae_jax.optimizer import Optimizer, checked_loss, tree_norm, tree_where
@@ -84,6 +85,8 @@ class ESInfo(NamedTuple):
       decision_size_requested, bad_decision_size: the decision batch's size
         at this step as its schedule returned it, and whether it was NaN,
         negative or fractional (no move).
+      num_reflected: int32, members reflected back into the box
+        (``annealing.bounds``; 0 without bounds).
     """
 
     loss: jax.Array
@@ -97,6 +100,7 @@ class ESInfo(NamedTuple):
     bad_temperature: jax.Array
     decision_size_requested: jax.Array
     bad_decision_size: jax.Array
+    num_reflected: jax.Array
 
     LOGGED = ("temperature", "acceptance_rate")
     FAULTS = {"bad_temperature": "temperature", "bad_decision_size": "decision_size_requested"}
@@ -118,6 +122,23 @@ def shape_fitness(losses, shaping: str = "centered_ranks"):
 def _member_loss(layout, loss_fn, key_loss, batch, noise):
     """The loss at theta + E for one member's noise E (kernels perturbed inside their layers)."""
     return lowrank.perturbed_loss(layout, loss_fn, key_loss, batch, noise, jnp.bool_(True))
+
+
+def _bounded_member_loss(layout, box, loss_fn, key_loss, batch, noise):
+    """``(loss, left)`` at theta + E reflected into the box (``annealing.bounds``), materialised;
+    ``left`` whether theta + E had left it."""
+    point, left = bounds_lib.reflect(lowrank.apply_noise(layout, noise), box)
+    return loss_fn(point, key_loss, batch), left
+
+
+class Estimate(NamedTuple):
+    """One step's search-gradient estimate (:func:`estimate`)."""
+
+    grad: Any  # g, a params pytree
+    losses: jax.Array  # (K,) the members' losses
+    layout: lowrank.Layout
+    noises: lowrank.Noise  # the K members' noise, stacked
+    num_reflected: jax.Array  # int32, members reflected back into the box (0 without bounds)
 
 
 def search_gradient(layout, noises: lowrank.Noise, weights, scale):
@@ -151,14 +172,18 @@ def search_gradient(layout, noises: lowrank.Noise, weights, scale):
 
 def estimate(loss_fn, params, key_noise, key_loss, batch, num_pairs: int, scale, *, noise: str = "low_rank",
              rank: int = 1, scale_by_rms: bool = False, rms_floor: float = 1e-3, shaping: str = "centered_ranks",
-             mesh=None, axis_name: str | None = None):
-    """The search-gradient estimate of one step: ``(g, member losses (K,), layout, noises)``.
+             mesh=None, axis_name: str | None = None, box=None) -> Estimate:
+    """The search-gradient estimate of one step (:class:`Estimate`).
 
     ``num_pairs`` antithetic pairs drawn from ``key_noise`` (members k and
     k + num_pairs are each other's negatives), all evaluated with
     ``key_loss`` on ``batch``; ``g`` as in the module docstring. With a
     ``mesh``, the K members are sharded over ``mesh[axis_name]`` (each
     device evaluates its slice; the batch and parameters are replicated).
+    With ``box`` (``bounds.for_params``) every member is materialised and
+    reflected into the box before its loss is taken; ``g`` still weights the
+    drawn noise (near a face the estimate is that of the reflected search
+    distribution's losses against the unreflected noise).
     """
     base = jnp.asarray(scale, jnp.float32)
     layout = _layout(noise, loss_fn, params, key_loss, batch, rank, base, scale_by_rms, rms_floor)
@@ -169,13 +194,19 @@ def estimate(loss_fn, params, key_noise, key_loss, batch, num_pairs: int, scale,
                                                                pair_keys.dtype), "num_pairs")
     half = draw_half(pair_keys)
     noises = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b]), half, lowrank.negate(half))
-    losses = _member_losses(functools.partial(_member_loss, layout, loss_fn, key_loss, batch), noises,
-                            mesh, axis_name, lowrank.member_chunk(layout))
+    if box is None:
+        member, chunk = functools.partial(_member_loss, layout, loss_fn, key_loss, batch), lowrank.member_chunk(layout)
+    else:
+        member = functools.partial(_bounded_member_loss, layout, box, loss_fn, key_loss, batch)
+        chunk = proposals.full_rank_chunk(params)
+    out = _member_losses(member, noises, mesh, axis_name, chunk)
+    losses, left = out if box is not None else (out, jnp.zeros((num_pairs * 2,), bool))
     if mesh is not None:
         # Keep the assembly replicated: left to itself, XLA would shard the sum over k like the
         # members and add the partial sums across devices in another order than one device does.
         noises, losses = sharding.replicated((noises, losses), mesh)
-    return search_gradient(layout, noises, shape_fitness(losses, shaping), base), losses, layout, noises
+    return Estimate(grad=search_gradient(layout, noises, shape_fitness(losses, shaping), base), losses=losses,
+                    layout=layout, noises=noises, num_reflected=jnp.sum(left).astype(jnp.int32))
 
 
 def _member_losses(member, noises, mesh, axis_name, chunk=None):
@@ -200,7 +231,7 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
                        scale_by_rms: bool = False, rms_floor: float = 1e-3, optimizer=None,
                        shaping: str = "centered_ranks", acceptance=None, temperature=0.0,
                        decision: decision_lib.DecisionBatch | None = None, mesh=None,
-                       axis_name: str | None = None) -> Optimizer:
+                       axis_name: str | None = None, bounds=None) -> Optimizer:
     """ES recombination of K = 2 * num_pairs antithetic evaluations into one accepted-or-rejected move.
 
     Args:
@@ -231,6 +262,11 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
         (None: the mesh's only axis), as ``simulated_annealing(mesh=...)``
         does; the gradient assembly and the decision run replicated. None:
         one device.
+      bounds: None (unbounded), or ``(lower, upper)`` (``annealing.bounds``):
+        members that leave the box are reflected into it (materialised, so
+        the low-rank noise costs a full copy of the parameters per member)
+        and the move is projected onto it (a projected gradient step), so
+        every point evaluated and returned lies inside.
     Returns:
       An :class:`~savae_jax.optimizer.Optimizer` (state :class:`ESState`,
       info :class:`ESInfo`), ``cost = 2 * num_pairs + decision.cost(decision)``.
@@ -252,7 +288,12 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
     num_pairs = int(num_pairs)
     num = 2 * num_pairs
 
+    bounds = bounds_lib.check(bounds)
+
     def init_fn(params) -> ESState:
+        bounds_lib.check_inside(params, bounds)
+        if bounds is not None:
+            params = bounds_lib.project(params, bounds_lib.for_params(bounds, params))
         return ESState(params=params, opt_state=optimizer.init(params), count=jnp.zeros((), jnp.int32),
                        num_accepted=jnp.zeros((), jnp.int32), schedule_state=schedule.init())
 
@@ -262,11 +303,15 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
         x, x_decide, mask = parts.x, parts.x_decide, parts.mask
         t = scalar_value(schedule, state.schedule_state, state.count, "temperature")
         bad_t = fault(t)
-        grad, losses, _, _ = estimate(checked, state.params, key_noise, key_loss, x, num_pairs, scale, noise=noise,
-                                      rank=rank, scale_by_rms=scale_by_rms, rms_floor=rms_floor, shaping=shaping,
-                                      mesh=mesh, axis_name=axis_name)
+        box = bounds_lib.for_params(bounds, state.params)
+        est = estimate(checked, state.params, key_noise, key_loss, x, num_pairs, scale, noise=noise, rank=rank,
+                       scale_by_rms=scale_by_rms, rms_floor=rms_floor, shaping=shaping, mesh=mesh,
+                       axis_name=axis_name, box=box)
+        grad, losses = est.grad, est.losses
         updates, opt_state = optimizer.update(grad, state.opt_state, state.params)
         candidate = optax.apply_updates(state.params, updates)
+        if box is not None:
+            candidate = bounds_lib.project(candidate, box)
         delta, stderr, num_used, on_selection = _decide_inputs(
             checked, per_example, candidate, state.params, key_loss, x, key_decide, x_decide, mask)
         accepted = (jnp.isfinite(delta) & ~bad_t & ~parts.bad
@@ -278,13 +323,14 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
         info = ESInfo(loss=loss, accepted=accepted, delta=delta, stderr=stderr, temperature=t,
                       acceptance_rate=num_accepted / count, member_loss_mean=losses.mean(),
                       grad_norm=tree_norm(grad), bad_temperature=bad_t,
-                      decision_size_requested=parts.requested, bad_decision_size=parts.bad)
+                      decision_size_requested=parts.requested, bad_decision_size=parts.bad,
+                      num_reflected=est.num_reflected)
         return ESState(params=params, opt_state=opt_state, count=count, num_accepted=num_accepted,
                        schedule_state=schedule.update(state.schedule_state, state.count, event)), info
 
     return Optimizer(init=init_fn, step=step_fn, cost=num + decision_lib.cost(decision), loss_fn=loss_fn, mesh=mesh,
                      examples_per_step=None if decision is None else decision.selection + decision.max_size,
-                     batch_size=None if decision is None else decision.selection)
+                     batch_size=None if decision is None else decision.selection, bounds=bounds)
 
 
 def _rule(acceptance, decision, loss_fn):

@@ -47,11 +47,13 @@ import numpy as np
 from savae_jax import validation
 from savae_jax.annealing import acceptance as acceptance_lib
 from savae_jax.annealing import decision as decision_lib
+from savae_jax.annealing import bounds as bounds_lib
 from savae_jax.annealing import lowrank, sharding
+from savae_jax.annealing import proposals as proposals_lib
 from savae_jax.annealing.proposals import Proposal
 from savae_jax.annealing.schedules import ScheduleEvent, StatefulSchedule, as_stateful, scalar_value
 from savae_jax.annealing.schedules import fault as schedule_fault
-from savae_jax.optimizer import Optimizer, tree_where
+from savae_jax.optimizer import Optimizer, checked_loss, tree_where
 
 tree_map = jax.tree_util.tree_map
 
@@ -125,6 +127,8 @@ class AnnealInfo(NamedTuple):
         schedule returned at this step (NaN without a decision batch).
       bad_decision_size: bool, that value was NaN, negative or fractional
         (the chain then halts: no move).
+      num_reflected: int32, proposals that left the box and were reflected
+        back into it (``annealing.bounds``; 0 without bounds).
     """
 
     accepted: jax.Array
@@ -145,6 +149,7 @@ class AnnealInfo(NamedTuple):
     bad_radius: jax.Array
     decision_size_requested: jax.Array
     bad_decision_size: jax.Array
+    num_reflected: jax.Array
 
     # What a training log records of each step (its schema: keep the order).
     LOGGED = ("temperature", "radius", "acceptance_rate")
@@ -174,16 +179,23 @@ def check_arguments(num_proposals, proposal, acceptance, t_min, patience) -> Non
     validation.integer("patience", patience, 1, optional=True)
 
 
-def init(params, proposal: Proposal, temperature, radius=None) -> AnnealState:
-    """The initial AnnealState for ``params`` (ValueError if a leaf is non-finite).
+def init(params, proposal: Proposal, temperature, radius=None, bounds=None) -> AnnealState:
+    """The initial AnnealState for ``params`` (ValueError if a leaf is non-finite, or outside ``bounds``).
 
     Args:
       params: the starting parameter pytree.
       proposal: the proposal kernel (its ``init`` gives ``proposal_state``).
       temperature: scalar, plain schedule or StatefulSchedule.
       radius: scalar, plain schedule, StatefulSchedule or None (1.0).
+      bounds: None, or ``(lower, upper)`` (``annealing.bounds``): concrete
+        parameters outside the box are refused; traced ones (an init under
+        ``jax.vmap``) are projected onto it.
     """
     _check_params_finite(params)
+    bounds = bounds_lib.check(bounds)
+    if bounds is not None:
+        bounds_lib.check_inside(params, bounds)
+        params = bounds_lib.project(params, bounds_lib.for_params(bounds, params))
     temp = as_stateful(temperature, "temperature")
     rad = as_stateful(1.0 if radius is None else radius, "radius")
     inf = jnp.full((), jnp.inf, jnp.float32)
@@ -230,6 +242,7 @@ class _Config(NamedTuple):
     axis_name: str | None
     decision: decision_lib.DecisionBatch | None = None  # None: decide on the selection batch
     per_example: Callable | None = None  # the loss per example, when a decision needs it
+    bounds: bounds_lib.Bounds | None = None  # None: unbounded
 
     @property
     def noise_aware(self) -> bool:
@@ -246,6 +259,7 @@ class _Selection(NamedTuple):
     delta: jax.Array  # loss - incumbent_loss
     finite: jax.Array  # (K,) bool, which proposal losses are finite
     raw: jax.Array  # (K,) the proposal losses as evaluated
+    num_reflected: jax.Array  # int32, proposals moved back into the box (0 without bounds)
 
 
 def _schedule_values(cfg: _Config, state: AnnealState):
@@ -270,7 +284,8 @@ def schedule_faults(t, r):
 
 
 def _member_losses(cfg: _Config, prep, keys):
-    """Losses of the K proposals and, last, the incumbent (its noise masked out by ``active``)."""
+    """Losses of the K proposals and, last, the incumbent (its noise masked out by ``active``); with
+    bounds, ``(losses, left)``, ``left`` which members were reflected back into the box (:func:`_bounded`)."""
     active = jnp.arange(cfg.num_proposals + 1) < cfg.num_proposals
     if cfg.mesh is None:
         return _evaluate(prep, keys, active)
@@ -279,8 +294,37 @@ def _member_losses(cfg: _Config, prep, keys):
                                   axis_name=cfg.axis_name)
 
 
-def _select(losses, num_proposals: int) -> _Selection:
-    """The best proposal of ``losses`` (K proposals, then the incumbent); NaN and inf never win."""
+def _bounded(cfg: _Config, prep, params, key_loss, batch):
+    """``prep`` with every member reflected into ``cfg.bounds`` before its loss is evaluated.
+
+    A member's loss becomes ``(loss, left)``: ``left`` whether it had left the
+    box. Members are materialised (``draw`` dropped, full-rank chunks), since
+    reflection needs the perturbed parameters themselves.
+    """
+    box = bounds_lib.for_params(cfg.bounds, params)
+    loss_fn = checked_loss(cfg.loss_fn)
+
+    def member(key, active):
+        moved, left = bounds_lib.reflect(prep.materialize(key), box)
+        return loss_fn(tree_where(active, moved, params), key_loss, batch), left & active
+
+    return prep._replace(loss=member, materialize=lambda key: bounds_lib.reflect(prep.materialize(key), box)[0],
+                         chunk_size=proposals_lib.full_rank_chunk(params), draw=None)
+
+
+def _prepare(cfg: _Config, state: AnnealState, key_loss, batch, t, r):
+    """The proposal kernel prepared for this step (members kept to the box with bounds)."""
+    prep = cfg.proposal.prepare(cfg.loss_fn, state.params, key_loss, batch, t, r, state.proposal_state)
+    return prep if cfg.bounds is None else _bounded(cfg, prep, state.params, key_loss, batch)
+
+
+def _select(members, num_proposals: int) -> _Selection:
+    """The best proposal of the members' losses (K proposals, then the incumbent); NaN and inf never win.
+
+    ``members``: the losses, or ``(losses, left)`` with bounds (:func:`_member_losses`).
+    """
+    losses, left = members if isinstance(members, tuple) else (members, None)
+    num_reflected = jnp.zeros((), jnp.int32) if left is None else jnp.sum(left).astype(jnp.int32)
     incumbent_loss = losses[num_proposals]
     raw = losses[:num_proposals]
     finite = jnp.isfinite(raw)
@@ -288,7 +332,7 @@ def _select(losses, num_proposals: int) -> _Selection:
     j = jnp.argmin(prop_losses)
     best = prop_losses[j]
     return _Selection(index=j, loss=best, incumbent_loss=incumbent_loss, delta=best - incumbent_loss,
-                      finite=finite, raw=raw)
+                      finite=finite, raw=raw, num_reflected=num_reflected)
 
 
 def _track_best(state: AnnealState, params, loss):
@@ -378,6 +422,7 @@ def _info(cfg: _Config, sel: _Selection, accepted, t, r, new_state: AnnealState,
         bad_radius=schedule_faults(t, r)[1],
         decision_size_requested=parts.requested,
         bad_decision_size=parts.bad,
+        num_reflected=sel.num_reflected,
     )
 
 
@@ -385,7 +430,7 @@ def _step(cfg: _Config, key, state: AnnealState, batch):
     """One annealing step (the module docstring's 1-5)."""
     key_prop, key_loss, key_accept = jax.random.split(key, 3)
     t, r, halt = _schedule_values(cfg, state)
-    prep = cfg.proposal.prepare(cfg.loss_fn, state.params, key_loss, batch, t, r, state.proposal_state)
+    prep = _prepare(cfg, state, key_loss, batch, t, r)
     # K proposal keys + one for the incumbent, whose noise is masked out.
     keys = jax.random.split(key_prop, cfg.num_proposals + 1)
     sel = _select(_member_losses(cfg, prep, keys), cfg.num_proposals)
@@ -408,7 +453,7 @@ def _noise_aware_step(cfg: _Config, key, state: AnnealState, batch):
     x, x_decide, mask = parts.x, parts.x_decide, parts.mask
     t, r, halt = _schedule_values(cfg, state)
     halt = halt | parts.bad
-    prep = cfg.proposal.prepare(cfg.loss_fn, state.params, key_loss, x, t, r, state.proposal_state)
+    prep = _prepare(cfg, state, key_loss, x, t, r)
     keys = jax.random.split(key_prop, cfg.num_proposals + 1)
     sel = _select(_member_losses(cfg, prep, keys), cfg.num_proposals)
     winner = prep.materialize(keys[sel.index])
@@ -448,6 +493,7 @@ def build_kernel(
     mesh=None,
     axis_name: str | None = None,
     decision: decision_lib.DecisionBatch | None = None,
+    bounds=None,
 ):
     """The pure ``step(key, state, batch) -> (state, info)`` (arguments as simulated_annealing)."""
     validation.is_callable("loss_fn", loss_fn)
@@ -462,7 +508,7 @@ def build_kernel(
         temperature=as_stateful(temperature, "temperature"),
         radius=as_stateful(1.0 if radius is None else radius, "radius"), acceptance=acceptance,
         t_min=t_min, patience=patience, mesh=mesh, axis_name=axis_name, decision=decision,
-        per_example=getattr(loss_fn, "per_example", None),
+        per_example=getattr(loss_fn, "per_example", None), bounds=bounds_lib.check(bounds),
     )
     if cfg.noise_aware and not callable(cfg.per_example):
         what = (f"the acceptance rule {getattr(acceptance, '__qualname__', acceptance)!r}"
@@ -491,6 +537,7 @@ def simulated_annealing(
     mesh=None,
     axis_name: str | None = None,
     decision: decision_lib.DecisionBatch | None = None,
+    bounds=None,
 ) -> Optimizer:
     """Build simulated annealing for ``loss_fn(params, key, batch) -> scalar``.
 
@@ -525,6 +572,10 @@ def simulated_annealing(
         per-example differences of the winner and the incumbent on ``size``
         other examples with fresh noise. Needs ``loss_fn.per_example``, as
         does a noise-aware rule (``penalty``, ``significant``).
+      bounds: None (unbounded), or ``(lower, upper)``, numbers or pytrees of
+        the parameters' structure (``annealing.bounds``): proposals that
+        leave the box are reflected back into it, so every point evaluated
+        and returned lies inside; ``info.num_reflected`` counts them.
     Returns:
       ``savae_jax.optimizer.Optimizer(init, step, cost, loss_fn, mesh)``:
       ``init(params) -> AnnealState``; ``step(key, state, batch) ->
@@ -535,15 +586,16 @@ def simulated_annealing(
       measures paired differences; with a decision batch the step takes
       batches of ``selection + max_size`` examples (``examples_per_step``).
     """
+    bounds = bounds_lib.check(bounds)
     step = build_kernel(loss_fn, num_proposals, proposal, temperature, acceptance, radius, t_min, patience,
-                        mesh, axis_name, decision)
+                        mesh, axis_name, decision, bounds)
 
     def init_fn(params) -> AnnealState:
-        return init(params, proposal, temperature, radius)
+        return init(params, proposal, temperature, radius, bounds)
 
     cost = int(num_proposals) + 1 + int(proposal.cost)
     if decision is not None or acceptance_lib.needs_stderr(acceptance):
         cost += decision_lib.cost(decision)
     examples = None if decision is None else decision.selection + decision.max_size
     return Optimizer(init=init_fn, step=step, cost=cost, loss_fn=loss_fn, mesh=mesh, examples_per_step=examples,
-                     batch_size=None if decision is None else decision.selection)
+                     batch_size=None if decision is None else decision.selection, bounds=bounds)

@@ -323,7 +323,11 @@ def perturbed_loss(layout: Layout, loss_fn, key_loss, batch, noise: Noise, activ
 
 def materialize(layout: Layout, key):
     """The params of the member drawn from ``key``: W + coef * A @ B.T formed once."""
-    noise = draw(layout, key)
+    return apply_noise(layout, draw(layout, key))
+
+
+def apply_noise(layout: Layout, noise: Noise):
+    """The params theta + E of the member with ``noise`` (one member of :func:`draw_all`), materialised."""
     kernel_of, bias_of = layout.kernel_of, layout.bias_of
     out = []
     for i, p in enumerate(layout.leaves):

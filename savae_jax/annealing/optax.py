@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import optax as _optax
 
+from savae_jax.annealing.bounds import check as check_bounds
 from savae_jax.annealing.kernel import build_kernel, check_arguments, init as _init
 
 
@@ -22,6 +23,7 @@ def as_optax(
     radius=None,
     t_min: float | None = None,
     patience: int | None = None,
+    bounds=None,
     seed: int = 0,
 ) -> _optax.GradientTransformationExtraArgs:
     """SA as an optax transformation: the arguments of ``simulated_annealing`` in its order.
@@ -56,15 +58,18 @@ def as_optax(
 
     The returned updates are ``new_params - params``, so
     ``optax.apply_updates(params, updates)`` equals the annealer's new params
-    up to floating-point rounding of that difference. The step is built
+    up to floating-point rounding of that difference (so with ``bounds`` a
+    point on a face may land one rounding step outside it: project it with
+    ``annealing.bounds.project`` where that matters). The step is built
     without a mesh, so it never shards its proposals.
     """
     if loss_fn is not None and not callable(loss_fn):
         raise ValueError(f"loss_fn must be callable or None, got {loss_fn!r}")
     check_arguments(num_proposals, proposal, acceptance, t_min, patience)
+    bounds = check_bounds(bounds)
 
     def init_fn(params):
-        return _init(params, proposal, temperature, radius)
+        return _init(params, proposal, temperature, radius, bounds)
 
     def update_fn(updates, state, params=None, *, key=None, batch=None, value_fn=None, value=None, **extra_args):
         del updates, value, extra_args
@@ -78,7 +83,8 @@ def as_optax(
             fn = lambda p, k, b: value_fn(p)  # noqa: E731  (noise fixed by the caller)
         else:
             raise ValueError("value_fn is required unless loss_fn was given to as_optax")
-        step = build_kernel(fn, num_proposals, proposal, temperature, acceptance, radius, t_min, patience)
+        step = build_kernel(fn, num_proposals, proposal, temperature, acceptance, radius, t_min, patience,
+                            bounds=bounds)
         new_state, _ = step(key, state._replace(params=params), batch)
         new_updates = _optax.tree_utils.tree_sub(new_state.params, params)
         return new_updates, new_state

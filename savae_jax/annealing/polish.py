@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import optax
 
 from savae_jax import validation
+from savae_jax.annealing import bounds as bounds_lib
 from savae_jax.optimizer import GRAD_COST, Optimizer, replace_params, tree_where
 
 
@@ -40,22 +41,27 @@ class PolishState(NamedTuple):
         return self.inner.params
 
 
-def polish(loss_fn, local: optax.GradientTransformation, num_steps: int, params, key, batch):
+def polish(loss_fn, local: optax.GradientTransformation, num_steps: int, params, key, batch, box=None):
     """``num_steps`` steps of ``local`` on ``loss_fn(., key, batch)`` from ``params``: ``(params, loss)``.
 
     Transformations that need the loss itself (``optax.lbfgs``'s line search)
-    receive ``value``, ``grad`` and ``value_fn``; others ignore them.
+    receive ``value``, ``grad`` and ``value_fn``; others ignore them. With
+    ``box`` (``bounds.for_params``) the steps are projected onto the box
+    (``optax.projections.projection_box`` after every update) and the loss is
+    taken at the projected point, for the gradient and for every line-search
+    trial alike, so no point outside the box is ever evaluated.
     """
     local = optax.with_extra_args_support(local)
+    inside = (lambda p: p) if box is None else (lambda p: bounds_lib.project(p, box))
 
     def f(p):
-        return loss_fn(p, key, batch)
+        return loss_fn(inside(p), key, batch)
 
     def body(carry, _):
         p, state = carry
         value, grad = jax.value_and_grad(f)(p)
         updates, state = local.update(grad, state, p, value=value, grad=grad, value_fn=f)
-        return (optax.apply_updates(p, updates), state), None
+        return (inside(optax.apply_updates(p, updates)), state), None
 
     (params, _), _ = jax.lax.scan(body, (params, local.init(params)), None, length=num_steps)
     return params, f(params)
@@ -73,6 +79,8 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
       local: an Optax transformation, e.g. ``optax.lbfgs()`` or ``optax.adam(1e-2)``.
       num_steps: local steps per polish, >= 1.
       every: steps between polishes, >= 1.
+      The polish keeps to the wrapped optimizer's ``bounds`` (projected steps:
+      :func:`polish`), so a bounded search stays bounded when polished.
     Returns:
       An Optimizer with state :class:`PolishState` and the wrapped
       optimizer's info; ``cost`` adds ceil((GRAD_COST * num_steps + 2) /
@@ -103,7 +111,8 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
         x = batch if optimizer.examples_per_step is None else batch[:optimizer.batch_size]
 
         def run():
-            polished, loss = polish(loss_fn, local, num_steps, inner.params, key_polish, x)
+            box = bounds_lib.for_params(optimizer.bounds, inner.params)
+            polished, loss = polish(loss_fn, local, num_steps, inner.params, key_polish, x, box)
             return polished, loss, loss < loss_fn(inner.params, key_polish, x)
 
         polished, loss, keep = jax.lax.cond(
@@ -114,7 +123,8 @@ def local_polish(optimizer: Optimizer, loss_fn, local: optax.GradientTransformat
 
     cost = optimizer.cost + math.ceil((GRAD_COST * num_steps + 2) / every)
     return Optimizer(init=init_fn, step=step_fn, cost=cost, loss_fn=loss_fn, mesh=optimizer.mesh,
-                     examples_per_step=optimizer.examples_per_step, batch_size=optimizer.batch_size)
+                     examples_per_step=optimizer.examples_per_step, batch_size=optimizer.batch_size,
+                     bounds=optimizer.bounds)
 
 
 def _keep(state, polished, loss, keep):

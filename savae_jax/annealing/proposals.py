@@ -119,6 +119,11 @@ def _chunk_size(leaves, moves=lowrank.is_float) -> int:
     return max(1, chunk_bytes() // max(size, 1))
 
 
+def full_rank_chunk(params) -> int:
+    """Members per chunk when every member holds a full copy of ``params``' floating leaves."""
+    return _chunk_size(jax.tree_util.tree_leaves(params))
+
+
 def _stateless_init(params):
     return ()
 

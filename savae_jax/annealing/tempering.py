@@ -258,4 +258,5 @@ def replica_exchange(build: Callable[[jax.Array], Optimizer], temperatures, loss
 
     cost = num * probe.cost + math.ceil(num / swap_every)
     return Optimizer(init=init_fn, step=step_fn, cost=cost, loss_fn=loss_fn, mesh=mesh,
-                     examples_per_step=probe.examples_per_step, batch_size=probe.batch_size)
+                     examples_per_step=probe.examples_per_step, batch_size=probe.batch_size,
+                     bounds=probe.bounds)  # replicas built with bounds keep to them, and so do the swaps
