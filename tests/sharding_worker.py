@@ -142,9 +142,9 @@ def main():
     out["fit_sa"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]]}
 
     # savae dual-annealing: 16 vmapped chains sharded over the 8 devices.
-    args = (problems.rastrigin, 5.12, 1e-2, 16, 30, 7, 10, 0)
-    a, _ = D.run_sa(*args)
-    b, _ = D.run_sa(*args, mesh=mesh8)
+    args = (problems.PROBLEMS["rastrigin"], 16, 30, 7, 10, 0)
+    a, _, _ = D.run_sa(*args)
+    b, _, _ = D.run_sa(*args, mesh=mesh8)
     out["dual_annealing"] = {"best": compare(a, b), "values": a.tolist()}
     # savae tune: a trial group (Adam at 3 learning rates) sharded over the devices. 3 trials on one device
     # (one vmap of 3), on 3 devices (one trial each) and on 8 (padded with 5 copies, one trial each).

@@ -207,35 +207,3 @@ def test_bounded_annealing_is_deterministic_and_resumes_exactly(tmp_path):
                                checkpoint_every=8, resume=True, **kwargs)
     chex.assert_trees_all_equal(c, a)
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in history]
-
-
-@pytest.mark.parametrize("bad, message", [
-    ((1.0, 1.0), "lower must be below upper"),
-    ((2.0, -2.0), "lower must be below upper"),
-    ((float("nan"), 1.0), "finite"),
-    ((-np.inf, 1.0), "finite"),
-    ((0.0,), "pair"),
-    ("box", "pair"),
-])
-def test_bad_bounds_are_refused_naming_bounds(bad, message):
-    with pytest.raises(ValueError, match=message) as err:
-        an.simulated_annealing(lambda p, k, b: jnp.sum(p), 4, an.gaussian(0.1), 1.0, an.metropolis(), bounds=bad)
-    assert "bounds" in str(err.value)
-
-
-def test_bounds_of_another_structure_or_outside_start_are_refused():
-    sa = an.simulated_annealing(lambda p, k, b: jnp.sum(p["w"]), 4, an.gaussian(0.1), 1.0, an.metropolis(),
-                                bounds=({"v": -1.0}, {"v": 1.0}))
-    with pytest.raises(ValueError, match="bounds: lower must be a number or a pytree of the parameters"):
-        sa.init({"w": jnp.zeros(3)})
-    per_entry = an.simulated_annealing(lambda p, k, b: jnp.sum(p), 4, an.gaussian(0.1), 1.0, an.metropolis(),
-                                       bounds=(jnp.array([0.0, 0.0]), jnp.array([1.0, -1.0])))
-    with pytest.raises(ValueError, match="bounds: lower must be below upper everywhere"):
-        per_entry.init(jnp.zeros(2))
-    sa = an.simulated_annealing(lambda p, k, b: jnp.sum(p), 4, an.gaussian(0.1), 1.0, an.metropolis(),
-                                bounds=(-1.0, 1.0))
-    with pytest.raises(ValueError, match="params: 1 entries of leaf 0 lie outside bounds"):
-        sa.init(jnp.array([0.0, 2.0]))
-    es = an.evolution_strategy(lambda p, k, b: jnp.sum(p), 2, 0.1, noise="gaussian", bounds=(-1.0, 1.0))
-    with pytest.raises(ValueError, match="params: .* outside bounds"):
-        es.init(jnp.array([5.0]))

@@ -1,0 +1,63 @@
+"""The test-function registry of `savae dual-annealing` (issue 26): each formula, box and minimum."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from savae_jax.experiments import dual_annealing as D
+from savae_jax.experiments.problems import PROBLEMS, STYBLINSKI_TANG_MIN
+
+# The known minimisers (Surjanovic & Bingham's Virtual Library of Simulation Experiments), per coordinate.
+ARGMIN = {"rastrigin": 0.0, "ackley": 0.0, "griewank": 0.0, "levy": 1.0, "rosenbrock": 1.0,
+          "styblinski_tang": -2.903534027771177, "zakharov": 0.0, "alpine": 0.0, "schwefel": 420.968746}
+
+
+def test_the_registry_holds_at_least_eight_functions_and_one_optimum_near_the_edge():
+    assert len(PROBLEMS) >= 8 and set(ARGMIN) == set(PROBLEMS)
+    schwefel = PROBLEMS["schwefel"]
+    assert (schwefel.upper - ARGMIN["schwefel"]) / (schwefel.upper - schwefel.lower) < 0.1
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+@pytest.mark.parametrize("dim", [2, 10])
+def test_each_function_takes_its_minimum_at_its_known_minimiser_inside_the_box(name, dim):
+    problem = PROBLEMS[name]
+    x_star = np.full(dim, ARGMIN[name])
+    assert problem.lower <= ARGMIN[name] <= problem.upper
+    f_star = problem.minimum(dim)
+    # float64 at a minimiser given to 7-10 digits: Schwefel's 420.968746 is off by ~1e-7 in x, which
+    # costs ~1e-10 in f; 1e-6 max(1, |f*|) is far above that and far below any other basin.
+    assert abs(problem.numpy(x_star) - f_star) <= 1e-6 * max(1.0, abs(f_star))
+    assert bool(problem.success(np.array([f_star, f_star + 0.02 * max(1.0, abs(f_star))]), dim).tolist() == [True, False])
+    # Random points of the box are never below the minimum.
+    points = np.random.default_rng(0).uniform(problem.lower, problem.upper, (256, dim))
+    assert min(problem.numpy(p) for p in points) >= f_star
+
+
+@pytest.mark.parametrize("name", list(PROBLEMS))
+def test_the_jax_and_numpy_versions_agree(name):
+    problem = PROBLEMS[name]
+    points = np.random.default_rng(1).uniform(problem.lower, problem.upper, (8, 10))
+    for p in points:
+        want = problem.numpy(p)
+        got = float(problem.loss(jnp.asarray(p, jnp.float32)))
+        # float32 against float64: the input rounded to float32 (relative 6e-8) and ~10-40 float32
+        # operations; Zakharov's fourth power of a sum reaches 1e10, Schwefel's 4190 - sum cancels:
+        # 1e-5 relative to the terms' scale.
+        assert got == pytest.approx(want, rel=1e-5, abs=1e-5 * (1.0 + abs(want)) + 1e-3), (p, got, want)
+
+
+def test_styblinski_tang_minimum_scales_with_the_dimension():
+    assert PROBLEMS["styblinski_tang"].minimum(10) == pytest.approx(10 * STYBLINSKI_TANG_MIN)
+
+
+def test_the_comparison_table_scores_success_inside_the_box(capsys):
+    """A tiny `savae dual-annealing` on two problems: ours beside scipy, every best point inside."""
+    out = D.main(["--runs", "4", "--steps", "60", "--proposals", "4", "--dim", "3", "--polish-steps", "0",
+                  "--problems", "levy", "schwefel"])
+    assert [(r["problem"], r["method"]) for r in out] == [
+        ("levy", "savae_jax SA"), ("levy", "scipy dual_annealing"),
+        ("schwefel", "savae_jax SA"), ("schwefel", "scipy dual_annealing")]
+    assert all(r["inside"] == 1.0 for r in out)
+    assert all(0.0 <= r["success"] <= 1.0 and r["median_gap"] >= -1e-3 for r in out)
+    assert "success: best - f* < 1e-2 max(1, |f*|) at a point inside the box" in capsys.readouterr().out
