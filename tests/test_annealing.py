@@ -481,6 +481,38 @@ def test_fraction_moves_a_bernoulli_subset_of_the_entries(make):
     chex.assert_trees_all_equal(full.materialize(key), default.materialize(key))
 
 
+def test_a_proposal_never_equals_the_incumbent_and_the_temperature_matters():
+    """At fraction 1/D with D = 5, a Bernoulli mask keeps no entry in (4/5)^5 = 33 % of the draws:
+    those proposals move one entry chosen uniformly instead (issue 26), so every proposal moves at
+    least one entry, and the moved entry is uniform over the coordinates."""
+    params = {"x": jnp.zeros(2), "y": jnp.zeros(3)}
+    args = (lambda p, k, b: 0.0, params, jax.random.key(0), None, jnp.float32(1.0), jnp.float32(1.0), ())
+    prep = an.cauchy(1.0, fraction=0.2).prepare(*args)
+    moved = jax.vmap(prep.materialize)(jax.random.split(jax.random.key(1), 4000))
+    changed = np.concatenate([np.asarray(moved["x"] != 0), np.asarray(moved["y"] != 0)], axis=1)
+    counts = changed.sum(axis=1)
+    assert counts.min() == 1  # never a copy of the incumbent
+    # Exactly one entry: the 33 % of empty masks plus binomial(5, 0.2)'s 41 %: 0.737 +- 0.007 (sd).
+    assert abs(np.mean(counts == 1) - (0.8**5 + 5 * 0.2 * 0.8**4)) < 4 * 0.007
+    per_entry = changed.mean(axis=0)  # each entry: 0.2 + 0.33 / 5 = 0.266 +- 0.007
+    assert np.all(np.abs(per_entry - (0.2 + 0.8**5 / 5)) < 4 * 0.007), per_entry
+
+    # Then the temperature matters on a landscape where every move is uphill: greedy never moves,
+    # Metropolis at T = 10 accepts (before, a null proposal's delta of 0 always won: both moved alike).
+    def bowl(p, k, b):
+        return jnp.sum(p**2)
+
+    accepted = []
+    for rule in (an.greedy(), an.metropolis()):
+        sa = an.simulated_annealing(bowl, 16, an.cauchy(0.5, fraction=0.2), 10.0, rule)
+        state, step, n = sa.init(jnp.zeros(5)), jax.jit(sa.step), 0
+        for i in range(20):
+            state, info = step(jax.random.key(i), state, None)
+            n += int(info.accepted)
+        accepted.append(n)
+    assert accepted[0] == 0 and accepted[1] >= 10, accepted
+
+
 # ---------------------------------------------------------------- optax adapter
 
 

@@ -21,7 +21,8 @@ def test_conv_vae_shapes(shape, likelihood):
     model = models.ConvVAE(likelihood=likelihood, **SMALL)
     x = jax.random.uniform(jax.random.key(0), (3,) + shape)
     params = models.init(jax.random.key(1), model, x)
-    out = model.apply(params, x, jax.random.key(2))
+    # Jitted: one compile of the forward pass, not one per primitive (the test is about shapes).
+    out = jax.jit(model.apply)(params, x, jax.random.key(2))
     assert out.logits.shape == x.shape
     assert out.mean.shape == out.logvar.shape == out.z.shape == (3, 4)
     assert (out.log_scale is None) == (likelihood == "bernoulli")
@@ -29,7 +30,7 @@ def test_conv_vae_shapes(shape, likelihood):
         assert out.log_scale.shape == x.shape and float(out.log_scale.min()) >= models.MIN_LOG_SCALE
     samples = models.sample_prior(jax.random.key(3), params, model, 2, shape)
     assert samples.shape == (2,) + shape and 0.0 <= float(samples.min()) <= float(samples.max()) <= 1.0
-    assert np.isfinite(float(sv.make_loss(model)(params, jax.random.key(4), x)))
+    assert np.isfinite(float(jax.jit(sv.make_loss(model))(params, jax.random.key(4), x)))
 
 
 def test_mlp_vae_default_param_tree_is_unchanged():

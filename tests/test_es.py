@@ -55,8 +55,9 @@ def test_members_in_cache_sized_chunks_give_one_vmaps_losses(vae, monkeypatch):
     x = jnp.asarray(images[:64])
 
     def losses(budget):
-        monkeypatch.setattr(lowrank, "ACTIVATION_BYTES", budget)
-        return np.asarray(es.estimate(loss_fn, params, jax.random.key(1), jax.random.key(2), x, 5, 0.05)[1])
+        monkeypatch.setattr(lowrank, "ACTIVATION_BYTES", budget)  # read when traced: one jit per budget
+        estimate = jax.jit(lambda p, x: es.estimate(loss_fn, p, jax.random.key(1), jax.random.key(2), x, 5, 0.05)[1])
+        return np.asarray(estimate(params, x))
 
     layout = es.estimate(loss_fn, params, jax.random.key(1), jax.random.key(2), x, 5, 0.05)[2]
     whole, chunked = losses(2**30), losses(3 * layout.activation_bytes)  # 10 members in chunks of 3

@@ -44,7 +44,7 @@ RASTRIGIN_HALF_WIDTH = 5.12
 
 
 def make_sa(problem: Problem, steps, proposals, polish_steps=0, polish_every=100, scale=1.0, fraction=1.0,
-            bounded=True):
+            bounded=True, t0=5.0):
     """The annealer of the comparison, with an L-BFGS polish every ``polish_every`` steps if asked.
 
     Each proposal moves each coordinate with probability ``fraction`` by a
@@ -56,7 +56,7 @@ def make_sa(problem: Problem, steps, proposals, polish_steps=0, polish_every=100
     loss = problem.loss  # one bound method: the polish checks it is the annealer's loss
     sa = an.simulated_annealing(
         loss, proposals, an.cauchy(scale * problem.half_width / RASTRIGIN_HALF_WIDTH, fraction=fraction),
-        temperature=an.exponential(5.0, 1e-3 ** (1 / steps)),
+        temperature=an.exponential(t0, 1e-3 ** (1 / steps)),
         acceptance=an.metropolis(),
         radius=an.exponential(1.0, problem.radius_end ** (1 / steps)),
         bounds=(problem.lower, problem.upper) if bounded else None,
@@ -67,14 +67,14 @@ def make_sa(problem: Problem, steps, proposals, polish_steps=0, polish_every=100
 
 
 def run_sa(problem: Problem, runs, steps, proposals, dim, seed, mesh=None, polish_steps=0, polish_every=100,
-           scale=1.0, fraction=1.0, bounded=True):
+           scale=1.0, fraction=1.0, bounded=True, t0=5.0):
     """Best loss and best point of each of ``runs`` vmapped chains (numpy) and the wall time.
 
     The chains start uniformly in the box. With a ``mesh`` they are sharded
     along its axis (data parallel over chains; each step's K proposals stay
     on the chain's device).
     """
-    sa = make_sa(problem, steps, proposals, polish_steps, polish_every, scale, fraction, bounded)
+    sa = make_sa(problem, steps, proposals, polish_steps, polish_every, scale, fraction, bounded, t0)
     x0 = jax.random.uniform(jax.random.key(seed), (runs, dim), minval=problem.lower, maxval=problem.upper)
     chains = None if mesh is None else NamedSharding(mesh, P(mesh.axis_names[0]))
 
@@ -132,6 +132,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="Cauchy scale of a coordinate's jump at radius 1, relative to the box: times the "
                              "box's half-width / 5.12 (1 on Rastrigin's box; the radius falls to 1e-2, 1e-3 "
                              "for Ackley)")
+    parser.add_argument("--t0", type=float, default=5.0,
+                        help="initial temperature (exponential to t0 / 1000 over the steps)")
     parser.add_argument("--unbounded", action="store_true",
                         help="let the annealer leave the box (before issue 26): its best point may lie outside")
     parser.add_argument("--fraction", type=float, default=None,
@@ -147,8 +149,9 @@ def check(args, mesh) -> None:
     """ValueError naming the flag for a setting the comparison cannot run with."""
     if args.fraction is not None and not 0 < args.fraction <= 1:
         raise ValueError(f"--fraction must be in (0, 1], got {args.fraction}")
-    if not (args.scale > 0 and np.isfinite(args.scale)):
-        raise ValueError(f"--scale must be a positive number, got {args.scale}")
+    for flag in ("scale", "t0"):
+        if not (getattr(args, flag) > 0 and np.isfinite(getattr(args, flag))):
+            raise ValueError(f"--{flag.replace('_', '-')} must be a positive number, got {getattr(args, flag)}")
     if args.polish_steps < 0 or args.polish_every < 1:
         raise ValueError(f"--polish-steps must be >= 0 and --polish-every >= 1, got {args.polish_steps}, "
                          f"{args.polish_every}")
@@ -166,7 +169,7 @@ def compare_problem(name: str, args, mesh, primary: bool = True) -> list[dict]:
     # The annealer's own cost per step (K + 1, plus the polish's share): scipy gets as many.
     fraction = 1.0 / args.dim if args.fraction is None else args.fraction
     settings = dict(polish_steps=args.polish_steps, polish_every=args.polish_every, scale=args.scale,
-                    fraction=fraction, bounded=not args.unbounded)
+                    fraction=fraction, bounded=not args.unbounded, t0=args.t0)
     evals = args.steps * make_sa(problem, args.steps, args.proposals, **settings).cost
     best, points, seconds = run_sa(problem, args.runs, args.steps, args.proposals, args.dim, args.seed, mesh,
                                    **settings)
