@@ -26,7 +26,7 @@ from conftest import background, background_result, run_script
 DIM, CHAINS, K, STEPS = 10, 32, 16, 1000
 
 # Measured (bounded, issue 26): fraction of 32 chains within 1e-2 of the global minimum, seeds 0, 1, 2.
-#   one coordinate per proposal (scale 1):  Rastrigin 0.969, 0.938, 0.906; Ackley 1.0, 1.0, 1.0
+#   one coordinate per proposal (scale 1):  Rastrigin 0.938, 1.0, 1.0;     Ackley 1.0, 1.0, 1.0
 #   every coordinate at once (scale 0.1):   Rastrigin 0.219, 0.281, 0.094; Ackley 1.0, 1.0, 1.0
 # (Before the scale was relative to the box, Ackley's full moves of absolute scale 0.1 found it in
 # 0.53-0.78: relative to Ackley's wide box, full moves are not what fails there.)
@@ -68,7 +68,7 @@ def test_coordinate_moves_with_polish_find_the_global_minimum(problem, optimisat
     assert optimisation_runs[f"{problem}/sparse/inside"] and optimisation_runs[f"{problem}/full/inside"]
     assert sparse.shape == full.shape == (CHAINS,)
     assert np.all(np.isfinite(sparse)) and np.all(sparse >= -1e-5)  # f >= 0 up to float32 rounding
-    assert float(np.mean(sparse < 1e-2)) >= 0.9  # measured 0.91-1.0
+    assert float(np.mean(sparse < 1e-2)) >= 0.9  # measured 0.94-1.0
     assert float(np.median(sparse)) < 1e-4
     if problem == "rastrigin":  # moving every coordinate at once wastes the budget (measured 0.09-0.28)
         assert float(np.mean(full < 1e-2)) <= float(np.mean(sparse < 1e-2)) - 0.5

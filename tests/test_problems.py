@@ -61,3 +61,14 @@ def test_the_comparison_table_scores_success_inside_the_box(capsys):
     assert all(r["inside"] == 1.0 for r in out)
     assert all(0.0 <= r["success"] <= 1.0 and r["median_gap"] >= -1e-3 for r in out)
     assert "success: best - f* < 1e-2 max(1, |f*|) at a point inside the box" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--t0", "-1"], "--t0 must be a positive number"),
+    (["--scale", "0"], "--scale must be a positive number"),
+    (["--problems", "sphere"], "invalid choice: 'sphere'"),
+])
+def test_bad_flags_of_the_comparison_are_refused_naming_the_flag(flags, message, capsys):
+    with pytest.raises(SystemExit) as info:
+        D.main(flags)
+    assert info.value.code == 2 and message in capsys.readouterr().err
