@@ -44,7 +44,7 @@ RASTRIGIN_HALF_WIDTH = 5.12
 
 
 def make_sa(problem: Problem, steps, proposals, polish_steps=0, polish_every=100, scale=1.0, fraction=1.0,
-            bounded=True, t0=5.0):
+            bounded=True, t0=1.0):
     """The annealer of the comparison, with an L-BFGS polish every ``polish_every`` steps if asked.
 
     Each proposal moves each coordinate with probability ``fraction`` by a
@@ -67,7 +67,7 @@ def make_sa(problem: Problem, steps, proposals, polish_steps=0, polish_every=100
 
 
 def run_sa(problem: Problem, runs, steps, proposals, dim, seed, mesh=None, polish_steps=0, polish_every=100,
-           scale=1.0, fraction=1.0, bounded=True, t0=5.0):
+           scale=1.0, fraction=1.0, bounded=True, t0=1.0):
     """Best loss and best point of each of ``runs`` vmapped chains (numpy) and the wall time.
 
     The chains start uniformly in the box. With a ``mesh`` they are sharded
@@ -108,7 +108,8 @@ def run_scipy(problem: Problem, runs, maxfun, dim, seed):
     best, points, nfev = [], [], []
     start = time.perf_counter()
     for r in range(runs):
-        res = scipy.optimize.dual_annealing(problem.numpy, bounds, maxfun=maxfun, rng=np.random.default_rng(seed + r))
+        # Run r of seed s draws from the stream (s, r): the runs of two seeds never share one.
+        res = scipy.optimize.dual_annealing(problem.numpy, bounds, maxfun=maxfun, rng=np.random.default_rng([seed, r]))
         best.append(res.fun)
         points.append(res.x)
         nfev.append(res.nfev)
@@ -132,7 +133,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         help="Cauchy scale of a coordinate's jump at radius 1, relative to the box: times the "
                              "box's half-width / 5.12 (1 on Rastrigin's box; the radius falls to 1e-2, 1e-3 "
                              "for Ackley)")
-    parser.add_argument("--t0", type=float, default=5.0,
+    parser.add_argument("--t0", type=float, default=1.0,
                         help="initial temperature (exponential to t0 / 1000 over the steps)")
     parser.add_argument("--unbounded", action="store_true",
                         help="let the annealer leave the box (before issue 26): its best point may lie outside")
