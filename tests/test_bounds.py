@@ -53,11 +53,12 @@ def start():
 
 
 def run_chains(optimizer, chains: int, steps: int):
-    """``steps`` jitted steps of ``chains`` vmapped chains in one scan: (final states, stacked infos)."""
+    """``steps`` jitted steps of ``chains`` vmapped chains in one scan: (final states, stacked infos).
+    The loss takes no data: the batch is None, for the annealer and the ES step alike."""
     states = jax.vmap(lambda _: optimizer.init(start()))(jnp.arange(chains))
 
     def body(states, key):
-        return jax.vmap(optimizer.step, in_axes=(0, 0, None))(jax.random.split(key, chains), states, X)
+        return jax.vmap(optimizer.step, in_axes=(0, 0, None))(jax.random.split(key, chains), states, None)
 
     return jax.jit(lambda s: jax.lax.scan(body, s, jax.random.split(jax.random.key(1), steps)))(states)
 

@@ -372,7 +372,8 @@ def _decide_inputs(loss_fn, per_example, candidate, incumbent, key_loss, x, key_
     """
     if per_example is None:
         on_selection = (loss_fn(candidate, key_loss, x), loss_fn(incumbent, key_loss, x))
-        return on_selection[0] - on_selection[1], jnp.float32(jnp.nan), jnp.int32(x.shape[0]), on_selection
+        num = 1 if x is None else x.shape[0]  # a loss without data (batch None): one evaluation each
+        return on_selection[0] - on_selection[1], jnp.float32(jnp.nan), jnp.int32(num), on_selection
     d_cand = decision_lib.per_example_losses(per_example, candidate, key_loss, x)
     d_inc = decision_lib.per_example_losses(per_example, incumbent, key_loss, x)
     on_selection = (d_cand.mean(), d_inc.mean())
