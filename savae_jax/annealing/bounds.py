@@ -154,10 +154,9 @@ def reflect(params, box):
     """``params`` reflected into the box ``box = for_params(bounds, params)``: ``(params, left)``,
     ``left`` whether any entry was outside (and so moved)."""
     leaves, treedef = jax.tree_util.tree_flatten(params)
-    lows, highs = box
-    out = [reflect_leaf(p, lo, hi) for p, lo, hi in zip(leaves, lows, highs)]
-    left = jnp.zeros((), bool)
-    for p, lo, hi in zip(leaves, lows, highs):
+    out, left = [], jnp.zeros((), bool)
+    for p, lo, hi in zip(leaves, *box):
+        out.append(reflect_leaf(p, lo, hi))
         left = left | jnp.any((p < lo) | (p > hi))
     return jax.tree_util.tree_unflatten(treedef, out), left
 
@@ -170,17 +169,20 @@ def project(params, box):
     return optax.projections.projection_box(params, lower, upper)
 
 
-def check_inside(params, bounds: Bounds | None, name: str = "params") -> None:
-    """Refuse (ValueError naming ``name``) concrete parameters outside ``bounds``; traced ones are not checked."""
+def start(params, bounds: Bounds | None):
+    """The starting point of a bounded search: ``params`` itself without bounds; with them, concrete
+    parameters outside the box are refused (ValueError naming ``params``) and traced ones (an init
+    under ``jax.vmap``) are projected onto it (a no-op, bit for bit, for a point inside)."""
     if bounds is None:
-        return
+        return params
     box = for_params(bounds, params)
     for i, (p, lo, hi) in enumerate(zip(jax.tree_util.tree_leaves(params), *box)):
-        if validation.is_traced(p) or validation.is_traced(lo):
+        if validation.is_traced(p):
             continue
         arr = np.asarray(p)
         outside = (arr < np.asarray(lo)) | (arr > np.asarray(hi))
         if np.any(outside):
-            raise ValueError(f"{name}: {int(outside.sum())} entries of leaf {i} lie outside bounds "
+            raise ValueError(f"params: {int(outside.sum())} entries of leaf {i} lie outside bounds "
                              f"(e.g. {arr[outside].ravel()[0]}); start the search inside the box, e.g. "
-                             "with annealing.bounds.project(params, box)")
+                             "with annealing.bounds.project(params, for_params(bounds, params))")
+    return project(params, box)

@@ -291,9 +291,7 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
     bounds = bounds_lib.check(bounds)
 
     def init_fn(params) -> ESState:
-        bounds_lib.check_inside(params, bounds)
-        if bounds is not None:
-            params = bounds_lib.project(params, bounds_lib.for_params(bounds, params))
+        params = bounds_lib.start(params, bounds)
         return ESState(params=params, opt_state=optimizer.init(params), count=jnp.zeros((), jnp.int32),
                        num_accepted=jnp.zeros((), jnp.int32), schedule_state=schedule.init())
 

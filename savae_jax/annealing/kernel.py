@@ -192,10 +192,7 @@ def init(params, proposal: Proposal, temperature, radius=None, bounds=None) -> A
         ``jax.vmap``) are projected onto it.
     """
     _check_params_finite(params)
-    bounds = bounds_lib.check(bounds)
-    if bounds is not None:
-        bounds_lib.check_inside(params, bounds)
-        params = bounds_lib.project(params, bounds_lib.for_params(bounds, params))
+    params = bounds_lib.start(params, bounds_lib.check(bounds))
     temp = as_stateful(temperature, "temperature")
     rad = as_stateful(1.0 if radius is None else radius, "radius")
     inf = jnp.full((), jnp.inf, jnp.float32)
