@@ -37,9 +37,10 @@ def main():
                 "max_abs": max(float(np.max(np.abs(u.astype(float) - v.astype(float))))
                                for u, v in zip(la, lb))}
 
-    def run_steps(algorithm, steps):
-        """``steps`` jitted steps of ``algorithm`` from ``params`` on ``x``, key i at step i: (state, infos)."""
-        state, step, infos = algorithm.init(params), jax.jit(algorithm.step), []
+    def run_steps(algorithm, steps, start=None):
+        """``steps`` jitted steps of ``algorithm`` from ``start`` (default ``params``) on ``x``, key i at step i:
+        (state, infos)."""
+        state, step, infos = algorithm.init(params if start is None else start), jax.jit(algorithm.step), []
         for i in range(steps):
             state, info = step(jax.random.key(i), state, x)
             infos.append(info)
@@ -94,6 +95,19 @@ def main():
             **{name: compare(field(ia, name), field(ib, name))
                for name in ("loss", "delta", "stderr", "delta_selection", "stderr_selection")},
         }
+
+    # Lattice moves of a 3-bit model (issue 25): K = 7 proposals each moving about 4 codes, one member per
+    # device, greedy on the step's batch.
+    from savae_jax import quantize
+
+    q = quantize.quantize(params, 3)
+    lattice = [A.simulated_annealing(loss_fn, 7, A.lattice(4 / q.num_codes), A.exponential(0.1, 0.9), A.greedy(),
+                                     mesh=mesh) for mesh in (None, mesh8)]
+    (a, ia), (b, ib) = (run_steps(sa, 4, q) for sa in lattice)
+    out["lattice"] = {"codes": compare(a.params.codes, b.params.codes),
+                      "accepted": [[bool(i.accepted) for i in infos] for infos in (ia, ib)],
+                      "valid": bool(quantize.codes_in_range(b.params)),
+                      "loss": compare([i.loss for i in ia], [i.loss for i in ib])}
 
     # ES recombination: its 2 x 5 = 10 members sharded over 8 devices (padded to 16); the gradient
     # assembly and the confident decision on the other 32 examples run replicated.

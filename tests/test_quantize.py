@@ -193,6 +193,32 @@ def test_lattice_moves_refuse_float_parameters(trained):
         jax.jit(sa.step)(jax.random.key(0), sa.init(params), x)
 
 
+def test_a_lattice_move_never_copies_the_incumbent(trained):
+    """At fraction 1/codes a Bernoulli draw moves no code with probability (1 - 1/N)^N ~ 0.37; such a
+    draw moves one code chosen uniformly instead. From all-zero codes (nothing clipped), over 4000
+    proposals: every one moves at least one code, 1 + (1 - 1/N)^N codes on average, exactly one in
+    P(0) + P(1) = 2 (1 - 1/N)^N ~ 74 % of them, and every layer's codes get moved."""
+    _, loss, params, x = trained
+    q = Q.quantize(params, 3)
+    zero = Q.QuantizedParams(jax.tree_util.tree_map(lambda c: jnp.zeros_like(c) if Q.is_code(c) else c, q.codes),
+                             q.scales, q.bits)
+    n = zero.num_codes
+    prepared = A.lattice(1.0 / n).prepare(loss, zero, jax.random.key(0), x, 1.0, 1.0, ())
+
+    def moved_per_layer(key):
+        codes = [c for c in jax.tree_util.tree_leaves(prepared.materialize(key).codes) if Q.is_code(c)]
+        return jnp.stack([jnp.sum(c != 0) for c in codes])
+
+    per_layer = np.asarray(jax.jit(jax.vmap(moved_per_layer))(jax.random.split(jax.random.key(1), 4000)))
+    moved = per_layer.sum(axis=1)
+    p0 = (1 - 1 / n) ** n
+    assert moved.min() >= 1
+    # Standard errors over 4000 proposals: about 0.02 for the mean (sd about 1), 0.007 for the share; 5 of each.
+    assert abs(moved.mean() - (1 + p0)) < 0.1, moved.mean()
+    assert abs(np.mean(moved == 1) - 2 * p0) < 0.035, np.mean(moved == 1)
+    assert np.all(per_layer.sum(axis=0) > 0)
+
+
 def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained):
     """At 2, 3, 4 and 8 bits, 10^4 lattice moves in a row, alternating steps of 1 and 3 with each code
     moving with probability 1/2, every move accepted: the codes reach +-qmax and never leave it.

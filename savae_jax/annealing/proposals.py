@@ -283,7 +283,10 @@ def lattice(fraction: float, step: int = 1) -> Proposal:
 
     Each code of every quantized kernel moves by +-``step`` (each sign equally
     likely) with probability ``fraction``, independently, and is clipped to
-    ``[-qmax, qmax]``: every proposal, and so every accepted state, is a valid
+    ``[-qmax, qmax]``; a draw that moves no code moves one code chosen
+    uniformly instead (at ``fraction = 1 / codes`` about 37 % of the draws
+    would otherwise be copies of the incumbent, wasted evaluations that win
+    the best of K against every uphill move): every proposal, and so every accepted state, is a valid
     int-b model. The scales and float leaves (biases) do not move. A member's
     move is re-created exactly from its key (``materialize``), as the other
     kernels' noise is. The annealer's radius schedule does not scale the move
@@ -308,13 +311,25 @@ def lattice(fraction: float, step: int = 1) -> Proposal:
         leaves, treedef = jax.tree_util.tree_flatten(params)
         codes = [i for i, p in enumerate(leaves) if is_code(p)]
 
+        total = sum(leaves[i].size for i in codes)
+
         def moved(key, active):
-            out = list(leaves)
+            draws = []
             for k, i in zip(jax.random.split(key, len(codes)), codes):
                 key_move, key_sign = jax.random.split(k)
                 c = leaves[i]
-                move = jax.random.bernoulli(key_move, fraction, c.shape)
-                sign = jax.random.rademacher(key_sign, c.shape, dtype=jnp.int32)
+                draws.append((jax.random.bernoulli(key_move, fraction, c.shape),
+                              jax.random.rademacher(key_sign, c.shape, dtype=jnp.int32)))
+            # A draw that moves no code moves one code chosen uniformly among all of them instead
+            # (as ``_masked`` does for coordinate moves): a copy of the incumbent is not a proposal.
+            empty = ~functools.reduce(jnp.logical_or, [jnp.any(move) for move, _ in draws])
+            one = jax.random.randint(jax.random.fold_in(key, 1), (), 0, total)
+            out, offset = list(leaves), 0
+            for (move, sign), i in zip(draws, codes):
+                c = leaves[i]
+                chosen = (jnp.arange(c.size) + offset == one).reshape(c.shape)
+                move = jnp.where(empty, chosen, move)
+                offset += c.size
                 new = jnp.clip(c.astype(jnp.int32) + step * sign * move, -qmax, qmax).astype(c.dtype)
                 out[i] = jnp.where(active, new, c)
             return jax.tree_util.tree_unflatten(treedef, out)
