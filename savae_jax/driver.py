@@ -122,6 +122,30 @@ class Phase(NamedTuple):
     key: jax.Array | None = None
 
 
+class PhaseEnd(NamedTuple):
+    """A run at the end of one of its phases: what another run whose phases up to that one are the same
+    (the same optimizers, shares, keys, data and budgets) starts from instead of computing them again.
+
+    :func:`run` hands one to ``on_phase_end`` as each phase ends and starts from one given as ``start``
+    (e.g. ``savae compare``: refinement methods with the same Adam half compute it once per seed).
+
+    Attributes:
+      phase: the index of the phase that ended.
+      state: the optimizer state at its end.
+      position: the run's :class:`Position` there.
+      history: the history rows so far (their ``seconds`` are the run's that computed them).
+      trace: the trace rows so far (empty without ``trace``).
+      best: the validation gate's :class:`Best` so far (None without ``validate``).
+    """
+
+    phase: int
+    state: Any
+    position: Any
+    history: list
+    trace: list
+    best: Any
+
+
 class Best(NamedTuple):
     """The validation gate's choice so far: the lowest validation value, its step, its parameters."""
 
@@ -590,6 +614,27 @@ class _Run:
                        batch_fn=self.o.batch_fn, start_step=self.pos.step, mesh=self.o.mesh,
                        axis_name=self.o.axis_name)
 
+    def phase_end(self) -> PhaseEnd:
+        """The run at the end of its current phase (copies of the rows: the caller may keep it)."""
+        return PhaseEnd(self.pos.phase, self.state, self.pos, [dict(row) for row in self.history],
+                        [dict(row) for row in self.trace], self.best)
+
+    def start_from(self, start: PhaseEnd, max_steps) -> None:
+        """Continue from ``start`` (ValueError naming ``start`` where it cannot be this run's phase end)."""
+        if not isinstance(start, PhaseEnd):
+            raise ValueError(f"start must be a driver.PhaseEnd (from on_phase_end), got {type(start).__name__}")
+        names = [phase.name for phase in self.phases]
+        if not 0 <= start.phase < len(self.phases) or start.position.phase != start.phase:
+            raise ValueError(f"start: the end of phase {start.phase}, but this run has phases {names}")
+        if start.position.step != max_steps[start.phase]:
+            raise ValueError(f"start: phase {start.phase} ({names[start.phase]!r}) ran {start.position.step} steps "
+                             f"there, but this run's budget gives it {max_steps[start.phase]}: not the same phase")
+        if (start.best is None) != (self.best is None):
+            raise ValueError("start: saved " + ("without" if start.best is None else "with")
+                             + " a validation gate, but this run has " + ("one" if self.best is not None else "none"))
+        self.state, self.pos, self.best = start.state, start.position, start.best
+        self.history, self.trace = [dict(row) for row in start.history], [dict(row) for row in start.trace]
+
     def budget_left(self, max_steps) -> bool:
         """Whether the budget allows more steps than the run has taken: a finished run resumed with a
         larger budget (more epochs of its last phase) continues exactly as if it had been given it at first."""
@@ -729,6 +774,8 @@ def run(
     on_row: Callable[[dict], None] | None = None,
     initial_row: bool = False,
     trace: bool = False,
+    on_phase_end: Callable[[PhaseEnd], None] | None = None,
+    start: PhaseEnd | None = None,
 ):
     """Run ``phases`` in order from ``params``; returns a :class:`RunResult` ``(params, history, trace)``.
 
@@ -785,6 +832,14 @@ def run(
         :func:`info_columns`), kept on the device between rows and fetched
         at each row (:func:`trace_rows`); saved with the checkpoints, so a
         resumed run's trace equals an uninterrupted one's.
+      on_phase_end: called with a :class:`PhaseEnd` as each phase's budget is spent.
+      start: a :class:`PhaseEnd` of another run whose phases up to ``start.phase``
+        are this run's (the same optimizers, shares, keys, data, batches and
+        budgets: the caller's promise; a phase of another length, e.g. under
+        ``budget_seconds``, or another gate is refused): this run continues
+        from there, bitwise as if it had computed those phases itself (their
+        rows keep the other run's seconds). A checkpoint to ``resume`` from
+        comes first.
     Returns:
       ``RunResult(params, history, trace)``: the last parameters, or with ``validate`` the
       best-validation ones; each history row has the fields :data:`ROW_FIELDS`
@@ -811,27 +866,33 @@ def run(
         r.restore()
         if r.finished and not r.budget_left(max_steps):
             return outputs()
+    if start is not None and not r.history:
+        r.start_from(start, max_steps)
     if initial_row and not r.history:
         row = r.initial_row()
         if on_row is not None:
             on_row(row)
     total = sum(n * p.optimizer.cost for n, p in zip(max_steps, phases))
     with tqdm(total=total, initial=r.pos.evals, desc=desc, disable=not progress, unit="eval", leave=True) as bar:
-        _loop(r, max_steps, budget_seconds, checkpoint_every, bar, on_row)
+        _loop(r, max_steps, budget_seconds, checkpoint_every, bar, on_row, on_phase_end)
     r.save(finished=True)
     return outputs()
 
 
-def _loop(r: _Run, max_steps, budget_seconds, checkpoint_every: int, bar, on_row) -> None:
+def _loop(r: _Run, max_steps, budget_seconds, checkpoint_every: int, bar, on_row, on_phase_end=None) -> None:
     """:func:`run`'s loop: segments of steps to the next row, a row each, phases in turn, checkpoints."""
     steps = None  # one generator (one compiled step) per phase, kept across rows
     while True:
         phase = r.phases[r.pos.phase]
         max_seconds = None if budget_seconds is None else phase.share * budget_seconds
-        steps = steps or r.steps(r.pos.phase)
-        count, loss_sum, info, seconds = r.segment(steps, max_steps[r.pos.phase], max_seconds)
+        count = 0
+        if r.pos.step < max_steps[r.pos.phase]:  # not compiled for a phase already done (a run's start)
+            steps = steps or r.steps(r.pos.phase)
+            count, loss_sum, info, seconds = r.segment(steps, max_steps[r.pos.phase], max_seconds)
         if count == 0:  # this phase's budget is spent: the next starts from its parameters
             steps = None
+            if on_phase_end is not None:
+                on_phase_end(r.phase_end())
             if r.next_phase():
                 continue
             return

@@ -10,7 +10,7 @@ import pytest
 import savae_jax as sv
 from savae_jax import annealing, checkpoint, driver
 
-from conftest import nan_after, small_vae
+from conftest import nan_after, small_vae, without_seconds
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +42,41 @@ def test_phases_split_the_budget_and_hand_over_parameters(setup):
         ("adam", 7, 21), ("adam", 14, 42), ("adam", 20, 60),
         ("sgd", 21, 63), ("sgd", 28, 84), ("sgd", 33, 99)]
     assert all(np.isfinite(r["test_neg_elbo"]) for r in history)
+
+
+def test_a_run_started_from_another_runs_phase_end_equals_computing_that_phase_itself(setup):
+    """Two refinements with the same Adam half: the second starts from the first's end of phase 0
+    (on_phase_end -> start) and equals the second run alone, bitwise: parameters (the gate's), every
+    history row but its seconds, the trace. A start that is not this run's phase end is refused."""
+    images, _, params, loss_fn = setup
+    val = images[:200]
+    gate = lambda p: sv.evaluate(loss_fn, p, val)  # noqa: E731
+    sa = lambda acceptance: annealing.simulated_annealing(  # noqa: E731
+        loss_fn, 4, annealing.gaussian(1e-3), annealing.exponential(0.01, 0.99), acceptance)
+    first = driver.refinement(sv.from_optax(loss_fn, optax.adam(3e-3)), sa(annealing.greedy()), share=0.5)
+    second = driver.refinement(sv.from_optax(loss_fn, optax.adam(3e-3)), sa(annealing.metropolis()), share=0.5)
+    kwargs = dict(batch_size=100, eval_every=4, budget_evals=84, validate=gate, trace=True, initial_row=True)
+    ends = []
+    driver.run(jax.random.key(1), first, params, images, on_phase_end=ends.append, **kwargs)
+    assert [end.phase for end in ends] == [0, 1] and ends[0].position.step == 14  # 42 evals of Adam, 3 each
+    alone = driver.run(jax.random.key(1), second, params, images, **kwargs)
+    started = driver.run(jax.random.key(1), second, params, images, start=ends[0], **kwargs)
+    chex.assert_trees_all_equal(started.params, alone.params)
+    assert without_seconds(started.history) == without_seconds(alone.history)
+    np.testing.assert_equal(started.trace, alone.trace)  # NaN fields (no decision batch) compare equal
+    assert len(started.trace) == 14 + 8  # then 42 evals of annealing, K + 1 = 5 each
+    assert [r["phase"] for r in started.history].count("sa") > 0
+    # The shared rows are the first run's (its seconds, to the last bit): the Adam half was not run again.
+    shared = len(ends[0].history)
+    assert [r["seconds"] for r in started.history[:shared]] == [r["seconds"] for r in ends[0].history]
+    assert [r["seconds"] for r in alone.history[1:shared]] != [r["seconds"] for r in ends[0].history[1:]]
+    assert alone.history != ends[1].history  # the two refinements differ after the shared half
+    with pytest.raises(ValueError, match="start: phase 0 .'adam'. ran 14 steps there, but this run's budget gives it 7"):
+        driver.run(jax.random.key(1), second, params, images, start=ends[0], **{**kwargs, "budget_evals": 42})
+    with pytest.raises(ValueError, match="start: saved with a validation gate, but this run has none"):
+        driver.run(jax.random.key(1), second, params, images, start=ends[0], **{**kwargs, "validate": None})
+    with pytest.raises(ValueError, match="start must be a driver.PhaseEnd"):
+        driver.run(jax.random.key(1), second, params, images, start=ends[0]._asdict(), **kwargs)
 
 
 def test_a_nan_loss_stops_the_run_and_keeps_the_last_good_checkpoint(setup, tmp_path):

@@ -51,7 +51,7 @@ import jax
 import savae_jax as sv
 from savae_jax import checkpoint, distributed, driver
 from savae_jax.experiments import builders, figures, flags, report, workdir as workdirs
-from savae_jax.experiments.registry import METHOD_DEFAULTS, METHODS, build_phases, set_keys_help
+from savae_jax.experiments.registry import METHOD_DEFAULTS, METHODS, build_phases, first_phase_key, set_keys_help
 from savae_jax.experiments.settings import ModelConfig
 
 @dataclasses.dataclass(frozen=True)
@@ -333,19 +333,30 @@ def run_all(methods, config, args, workdir, model, data, mesh, log) -> dict:
     validate = None if val is None else (
         lambda p: sv.evaluation.evaluate(eval_loss, p, val.images, binarize=batch_fn))  # noqa: E731
     results = {}
+    # The first phase's end, per (first_phase_key, seed), of the first method that computed it: refinements
+    # with the same Adam half start from there instead of computing it again (bitwise the same run). Not
+    # under --budget-seconds, where the clock ends each phase.
+    shared = {}
     for name, phases in methods.items():
         runs = {}
+        first = None if config.budget_seconds else first_phase_key(name, config.method_config[name])
         for index, seed in enumerate(config.seeds):
             key_init, key_run, key_grid = jax.random.split(jax.random.key(seed), 3)
             params0 = sv.models.init(key_init, model, train.images[:1])
             tag = f"{name}/seed{seed}"
+            key_shared = None if first is None else (first, seed)
+
+            def keep(end, key_shared=key_shared):
+                if end.phase == 0 and key_shared is not None:
+                    shared.setdefault(key_shared, end)
+
             params, history, trace = driver.run(
                 key_run, phases, params0, train.images, batch_size=config.batch_size,
                 eval_every=config.eval_every, budget_evals=config.budget_evals,
                 budget_seconds=config.budget_seconds, batch_fn=batch_fn, evaluate=evaluate, validate=validate,
                 checkpoint_every=config.checkpoint_every, checkpoint_dir=workdir / "checkpoints" / tag,
                 resume=args.resume, mesh=mesh, progress=not args.quiet and distributed.is_primary(), desc=tag,
-                log=log, initial_row=True, trace=True)
+                log=log, initial_row=True, trace=True, on_phase_end=keep, start=shared.get(key_shared))
             runs[str(seed)] = run = method_result(history, sv.evaluation.report(
                 model, params, test.images, binarize=batch_fn, iwae_samples=config.eval_iwae))
             log(f"{tag}: test negative ELBO {run['test_neg_elbo']:.3f} nats (last parameters "

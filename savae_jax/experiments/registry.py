@@ -135,6 +135,20 @@ def check_method_settings(method: str, settings: dict) -> dict:
     return full
 
 
+def first_phase_key(method: str, settings: dict):
+    """What decides ``method``'s first phase when it is shared with other methods, or None.
+
+    A refinement's Adam half depends only on its ``adam_lr`` and ``adam_share`` (and on the run's
+    data, keys and budgets, the same for every method of one ``savae compare``), so refinements
+    with equal values compute the same phase: ``compare`` computes it once per seed
+    (``driver.run(start=...)``). Other methods have one phase: None.
+    """
+    if method not in REFINEMENTS:
+        return None
+    full = check_method_settings(method, settings)
+    return ("adam", float(full["adam_lr"]), float(full["adam_share"]))
+
+
 def assemble_phases(method: str, settings: dict, loss_fn, mesh=None, batch_size: int = 128) -> list[driver.Phase]:
     """A method's phases from a full, checked settings dict (:func:`check_method_settings`).
 
