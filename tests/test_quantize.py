@@ -1,5 +1,7 @@
 """Integer-weight VAEs (issue 25, part 1): RTN quantization, the quantized loss, lattice moves."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import savae_jax as sv
 from savae_jax import annealing as A
 from savae_jax import quantize as Q
 
-from conftest import small_vae
+from conftest import background, background_result, run_script, small_vae
 
 
 @pytest.fixture(scope="module")
@@ -275,14 +277,33 @@ def test_lattice_annealing_runs_in_the_driver_deterministically_and_resumes_exac
     assert any(r["acceptance_rate"] > 0 for r in full.history[1:])  # the codes moved
 
 
-def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(tmp_path, capsys):
+# `savae quantize` at a tiny scale, run twice (the second with --resume) in a subprocess as background
+# work (see conftest.py): about 40 s of one core that the other tests do not wait for.
+QUANTIZE_FLAGS = ["--bits", "2", "--budget-evals", "150", "--pretrain-evals", "300", "--seeds", "0", "--hidden", "16",
+                  "--latents", "3", "--batch-size", "100", "--eval-every", "5"]
+
+
+@background("quantize_runs")
+def _quantize_runs(tmp):
+    """``(results.json of the run, summary.md, results.json after --resume, the resumed run's output)``."""
+    workdir = tmp / "w"
+    run_script("-m", "savae_jax.cli", "quantize", *QUANTIZE_FLAGS, "--workdir", workdir)
+    results, summary = json.loads((workdir / "results.json").read_text()), (workdir / "summary.md").read_text()
+    log = run_script("-m", "savae_jax.cli", "quantize", *QUANTIZE_FLAGS, "--workdir", workdir, "--resume")
+    return results, summary, json.loads((workdir / "results.json").read_text()), log
+
+
+@pytest.fixture(scope="module")
+def quantize_runs(request):
+    return background_result(request)
+
+
+def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(quantize_runs):
     """`savae quantize` at a tiny scale: x*, RTN at 2 bits, the three methods with their 3 trials each
-    within the budget, the table, and --resume keeping the seed done."""
+    within the budget, the table, and --resume keeping the seed done (not run again)."""
     from savae_jax.experiments import quantized
 
-    flags = ["--bits", "2", "--budget-evals", "150", "--pretrain-evals", "300", "--seeds", "0", "--hidden", "16",
-             "--latents", "3", "--batch-size", "100", "--eval-every", "5", "--workdir", str(tmp_path)]
-    results = quantized.main(flags)
+    results, summary, resumed, resumed_log = quantize_runs
     r = results["0"]
     assert r["rtn"] > r["x_star"] + 0.5  # two bits cost nats
     assert sorted(r["methods"]) == sorted(quantized.METHODS)
@@ -292,11 +313,14 @@ def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(tmp_path, ca
         # The gate keeps RTN's codes unless a step beats them on validation: the kept model is never
         # far above RTN on test (validation and test are different examples).
         assert m["test_neg_elbo"] < r["rtn"] + 1.0, (method, m, r["rtn"])
-    summary = (tmp_path / "summary.md").read_text()
     assert "| RTN |" in summary and "| ste-then-lattice |" in summary
-    again = quantized.main([*flags, "--resume"])
-    assert again == results  # the seed done is kept, not rerun
+    assert resumed == results and "seed 0:" not in resumed_log  # the seed done is kept, not rerun
+
+
+def test_savae_quantize_refuses_bad_bits_before_writing(tmp_path, capsys):
+    from savae_jax.experiments import quantized
+
     with pytest.raises(SystemExit):
-        quantized.main([*flags[:-2], "--bits", "9", "--workdir", str(tmp_path / "other")])
+        quantized.main([*QUANTIZE_FLAGS[2:], "--bits", "9", "--workdir", str(tmp_path / "other")])
     assert "--bits: bits must be an integer from 2 to 8" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
