@@ -87,6 +87,29 @@ def work():
     return w, params0
 
 
+@pytest.mark.parametrize("method", registry.METHODS)
+def test_every_methods_trial_group_builds_inside_the_traced_step(work, method):
+    """A study builds each method's phases inside the vmapped, jitted step of a trial group, from
+    traced hyperparameters. Every method's group is traced (jax.eval_shape: no compile) for two
+    trials of its space with the same choices. sa-pt's replica ladder once failed there with a
+    TracerBoolConversionError from inside JAX, in a real study; it now traces like the others."""
+    w, params0 = work
+    space = registry.SEARCH_SPACES[method]
+    trials = tuning.sample_trials(space, 8, 0)
+    first = next(iter(tuning.groups(trials, space).values()))
+    chosen = [trials[i] for i in first] * 2  # at least two trials of one group (a vmap of two or more)
+    settings = [registry.check_method_settings(method, t) for t in chosen[:2]]
+    probe, optimizers = tuning.group_optimizers(method, settings, w.loss_fn, w.batch_size)
+    assert len(optimizers) == len(probe)
+    params = jax.tree.map(lambda p: jnp.broadcast_to(p, (2, *p.shape)), params0)
+    size = sv.driver.phase_batch_size(probe[-1], w.batch_size)
+    x = jax.ShapeDtypeStruct((size, *w.train.shape[1:]), jnp.float32)
+    for optimizer in optimizers:
+        state = jax.eval_shape(optimizer.init, params)
+        new_state, _ = jax.eval_shape(optimizer.step, jax.random.key(0), state, x)
+        assert jax.tree.structure(new_state) == jax.tree.structure(state), method
+
+
 @pytest.mark.parametrize("method, tuned", [
     ("adam", [{"lr": 3e-3}, {"lr": 1e-4}]),
     ("sa-refine-naive", [{"adam_lr": 3e-3, "scale": 1e-3, "t0": 0.01, "decay": 0.99},

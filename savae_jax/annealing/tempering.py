@@ -52,7 +52,10 @@ def geometric_ladder(t0: float, ratio: float, num_replicas: int) -> jax.Array:
     validation.integer("num_replicas", num_replicas, 2)
     if not (isinstance(ratio, (int, float)) and math.isfinite(ratio) and ratio > 1):
         raise ValueError(f"ratio must be a number > 1 (each replica hotter than the last), got {ratio!r}")
-    return t0 * jnp.asarray(ratio, jnp.float32) ** jnp.arange(num_replicas, dtype=jnp.float32)
+    # Evaluated now even when built inside a traced function (a tuning study builds its optimizers
+    # under jit and vmap): the ladder of concrete values stays concrete, with the same bits as eagerly.
+    with jax.ensure_compile_time_eval():
+        return t0 * jnp.asarray(ratio, jnp.float32) ** jnp.arange(num_replicas, dtype=jnp.float32)
 
 
 class ReplicaState(NamedTuple):
@@ -145,13 +148,16 @@ def _shared_losses(loss_fn, params, key, batch):
 
 def _check_ladder(temperatures) -> jax.Array:
     """``temperatures`` as a float32 (R,) ladder (ValueError unless 1-D, R >= 2, finite, > 0 and increasing)."""
-    temperatures = jnp.asarray(temperatures, jnp.float32)
-    if temperatures.ndim != 1 or temperatures.shape[0] < 2:
-        raise ValueError(f"temperatures must be a 1-D ladder of at least 2 values, got shape {temperatures.shape}")
-    if not bool(jnp.all(jnp.isfinite(temperatures)) & jnp.all(temperatures > 0)
-                & jnp.all(jnp.diff(temperatures) > 0)):
-        raise ValueError("temperatures must be finite, > 0 and increasing (coldest first), "
-                         f"got {_shown(temperatures)}")
+    with jax.ensure_compile_time_eval():  # concrete values stay concrete inside a traced builder
+        temperatures = jnp.asarray(temperatures, jnp.float32)
+        if temperatures.ndim != 1 or temperatures.shape[0] < 2:
+            raise ValueError(f"temperatures must be a 1-D ladder of at least 2 values, got shape {temperatures.shape}")
+        # A traced ladder (e.g. a swept t0) is not checkable here; the replicas' temperature schedules
+        # flag a non-finite or negative value when the step runs (bad_temperature), as for one annealer.
+        if not validation.is_traced(temperatures) and not bool(
+                jnp.all(jnp.isfinite(temperatures)) & jnp.all(temperatures > 0) & jnp.all(jnp.diff(temperatures) > 0)):
+            raise ValueError("temperatures must be finite, > 0 and increasing (coldest first), "
+                             f"got {_shown(temperatures)}")
     return temperatures
 
 

@@ -190,6 +190,26 @@ class Workload:
         return evaluation.per_example_stacked(sv.make_loss(self.model), params, self.val, binarize=self.batch_fn)
 
 
+def group_optimizers(method: str, settings: list[dict], loss_fn, batch_size: int, mesh=None):
+    """The optimizers of a trial group: ``(phases of the first trial, one optimizer per phase)``, each
+    optimizer stepping every trial at once (:func:`stacked`): the trials' floating-point settings
+    are swept as traced values, so the method's phases are built inside the traced step."""
+    space = registry.SEARCH_SPACES[method]
+    floats = [k for k in sorted(space) if space[k].kind != "choice"]
+    fixed = {k: v for k, v in settings[0].items() if k not in floats}
+    # The swept floats (an index alone when a space has none: the vmap needs an axis).
+    hparams = {k: jnp.asarray([s[k] for s in settings], jnp.float32) for k in floats} or {
+        "_trial": jnp.arange(len(settings))}
+
+    def build_phases(h):
+        h = {k: v for k, v in h.items() if k != "_trial"}
+        return registry.assemble_phases(method, fixed | h, loss_fn, batch_size=batch_size)
+
+    probe = registry.assemble_phases(method, settings[0], loss_fn, batch_size=batch_size)
+    return probe, [stacked(lambda h, i=index: build_phases(h)[i].optimizer, hparams, mesh)
+                   for index in range(len(probe))]
+
+
 def run_group(method: str, settings: list[dict], work: Workload, params0, mesh=None) -> tuple[list[dict], object]:
     """Run the trials ``settings`` (full setting dicts of ``method`` that differ only in floats) as one vmap.
 
@@ -206,20 +226,9 @@ def run_group(method: str, settings: list[dict], work: Workload, params0, mesh=N
     number, the copies dropped from the result), the data replicated. Every
     trial's rows and parameters equal a one-device run's, bitwise.
     """
-    space = registry.SEARCH_SPACES[method]
-    floats = [k for k in sorted(space) if space[k].kind != "choice"]
-    fixed = {k: v for k, v in settings[0].items() if k not in floats}
     wanted, settings = len(settings), padded(settings, mesh)
     num = len(settings)
-    # The swept floats (an index alone when a space has none: the vmap needs an axis).
-    hparams = {k: jnp.asarray([s[k] for s in settings], jnp.float32) for k in floats} or {
-        "_trial": jnp.arange(num)}
-
-    def build_phases(h):
-        h = {k: v for k, v in h.items() if k != "_trial"}
-        return registry.assemble_phases(method, fixed | h, work.loss_fn, batch_size=work.batch_size)
-
-    probe = registry.assemble_phases(method, settings[0], work.loss_fn, batch_size=work.batch_size)
+    probe, optimizers = group_optimizers(method, settings, work.loss_fn, work.batch_size, mesh)
     max_steps = driver.phase_steps(probe, len(work.train), work.batch_size, work.budget_evals)
     params = tree_map(lambda p: jnp.broadcast_to(p, (num, *p.shape)), params0)
     if mesh is not None:
@@ -228,8 +237,7 @@ def run_group(method: str, settings: list[dict], work: Workload, params0, mesh=N
     best, kept = work.validate_stacked(params), params
     best_step = np.zeros(num, np.int64)
     total, evals, start = 0, 0, time.perf_counter()
-    for index, steps_left in enumerate(max_steps):
-        optimizer = stacked(lambda h, i=index: build_phases(h)[i].optimizer, hparams, mesh)
+    for index, (steps_left, optimizer) in enumerate(zip(max_steps, optimizers)):
         state = optimizer.init(params)
         steps = driver.iterate(jax.random.fold_in(work.key, index), optimizer, state, work.train,
                                driver.phase_batch_size(probe[index], work.batch_size), batch_fn=work.batch_fn)
