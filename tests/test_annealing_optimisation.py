@@ -42,7 +42,7 @@ RUNS = textwrap.dedent(f"""
 
     out = {{}}
     for problem in ("rastrigin", "ackley"):
-        for label, fraction, scale in (("sparse", 1.0 / {DIM}, 2.0), ("full", 1.0, 0.1)):
+        for label, fraction, scale in (("sparse", 1.0 / {DIM}, D.DEFAULT_SCALE), ("full", 1.0, 0.1)):
             best, points, _ = D.run_sa(problems.PROBLEMS[problem], {CHAINS}, {STEPS}, {K}, {DIM}, 0, polish_steps=20,
                                        polish_every=100, scale=scale, fraction=fraction)
             out[problem + "/" + label] = best.tolist()

@@ -42,10 +42,11 @@ from savae_jax.experiments.problems import PROBLEMS, Problem
 # The box half-width the proposal scale is relative to: --scale 1 is a Cauchy scale of 1 on Rastrigin's box.
 # The default, 2, was chosen on seed 0 among 1, 2, 3 (issue 26: at 1, 10-D Schwefel's minimum was found in
 # 83 % of runs; docs/results.md).
+DEFAULT_SCALE = 2.0
 RASTRIGIN_HALF_WIDTH = 5.12
 
 
-def make_sa(problem: Problem, steps, proposals, polish_steps=0, polish_every=100, scale=2.0, fraction=1.0,
+def make_sa(problem: Problem, steps, proposals, polish_steps=0, polish_every=100, scale=DEFAULT_SCALE, fraction=1.0,
             bounded=True, t0=1.0):
     """The annealer of the comparison, with an L-BFGS polish every ``polish_every`` steps if asked.
 
@@ -69,7 +70,7 @@ def make_sa(problem: Problem, steps, proposals, polish_steps=0, polish_every=100
 
 
 def run_sa(problem: Problem, runs, steps, proposals, dim, seed, mesh=None, polish_steps=0, polish_every=100,
-           scale=2.0, fraction=1.0, bounded=True, t0=1.0):
+           scale=DEFAULT_SCALE, fraction=1.0, bounded=True, t0=1.0):
     """Best loss and best point of each of ``runs`` vmapped chains (numpy) and the wall time.
 
     The chains start uniformly in the box. With a ``mesh`` they are sharded
@@ -131,7 +132,7 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser.add_argument("--polish-steps", type=int, default=20,
                         help="L-BFGS steps of the local polish (0: none), as dual_annealing's local search")
     parser.add_argument("--polish-every", type=int, default=100, help="annealing steps between polishes")
-    parser.add_argument("--scale", type=float, default=2.0,
+    parser.add_argument("--scale", type=float, default=DEFAULT_SCALE,
                         help="Cauchy scale of a coordinate's jump at radius 1, relative to the box: times the "
                              "box's half-width / 5.12 (2 on Rastrigin's box at the default; the radius falls to 1e-2, 1e-3 "
                              "for Ackley)")
