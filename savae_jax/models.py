@@ -481,8 +481,24 @@ def init(key: jax.Array, model: nn.Module, x: jax.Array):
     x = jnp.asarray(x)
     if x.ndim != 4:
         raise ValueError(f"x must be a 4-D batch (N, H, W, C), got shape {x.shape}")
+    try:
+        hash(model)
+    except TypeError:  # a module with an unhashable field cannot be a static argument: initialise eagerly
+        return _init(key, model, x[:1])
+    return _jitted_init(key, model, x[:1])
+
+
+def _init(key, model, x):
     key_params, key_z = jax.random.split(key)
-    return model.init(key_params, x[:1], key_z)
+    return model.init(key_params, x, key_z)
+
+
+# One compiled program per model and input shape, the same bits as the eager initialisation (each
+# initialiser is the same random function either way; checked in tests/test_models_elbo.py). Eagerly,
+# flax runs every initialiser and the forward pass op by op, one compile per distinct op and shape:
+# measured (2-core CPU, fresh process) 2.0 s against 0.84 s for an MLP VAE, 6.7 s against 3.8 s for
+# the conv VAE.
+_jitted_init = jax.jit(_init, static_argnums=1)
 
 
 def sample_prior(key: jax.Array, params, model: nn.Module, num: int, image_shape) -> jax.Array:
