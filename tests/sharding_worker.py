@@ -109,6 +109,16 @@ def main():
                       "valid": bool(quantize.codes_in_range(b.params)),
                       "loss": compare([i.loss for i in ia], [i.loss for i in ib])}
 
+    # ES on the lattice (issue 25): 2 x 5 = 10 members of the 3-bit model sharded over 8 devices (padded
+    # to 16); the rounded step and the decision on the other 32 examples run replicated.
+    lattice_es = [A.lattice_es(loss_fn, 5, 8 / q.num_codes, decision=A.decision_batch(32, 32), mesh=mesh)
+                  for mesh in (None, mesh8)]
+    (a, ia), (b, ib) = (run_steps(es, 4, q) for es in lattice_es)
+    out["lattice_es"] = {"codes": compare(a.params.codes, b.params.codes),
+                         "accepted": [[bool(i.accepted) for i in infos] for infos in (ia, ib)],
+                         "valid": bool(quantize.codes_in_range(b.params)),
+                         "member_loss_mean": compare([i.member_loss_mean for i in ia], [i.member_loss_mean for i in ib])}
+
     # ES recombination: its 2 x 5 = 10 members sharded over 8 devices (padded to 16); the gradient
     # assembly and the confident decision on the other 32 examples run replicated.
     def run_es(mesh, steps=6):

@@ -63,7 +63,7 @@ def optimisation_runs(request):
     return background_result(request)
 
 
-@pytest.mark.slow
+@pytest.mark.experiment
 @pytest.mark.parametrize("problem", ["rastrigin", "ackley"])
 def test_coordinate_moves_with_polish_find_the_global_minimum(problem, optimisation_runs):
     sparse, full = optimisation_runs[f"{problem}/sparse"], optimisation_runs[f"{problem}/full"]

@@ -356,7 +356,7 @@ def mnist_comparison(request):
     return background_result(request)
 
 
-@pytest.mark.slow
+@pytest.mark.experiment
 def test_on_mnist_noise_aware_refinement_does_no_harm_where_the_naive_rule_does(mnist_comparison):
     """Issue 12's acceptance check at compare.py's default budget (seed 0; README: seeds 0, 1, 2):
     after the same Adam half, noise-aware annealing ends at most 0.05 nats above the Adam phase's

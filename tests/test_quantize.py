@@ -222,12 +222,13 @@ def test_a_lattice_move_never_copies_the_incumbent(trained):
 
 
 def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained):
-    """At 2, 3, 4 and 8 bits, 10^4 lattice moves in a row, alternating steps of 1 and 3 with each code
-    moving with probability 1/2, every move accepted: the codes reach +-qmax and never leave it.
-    And the move evaluated for a key is the one re-created from it."""
+    """At 2, 3, 4 and 8 bits, 1.5 x 10^4 lattice moves in a row, every move accepted: sparse steps of
+    1 and 3 with each code moving with probability 1/2, and rank-2 low-rank steps of 2 (scale 1): the
+    codes reach +-qmax and never leave it. And the move evaluated for a key is the one re-created
+    from it, for both kinds."""
     _, loss, params, x = trained
     quantized = [Q.quantize(params, bits) for bits in (2, 3, 4, 8)]
-    moves = [A.lattice(0.5, step=1), A.lattice(0.5, step=3)]
+    moves = [A.lattice(0.5, step=1), A.lattice(0.5, step=3), A.lattice_low_rank(1.0, rank=2, step=2)]
 
     def peak(p):
         return jnp.max(jnp.array([jnp.max(jnp.abs(c.astype(jnp.int32))) for c in jax.tree_util.tree_leaves(p.codes)
@@ -240,27 +241,89 @@ def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained):
             return p, peak(p)
         return jax.lax.scan(body, q, keys)
 
-    keys = jax.random.split(jax.random.key(7), 5_000)  # two moves each: 10^4
+    keys = jax.random.split(jax.random.key(7), 5_000)  # three moves each
     results = jax.jit(lambda qs: [walk(q, keys) for q in qs])(quantized)
     for q, (final, peaks) in zip(quantized, results):
         assert int(peaks.max()) == q.qmax and int(peaks.min()) <= q.qmax and Q.codes_in_range(final), q.bits
-    prepared = moves[0].prepare(loss, quantized[1], jax.random.key(0), x, 1.0, 1.0, ())
-    key = jax.random.key(11)
-    assert float(prepared.loss(key, jnp.bool_(True))) == float(loss(prepared.materialize(key), jax.random.key(0), x))
-    assert float(prepared.loss(key, jnp.bool_(False))) == float(loss(quantized[1], jax.random.key(0), x))
+    for move in (moves[0], moves[2]):
+        prepared = move.prepare(loss, quantized[1], jax.random.key(0), x, 1.0, 1.0, ())
+        key = jax.random.key(11)
+        assert float(prepared.loss(key, jnp.bool_(True))) == float(loss(prepared.materialize(key), jax.random.key(0), x))
+        assert float(prepared.loss(key, jnp.bool_(False))) == float(loss(quantized[1], jax.random.key(0), x))
 
 
-def test_lattice_annealing_runs_in_the_driver_deterministically_and_resumes_exactly(tmp_path):
-    """driver.run with a lattice annealer: quantized parameters are checkpointed (Orbax) and
-    restored; a run stopped at 10 steps and resumed to 20 (a new run of the same key from a
-    checkpoint) equals one run of 20, bitwise."""
+def test_a_rank_one_lattice_move_has_rank_one_signs_and_moves_the_expected_share_of_codes(trained):
+    """From all-zero 8-bit codes (nothing clipped): a rank-1 move's signs on each kernel are those of an
+    outer product (two rows agree in sign on every column both moved, or disagree on every one), and at scale 0.3 the
+    share of codes moved over 200 draws is P(|0.3 a b| > 1/2) for independent standard normals a, b,
+    estimated here by 4 x 10^6 numpy draws (0.092)."""
+    _, loss, params, x = trained
+    q = Q.quantize(params, 8)
+    zero = Q.QuantizedParams(jax.tree_util.tree_map(lambda c: jnp.zeros_like(c) if Q.is_code(c) else c, q.codes),
+                             q.scales, q.bits)
+    prepared = A.lattice_low_rank(0.3, rank=1).prepare(loss, zero, jax.random.key(0), x, 1.0, 1.0, ())
+    draw = jax.jit(jax.vmap(lambda k: [c for c in jax.tree_util.tree_leaves(prepared.materialize(k).codes)
+                                       if Q.is_code(c)]))
+    kernels = [np.asarray(c, np.int32) for c in draw(jax.random.split(jax.random.key(1), 200))]
+    for c in kernels:
+        s = np.sign(c.reshape(200, -1, c.shape[-1])).astype(np.int8)
+        # Rows i and k of a rank-1 sign pattern agree everywhere or disagree everywhere they both moved.
+        products = s[:, :, None, :] * s[:, None, :, :]  # (draw, i, k, column)
+        assert not np.any(np.any(products == 1, axis=-1) & np.any(products == -1, axis=-1))
+    moved = sum(int(np.sum(c != 0)) for c in kernels) / (200 * zero.num_codes)
+    rng = np.random.default_rng(0)
+    expected = np.mean(np.abs(0.3 * rng.standard_normal(4_000_000) * rng.standard_normal(4_000_000)) > 0.5)
+    # The draws of one kernel share their factors, so the share moved varies far more than a binomial's:
+    # 200 draws of a 2192-code model gave 0.0933 (measured); 0.015 is about 5 sd of the mean of 200 draws.
+    assert abs(moved - expected) < 0.015, (moved, expected)
+
+
+def test_lattice_es_steps_each_moved_code_towards_the_target_of_a_separable_loss():
+    """On loss(c) = sum (c - t)^2 over one 3-bit kernel's codes, from c = 0, one lattice_es step of 64
+    pairs, each code moving with probability 1/4: every code the candidate moves goes one step towards
+    its target (a code with t = 0 is at its minimum and may move either way), the codes whose target is
+    3 steps away all move, and the candidate is accepted (it lowers the loss)."""
+    target = np.array([[-3, -1, 0, 1, 3, 2], [3, 0, -2, -3, 1, -1]], np.int32)
+    q = Q.QuantizedParams({"kernel": jnp.zeros(target.shape, jnp.int8)},
+                          {"kernel": jnp.ones((1, target.shape[1]), jnp.float32)}, 3)
+
+    def loss(p, key, batch):
+        return jnp.sum(jnp.square(p.codes["kernel"].astype(jnp.float32) - target))
+
+    es = A.lattice_es(loss, 64, 0.25)
+    state, info = jax.jit(es.step)(jax.random.key(0), es.init(q), None)
+    moved = np.asarray(state.params.codes["kernel"], np.int32)
+    assert bool(info.accepted) and float(info.delta) < 0
+    assert np.all(np.abs(moved) <= 1)
+    towards = np.sign(moved) == np.sign(target)
+    assert np.all(towards | (moved == 0) | (target == 0)), moved
+    assert np.all(moved[np.abs(target) == 3] != 0), moved
+
+
+def test_lattice_es_refuses_float_parameters_and_a_step_beyond_int8(trained):
+    _, loss, params, x = trained
+    with pytest.raises(ValueError, match="params: lattice moves need quantized parameters"):
+        A.lattice_es(loss, 4, 0.01).init(params)
+    with pytest.raises(ValueError, match=r"step must be an integer in \[1, 127\], got 128"):
+        A.lattice_es(loss, 4, 0.01, step=128)
+    with pytest.raises(ValueError, match="scale"):
+        A.lattice_low_rank(0.0)
+
+
+@pytest.mark.parametrize("method", ["lattice-sa", "lattice-es"])
+def test_lattice_annealing_runs_in_the_driver_deterministically_and_resumes_exactly(tmp_path, method):
+    """driver.run with a lattice annealer and with lattice ES (noise-aware decisions on a decision
+    batch): quantized parameters are checkpointed (Orbax) and restored; a run stopped at 10 steps
+    and resumed to 20 (a new run of the same key from a checkpoint) equals one run of 20, bitwise."""
     from savae_jax import driver
 
     model, loss = small_vae(16, 3)
     train = sv.load("digits", "train")
     q = Q.quantize(sv.models.init(jax.random.key(0), model, train.images[:1]), 3)
     codes = q.num_codes
-    sa = A.simulated_annealing(loss, 8, A.lattice(4 / codes), A.exponential(0.1, 0.99), A.greedy())
+    sa = (A.simulated_annealing(loss, 8, A.lattice(4 / codes), A.exponential(0.1, 0.99), A.greedy())
+          if method == "lattice-sa" else
+          A.lattice_es(loss, 4, 8 / codes, acceptance=A.confident(0.2), decision=A.decision_batch(100, 100)))
 
     def run(folder, steps, resume=False):
         return driver.run(jax.random.key(3), [driver.Phase("sa", sa)], q, train.images, batch_size=100,
@@ -299,8 +362,9 @@ def quantize_runs(request):
 
 
 def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(quantize_runs):
-    """`savae quantize` at a tiny scale: x*, RTN at 2 bits, the three methods with their 3 trials each
-    within the budget, the table, and --resume keeping the seed done (not run again)."""
+    """`savae quantize` at a tiny scale: x*, RTN at 2 bits, every method (STE, lattice SA with sparse
+    and low-rank moves, lattice ES, STE then lattice SA) with its 3 trials within the budget, the
+    table, and --resume keeping the seed done (not run again)."""
     from savae_jax.experiments import quantized
 
     results, summary, resumed, resumed_log = quantize_runs
@@ -313,7 +377,8 @@ def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(quantize_run
         # The gate keeps RTN's codes unless a step beats them on validation: the kept model is never
         # far above RTN on test (validation and test are different examples).
         assert m["test_neg_elbo"] < r["rtn"] + 1.0, (method, m, r["rtn"])
-    assert "| RTN |" in summary and "| ste-then-lattice |" in summary
+    assert sorted(r["trials"]["lattice-lowrank-sa"]) == sorted(str(v) for v in quantized.LOW_RANK_SCALES)
+    assert all(f"| {method} |" in summary for method in ("RTN", *quantized.METHODS))
     assert resumed == results and "seed 0:" not in resumed_log  # the seed done is kept, not rerun
 
 

@@ -116,6 +116,16 @@ def test_sharded_lattice_annealing_equals_one_device(eight_devices):
     assert r["loss"]["max_abs"] <= 1e-6 * 100, r  # losses are ~50 nats
 
 
+def test_sharded_lattice_es_equals_one_device(eight_devices):
+    """lattice_es(mesh=...) (issue 25): the members' losses on their devices rank the same, so the
+    rounded step, the decision and the codes are bitwise those of one device, and stay in range."""
+    r = eight_devices["lattice_es"]
+    assert r["codes"]["bitwise"] and r["valid"], r
+    accepted, mesh_accepted = r["accepted"]
+    assert accepted == mesh_accepted and any(accepted), r
+    assert r["member_loss_mean"]["max_abs"] <= 1e-6 * 100, r  # losses are ~50 nats
+
+
 def test_sharded_es_equals_one_device(eight_devices):
     """evolution_strategy(mesh=...): each member's loss on one device, the rest replicated. The
     fitness ranks, hence the gradient estimate, the candidate and the decision, are the same, so

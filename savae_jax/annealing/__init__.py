@@ -34,7 +34,8 @@ from savae_jax.annealing.kernel import (
 )
 from savae_jax.annealing.optax import as_optax
 from savae_jax.annealing.polish import PolishState, local_polish, polish
-from savae_jax.annealing.proposals import Prepared, Proposal, cauchy, gaussian, langevin, lattice, low_rank
+from savae_jax.annealing.lattice import lattice, lattice_es, lattice_low_rank
+from savae_jax.annealing.proposals import Prepared, Proposal, cauchy, gaussian, langevin, low_rank
 from savae_jax.annealing.tempering import (
     ReplicaInfo,
     ReplicaState,
@@ -102,6 +103,8 @@ __all__ = [
     "linear",
     "logarithmic",
     "lattice",
+    "lattice_es",
+    "lattice_low_rank",
     "low_rank",
     "metropolis",
     "needs_stderr",

@@ -281,18 +281,61 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
     optimizer = optax.adam(1e-3) if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")
+    axis_name = sharding.mesh_axis(mesh, axis_name)
+    num_pairs = int(num_pairs)
+    bounds = bounds_lib.check(bounds)
+
+    def start(params):
+        params = bounds_lib.start(params, bounds)
+        return params, optimizer.init(params)
+
+    def propose(loss_fn, params, opt_state, key_noise, key_loss, x):
+        box = bounds_lib.for_params(bounds, params)
+        est = estimate(loss_fn, params, key_noise, key_loss, x, num_pairs, scale, noise=noise, rank=rank,
+                       scale_by_rms=scale_by_rms, rms_floor=rms_floor, shaping=shaping, mesh=mesh,
+                       axis_name=axis_name, box=box)
+        updates, opt_state = optimizer.update(est.grad, opt_state, params)
+        candidate = optax.apply_updates(params, updates)
+        if box is not None:
+            candidate = bounds_lib.project(candidate, box)
+        return Candidate(candidate, opt_state, est.losses, tree_norm(est.grad), est.num_reflected)
+
+    return recombining_optimizer(loss_fn, 2 * num_pairs, start, propose, acceptance=acceptance,
+                                 temperature=temperature, decision=decision, mesh=mesh, bounds=bounds)
+
+
+class Candidate(NamedTuple):
+    """What one step's members propose (:func:`recombining_optimizer`'s ``propose`` returns it)."""
+
+    params: Any  # the candidate move
+    opt_state: Any  # the optimizer state to keep if it is accepted
+    losses: jax.Array  # (K,) the members' losses
+    grad_norm: jax.Array  # global norm of the recombined estimate
+    num_reflected: jax.Array  # int32, members reflected into the box (0 without bounds)
+
+
+def recombining_optimizer(loss_fn, num_members: int, start, propose, *, acceptance=None, temperature=0.0,
+                          decision: decision_lib.DecisionBatch | None = None, mesh=None, bounds=None) -> Optimizer:
+    """The ES step around a recombination rule: K members -> ONE candidate, accepted or rejected.
+
+    Shared by :func:`evolution_strategy` (float parameters, an Optax update of
+    the search gradient) and ``annealing.lattice.lattice_es`` (integer codes,
+    a rounded step). ``start(params) -> (params, opt_state)`` initialises;
+    ``propose(loss_fn, params, opt_state, key_noise, key_loss, x) ->
+    Candidate`` evaluates the K members on the selection batch ``x`` and
+    recombines them. The candidate is decided against the incumbent by the
+    acceptance rule on paired per-example differences (on ``decision``'s
+    independent batch if given); the optimizer state advances only when the
+    move is accepted. Temperature and decision-size faults stop the move, as
+    in ``simulated_annealing``.
+    """
     acceptance, per_example = _rule(acceptance, decision, loss_fn)
     schedule = as_stateful(temperature, "temperature")
     checked = checked_loss(loss_fn)
-    axis_name = sharding.mesh_axis(mesh, axis_name)
-    num_pairs = int(num_pairs)
-    num = 2 * num_pairs
-
-    bounds = bounds_lib.check(bounds)
 
     def init_fn(params) -> ESState:
-        params = bounds_lib.start(params, bounds)
-        return ESState(params=params, opt_state=optimizer.init(params), count=jnp.zeros((), jnp.int32),
+        params, opt_state = start(params)
+        return ESState(params=params, opt_state=opt_state, count=jnp.zeros((), jnp.int32),
                        num_accepted=jnp.zeros((), jnp.int32), schedule_state=schedule.init())
 
     def step_fn(key, state: ESState, batch):
@@ -301,33 +344,25 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
         x, x_decide, mask = parts.x, parts.x_decide, parts.mask
         t = scalar_value(schedule, state.schedule_state, state.count, "temperature")
         bad_t = fault(t)
-        box = bounds_lib.for_params(bounds, state.params)
-        est = estimate(checked, state.params, key_noise, key_loss, x, num_pairs, scale, noise=noise, rank=rank,
-                       scale_by_rms=scale_by_rms, rms_floor=rms_floor, shaping=shaping, mesh=mesh,
-                       axis_name=axis_name, box=box)
-        grad, losses = est.grad, est.losses
-        updates, opt_state = optimizer.update(grad, state.opt_state, state.params)
-        candidate = optax.apply_updates(state.params, updates)
-        if box is not None:
-            candidate = bounds_lib.project(candidate, box)
+        cand = propose(checked, state.params, state.opt_state, key_noise, key_loss, x)
         delta, stderr, num_used, on_selection = _decide_inputs(
-            checked, per_example, candidate, state.params, key_loss, x, key_decide, x_decide, mask)
+            checked, per_example, cand.params, state.params, key_loss, x, key_decide, x_decide, mask)
         accepted = (jnp.isfinite(delta) & ~bad_t & ~parts.bad
                     & _decide(acceptance, decision, key_accept, delta, t, stderr, num_used, x))
-        params, opt_state = tree_where(accepted, (candidate, opt_state), (state.params, state.opt_state))
+        params, opt_state = tree_where(accepted, (cand.params, cand.opt_state), (state.params, state.opt_state))
         count, num_accepted = state.count + 1, state.num_accepted + accepted.astype(jnp.int32)
         loss = jnp.where(accepted, on_selection[0], on_selection[1])
         event = ScheduleEvent(accepted=accepted, improved=accepted & (delta < 0))
         info = ESInfo(loss=loss, accepted=accepted, delta=delta, stderr=stderr, temperature=t,
-                      acceptance_rate=num_accepted / count, member_loss_mean=losses.mean(),
-                      grad_norm=tree_norm(grad), bad_temperature=bad_t,
+                      acceptance_rate=num_accepted / count, member_loss_mean=cand.losses.mean(),
+                      grad_norm=cand.grad_norm, bad_temperature=bad_t,
                       decision_size_requested=parts.requested, bad_decision_size=parts.bad,
-                      num_reflected=est.num_reflected)
+                      num_reflected=cand.num_reflected)
         return ESState(params=params, opt_state=opt_state, count=count, num_accepted=num_accepted,
                        schedule_state=schedule.update(state.schedule_state, state.count, event)), info
 
-    return Optimizer(init=init_fn, step=step_fn, cost=num + decision_lib.cost(decision), loss_fn=loss_fn, mesh=mesh,
-                     examples_per_step=None if decision is None else decision.selection + decision.max_size,
+    return Optimizer(init=init_fn, step=step_fn, cost=num_members + decision_lib.cost(decision), loss_fn=loss_fn,
+                     mesh=mesh, examples_per_step=None if decision is None else decision.selection + decision.max_size,
                      batch_size=None if decision is None else decision.selection, bounds=bounds)
 
 

@@ -278,69 +278,6 @@ def langevin(step_size: float, optimizer=None) -> Proposal:
     return Proposal(init=init, prepare=prepare, cost=GRAD_COST)
 
 
-def lattice(fraction: float, step: int = 1) -> Proposal:
-    """Moves on the integer lattice of a quantized model (``quantize.QuantizedParams``).
-
-    Each code of every quantized kernel moves by +-``step`` (each sign equally
-    likely) with probability ``fraction``, independently, and is clipped to
-    ``[-qmax, qmax]``; a draw that moves no code moves one code chosen
-    uniformly instead (at ``fraction = 1 / codes`` about 37 % of the draws
-    would otherwise be copies of the incumbent, wasted evaluations that win
-    the best of K against every uphill move): every proposal, and so every accepted state, is a valid
-    int-b model. The scales and float leaves (biases) do not move. A member's
-    move is re-created exactly from its key (``materialize``), as the other
-    kernels' noise is. The annealer's radius schedule does not scale the move
-    (a code moves by whole steps); the temperature schedule applies as usual.
-
-    Args:
-      fraction: probability that a code moves, in (0, 1]; about ``fraction *
-        codes`` codes move per proposal (e.g. 1e-3 of a 0.4 M-code model: 400).
-      step: the integer step, >= 1.
-    """
-    validation.real("fraction", fraction, lambda v: 0 < v <= 1, "in (0, 1]")
-    validation.integer("step", step, 1)
-
-    def prepare(loss_fn, params, key_loss, batch, temperature, radius, proposal_state):
-        from savae_jax.quantize import QuantizedParams, is_code
-
-        if not isinstance(params, QuantizedParams):
-            raise ValueError(f"params: lattice moves need quantized parameters (quantize.quantize(params, bits)), "
-                             f"got {type(params).__name__}")
-        loss_fn = checked_loss(loss_fn)
-        qmax = params.qmax
-        leaves, treedef = jax.tree_util.tree_flatten(params)
-        codes = [i for i, p in enumerate(leaves) if is_code(p)]
-
-        total = sum(leaves[i].size for i in codes)
-
-        def moved(key, active):
-            draws = []
-            for k, i in zip(jax.random.split(key, len(codes)), codes):
-                key_move, key_sign = jax.random.split(k)
-                c = leaves[i]
-                draws.append((jax.random.bernoulli(key_move, fraction, c.shape),
-                              jax.random.rademacher(key_sign, c.shape, dtype=jnp.int32)))
-            # A draw that moves no code moves one code chosen uniformly among all of them instead
-            # (as ``_masked`` does for coordinate moves): a copy of the incumbent is not a proposal.
-            empty = ~functools.reduce(jnp.logical_or, [jnp.any(move) for move, _ in draws])
-            one = jax.random.randint(jax.random.fold_in(key, 1), (), 0, total)
-            out, offset = list(leaves), 0
-            for (move, sign), i in zip(draws, codes):
-                c = leaves[i]
-                chosen = (jnp.arange(c.size) + offset == one).reshape(c.shape)
-                move = jnp.where(empty, chosen, move)
-                offset += c.size
-                new = jnp.clip(c.astype(jnp.int32) + step * sign * move, -qmax, qmax).astype(c.dtype)
-                out[i] = jnp.where(active, new, c)
-            return jax.tree_util.tree_unflatten(treedef, out)
-
-        return Prepared(loss=lambda key, active: loss_fn(moved(key, active), key_loss, batch),
-                        materialize=lambda key: moved(key, jnp.bool_(True)), proposal_state=proposal_state,
-                        chunk_size=_chunk_size(leaves, moves=is_code))
-
-    return Proposal(init=_stateless_init, prepare=prepare)
-
-
 def low_rank(
     scale: float, rank: int = 1, scale_by_rms: bool = False, rms_floor: float = 1e-3
 ) -> Proposal:

@@ -19,13 +19,21 @@ Per seed:
      K = 16 proposals each moving about ``moved`` codes by +-1), deciding by
      the noise-aware confident rule (a paired t-test at level 0.05) on a
      decision batch of 128 other examples;
+   - ``lattice-lowrank-sa``: the same annealer with low-rank lattice moves
+     (``annealing.lattice_low_rank``, rank 1: each kernel's codes move by the
+     rounded outer product of two Gaussian vectors);
+   - ``lattice-es``: ES on the lattice (``annealing.lattice_es``: 8
+     antithetic pairs of sparse moves, the search gradient rounded to one
+     step per code, learning rate 1), the same decision rule and batch;
    - ``ste-then-lattice``: the seed's recipe in this regime: ``ste-adam`` for
      half the budget, then ``lattice-sa`` from its rounded result.
 
    Equal tuning: each method gets the same 3 trials of its one
    hyperparameter, chosen on the validation split (STE's learning rate in
-   1e-4, 3e-4, 1e-3; the codes moved per proposal in 1, 4, 16);
-   ``ste-then-lattice`` uses the two values chosen for the others.
+   1e-4, 3e-4, 1e-3; the codes moved per proposal or member in 1, 4, 16;
+   the low-rank scale in 0.08, 0.1, 0.15, which moves about 0.06 %, 0.2 % and
+   1.4 % of the codes); ``ste-then-lattice`` uses the values chosen for
+   ``ste-adam`` and ``lattice-sa``.
 4. The test negative ELBO of each kept model, and the fraction of RTN's gap
    to x* it recovers: (RTN - method) / (RTN - x*).
 
@@ -52,9 +60,10 @@ from savae_jax.experiments import flags, report
 from savae_jax.experiments import workdir as workdirs
 from savae_jax.experiments.settings import Config
 
-METHODS = ("ste-adam", "lattice-sa", "ste-then-lattice")
+METHODS = ("ste-adam", "lattice-sa", "lattice-lowrank-sa", "lattice-es", "ste-then-lattice")
 STE_LRS = (1e-4, 3e-4, 1e-3)          # the 3 trials of ste-adam
-MOVED = (1, 4, 16)                    # the 3 trials of lattice-sa: codes moved per proposal
+MOVED = (1, 4, 16)                    # the 3 trials of lattice-sa and lattice-es: codes moved per proposal
+LOW_RANK_SCALES = (0.08, 0.1, 0.15)   # the 3 trials of lattice-lowrank-sa (rank 1)
 NOT_COMPARED = ("resume", "overwrite", "workdir")
 OUTPUTS = ("config.json", "results.json", "summary.md")
 
@@ -145,11 +154,34 @@ def ste_adam(setup: Setup, q0, lr: float, budget: int):
     return quantize.requantize(shadow, q0), best, evals
 
 
+def _lattice_run(setup: Setup, q0, optimizer, budget: int, name: str):
+    return setup.run(optimizer, q0, budget, lambda q: setup.score(q, setup.val), name)
+
+
+def _decision(setup: Setup):
+    """The lattice methods' decision batch: 128 other examples per step."""
+    return A.decision_batch(setup.config.batch_size, 128)
+
+
 def lattice_sa(setup: Setup, q0, moved: int, budget: int):
     """Annealing on ``q0``'s lattice, noise-aware decisions; ``(integer model, validation score, evals)``."""
     sa = A.simulated_annealing(setup.loss, 16, A.lattice(min(1.0, moved / q0.num_codes)), A.exponential(1.0, 0.99),
-                               A.confident(0.05), decision=A.decision_batch(setup.config.batch_size, 128))
-    return setup.run(sa, q0, budget, lambda q: setup.score(q, setup.val), "lattice-sa")
+                               A.confident(0.05), decision=_decision(setup))
+    return _lattice_run(setup, q0, sa, budget, "lattice-sa")
+
+
+def lattice_lowrank_sa(setup: Setup, q0, scale: float, budget: int):
+    """Annealing with rank-1 lattice moves of ``scale``; ``(integer model, validation score, evals)``."""
+    sa = A.simulated_annealing(setup.loss, 16, A.lattice_low_rank(scale), A.exponential(1.0, 0.99),
+                               A.confident(0.05), decision=_decision(setup))
+    return _lattice_run(setup, q0, sa, budget, "lattice-lowrank-sa")
+
+
+def lattice_es(setup: Setup, q0, moved: int, budget: int):
+    """ES on the lattice, 8 pairs each moving about ``moved`` codes; ``(integer model, validation score, evals)``."""
+    es = A.lattice_es(setup.loss, 8, min(1.0, moved / q0.num_codes), acceptance=A.confident(0.05),
+                      temperature=A.exponential(1.0, 0.99), decision=_decision(setup))
+    return _lattice_run(setup, q0, es, budget, "lattice-es")
 
 
 def run_seed(seed: int, config: QuantizeConfig, model, data, log) -> dict:
@@ -165,7 +197,9 @@ def run_seed(seed: int, config: QuantizeConfig, model, data, log) -> dict:
     out = {"x_star": setup.score(x_star, test), "rtn": setup.score(q0, test), "trials": {}, "methods": {}}
     log(f"seed {seed}: x* {out['x_star']:.3f}, RTN at {config.bits} bits {out['rtn']:.3f} (test -ELBO)")
     chosen = {}
-    for method, values, fn in (("ste-adam", STE_LRS, ste_adam), ("lattice-sa", MOVED, lattice_sa)):
+    for method, values, fn in (("ste-adam", STE_LRS, ste_adam), ("lattice-sa", MOVED, lattice_sa),
+                               ("lattice-lowrank-sa", LOW_RANK_SCALES, lattice_lowrank_sa),
+                               ("lattice-es", MOVED, lattice_es)):
         trials = [(value, *fn(setup, q0, value, config.budget_evals)) for value in values]
         out["trials"][method] = {str(v): best for v, _, best, _ in trials}
         value, kept, best, evals = min(trials, key=lambda t: t[2])  # the best validation score
