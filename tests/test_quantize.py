@@ -335,6 +335,7 @@ def test_lattice_annealing_runs_in_the_driver_deterministically_and_resumes_exac
     resumed = run("part", 20, resume=True)
     leaves = lambda r: [np.asarray(a) for a in jax.tree_util.tree_leaves(r.params)]  # noqa: E731
     assert isinstance(resumed.params, Q.QuantizedParams) and full.history[-1]["step"] == 20
+    assert Q.codes_in_range(full.params) and full.params.bits == 3
     assert all(np.array_equal(a, b) for a, b in zip(leaves(full), leaves(resumed)))
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
     assert any(r["acceptance_rate"] > 0 for r in full.history[1:])  # the codes moved
