@@ -12,8 +12,6 @@ import pytest
 import savae_jax as sv
 from savae_jax import checkpoint
 
-from conftest import background, background_result, run_script
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -166,23 +164,11 @@ def test_iwae_diagnostics_and_beta_warmup_reach_metrics(tmp_path):
     assert len(final["diagnostics"]["kl_per_dim"]) == 4
 
 
-@background("conv_logistic_run")
-def _conv_logistic_run(tmp):
-    """`savae train` of a conv VAE with a logistic likelihood, in a subprocess (background work: the
-    conv model's compiles take about 20 s of one core): its metrics.json."""
-    run_script("-m", "savae_jax.cli", "train", "--model", "conv", "--likelihood", "logistic", "--binarize", "none",
-               "--epochs", "1", "--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet",
-               "--workdir", tmp / "w")
-    return json.loads((tmp / "w" / "metrics.json").read_text())
-
-
-@pytest.fixture(scope="module")
-def conv_logistic_run(request):
-    return background_result(request)
-
-
-def test_conv_model_with_logistic_likelihood_reports_bits_per_dim(conv_logistic_run):
-    final = conv_logistic_run["final"]
+def test_conv_model_with_logistic_likelihood_reports_bits_per_dim(tmp_path):
+    metrics = train_script.main([
+        "--model", "conv", "--likelihood", "logistic", "--binarize", "none", "--epochs", "1",
+        "--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet", "--workdir", str(tmp_path)])
+    final = metrics["final"]
     assert final["bits_per_dim"] == pytest.approx(final["test_neg_elbo"] / (64 * np.log(2)), rel=1e-6)
     assert 0.0 < final["bits_per_dim"] < 20.0
 
