@@ -106,6 +106,12 @@ class ESInfo(NamedTuple):
     FAULTS = {"bad_temperature": "temperature", "bad_decision_size": "decision_size_requested"}
 
 
+def check_shaping(shaping) -> None:
+    """Refuse a fitness shaping that :func:`shape_fitness` does not know, naming ``shaping``."""
+    if shaping not in SHAPINGS:
+        raise ValueError(f"shaping must be one of {', '.join(SHAPINGS)}, got {shaping!r}")
+
+
 def shape_fitness(losses, shaping: str = "centered_ranks"):
     """Fitness weights of K losses: centred ranks in [-0.5, 0.5] (the highest loss 0.5), z-scores,
     or the losses minus their mean (``"none"``: a linear, unbiased search-gradient estimate)."""
@@ -276,8 +282,7 @@ def evolution_strategy(loss_fn, num_pairs: int, scale: float, *, noise: str = "l
     validation.integer("rank", rank, 1)
     if noise not in ("low_rank", "gaussian"):
         raise ValueError(f"noise must be 'low_rank' or 'gaussian', got {noise!r}")
-    if shaping not in SHAPINGS:
-        raise ValueError(f"shaping must be one of {', '.join(SHAPINGS)}, got {shaping!r}")
+    check_shaping(shaping)
     optimizer = optax.adam(1e-3) if optimizer is None else optimizer
     if not isinstance(optimizer, optax.GradientTransformation):
         raise ValueError(f"optimizer must be an optax.GradientTransformation, got {type(optimizer).__name__}")

@@ -45,17 +45,21 @@ from savae_jax.annealing import es as es_lib
 from savae_jax.annealing import sharding
 from savae_jax.annealing.proposals import Prepared, Proposal, _chunk_size, _stateless_init
 from savae_jax.optimizer import checked_loss, tree_norm
+from savae_jax.quantize import QuantizedParams, is_code
 
 
 def _codes(params):
     """``(leaves, treedef, indices of the code leaves)`` of quantized ``params`` (ValueError otherwise)."""
-    from savae_jax.quantize import QuantizedParams, is_code
-
     if not isinstance(params, QuantizedParams):
         raise ValueError(f"params: lattice moves need quantized parameters (quantize.quantize(params, bits)), "
                          f"got {type(params).__name__}")
     leaves, treedef = jax.tree_util.tree_flatten(params)
     return leaves, treedef, [i for i, p in enumerate(leaves) if is_code(p)]
+
+
+def _members_per_chunk(leaves) -> int:
+    """Members evaluated at once: each holds its own copy of the codes (``proposals.chunk_bytes``)."""
+    return _chunk_size(leaves, moves=is_code)
 
 
 def _apply(leaves, treedef, codes, moves, qmax, active=True):
@@ -118,8 +122,6 @@ def _lattice_proposal(draw) -> Proposal:
     """The proposal kernel whose member moves the codes by ``draw(key, shapes)`` (at least one code)."""
 
     def prepare(loss_fn, params, key_loss, batch, temperature, radius, proposal_state):
-        from savae_jax.quantize import is_code
-
         leaves, treedef, codes = _codes(params)
         loss_fn = checked_loss(loss_fn)
         shapes = [leaves[i].shape for i in codes]
@@ -130,7 +132,7 @@ def _lattice_proposal(draw) -> Proposal:
 
         return Prepared(loss=lambda key, active: loss_fn(moved(key, active), key_loss, batch),
                         materialize=lambda key: moved(key, jnp.bool_(True)), proposal_state=proposal_state,
-                        chunk_size=_chunk_size(leaves, moves=is_code))
+                        chunk_size=_members_per_chunk(leaves))
 
     return Proposal(init=_stateless_init, prepare=prepare)
 
@@ -221,8 +223,7 @@ def lattice_es(loss_fn, num_pairs: int, fraction: float, learning_rate: float = 
     validation.integer("step", step, 1)
     if step > 127:  # the members' moves are held as int8, like the codes (a step over 2 * qmax only clips)
         raise ValueError(f"step must be an integer in [1, 127], got {step}")
-    if shaping not in es_lib.SHAPINGS:
-        raise ValueError(f"shaping must be one of {', '.join(es_lib.SHAPINGS)}, got {shaping!r}")
+    es_lib.check_shaping(shaping)
     axis_name = sharding.mesh_axis(mesh, axis_name)
     num_pairs, draw = int(num_pairs), _sparse_draw(fraction, step)
 
@@ -244,9 +245,7 @@ def lattice_es(loss_fn, num_pairs: int, fraction: float, learning_rate: float = 
             moved = _apply(leaves, treedef, codes, [m.astype(jnp.int32) for m in moves], params.qmax)
             return loss_fn(moved, key_loss, x)
 
-        from savae_jax.quantize import is_code
-
-        losses = es_lib._member_losses(member, members, mesh, axis_name, _chunk_size(leaves, moves=is_code))
+        losses = es_lib._member_losses(member, members, mesh, axis_name, _members_per_chunk(leaves))
         if mesh is not None:  # assemble replicated, as evolution_strategy does
             members, losses = sharding.replicated((members, losses), mesh)
         weights = es_lib.shape_fitness(losses, shaping)
