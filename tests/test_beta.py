@@ -126,7 +126,6 @@ def test_training_passes_the_step_count(setup):
     assert int(state.count) == 3
 
 
-@pytest.mark.slow
 def test_fit_and_annealer_with_a_schedule():
     train = sv.load("digits", "train")
     model = sv.MLPVAE(hidden=16, latents=2)

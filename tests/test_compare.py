@@ -35,7 +35,6 @@ def step_cost(name: str, flags=SMALL) -> int:
                                  batch_size=config.batch_size)[-1].optimizer.cost
 
 
-@pytest.mark.slow
 def test_compare_writes_every_output_with_fair_budgets(digits_comparison):
     """The README's `savae compare` (every method, every default but the budget: the pinned run below): its files."""
     tmp_path, results = digits_comparison
@@ -302,7 +301,6 @@ def digits_comparison(request):
     return background_result(request)
 
 
-@pytest.mark.slow
 def test_the_digits_comparison_keeps_its_pinned_numbers(digits_comparison):
     _, results = digits_comparison
     assert list(results) == list(PINNED_DIGITS)
@@ -314,7 +312,6 @@ def test_the_digits_comparison_keeps_its_pinned_numbers(digits_comparison):
             f"{name}: got {got}, pinned {pin}"
 
 
-@pytest.mark.slow
 def test_refinements_with_the_same_adam_half_compute_it_once(digits_comparison):
     """sa-refine, sa-refine-naive, sa-pt and es-refine share adam_lr and adam_share: the first computes
     the Adam half, the others start from its end (driver.run(start=...)); their Adam rows are its rows,

@@ -14,20 +14,38 @@ from savae_jax import data, models, objectives
 SMALL = dict(latents=4, features=(8, 16), hidden=32)
 
 
-@pytest.mark.parametrize("shape, likelihood", [
-    ((32, 32, 3), "logistic"), ((28, 28, 1), "bernoulli"), ((32, 32, 3), "gaussian"),
-    ((28, 28, 1), "logistic")])
+SHAPES = [((32, 32, 3), "logistic"), ((28, 28, 1), "bernoulli"), ((32, 32, 3), "gaussian"), ((28, 28, 1), "logistic")]
+
+
+@pytest.mark.parametrize("shape, likelihood", SHAPES)
 def test_conv_vae_shapes(shape, likelihood):
+    """The shapes of the parameters, the forward pass and the prior samples, by abstract evaluation
+    (jax.eval_shape traces, compiles nothing: the values are the next test's)."""
     model = models.ConvVAE(likelihood=likelihood, **SMALL)
-    x = jax.random.uniform(jax.random.key(0), (3,) + shape)
-    params = models.init(jax.random.key(1), model, x)
-    # Jitted: one compile of the forward pass, not one per primitive (the test is about shapes).
-    out = jax.jit(model.apply)(params, x, jax.random.key(2))
+    x = jax.ShapeDtypeStruct((3,) + shape, jnp.float32)
+    params = jax.eval_shape(lambda k, images: models.init(k, model, images), jax.random.key(1), x)
+    out = jax.eval_shape(model.apply, params, x, jax.random.key(2))
     assert out.logits.shape == x.shape
     assert out.mean.shape == out.logvar.shape == out.z.shape == (3, 4)
     assert (out.log_scale is None) == (likelihood == "bernoulli")
     if out.log_scale is not None:
-        assert out.log_scale.shape == x.shape and float(out.log_scale.min()) >= models.MIN_LOG_SCALE
+        assert out.log_scale.shape == x.shape
+    samples = jax.eval_shape(lambda p, k: models.sample_prior(k, p, model, 2, shape), params, jax.random.key(3))
+    assert samples.shape == (2,) + shape
+
+
+@pytest.mark.parametrize("shape, likelihood", SHAPES[:2])
+def test_conv_vae_values(shape, likelihood):
+    """Run for real (a learned-scale and the Bernoulli likelihood): the scale floor holds, prior samples
+    are images in [0, 1], the loss is finite."""
+    model = models.ConvVAE(likelihood=likelihood, **SMALL)
+    x = jax.random.uniform(jax.random.key(0), (3,) + shape)
+    params = models.init(jax.random.key(1), model, x)
+    # Jitted: one compile of the forward pass, not one per primitive.
+    out = jax.jit(model.apply)(params, x, jax.random.key(2))
+    assert out.logits.shape == x.shape
+    if out.log_scale is not None:
+        assert float(out.log_scale.min()) >= models.MIN_LOG_SCALE
     samples = models.sample_prior(jax.random.key(3), params, model, 2, shape)
     assert samples.shape == (2,) + shape and 0.0 <= float(samples.min()) <= float(samples.max()) <= 1.0
     assert np.isfinite(float(jax.jit(sv.make_loss(model))(params, jax.random.key(4), x)))

@@ -94,7 +94,6 @@ def nan_on(loss_fn, target):
 # ------------------------------------------------------------------ NaN incumbent
 
 
-@pytest.mark.slow
 def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train, test = sv.load("digits", "train"), sv.load("digits", "test")
     images = jnp.asarray(train.images)
@@ -131,7 +130,6 @@ def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(t
     chex.assert_trees_all_equal(state.params, clean)
 
 
-@pytest.mark.slow
 def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_path, monkeypatch, capsys):
     train, _ = sv.data.split_validation(sv.load("digits", "train"), compare.DEFAULTS["validation"])  # compare.py's
     key_run = jax.random.split(jax.random.key(0), 3)[1]  # compare.py's derivation (seed 0)
@@ -175,7 +173,6 @@ def small_reference(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("target, fail_at", DISK_FAULTS, ids=[f"{t}-call{n}" for t, n in DISK_FAULTS])
 def test_disk_full_mid_run_is_a_clear_error_and_resume_completes(tmp_path, monkeypatch, small_reference,
                                                                    target, fail_at):
@@ -327,7 +324,6 @@ def sigkill_runs(request):
     return background_result(request)
 
 
-@pytest.mark.slow
 def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(sigkill_runs, reference_run):
     workdir, seen = sigkill_runs
     # Every --resume started from a complete checkpoint: none had to skip a damaged one.

@@ -1,21 +1,35 @@
 """experiments/plateau.py: Adam to a validation plateau, then five arms with equal further budgets."""
 
 
+import json
+
 import pytest
 
 import savae_jax as sv
 from savae_jax.experiments import plateau
 
-from conftest import without_seconds
+from conftest import background, background_result, run_script, without_seconds
 
 TINY = ["--dataset", "digits", "--hidden", "32", "--latents", "4", "--batch-size", "100",
         "--eval-every", "5", "--eval-iwae", "0"]
 
 
-def test_every_arm_starts_from_the_plateau_point_and_never_ends_worse_on_validation(tmp_path):
-    results = plateau.main([*TINY, "--seeds", "0", "--max-epochs", "3", "--patience", "1",
-                            "--extra-evals", "300", "--workdir", str(tmp_path)])
-    r = results["0"]
+@background("plateau_run")
+def _plateau_run(tmp):
+    """`savae plateau` at a tiny scale, in a subprocess (background work, see conftest.py): its workdir."""
+    run_script("-m", "savae_jax.cli", "plateau", *TINY, "--seeds", "0", "--max-epochs", "3", "--patience", "1",
+               "--extra-evals", "300", "--workdir", tmp / "w")
+    return tmp / "w"
+
+
+@pytest.fixture(scope="module")
+def plateau_run(request):
+    return background_result(request)
+
+
+def test_every_arm_starts_from_the_plateau_point_and_never_ends_worse_on_validation(plateau_run):
+    tmp_path = plateau_run
+    r = json.loads((tmp_path / "results.json").read_text())["0"]
     args = plateau.build_parser().parse_args(TINY)
     loss_fn = sv.make_loss(sv.MLPVAE(hidden=32, latents=4))
     p = r["plateau"]

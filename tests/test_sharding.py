@@ -48,7 +48,7 @@ def eight_devices(request):
 
 
 @pytest.mark.parametrize("proposal, num_proposals",
-                         [("low_rank", 7), ("low_rank", 1), ("gaussian", 10)])
+                         [("low_rank", 7), ("gaussian", 10)])
 def test_sharded_annealing_equals_one_device(eight_devices, proposal, num_proposals):
     r = eight_devices[f"sa/{proposal}/{num_proposals}"]
     # The same proposals are drawn (member j uses keys[j] either way) and the

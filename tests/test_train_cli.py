@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import subprocess
 from pathlib import Path
 
 import jax
@@ -11,6 +12,8 @@ import pytest
 
 import savae_jax as sv
 from savae_jax import checkpoint
+
+from conftest import background, background_result, popen, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -164,10 +167,24 @@ def test_iwae_diagnostics_and_beta_warmup_reach_metrics(tmp_path):
     assert len(final["diagnostics"]["kl_per_dim"]) == 4
 
 
-def test_conv_model_with_logistic_likelihood_reports_bits_per_dim(tmp_path):
-    metrics = train_script.main([
-        "--model", "conv", "--likelihood", "logistic", "--binarize", "none", "--epochs", "1",
-        "--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet", "--workdir", str(tmp_path)])
+@background("conv_train_run")
+def _conv_train_run(tmp):
+    """`savae train` of the conv VAE with the logistic likelihood, in a subprocess (background work, see
+    conftest.py): (its metrics.json, its output)."""
+    log = run_script("-m", "savae_jax.cli", "train", "--model", "conv", "--likelihood", "logistic", "--binarize", "none",
+                     "--epochs", "1", "--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet",
+                     "--workdir", tmp / "w")
+    return json.loads((tmp / "w" / "metrics.json").read_text()), log
+
+
+@pytest.fixture(scope="module")
+def conv_train_run(request):
+    return background_result(request)
+
+
+def test_conv_model_with_logistic_likelihood_reports_bits_per_dim(conv_train_run):
+    metrics, log = conv_train_run
+    assert "bits_per_dim assumes 8-bit images" in log  # the digits have 17 grey levels
     final = metrics["final"]
     assert final["bits_per_dim"] == pytest.approx(final["test_neg_elbo"] / (64 * np.log(2)), rel=1e-6)
     assert 0.0 < final["bits_per_dim"] < 20.0
@@ -186,39 +203,56 @@ def test_rerunning_into_a_workdir_that_holds_a_run_needs_resume(tmp_path, capsys
     assert "different config" in err and "lr: saved 0.001, now 0.01" in err
 
 
-@pytest.mark.slow
-def test_pretrain_then_annealing_killed_mid_annealing_resumes_bitwise(tmp_path):
-    """train.py --pretrain-epochs: SIGKILL after the first annealing checkpoint, --resume, and the
-    history and final parameters equal an uninterrupted run's, bitwise."""
+PRETRAIN_FLAGS = ["--optimizer", "sa", "--pretrain-epochs", "1", "--epochs", "8", "--sa-proposals", "8",
+                  "--eval-iwae", "0", *SMALL]
+
+
+@background("pretrain_killed_runs")
+def _pretrain_killed_runs(tmp):
+    """An uninterrupted `savae train --pretrain-epochs` run, and the same run SIGKILLed after its first
+    annealing checkpoint and resumed, in subprocesses (background work, see conftest.py):
+    ``(reference workdir, killed workdir, what was seen at the kill)``."""
     import signal
-    import subprocess
     import sys
     import time
 
-    from conftest import without_seconds
-
-    flags = ["--optimizer", "sa", "--pretrain-epochs", "1", "--epochs", "8", "--sa-proposals", "8",
-             "--eval-iwae", "0", *SMALL]
-    reference = train_script.main([*flags, "--workdir", str(tmp_path / "reference")])
-    workdir = tmp_path / "killed"
-    cmd = [sys.executable, str(ROOT / "experiments" / "train.py"), *flags, "--workdir", str(workdir)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    run_script("-m", "savae_jax.cli", "train", *PRETRAIN_FLAGS, "--workdir", tmp / "reference")
+    workdir = tmp / "killed"
+    proc = popen([sys.executable, "-m", "savae_jax.cli", "train", *PRETRAIN_FLAGS, "--workdir", str(workdir)],
+                 cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     # 15 steps per epoch: step 30 ends the first annealing epoch.
     annealing_saved = lambda: any(int(p.name) >= 30 for p in (workdir / "checkpoints").glob("*")  # noqa: E731
                                   if p.name.isdigit())
     deadline = time.monotonic() + 300
     while proc.poll() is None and not annealing_saved() and time.monotonic() < deadline:
         time.sleep(0.005)
-    assert proc.poll() is None, "the run finished before it could be killed:\n" + proc.stdout.read()[-3000:]
+    seen = {"alive": proc.poll() is None}
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert annealing_saved() and not (workdir / "metrics.json").exists()
-    resumed = train_script.main([*flags, "--workdir", str(workdir), "--resume"])
+    seen["log"] = proc.communicate()[0][-3000:]
+    seen["saved"], seen["finished"] = annealing_saved(), (workdir / "metrics.json").exists()
+    run_script("-m", "savae_jax.cli", "train", *PRETRAIN_FLAGS, "--workdir", workdir, "--resume")
+    return tmp / "reference", workdir, seen
+
+
+@pytest.fixture(scope="module")
+def pretrain_killed_runs(request):
+    return background_result(request)
+
+
+def test_pretrain_then_annealing_killed_mid_annealing_resumes_bitwise(pretrain_killed_runs):
+    """train.py --pretrain-epochs: SIGKILL after the first annealing checkpoint, --resume, and the
+    history and final parameters equal an uninterrupted run's, bitwise."""
+    from conftest import without_seconds
+
+    reference_dir, workdir, seen = pretrain_killed_runs
+    assert seen["alive"], "the run finished before it could be killed:\n" + seen["log"]
+    assert seen["saved"] and not seen["finished"]
+    reference, resumed = (json.loads((d / "metrics.json").read_text()) for d in (reference_dir, workdir))
     assert without_seconds(resumed["history"]) == without_seconds(reference["history"])
     assert [row["phase"] for row in resumed["history"]] == ["adam"] + ["sa"] * 8
     assert resumed["final"]["test_neg_elbo"] == reference["final"]["test_neg_elbo"]
     like = sv.models.init(jax.random.key(0), sv.MLPVAE(hidden=32, latents=4), np.zeros((1, 8, 8, 1)))
-    got, want = (checkpoint.load_params(d / "params", like) for d in (workdir, tmp_path / "reference"))
+    got, want = (checkpoint.load_params(d / "params", like) for d in (workdir, reference_dir))
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
 
 

@@ -38,7 +38,6 @@ def tutorial_run(request):
     return background_result(request)
 
 
-@pytest.mark.slow
 def test_the_tutorial_notebook_runs_every_cell(tutorial_run):
     pytest.importorskip("jupytext", reason="the test extra (pip install -e '.[test]') brings jupytext")
     pytest.importorskip("nbclient", reason="the test extra brings nbclient and ipykernel")
