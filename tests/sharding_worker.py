@@ -1,11 +1,15 @@
 """The 8-device half of tests/test_sharding.py: every mesh run against the same-key one-device run.
 
-Run by the test as ``python -m sharding_worker`` (cwd tests/) with
+Run by the test as ``python -m sharding_worker PART`` (cwd tests/) with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, which must be set
-before JAX starts; prints one line ``RESULT {json}`` of comparisons.
+before JAX starts; prints one line ``RESULT {json}`` of comparisons. PART ``core`` (the default
+run's) compares annealing, ES, data-parallel Adam and ``fit`` with a sharded annealer; ``extended``
+(the slow tier's) the noise-aware rules, the lattice optimizers, replica exchange, dual annealing's
+chains and a tuning group.
 """
 
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +23,8 @@ from savae_jax.experiments import dual_annealing as D
 from savae_jax.experiments import problems, registry, tuning
 
 
-def main():
+def main(part: str):
+    assert part in ("core", "extended"), part
     assert jax.device_count() == 8, jax.devices()
     train = sv.load("digits", "train")
     model = sv.MLPVAE(hidden=32, latents=4)
@@ -53,6 +58,14 @@ def main():
         return run_steps(sa, steps)
 
     out, single = {}, {}
+    if part == "core":
+        core(out, single, anneal, run_steps, compare, params, loss_fn, train, mesh8)
+    else:
+        extended(out, anneal, run_steps, compare, params, loss_fn, train, mesh8)
+    print("RESULT " + json.dumps(out))
+
+
+def core(out, single, anneal, run_steps, compare, params, loss_fn, train, mesh8):
     proposals = {"low_rank": A.low_rank(0.05, rank=2), "gaussian": A.gaussian(0.05)}
     # K + 1 = 8 (one member per device) and 11 (padded to 16; 11 on 3 devices below: padded to 12).
     for name, k in [("low_rank", 7), ("gaussian", 10)]:
@@ -74,6 +87,42 @@ def main():
     b, _ = anneal(proposals["gaussian"], 10, distributed.make_mesh(3))
     out["sa/gaussian/10/mesh3"] = {"params": compare(a.params, b.params)}
 
+
+    # ES recombination: its 2 x 5 = 10 members sharded over 8 devices (padded to 16); the gradient
+    # assembly and the confident decision on the other 32 examples run replicated.
+    def run_es(mesh, steps=6):
+        es = A.evolution_strategy(loss_fn, 5, 0.05, optimizer=optax.adam(3e-3), acceptance=A.confident(0.05),
+                                  decision=A.decision_batch(32, 32), mesh=mesh)
+        return run_steps(es, steps)
+
+    a, ia = run_es(None)
+    b, ib = run_es(mesh8)
+    out["es"] = {"params": compare(a.params, b.params),
+                 "accepted": [[bool(i.accepted) for i in infos] for infos in (ia, ib)],
+                 "grad_norm": compare([i.grad_norm for i in ia], [i.grad_norm for i in ib]),
+                 "member_loss_mean": compare([i.member_loss_mean for i in ia], [i.member_loss_mean for i in ib]),
+                 "delta": compare([i.delta for i in ia], [i.delta for i in ib])}
+
+    # Optax, data parallel: one epoch of Adam (23 steps of 64 examples).
+    a, ha = sv.fit(jax.random.key(1), params, loss_fn, optax.adam(3e-3), train, 1, 64,
+                   binarize="dynamic")
+    b, hb = sv.fit(jax.random.key(1), params, loss_fn, optax.adam(3e-3), train, 1, 64,
+                   binarize="dynamic", mesh=mesh8)
+    out["optax"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]],
+                    "replicated": all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(b))}
+
+    # fit(mesh=...) with an annealer built on that mesh: proposals sharded, the batch replicated.
+    def sa_on(mesh):
+        return A.simulated_annealing(loss_fn, 10, A.low_rank(0.05), A.exponential(1.0, 0.99), A.metropolis(),
+                                     mesh=mesh)
+    a, ha = sv.fit(jax.random.key(2), params, loss_fn, sa_on(None), train, 1, 64, binarize="dynamic")
+    b, hb = sv.fit(jax.random.key(2), params, loss_fn, sa_on(mesh8), train, 1, 64, binarize="dynamic",
+                   mesh=mesh8)
+    out["fit_sa"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]]}
+
+
+
+def extended(out, anneal, run_steps, compare, params, loss_fn, train, mesh8):
     # The noise-aware step: select on the first 32 examples of x, decide on the other 32 with
     # fresh noise (the paired differences computed outside the sharded member evaluation).
     # penalty: stochastic, at T0 = 0.3 (at 1.0 it accepted all 6 steps); confident: deterministic,
@@ -119,21 +168,6 @@ def main():
                          "valid": bool(quantize.codes_in_range(b.params)),
                          "member_loss_mean": compare([i.member_loss_mean for i in ia], [i.member_loss_mean for i in ib])}
 
-    # ES recombination: its 2 x 5 = 10 members sharded over 8 devices (padded to 16); the gradient
-    # assembly and the confident decision on the other 32 examples run replicated.
-    def run_es(mesh, steps=6):
-        es = A.evolution_strategy(loss_fn, 5, 0.05, optimizer=optax.adam(3e-3), acceptance=A.confident(0.05),
-                                  decision=A.decision_batch(32, 32), mesh=mesh)
-        return run_steps(es, steps)
-
-    a, ia = run_es(None)
-    b, ib = run_es(mesh8)
-    out["es"] = {"params": compare(a.params, b.params),
-                 "accepted": [[bool(i.accepted) for i in infos] for infos in (ia, ib)],
-                 "grad_norm": compare([i.grad_norm for i in ia], [i.grad_norm for i in ib]),
-                 "member_loss_mean": compare([i.member_loss_mean for i in ia], [i.member_loss_mean for i in ib]),
-                 "delta": compare([i.delta for i in ia], [i.delta for i in ib])}
-
     # Replica exchange: 8 replicas of a K = 3 annealer, one per device, swapping every step.
     def run_pt(mesh, steps=6):
         pt = A.replica_exchange(lambda t: A.simulated_annealing(loss_fn, 3, A.low_rank(0.05), t, A.metropolis()),
@@ -147,24 +181,6 @@ def main():
         "swapped": [[np.asarray(i.swapped).tolist() for i in infos] for infos in (ia, ib)],
         "accepted": [[np.asarray(i.replicas.accepted).tolist() for i in infos] for infos in (ia, ib)],
         "losses": compare([i.losses for i in ia], [i.losses for i in ib])}
-
-    # Optax, data parallel: one epoch of Adam (23 steps of 64 examples).
-    a, ha = sv.fit(jax.random.key(1), params, loss_fn, optax.adam(3e-3), train, 1, 64,
-                   binarize="dynamic")
-    b, hb = sv.fit(jax.random.key(1), params, loss_fn, optax.adam(3e-3), train, 1, 64,
-                   binarize="dynamic", mesh=mesh8)
-    out["optax"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]],
-                    "replicated": all(leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(b))}
-
-    # fit(mesh=...) with an annealer built on that mesh: proposals sharded, the batch replicated.
-    def sa_on(mesh):
-        return A.simulated_annealing(loss_fn, 10, A.low_rank(0.05), A.exponential(1.0, 0.99), A.metropolis(),
-                                     mesh=mesh)
-    a, ha = sv.fit(jax.random.key(2), params, loss_fn, sa_on(None), train, 1, 64, binarize="dynamic")
-    b, hb = sv.fit(jax.random.key(2), params, loss_fn, sa_on(mesh8), train, 1, 64, binarize="dynamic",
-                   mesh=mesh8)
-    out["fit_sa"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]]}
-
     # savae dual-annealing: 16 vmapped chains sharded over the 8 devices.
     args = (problems.PROBLEMS["rastrigin"], 16, 30, 7, 10, 0)
     a, _, _ = D.run_sa(*args)
@@ -186,8 +202,7 @@ def main():
     out["tune"] = {"rows": untimed, "mesh8_vs_one": compare(groups["mesh8"][1], groups["one"][1]),
                    "mesh8_vs_mesh3": compare(groups["mesh8"][1], groups["mesh3"][1]),
                    "kept_shape": list(jax.tree.leaves(groups["mesh8"][1])[0].shape)}
-    print("RESULT " + json.dumps(out))
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1] if len(sys.argv) > 1 else "core")

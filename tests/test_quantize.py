@@ -362,6 +362,7 @@ def quantize_runs(request):
     return background_result(request)
 
 
+@pytest.mark.slow
 def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(quantize_runs):
     """`savae quantize` at a tiny scale: x*, RTN at 2 bits, every method (STE, lattice SA with sparse
     and low-rank moves, lattice ES, STE then lattice SA) with its 3 trials within the budget, the

@@ -30,10 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 
-@background("eight_devices")
-def _eight_devices_run(tmp):
+def _eight_devices(part: str):
     env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
-    proc = popen([sys.executable, "-m", "sharding_worker"], env=env, cwd=ROOT / "tests", stdout=subprocess.PIPE,
+    proc = popen([sys.executable, "-m", "sharding_worker", part], env=env, cwd=ROOT / "tests", stdout=subprocess.PIPE,
                  stderr=subprocess.PIPE, text=True)
     stdout, stderr = proc.communicate(timeout=600)
     assert proc.returncode == 0, stderr[-4000:]
@@ -41,9 +40,27 @@ def _eight_devices_run(tmp):
     return json.loads(line[len("RESULT "):])
 
 
+@background("eight_devices")
+def _eight_devices_run(tmp):
+    return _eight_devices("core")
+
+
+@background("eight_devices_extended")
+def _eight_devices_extended_run(tmp):
+    return _eight_devices("extended")
+
+
 @pytest.fixture(scope="module")
 def eight_devices(request):
-    """sharding_worker's report (its subprocess starts in the background when the tests are collected)."""
+    """sharding_worker's ``core`` report: annealing, ES, data-parallel Adam and ``fit`` (its subprocess
+    starts in the background when the tests are collected)."""
+    return background_result(request)
+
+
+@pytest.fixture(scope="module")
+def eight_devices_extended(request):
+    """sharding_worker's ``extended`` report (the slow tier): the noise-aware rules, the lattice
+    optimizers, replica exchange, dual annealing's chains and a tuning group."""
     return background_result(request)
 
 
@@ -67,11 +84,12 @@ def test_sharded_annealing_equals_one_device(eight_devices, proposal, num_propos
         assert r["num_accepted"] > 0  # the comparison covers accepted moves
 
 
-def test_a_tuning_group_sharded_over_devices_keeps_each_trials_result(eight_devices):
+@pytest.mark.slow
+def test_a_tuning_group_sharded_over_devices_keeps_each_trials_result(eight_devices_extended):
     """savae tune --devices: a group of 3 Adam trials on 1, 3 and 8 devices (padded with
     copies of the last trial). Where each device runs one trial (3 and 8 devices) the trials are
     bitwise equal: neither the device count nor the padding changes a trial."""
-    r = eight_devices["tune"]
+    r = eight_devices_extended["tune"]
     rows = r["rows"]
     assert len(rows["one"]) == len(rows["mesh8"]) == 3 and r["kept_shape"][0] == 3  # the copies dropped
     assert rows["mesh8"] == rows["mesh3"] and r["mesh8_vs_mesh3"]["bitwise"], r
@@ -86,10 +104,11 @@ def test_a_tuning_group_sharded_over_devices_keeps_each_trials_result(eight_devi
     assert r["mesh8_vs_one"]["max_abs"] <= 1e-6, r
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("rule", ["penalty", "confident"])
-def test_noise_aware_sharded_annealing_equals_one_device(eight_devices, rule):
+def test_noise_aware_sharded_annealing_equals_one_device(eight_devices_extended, rule):
     """decision_batch + a noise-aware rule on 8 devices: the same decisions and parameters."""
-    r = eight_devices[f"noise_aware/{rule}"]
+    r = eight_devices_extended[f"noise_aware/{rule}"]
     assert r["params"]["bitwise"], r
     assert r["best_params"]["bitwise"], r
     accepted, mesh_accepted = r["accepted"]
@@ -105,21 +124,23 @@ def test_noise_aware_sharded_annealing_equals_one_device(eight_devices, rule):
         assert r[name]["max_abs"] <= 1e-6 * 100, (name, r)
 
 
-def test_sharded_lattice_annealing_equals_one_device(eight_devices):
+@pytest.mark.slow
+def test_sharded_lattice_annealing_equals_one_device(eight_devices_extended):
     """Lattice moves of a 3-bit model (issue 25) on 8 devices: the same proposals win, so the codes
     are bitwise equal and stay in range; member losses are vmaps of another width per device
     (1e-6 relative, as for the float annealer's members)."""
-    r = eight_devices["lattice"]
+    r = eight_devices_extended["lattice"]
     assert r["codes"]["bitwise"] and r["valid"], r
     accepted, mesh_accepted = r["accepted"]
     assert accepted == mesh_accepted and any(accepted), r
     assert r["loss"]["max_abs"] <= 1e-6 * 100, r  # losses are ~50 nats
 
 
-def test_sharded_lattice_es_equals_one_device(eight_devices):
+@pytest.mark.slow
+def test_sharded_lattice_es_equals_one_device(eight_devices_extended):
     """lattice_es(mesh=...) (issue 25): the members' losses on their devices rank the same, so the
     rounded step, the decision and the codes are bitwise those of one device, and stay in range."""
-    r = eight_devices["lattice_es"]
+    r = eight_devices_extended["lattice_es"]
     assert r["codes"]["bitwise"] and r["valid"], r
     accepted, mesh_accepted = r["accepted"]
     assert accepted == mesh_accepted and any(accepted), r
@@ -139,11 +160,12 @@ def test_sharded_es_equals_one_device(eight_devices):
     assert r["member_loss_mean"]["max_abs"] <= 1e-6 * 100, r  # losses are ~50 nats
 
 
-def test_sharded_replica_exchange_equals_one_device(eight_devices):
+@pytest.mark.slow
+def test_sharded_replica_exchange_equals_one_device(eight_devices_extended):
     """replica_exchange(mesh=...): one replica per device, the swap round replicated. The same
     moves and swaps are made, so every replica's parameters are bitwise equal; the shared-batch
     losses come from per-example losses of ~50 nats (1e-6 relative, as above)."""
-    r = eight_devices["replica_exchange"]
+    r = eight_devices_extended["replica_exchange"]
     assert r["params"]["bitwise"], r
     swapped, mesh_swapped = r["swapped"]
     assert swapped == mesh_swapped and any(any(s) for s in swapped), r
@@ -164,8 +186,9 @@ def test_optax_data_parallel_equals_one_device(eight_devices):
     assert r["replicated"]  # params replicated over the mesh
 
 
-def test_dual_annealing_chains_sharded_equal_one_device(eight_devices):
-    r = eight_devices["dual_annealing"]
+@pytest.mark.slow
+def test_dual_annealing_chains_sharded_equal_one_device(eight_devices_extended):
+    r = eight_devices_extended["dual_annealing"]
     assert r["best"]["bitwise"], r  # each chain runs whole on one device: same arithmetic
     assert len(set(r["values"])) == 16  # 16 distinct chains were compared
 
