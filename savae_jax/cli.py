@@ -23,6 +23,7 @@ SUBCOMMANDS = {
     "plateau": ("plateau", "Adam to a validation plateau, then Adam, decayed Adam and annealing arms from it"),
     "tune": ("tuning", "equal tuning budgets: N trials per method (random, Optuna or annealing), scored on validation"),
     "quantize": ("quantized", "integer weights: RTN, then straight-through Adam and lattice annealing at equal evaluations"),
+    "quantize-bits": ("quantized_bits", "the gap each quantize method recovers against bits, from several quantize runs"),
     "bench": ("benchmark", "speed: the annealing step against inference, a matmul, evosax; fit overhead"),
     "dual-annealing": ("dual_annealing", "annealing chains against scipy's dual_annealing on test functions"),
 }

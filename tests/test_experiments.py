@@ -89,13 +89,13 @@ def test_the_savae_command_lists_and_runs_its_subcommands(tmp_path, capsys):
         pytest.skip(f"no savae console script beside {sys.executable} (install the package with pip)")
     top = subprocess.run([str(savae), "--help"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert top.returncode == 0, top.stderr
-    for name in ("train", "compare", "plateau", "bench", "dual-annealing", "tune", "quantize"):
+    for name in ("train", "compare", "plateau", "bench", "dual-annealing", "tune", "quantize", "quantize-bits"):
         assert f"    {name}" in top.stdout, top.stdout
     # Each subcommand's own parser, through the console command's entry point (in this process: the
     # subprocesses above and below show the installed command itself works).
     from savae_jax import cli
 
-    for name in ("train", "compare", "plateau", "bench", "dual-annealing", "tune", "quantize"):
+    for name in ("train", "compare", "plateau", "bench", "dual-annealing", "tune", "quantize", "quantize-bits"):
         with pytest.raises(SystemExit) as info:
             cli.main([name, "--help"])
         out = capsys.readouterr().out

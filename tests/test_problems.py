@@ -1,11 +1,15 @@
 """The test-function registry of `savae dual-annealing` (issue 26): each formula, box and minimum."""
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from savae_jax.experiments import dual_annealing as D
 from savae_jax.experiments.problems import PROBLEMS, STYBLINSKI_TANG_MIN
+
+from conftest import background, background_result, run_script
 
 # The known minimisers (Surjanovic & Bingham's Virtual Library of Simulation Experiments), per coordinate.
 ARGMIN = {"rastrigin": 0.0, "ackley": 0.0, "griewank": 0.0, "levy": 1.0, "rosenbrock": 1.0,
@@ -51,16 +55,29 @@ def test_styblinski_tang_minimum_scales_with_the_dimension():
     assert PROBLEMS["styblinski_tang"].minimum(10) == pytest.approx(10 * STYBLINSKI_TANG_MIN)
 
 
-def test_the_comparison_table_scores_success_inside_the_box(capsys):
+@background("dual_table_run")
+def _dual_table_run(tmp):
+    """A tiny `savae dual-annealing` on two problems, in a subprocess (background work, see conftest.py):
+    (its --json numbers, its output)."""
+    log = run_script("-m", "savae_jax.cli", "dual-annealing", "--runs", "4", "--steps", "60", "--proposals", "4",
+                     "--dim", "3", "--polish-steps", "0", "--problems", "levy", "schwefel", "--json", tmp / "out.json")
+    return json.loads((tmp / "out.json").read_text()), log
+
+
+@pytest.fixture(scope="module")
+def dual_table_run(request):
+    return background_result(request)
+
+
+def test_the_comparison_table_scores_success_inside_the_box(dual_table_run):
     """A tiny `savae dual-annealing` on two problems: ours beside scipy, every best point inside."""
-    out = D.main(["--runs", "4", "--steps", "60", "--proposals", "4", "--dim", "3", "--polish-steps", "0",
-                  "--problems", "levy", "schwefel"])
+    out, log = dual_table_run
     assert [(r["problem"], r["method"]) for r in out] == [
         ("levy", "savae_jax SA"), ("levy", "scipy dual_annealing"),
         ("schwefel", "savae_jax SA"), ("schwefel", "scipy dual_annealing")]
     assert all(r["inside"] == 1.0 for r in out)
     assert all(0.0 <= r["success"] <= 1.0 and r["median_gap"] >= -1e-3 for r in out)
-    assert "success: best - f* < 1e-2 max(1, |f*|) at a point inside the box" in capsys.readouterr().out
+    assert "success: best - f* < 1e-2 max(1, |f*|) at a point inside the box" in log
 
 
 @pytest.mark.parametrize("flags, message", [

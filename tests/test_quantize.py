@@ -222,12 +222,12 @@ def test_a_lattice_move_never_copies_the_incumbent(trained):
 
 
 def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained):
-    """At 2 and 8 bits (the smallest and the largest grid), 1.5 x 10^4 lattice moves in a row, every move accepted: sparse steps of
+    """At 2, 3, 4 and 8 bits, 1.5 x 10^4 lattice moves in a row, every move accepted: sparse steps of
     1 and 3 with each code moving with probability 1/2, and rank-2 low-rank steps of 2 (scale 1): the
     codes reach +-qmax and never leave it. And the move evaluated for a key is the one re-created
     from it, for both kinds."""
     _, loss, params, x = trained
-    quantized = [Q.quantize(params, bits) for bits in (2, 8)]
+    quantized = [Q.quantize(params, bits) for bits in (2, 3, 4, 8)]
     moves = [A.lattice(0.5, step=1), A.lattice(0.5, step=3), A.lattice_low_rank(1.0, rank=2, step=2)]
 
     def peak(p):
@@ -391,3 +391,61 @@ def test_savae_quantize_refuses_bad_bits_before_writing(tmp_path, capsys):
         quantized.main([*QUANTIZE_FLAGS[2:], "--bits", "9", "--workdir", str(tmp_path / "other")])
     assert "--bits: bits must be an integer from 2 to 8" in capsys.readouterr().err
     assert not (tmp_path / "other").exists()
+
+
+def _quantize_run(folder, bits, seeds, hidden=16):
+    """A finished `savae quantize` workdir written by hand: x* 100 + seed, RTN 110 + seed + (4 - bits), and
+    every method at RTN minus (seed + 1) nats (so it recovers (seed + 1) / (10 + 4 - bits) of the gap)."""
+    from savae_jax.experiments import quantized
+
+    folder.mkdir(parents=True)
+    config = {**quantized.QuantizeConfig(bits=bits, seeds=",".join(map(str, seeds)), hidden=hidden,
+                                         workdir=str(folder)).to_dict()}
+    (folder / "config.json").write_text(json.dumps({"config": config}))
+    results = {}
+    for s in seeds:
+        x_star, rtn = 100.0 + s, 110.0 + s + (4 - bits)
+        results[str(s)] = {"x_star": x_star, "rtn": rtn, "methods": {
+            m: {"test_neg_elbo": rtn - (s + 1), "gap_recovered": (s + 1) / (rtn - x_star)} for m in quantized.METHODS}}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_quantize_bits_tabulates_and_plots_the_gap_over_the_runs(tmp_path, capsys):
+    """`savae quantize-bits` reads runs at 2 and 4 bits (given out of order) and writes the table, per width,
+    with the mean ± sd over seeds, and the figure; run again, it rewrites the same table."""
+    from savae_jax.experiments import quantized, quantized_bits
+
+    _quantize_run(tmp_path / "q4", 4, [0, 1])
+    _quantize_run(tmp_path / "q2", 2, [0, 1, 2])
+    argv = ["--workdirs", f"{tmp_path / 'q4'},{tmp_path / 'q2'}", "--out", str(tmp_path / "out")]
+    table = quantized_bits.main(argv)
+    assert list(table["RTN"]) == [2, 4]
+    # 2 bits: RTN 112, 113, 114 (mean 113, sd 1); gaps recovered 1/12, 2/12, 3/12 -> 16.7 % ± 8.3 %.
+    assert table["RTN"][2]["mean"] == pytest.approx(113.0) and table["RTN"][2]["sd"] == pytest.approx(1.0)
+    gap = table["lattice-sa gap %"][2]
+    assert gap["mean"] == pytest.approx(100 * 2 / 12) and gap["sd"] == pytest.approx(100 / 12) and gap["n"] == 3
+    assert table["ste-adam gap %"][4]["mean"] == pytest.approx(100 * 1.5 / 10) and table["x*"][4]["n"] == 2
+    summary = (tmp_path / "out" / "gap_by_bits.md").read_text()
+    assert "| | 2 bits | 4 bits |" in summary and "| RTN | 113.000 ± 1.000 | 110.500 ± 0.707 |" in summary
+    assert all(f"| {m} gap % |" in summary for m in quantized.METHODS)
+    assert (tmp_path / "out" / "gap_by_bits.png").read_bytes()[:4] == b"\x89PNG"
+    quantized_bits.main(argv)
+    assert (tmp_path / "out" / "gap_by_bits.md").read_text() == summary
+
+
+@pytest.mark.parametrize("runs, needle", [
+    ([("q2", 2, 16), ("q2b", 2, 16)], "--workdirs: two runs at 2 bits"),
+    ([("q2", 2, 16), ("q4", 4, 32)], "differ in hidden; only the bit width may differ"),
+    ([("q2", 2, 16), ("missing", None, None)], "holds no finished `savae quantize` run"),
+])
+def test_quantize_bits_refuses_runs_it_cannot_compare(tmp_path, capsys, runs, needle):
+    from savae_jax.experiments import quantized_bits
+
+    for name, bits, hidden in runs:
+        if bits is not None:
+            _quantize_run(tmp_path / name, bits, [0], hidden)
+    with pytest.raises(SystemExit) as exit_info:
+        quantized_bits.main(["--workdirs", ",".join(str(tmp_path / name) for name, _, _ in runs),
+                             "--out", str(tmp_path / "out")])
+    assert exit_info.value.code == 2 and needle in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # refused before anything is written

@@ -95,15 +95,26 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-def test_sa_refines_an_adam_optimum_with_langevin_proposals(tmp_path):
+@background("langevin_refine_runs")
+def _langevin_refine_runs(tmp):
+    """`savae train` of Adam, then annealing with Langevin proposals from its parameters, in subprocesses
+    (background work, see conftest.py): their metrics.json."""
+    run_script("-m", "savae_jax.cli", "train", "--epochs", "5", "--workdir", tmp / "adam", *SMALL)
+    run_script("-m", "savae_jax.cli", "train", "--optimizer", "sa", "--epochs", "3", "--init-from", tmp / "adam" / "params",
+               "--sa-proposal", "langevin", "--sa-proposals", "8", "--sa-langevin-optimizer", "adam",
+               "--sa-t0", "0.01", "--workdir", tmp / "sa", *SMALL)
+    return [json.loads((tmp / name / "metrics.json").read_text()) for name in ("adam", "sa")]
+
+
+@pytest.fixture(scope="module")
+def langevin_refine_runs(request):
+    return background_result(request)
+
+
+def test_sa_refines_an_adam_optimum_with_langevin_proposals(langevin_refine_runs):
     """The seed's x0 = x*: Adam first, then annealing from its parameters (--init-from)."""
-    adam = train_script.main(["--epochs", "5", "--workdir", str(tmp_path / "adam"), *SMALL])
-    sa = train_script.main([
-        "--optimizer", "sa", "--epochs", "3", "--init-from", str(tmp_path / "adam" / "params"),
-        "--sa-proposal", "langevin", "--sa-proposals", "8", "--sa-langevin-optimizer", "adam",
-        "--sa-t0", "0.01", "--workdir", str(tmp_path / "sa"), *SMALL])
+    adam, sa = langevin_refine_runs
     adam_final, sa_final = adam["final"]["test_neg_elbo"], sa["final"]["test_neg_elbo"]
-    print(f"digits test negative ELBO: adam {adam_final:.3f}, adam + langevin SA {sa_final:.3f}")
     # Started from Adam's result (a fresh model scores ~51 nats, so the first
     # annealing epoch could not be at or below Adam's score otherwise) and
     # improved on it (measured: adam 35.2, first SA epoch 32.8, final 30.4).

@@ -336,26 +336,57 @@ def test_the_annealing_tuner_moves_near_its_incumbent_and_decides_by_the_penalty
     assert tuner.decisions[-1]["temperature"] == pytest.approx(0.2 * 0.5)  # round 2: halved once
 
 
+def _rounds_flags(tuner, workdir):
+    return ["--methods", "adam", "--trials", "6", "--tuner", tuner, "--budget-evals", "120", "--eval-every", "10",
+            "--hidden", "8", "--latents", "2", "--batch-size", "100", "--quiet", "--workdir", str(workdir)]
+
+
+def _rounds_run(tuner, tmp):
+    """`savae tune --tuner TUNER` in rounds, in a subprocess; then its last group deleted from study.json and
+    --resume (background work, see conftest.py): (the workdir, the study before, the study after)."""
+    workdir = tmp / "w"
+    run_script("-m", "savae_jax.cli", "tune", *_rounds_flags(tuner, workdir))
+    before = json.loads((workdir / "study.json").read_text())["results"]
+    (workdir / "study.json").write_text(json.dumps({"results": {k: v for k, v in before.items()
+                                                                if k not in ("adam/4", "adam/5")}}))
+    run_script("-m", "savae_jax.cli", "tune", *_rounds_flags(tuner, workdir), "--resume")
+    return workdir, before, json.loads((workdir / "study.json").read_text())["results"]
+
+
+@background("rounds_optuna")
+def _rounds_optuna(tmp):
+    return _rounds_run("optuna", tmp)
+
+
+@background("rounds_anneal")
+def _rounds_anneal(tmp):
+    return _rounds_run("anneal", tmp)
+
+
+@pytest.fixture(scope="module")
+def rounds_optuna(request):
+    return background_result(request)
+
+
+@pytest.fixture(scope="module")
+def rounds_anneal(request):
+    return background_result(request)
+
+
 @pytest.mark.parametrize("tuner", ["optuna", "anneal"])
-def test_a_study_in_rounds_resumes_to_the_same_trials(tmp_path, tuner):
+def test_a_study_in_rounds_resumes_to_the_same_trials(request, tuner):
     """--tuner optuna|anneal: 6 trials in rounds of 4 (then 2); the second round depends on the first's
     scores. Deleting the last group from study.json and --resume gives the same study."""
-    flags = ["--methods", "adam", "--trials", "6", "--tuner", tuner, "--budget-evals", "120", "--eval-every", "10",
-             "--hidden", "8", "--latents", "2", "--batch-size", "100", "--quiet", "--workdir", str(tmp_path)]
-    results = tuning.main(flags)
+    workdir, results, resumed = request.getfixturevalue(f"rounds_{tuner}")
     assert sorted(results) == sorted([f"adam/{i}" for i in range(6)] + ["adam/default"])
     groups = {r["tuned"]["lr"]: k for k, r in results.items()}
     assert len(groups) == 7  # seven different learning rates
     assert all(1e-4 <= r["tuned"]["lr"] <= 1e-2 for r in results.values())
     if tuner == "anneal":  # every trial's per-example validation losses are kept for the decisions
-        assert np.load(tmp_path / "per_example" / "adam_5.npy").shape == (150,)
-    rows = (tmp_path / "trials.csv").read_text().splitlines()
+        assert np.load(workdir / "per_example" / "adam_5.npy").shape == (150,)
+    rows = (workdir / "trials.csv").read_text().splitlines()
     assert rows[0].startswith("method,trial,group,lr,val_neg_elbo") and "tuned" not in rows[0]
     assert [row.split(",")[2] for row in rows[1:]] == ["adam/0"] * 5 + ["adam/1.0"] * 2
-    study = json.loads((tmp_path / "study.json").read_text())["results"]
-    (tmp_path / "study.json").write_text(json.dumps({"results": {k: v for k, v in study.items()
-                                                                 if k not in ("adam/4", "adam/5")}}))
-    resumed = tuning.main([*flags, "--resume"])
     untimed = lambda r: {k: {f: v for f, v in row.items() if f != "seconds"} for k, row in r.items()}  # noqa: E731
     assert untimed(resumed) == untimed(results)
 

@@ -315,3 +315,30 @@ def tuning_figure(method: str, rows: list[dict], names: list[str]):
 def save_tuning_figure(workdir, method: str, rows: list[dict], names: list[str]) -> None:
     """tuning_<method>.png (:func:`tuning_figure`) in ``workdir``."""
     _save(tuning_figure(method, rows, names), Path(workdir) / f"tuning_{method}.png")
+
+
+def gap_by_bits_figure(gaps: dict[str, dict[int, dict]]):
+    """The fraction of RTN's gap each method recovers (%) against the bit width: ``gaps`` is
+    ``{method: {bits: mean_sd}}``; error bars are the sd over seeds. 0 % is RTN, 100 % the float x*."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (method, cells) in enumerate(gaps.items()):
+        bits = sorted(cells)
+        ax.errorbar(bits, [cells[b]["mean"] for b in bits], yerr=[cells[b]["sd"] or 0.0 for b in bits],
+                    marker="o", capsize=3, color=f"C{i}", label=method)
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.axhline(100.0, color="k", lw=0.8, ls="--")
+    widths = sorted({b for cells in gaps.values() for b in cells})
+    ax.set_xticks(widths)
+    ax.set(xlabel="bits per weight", ylabel="RTN's gap to x* recovered (%)")
+    ax.set_title("0 % = RTN, 100 % = the float x*; mean ± sd over seeds", fontsize=8)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    return fig
+
+
+def save_gap_by_bits_figure(folder: Path, gaps: dict[str, dict[int, dict]]) -> None:
+    """gap_by_bits.png (:func:`gap_by_bits_figure`) in ``folder``."""
+    _agg()
+    _save(gap_by_bits_figure(gaps), Path(folder) / "gap_by_bits.png")
