@@ -353,31 +353,22 @@ def _rounds_run(tuner, tmp):
     return workdir, before, json.loads((workdir / "study.json").read_text())["results"]
 
 
-@background("rounds_optuna")
-def _rounds_optuna(tmp):
-    return _rounds_run("optuna", tmp)
-
-
-@background("rounds_anneal")
-def _rounds_anneal(tmp):
-    return _rounds_run("anneal", tmp)
+@background("rounds_runs")
+def _rounds_runs(tmp):
+    return {tuner: _rounds_run(tuner, tmp / tuner) for tuner in ("optuna", "anneal")}
 
 
 @pytest.fixture(scope="module")
-def rounds_optuna(request):
-    return background_result(request)
-
-
-@pytest.fixture(scope="module")
-def rounds_anneal(request):
+def rounds_runs(request):
+    """``{tuner: (workdir, study, resumed study)}`` of :func:`_rounds_run` for optuna and anneal."""
     return background_result(request)
 
 
 @pytest.mark.parametrize("tuner", ["optuna", "anneal"])
-def test_a_study_in_rounds_resumes_to_the_same_trials(request, tuner):
+def test_a_study_in_rounds_resumes_to_the_same_trials(rounds_runs, tuner):
     """--tuner optuna|anneal: 6 trials in rounds of 4 (then 2); the second round depends on the first's
     scores. Deleting the last group from study.json and --resume gives the same study."""
-    workdir, results, resumed = request.getfixturevalue(f"rounds_{tuner}")
+    workdir, results, resumed = rounds_runs[tuner]
     assert sorted(results) == sorted([f"adam/{i}" for i in range(6)] + ["adam/default"])
     groups = {r["tuned"]["lr"]: k for k, r in results.items()}
     assert len(groups) == 7  # seven different learning rates
