@@ -317,28 +317,49 @@ def save_tuning_figure(workdir, method: str, rows: list[dict], names: list[str])
     _save(tuning_figure(method, rows, names), Path(workdir) / f"tuning_{method}.png")
 
 
-def gap_by_bits_figure(gaps: dict[str, dict[int, dict]]):
-    """The fraction of RTN's gap each method recovers (%) against the bit width: ``gaps`` is
-    ``{method: {bits: mean_sd}}``; error bars are the sd over seeds. 0 % is RTN, 100 % the float x*."""
+def gap_by_bits_figure(gaps: dict[str, dict[int, dict]], excess: dict[str, dict[int, dict]] | None = None):
+    """Left: the fraction of RTN's gap each method recovers (%) against the bit width, ``gaps`` being
+    ``{method: {bits: mean_sd}}`` (0 % is RTN, 100 % the float x*; the axis is cut at -50 % and 200 %,
+    where a tiny gap makes the share huge). Right, if ``excess`` (``{model: {bits: mean_sd}}``) is
+    given: each model's test -ELBO minus x*'s in nats, on a symmetric log scale. Error bars: sd over seeds."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (method, cells) in enumerate(gaps.items()):
-        bits = sorted(cells)
-        ax.errorbar(bits, [cells[b]["mean"] for b in bits], yerr=[cells[b]["sd"] or 0.0 for b in bits],
-                    marker="o", capsize=3, color=f"C{i}", label=method)
+    panels = 2 if excess else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    widths = sorted({b for cells in gaps.values() for b in cells})
+    colours = {name: f"C{i}" for i, name in enumerate(["RTN", *gaps])}
+
+    def draw(ax, table):
+        for name, cells in table.items():
+            bits = sorted(cells)
+            ax.errorbar(bits, [cells[b]["mean"] for b in bits], yerr=[cells[b]["sd"] or 0.0 for b in bits],
+                        marker="o", capsize=3, color=colours.get(name, "k"), label=name)
+        ax.set_xticks(widths)
+        ax.grid(alpha=0.3)
+
+    ax = axes[0][0]
+    draw(ax, gaps)
     ax.axhline(0.0, color="k", lw=0.8)
     ax.axhline(100.0, color="k", lw=0.8, ls="--")
-    widths = sorted({b for cells in gaps.values() for b in cells})
-    ax.set_xticks(widths)
+    low, high = ax.get_ylim()
+    ax.set_ylim(max(low, -50.0), min(high, 200.0))
     ax.set(xlabel="bits per weight", ylabel="RTN's gap to x* recovered (%)")
     ax.set_title("0 % = RTN, 100 % = the float x*; mean ± sd over seeds", fontsize=8)
     ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
+    if excess:
+        ax = axes[0][1]
+        draw(ax, excess)
+        ax.axhline(0.0, color="k", lw=0.8, ls="--")
+        ax.set_yscale("symlog", linthresh=0.1)
+        ax.set(xlabel="bits per weight", ylabel="test -ELBO minus the float x*'s (nats)")
+        ax.set_title("below 0: better than x*", fontsize=8)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 
-def save_gap_by_bits_figure(folder: Path, gaps: dict[str, dict[int, dict]]) -> None:
+def save_gap_by_bits_figure(folder: Path, gaps: dict[str, dict[int, dict]],
+                            excess: dict[str, dict[int, dict]] | None = None) -> None:
     """gap_by_bits.png (:func:`gap_by_bits_figure`) in ``folder``."""
     _agg()
-    _save(gap_by_bits_figure(gaps), Path(folder) / "gap_by_bits.png")
+    _save(gap_by_bits_figure(gaps, excess), Path(folder) / "gap_by_bits.png")
