@@ -28,8 +28,8 @@ def plateau_run(request):
 
 
 def test_every_arm_starts_from_the_plateau_point_and_never_ends_worse_on_validation(plateau_run):
-    tmp_path = plateau_run
-    r = json.loads((tmp_path / "results.json").read_text())["0"]
+    workdir = plateau_run
+    r = json.loads((workdir / "results.json").read_text())["0"]
     args = plateau.build_parser().parse_args(TINY)
     loss_fn = sv.make_loss(sv.MLPVAE(hidden=32, latents=4))
     p = r["plateau"]
@@ -48,9 +48,9 @@ def test_every_arm_starts_from_the_plateau_point_and_never_ends_worse_on_validat
             assert min(vals) < r["x_star"]["val_neg_elbo"]
     # "More Adam" continues x*'s Adam state: its first row is not a fresh Adam's.
     assert r["arms"]["adam"]["history"][0]["test_neg_elbo"] != r["arms"]["adam-decayed"]["history"][0]["test_neg_elbo"]
-    summary = (tmp_path / "summary.md").read_text()
+    summary = (workdir / "summary.md").read_text()
     assert all(f"| {arm} |" in summary for arm in plateau.ARMS)
-    assert (tmp_path / "plateau.png").read_bytes()[:4] == b"\x89PNG"
+    assert (workdir / "plateau.png").read_bytes()[:4] == b"\x89PNG"
 
 
 @pytest.mark.parametrize("flags, needle", [

@@ -8,7 +8,7 @@ Reads each workdir's config.json and results.json (one bit width each; every oth
 the same, so that the widths are comparable) and writes to ``--out``:
 
 - ``gap_by_bits.md``: per bit width, x*, RTN and each method's test -ELBO and the fraction of RTN's
-  gap to x* it recovers, mean ± sd over the seeds the runs share;
+  gap to x* it recovers, mean ± sd over each run's seeds;
 - ``gap_by_bits.png``: that fraction against bits, one line per method (error bars: sd over seeds),
   beside each model's test -ELBO minus x*'s in nats (where RTN's gap is tiny, the share is not
   readable: at 8 bits RTN costs about 0.015 nats).
@@ -26,7 +26,6 @@ from savae_jax import checkpoint
 from savae_jax.experiments import figures, flags, report
 from savae_jax.experiments.quantized import METHODS
 
-OUTPUTS = ("gap_by_bits.md", "gap_by_bits.png")
 # Settings that may differ between the runs: the width itself, and where and how each run was written.
 PER_RUN = ("bits", "seeds", "workdir", "resume", "overwrite")
 
@@ -70,21 +69,30 @@ def load_runs(workdirs: list[str]) -> dict[int, dict]:
     return dict(sorted(runs.items()))
 
 
+def _over_seeds(runs: dict[int, dict], value) -> dict[int, dict]:
+    """``{bits: mean_sd}`` of ``value(seed result)`` over each run's seeds, skipping the seeds where it is
+    None (a method the run did not have: "-" in the table, no point in the figure)."""
+    out = {}
+    for bits, run in runs.items():
+        values = [v for v in map(value, run["results"].values()) if v is not None]
+        if values:
+            out[bits] = report.mean_sd(values)
+    return out
+
+
+def _method(name: str, field: str):
+    """``seed result -> its method's field`` (None where the run did not have the method)."""
+    return lambda s: s["methods"][name][field] if name in s["methods"] else None
+
+
 def gap_table(runs: dict[int, dict]) -> dict[str, dict[int, dict]]:
     """``{row: {bits: mean_sd}}`` for the rows x*, RTN (test -ELBO) and, per method, its test -ELBO and
     the gap it recovers (in %), over the seeds of each run."""
-    table: dict[str, dict[int, dict]] = {"x*": {}, "RTN": {}}
-    for method in METHODS:
-        table[method], table[f"{method} gap %"] = {}, {}
-    for bits, run in runs.items():
-        seeds = run["results"].values()
-        table["x*"][bits] = report.mean_sd([s["x_star"] for s in seeds])
-        table["RTN"][bits] = report.mean_sd([s["rtn"] for s in seeds])
-        for method in METHODS:
-            rows = [s["methods"][method] for s in seeds if method in s["methods"]]
-            if rows:  # (a method the run did not have is left out: "-" in the table, no point in the figure)
-                table[method][bits] = report.mean_sd([r["test_neg_elbo"] for r in rows])
-                table[f"{method} gap %"][bits] = report.mean_sd([100 * r["gap_recovered"] for r in rows])
+    table = {"x*": _over_seeds(runs, lambda s: s["x_star"]), "RTN": _over_seeds(runs, lambda s: s["rtn"])}
+    for name in METHODS:
+        table[name] = _over_seeds(runs, _method(name, "test_neg_elbo"))
+        gap = _method(name, "gap_recovered")
+        table[f"{name} gap %"] = _over_seeds(runs, lambda s, gap=gap: None if gap(s) is None else 100 * gap(s))
     return table
 
 
@@ -92,14 +100,10 @@ def excess_table(runs: dict[int, dict]) -> dict[str, dict[int, dict]]:
     """``{model: {bits: mean_sd}}`` of each model's test -ELBO minus the same seed's float x* (nats), for RTN
     and every method: the figure's second panel, readable where RTN's gap is too small for a share of it
     to mean much (at 8 bits it is about 0.015 nats, and a method that trains on beats x* by more)."""
-    table: dict[str, dict[int, dict]] = {"RTN": {}}
-    for bits, run in runs.items():
-        seeds = list(run["results"].values())
-        table["RTN"][bits] = report.mean_sd([s["rtn"] - s["x_star"] for s in seeds])
-        for method in METHODS:
-            rows = [(s["methods"][method]["test_neg_elbo"], s["x_star"]) for s in seeds if method in s["methods"]]
-            if rows:
-                table.setdefault(method, {})[bits] = report.mean_sd([m - x for m, x in rows])
+    table = {"RTN": _over_seeds(runs, lambda s: s["rtn"] - s["x_star"])}
+    for name in METHODS:
+        elbo = _method(name, "test_neg_elbo")
+        table[name] = _over_seeds(runs, lambda s, elbo=elbo: None if elbo(s) is None else elbo(s) - s["x_star"])
     return table
 
 
