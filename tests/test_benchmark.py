@@ -131,6 +131,11 @@ def test_necessary_flops_count_the_dense_products_the_step_cannot_avoid():
     assert benchmark.necessary_flops("gaussian", 256) == 257 * 128 * full
     assert benchmark.necessary_flops("es", 64) == 128 * first + 64 * 128 * (full - first) + 2 * 128 * full
     assert benchmark.necessary_flops("adam", 0) == 3 * 128 * full
+    # The lattice steps: every member runs on its own integer codes (a rounded low-rank move is
+    # not low-rank, so nothing is shared): K + 1 full passes for SA, K + 2 for lattice ES.
+    assert benchmark.necessary_flops("lattice", 64) == benchmark.necessary_flops("lattice_low_rank", 64)
+    assert benchmark.necessary_flops("lattice", 64) == 65 * 128 * full
+    assert benchmark.necessary_flops("lattice_es", 64) == 66 * 128 * full
     with pytest.raises(ValueError, match="kind must be one of"):
         benchmark.necessary_flops("lbfgs", 1)
 
@@ -193,7 +198,8 @@ def test_quick_json_is_complete_and_finite(quick_result):
             assert key in row, key
         assert row["step_s"] > 0 and row["ratio_to_inference"] > 0
 
-    assert {row["step"] for row in r["efficiency"]} == {"inference", "gaussian", "low_rank", "es", "adam"}
+    assert {row["step"] for row in r["efficiency"]} == {"inference", "gaussian", "low_rank", "es", "adam", "lattice",
+                                                        "lattice_low_rank", "lattice_es"}
     for row in r["efficiency"]:
         assert row["K"] == 16 and row["matmul_gflop_per_s"] > 0
         # The FLOPs are the analytic count tested above (784-500-20, batch 128), not the timer's.

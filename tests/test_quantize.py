@@ -1,6 +1,7 @@
 """Integer-weight VAEs (issue 25, part 1): RTN quantization, the quantized loss, lattice moves."""
 
 import json
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -339,6 +340,78 @@ def test_lattice_annealing_runs_in_the_driver_deterministically_and_resumes_exac
     assert all(np.array_equal(a, b) for a, b in zip(leaves(full), leaves(resumed)))
     assert [r["train_loss"] for r in resumed.history] == [r["train_loss"] for r in full.history]
     assert any(r["acceptance_rate"] > 0 for r in full.history[1:])  # the codes moved
+
+
+# The SIGKILL test of the lattice optimizers: tests/lattice_worker.py (lattice annealing for 30 steps,
+# then lattice ES for 22, a checkpoint at every step) killed once in each phase, then resumed to its
+# end, against an uninterrupted run of the same worker. Subprocesses in the background (see
+# conftest.py); in the slow tier (`pytest -m slow`): four launches, each compiling both phases' steps.
+LATTICE_KILL_AT = (10, 38)  # kill once the newest checkpoint is at this step or later: SA's 10th, ES's 8th
+
+
+def _newest_step(folder) -> int:
+    steps = [int(p.name) for p in folder.glob("*") if p.name.isdigit()] if folder.exists() else []
+    return max(steps, default=0)
+
+
+@background("lattice_kill_runs")
+def _lattice_kill_runs(tmp):
+    """``(uninterrupted run's folder, killed-and-resumed run's folder, steps at which each launch was killed)``."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import popen
+
+    tests = Path(__file__).resolve().parent
+
+    def launch(folder, *flags):
+        return popen([sys.executable, "lattice_worker.py", str(folder), *flags], cwd=tests,
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def finish(proc):
+        log = proc.communicate(timeout=600)[0]
+        assert proc.returncode == 0, log[-4000:]
+
+    reference, killed = tmp / "reference", tmp / "killed"
+    reference.mkdir(), killed.mkdir()
+    finish(launch(reference))
+    killed_at = []
+    for i, step in enumerate(LATTICE_KILL_AT):
+        proc = launch(killed, *(["--resume"] if i else []))
+        deadline = time.time() + 600
+        while proc.poll() is None and _newest_step(killed / "checkpoints") < step and time.time() < deadline:
+            time.sleep(0.002)
+        assert proc.poll() is None, f"the run ended before step {step}: {proc.communicate()[0][-3000:]}"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        killed_at.append(_newest_step(killed / "checkpoints"))
+    finish(launch(killed, "--resume"))
+    return reference, killed, killed_at
+
+
+@pytest.fixture(scope="module")
+def lattice_kill_runs(request):
+    return background_result(request)
+
+
+@pytest.mark.slow
+def test_lattice_runs_killed_in_each_phase_resume_to_the_uninterrupted_codes(lattice_kill_runs):
+    """Exact resume after SIGKILL: lattice annealing killed at its 10th step or later, resumed, then
+    killed again inside lattice ES, resumed to the end: the same codes, scales and biases bitwise, and
+    the same history (steps, evaluations, training losses, acceptance rates), as a run never stopped."""
+    reference, killed, killed_at = lattice_kill_runs
+    assert 10 <= killed_at[0] < 30 and 38 <= killed_at[1] < 52, killed_at  # one kill inside each phase
+    a, b = np.load(reference / "final.npz"), np.load(killed / "final.npz")
+    # 5 Dense layers: codes, biases, and the scales tree (a scale per channel; 1.0 for each bias)
+    assert len(a.files) == len(b.files) == 20
+    assert all(np.array_equal(a[name], b[name]) for name in a.files)
+    history = json.loads((reference / "history.json").read_text())
+    assert json.loads((killed / "history.json").read_text()) == history
+    assert [r["step"] for r in history] == list(range(1, 53)) and history[-1]["evals"] == 534
+    codes = [a[name] for name in a.files if a[name].dtype == np.int8]
+    assert len(codes) == 5 and all(np.abs(c).max() <= 3 for c in codes)  # a valid 3-bit model
 
 
 # `savae quantize` at a tiny scale, run twice (the second with --resume) in a subprocess as background

@@ -238,18 +238,29 @@ def lattice_es(loss_fn, num_pairs: int, fraction: float, learning_rate: float = 
         def half(key):  # one pair's move, as int8 (step <= 127)
             return [m.astype(jnp.int8) for m, _ in draw(key, shapes)]
 
-        pairs = jax.vmap(half)(jax.random.split(key_noise, num_pairs))
-        members = [jnp.concatenate([d, -d]) for d in pairs]  # K = 2 * num_pairs, antithetic
+        # num_pairs x P int8, drawn one pair at a time: a vmap would hold every pair's random-bit
+        # intermediates at once (about 38 bytes per code and pair; 2 GiB at K = 256 for 0.4 M codes)
+        pairs = jax.lax.map(half, jax.random.split(key_noise, num_pairs))
 
-        def member(moves):
-            moved = _apply(leaves, treedef, codes, [m.astype(jnp.int32) for m in moves], params.qmax)
-            return loss_fn(moved, key_loss, x)
+        def member(index):  # member k < num_pairs is +d_k, member num_pairs + k is -d_k
+            sign = jnp.where(index < num_pairs, 1, -1)
+            moves = [sign * d[index % num_pairs].astype(jnp.int32) for d in pairs]
+            return loss_fn(_apply(leaves, treedef, codes, moves, params.qmax), key_loss, x)
 
-        losses = es_lib._member_losses(member, members, mesh, axis_name, _members_per_chunk(leaves))
+        # The members are indices into the pairs: K moves are never materialised (O(num_pairs * P)
+        # int8 in all, not K copies and a K x P float32 product).
+        losses = es_lib._member_losses(member, jnp.arange(2 * num_pairs), mesh, axis_name,
+                                       _members_per_chunk(leaves))
         if mesh is not None:  # assemble replicated, as evolution_strategy does
-            members, losses = sharding.replicated((members, losses), mesh)
+            losses = sharding.replicated(losses, mesh)
         weights = es_lib.shape_fitness(losses, shaping)
-        grads = [jnp.einsum("k,k...->...", weights, d.astype(jnp.float32)) / step for d in members]
+        diffs = weights[:num_pairs] - weights[num_pairs:]  # sum_k w_k d_k = sum_i (w_i - w_{i+n}) d_i
+
+        def accumulate(i, g):  # one pair at a time: O(P) float32, pairs in order
+            return [gi + diffs[i] * d[i].astype(jnp.float32) for gi, d in zip(g, pairs)]
+
+        grads = jax.lax.fori_loop(0, num_pairs, accumulate, [jnp.zeros(d.shape[1:], jnp.float32) for d in pairs])
+        grads = [g / step for g in grads]
         moves = [-step * jnp.clip(jnp.round(learning_rate * g), -1, 1).astype(jnp.int32) for g in grads]
         candidate = _apply(leaves, treedef, codes, moves, params.qmax)
         return es_lib.Candidate(candidate, opt_state, losses, tree_norm(grads), jnp.zeros((), jnp.int32))

@@ -15,7 +15,9 @@ compiled first, then run in interleaved rounds and the median of each is kept.
    minimal hand-written jitted step loop over the same device arrays.
 4. ``scaling``: step time and memory vs K and vs the hidden width.
 5. ``efficiency``: every step above (SA ``gaussian`` and ``low_rank``, the ES
-   step, the plain forward, an Adam step) against the physical limit: its
+   step, the plain forward, an Adam step, and the integer-lattice steps on the
+   model quantized to 4 bits: SA with sparse (``lattice``) and low-rank
+   (``lattice_low_rank``) lattice moves, ``lattice_es``) against the physical limit: its
    necessary FLOPs, counted analytically (:func:`necessary_flops`), the
    FLOP/s it achieves, and ``efficiency`` = that over the FLOP/s of a plain
    matmul of the model's largest layer shape, ``(rows, hidden) @ (hidden,
@@ -62,7 +64,7 @@ import optax
 
 import savae_jax as sv
 from savae_jax import annealing as an
-from savae_jax import checkpoint, distributed
+from savae_jax import checkpoint, distributed, quantize
 from savae_jax.experiments import builders, flags
 from savae_jax.experiments.settings import AnnealerConfig, Config
 from savae_jax.experiments.timing import MIB, compile_fn, machine_info, memory, peak_mb, time_interleaved
@@ -191,6 +193,10 @@ def layer_flops(hidden: int = HIDDEN, latents: int = LATENTS) -> dict[str, int]:
             "decoder/logits": 2 * hidden * PIXELS}
 
 
+FLOP_KINDS = ("inference", "low_rank", "gaussian", "es", "adam", "lattice", "lattice_low_rank", "lattice_es")
+LATTICE_BITS = 4  # the lattice steps run on the benchmark's model quantized to this many bits
+
+
 def necessary_flops(kind: str, k: int, batch: int = BATCH, hidden: int = HIDDEN) -> int:
     """The FLOPs a step cannot avoid, counting the Dense layers' products only.
 
@@ -214,13 +220,15 @@ def necessary_flops(kind: str, k: int, batch: int = BATCH, hidden: int = HIDDEN)
         return k * batch * full
     if kind == "low_rank":
         return batch * first + (k + 1) * batch * rest
-    if kind == "gaussian":
+    if kind in ("gaussian", "lattice", "lattice_low_rank"):
         return (k + 1) * batch * full
+    if kind == "lattice_es":
+        return (k + 2) * batch * full
     if kind == "es":
         return batch * first + k * batch * rest + 2 * batch * full
     if kind == "adam":
         return 3 * batch * full
-    raise ValueError(f"kind must be one of inference, low_rank, gaussian, es, adam, got {kind!r}")
+    raise ValueError(f"kind must be one of {', '.join(FLOP_KINDS)}, got {kind!r}")
 
 
 def _matmul(rows: int, hidden: int = HIDDEN):
@@ -237,6 +245,23 @@ def _compiled_step(optimizer, key, params, x):
     return compiled, args, memory(compiled)
 
 
+def lattice_steps(loss_fn, params, x, k: int) -> dict[str, tuple]:
+    """The integer-lattice steps on ``params`` rounded to LATTICE_BITS bits, compiled with K members:
+    SA with sparse moves (each code +-1 with probability 1e-3, about 400 of the 0.4 M codes) and
+    with rank-1 lattice moves (scale 0.1, ``savae quantize``'s middle trial), both Metropolis, and
+    lattice ES with K / 2 pairs of sparse moves. What a step costs depends little on these
+    values: every member is a full forward pass on its own codes."""
+    q = quantize.quantize(params, LATTICE_BITS)
+    schedule = an.exponential(1.0, 0.999)
+    optimizers = {
+        "lattice": an.simulated_annealing(loss_fn, k, an.lattice(1e-3), schedule, an.metropolis()),
+        "lattice_low_rank": an.simulated_annealing(loss_fn, k, an.lattice_low_rank(0.1, rank=1), schedule,
+                                                   an.metropolis()),
+        "lattice_es": an.lattice_es(loss_fn, k // 2, 1e-3),
+    }
+    return {name: _compiled_step(opt, jax.random.key(9), q, x) for name, opt in optimizers.items()}
+
+
 def bench_efficiency(cache: Cache, ks, rounds: int) -> list[dict]:
     """Achieved FLOP/s of every step over a same-shape matmul's, timed side by side."""
     rows = []
@@ -245,7 +270,8 @@ def bench_efficiency(cache: Cache, ks, rounds: int) -> list[dict]:
     for k in ks:
         es = _compiled_step(an.evolution_strategy(loss_fn, k // 2, SCALE), jax.random.key(7), params, x)
         steps = {"inference": cache.roofline(k), "gaussian": cache.step("gaussian", k),
-                 "low_rank": cache.step("low_rank", k), "es": es, "adam": adam}
+                 "low_rank": cache.step("low_rank", k), "es": es, "adam": adam,
+                 **lattice_steps(loss_fn, params, x, k)}
         fns = {name: step[:2] for name, step in steps.items()}
         # The reference matmul has the step's own row count: one batch for Adam, K batches for the rest.
         fns["matmul"] = _matmul(k * BATCH)
@@ -263,7 +289,7 @@ def bench_efficiency(cache: Cache, ks, rounds: int) -> list[dict]:
                 "temp_mb": step[2]["temp_mb"],
             })
         print(f"  efficiency K={k}: " + "  ".join(f"{n} {s:.3f}s" for n, s in t.items()), flush=True)
-        del es, fns
+        del es, fns, steps
     return rows
 
 
@@ -571,10 +597,10 @@ def print_table(result: dict) -> None:
               f"{r['inference_s']:>10.4f}{r['ratio_to_inference']:>8.2f}{r['temp_mb']:>10.1f}")
     if result.get("efficiency"):
         print("\nefficiency: necessary FLOPs per step vs a same-shape matmul, same run")
-        print(f"{'step':<10}{'K':>6}{'step s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'matmul GFLOP/s':>16}"
+        print(f"{'step':<18}{'K':>6}{'step s':>10}{'GFLOP':>9}{'GFLOP/s':>9}{'matmul GFLOP/s':>16}"
               f"{'efficiency':>11}{'temp MiB':>10}")
         for r in result["efficiency"]:
-            print(f"{r['step']:<10}{r['K']:>6}{r['step_s']:>10.4f}{r['necessary_gflop']:>9.2f}"
+            print(f"{r['step']:<18}{r['K']:>6}{r['step_s']:>10.4f}{r['necessary_gflop']:>9.2f}"
                   f"{r['gflop_per_s']:>9.1f}{r['matmul_gflop_per_s']:>16.1f}{r['efficiency']:>11.2f}"
                   f"{r['temp_mb']:>10.1f}")
     print("\nvs evosax SimulatedAnnealing (same objective, batch, K)")
