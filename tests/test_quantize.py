@@ -427,7 +427,10 @@ def _quantize_runs(tmp):
     run_script("-m", "savae_jax.cli", "quantize", *QUANTIZE_FLAGS, "--workdir", workdir)
     results, summary = json.loads((workdir / "results.json").read_text()), (workdir / "summary.md").read_text()
     log = run_script("-m", "savae_jax.cli", "quantize", *QUANTIZE_FLAGS, "--workdir", workdir, "--resume")
-    return results, summary, json.loads((workdir / "results.json").read_text()), log
+    scratch = tmp / "scratch"
+    run_script("-m", "savae_jax.cli", "quantize", *QUANTIZE_FLAGS, "--from-scratch", "--workdir", scratch)
+    from_scratch = json.loads((scratch / "results.json").read_text()), (scratch / "summary.md").read_text()
+    return results, summary, json.loads((workdir / "results.json").read_text()), log, from_scratch
 
 
 @pytest.fixture(scope="module")
@@ -442,7 +445,7 @@ def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(quantize_run
     table, and --resume keeping the seed done (not run again)."""
     from savae_jax.experiments import quantized
 
-    results, summary, resumed, resumed_log = quantize_runs
+    results, summary, resumed, resumed_log, _ = quantize_runs
     r = results["0"]
     assert r["rtn"] > r["x_star"] + 0.5  # two bits cost nats
     assert sorted(r["methods"]) == sorted(quantized.METHODS)
@@ -457,6 +460,20 @@ def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(quantize_run
     assert resumed == results and "seed 0:" not in resumed_log  # the seed done is kept, not rerun
 
 
+@pytest.mark.slow
+def test_savae_quantize_from_scratch_trains_the_rounded_init(quantize_runs):
+    """`savae quantize --from-scratch` at a tiny scale: the same random init as the run above (seed 0), rounded
+    to 2 bits, trained by every method within its budget; straight-through Adam lowers the test -ELBO."""
+    results, _, _, _, (scratch, summary) = quantize_runs
+    r = scratch["0"]
+    assert r["x_star"] > results["0"]["x_star"] + 5  # the untrained init, far above the trained x*
+    for method, m in r["methods"].items():
+        assert 0 < m["evals"] <= 150 and m["gap_recovered"] is None, method
+        assert m["test_neg_elbo"] < r["rtn"] + 1.0, (method, m, r["rtn"])  # the gate keeps RTN unless beaten
+    assert r["methods"]["ste-adam"]["test_neg_elbo"] < r["rtn"] - 1.0  # 50 STE steps train the integer model
+    assert "trained from scratch" in summary and "| rounded init (RTN) |" in summary
+
+
 def test_savae_quantize_refuses_bad_bits_before_writing(tmp_path, capsys):
     from savae_jax.experiments import quantized
 
@@ -466,14 +483,17 @@ def test_savae_quantize_refuses_bad_bits_before_writing(tmp_path, capsys):
     assert not (tmp_path / "other").exists()
 
 
-def _quantize_run(folder, bits, seeds, hidden=16):
+def _quantize_run(folder, bits, seeds, hidden=16, from_scratch=False):
     """A finished `savae quantize` workdir written by hand: x* 100 + seed, RTN 110 + seed + (4 - bits), and
-    every method at RTN minus (seed + 1) nats (so it recovers (seed + 1) / (10 + 4 - bits) of the gap)."""
+    every method at RTN minus (seed + 1) nats (so it recovers (seed + 1) / (10 + 4 - bits) of the gap).
+    ``from_scratch=None``: a run written before the flag existed (no such key in its config.json)."""
     from savae_jax.experiments import quantized
 
     folder.mkdir(parents=True)
     config = {**quantized.QuantizeConfig(bits=bits, seeds=",".join(map(str, seeds)), hidden=hidden,
-                                         workdir=str(folder)).to_dict()}
+                                         workdir=str(folder), from_scratch=bool(from_scratch)).to_dict()}
+    if from_scratch is None:
+        del config["from_scratch"]
     (folder / "config.json").write_text(json.dumps({"config": config}))
     results = {}
     for s in seeds:
@@ -489,7 +509,7 @@ def test_quantize_bits_tabulates_and_plots_the_gap_over_the_runs(tmp_path, capsy
     from savae_jax.experiments import quantized, quantized_bits
 
     _quantize_run(tmp_path / "q4", 4, [0, 1])
-    _quantize_run(tmp_path / "q2", 2, [0, 1, 2])
+    _quantize_run(tmp_path / "q2", 2, [0, 1, 2], from_scratch=None)  # written before --from-scratch: comparable
     argv = ["--workdirs", f"{tmp_path / 'q4'},{tmp_path / 'q2'}", "--out", str(tmp_path / "out")]
     table = quantized_bits.main(argv)
     assert list(table["RTN"]) == [2, 4]
@@ -515,15 +535,65 @@ def test_quantize_bits_tabulates_and_plots_the_gap_over_the_runs(tmp_path, capsy
     ([("q2", 2, 16), ("q2b", 2, 16)], "--workdirs: two runs at 2 bits"),
     ([("q2", 2, 16), ("q4", 4, 32)], "differ in hidden; only the bit width may differ"),
     ([("q2", 2, 16), ("missing", None, None)], "holds no finished `savae quantize` run"),
+    ([("q2", 2, 16), ("scratch", 4, 16)], "is a --from-scratch run: it has no x* and no gap to recover"),
 ])
 def test_quantize_bits_refuses_runs_it_cannot_compare(tmp_path, capsys, runs, needle):
     from savae_jax.experiments import quantized_bits
 
     for name, bits, hidden in runs:
         if bits is not None:
-            _quantize_run(tmp_path / name, bits, [0], hidden)
+            _quantize_run(tmp_path / name, bits, [0], hidden, from_scratch=name == "scratch")
     with pytest.raises(SystemExit) as exit_info:
         quantized_bits.main(["--workdirs", ",".join(str(tmp_path / name) for name, _, _ in runs),
                              "--out", str(tmp_path / "out")])
     assert exit_info.value.code == 2 and needle in capsys.readouterr().err
     assert not (tmp_path / "out").exists()  # refused before anything is written
+
+
+def test_from_scratch_rounds_the_random_init_and_reports_each_method_s_change_from_it(monkeypatch):
+    """--from-scratch: no Adam run gives x*; the methods start from the random init rounded to the lattice
+    (its own scales), and the summary gives each method's change from that rounded init. The methods are
+    replaced by stand-ins that move one code (the real ones run in the slow tier's `savae quantize`)."""
+    from savae_jax.experiments import quantized
+
+    def moved_one(setup, q0, value, budget):  # one code changed: a valid integer model, scored like a method
+        codes = jax.tree_util.tree_map(lambda c: c.at[(0,) * c.ndim].set(0) if Q.is_code(c) else c, q0.codes)
+        q = q0.replace(codes=codes)
+        return q, setup.score(q, setup.val), budget
+
+    for name in ("ste_adam", "lattice_sa", "lattice_lowrank_sa", "lattice_es"):
+        monkeypatch.setattr(quantized, name, moved_one)
+    monkeypatch.setattr(quantized.Setup, "run", lambda *a, **k: pytest.fail("from scratch runs no Adam for x*"))
+    config = quantized.QuantizeConfig(bits=4, hidden=16, latents=3, budget_evals=100, from_scratch=True)
+    model = sv.MLPVAE(hidden=16, latents=3)
+    images = jnp.asarray(sv.load("digits", "train").images)
+    out = quantized.run_seed(0, config, model, (images[:800], images[800:1000], images[1000:1200]), lambda line: None)
+
+    key_init = jax.random.split(jax.random.key(0), 3)[0]  # run_seed's split: the init's key comes first
+    init = sv.models.init(key_init, model, images[:1])
+    loss = sv.make_loss(model)
+    score = lambda p: sv.evaluate(loss, p, images[1000:1200], binarize=sv.data.BatchFn("dynamic"))  # noqa: E731
+    assert out["x_star"] == score(init)  # the float random init itself, the same evaluation bitwise
+    assert out["rtn"] == score(Q.quantize(init, 4, clip="mse"))
+    assert all(m["gap_recovered"] is None for m in out["methods"].values())  # no gap: JSON null
+    summary = quantized.summarize({"0": out, "1": out}, config)
+    assert "trained from scratch on digits: 4 bits" in summary and "gap recovered" not in summary
+    change = out["methods"]["lattice-es"]["test_neg_elbo"] - out["rtn"]
+    assert f"| lattice-es | {out['methods']['lattice-es']['test_neg_elbo']:.3f} ± 0.000 | {change:+.3f} ± 0.000 |" \
+        in summary
+
+
+def test_the_summary_averages_the_share_over_the_seeds_that_had_a_gap():
+    """A seed whose RTN is no worse than x* (possible at 8 bits) has no share of a gap (None, JSON null): the
+    table averages the other seeds' shares, and shows "-" when no seed had a gap."""
+    from savae_jax.experiments import quantized
+
+    def seed(rtn, share):
+        return {"x_star": 100.0, "rtn": rtn,
+                "methods": {m: {"test_neg_elbo": 100.5, "gap_recovered": share} for m in quantized.METHODS}}
+
+    config = quantized.QuantizeConfig(bits=8)
+    summary = quantized.summarize({"0": seed(101.0, 0.5), "1": seed(102.0, 0.75), "2": seed(99.9, None)}, config)
+    assert "| ste-adam | 100.500 ± 0.000 | 62 ± 18 % |" in summary  # 50 % and 75 %: mean 62.5, sd 17.7
+    summary = quantized.summarize({"0": seed(99.9, None)}, config)
+    assert "| lattice-es | 100.500 | - |" in summary

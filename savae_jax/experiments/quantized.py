@@ -37,6 +37,11 @@ Per seed:
 4. The test negative ELBO of each kept model, and the fraction of RTN's gap
    to x* it recovers: (RTN - method) / (RTN - x*).
 
+``--from-scratch``: no x*. The random initial parameters are rounded (their
+scales fixed from the init, as x*'s are) and every method trains the integer
+model from there; the summary gives each method's change from the rounded
+init instead of a share of a gap (there is none to recover).
+
 Outputs in --workdir: config.json, results.json (every seed, saved after
 each; ``--resume`` keeps the seeds done), summary.md (mean ± sd over seeds).
 """
@@ -83,6 +88,7 @@ class QuantizeConfig(Config):
     eval_every: int = 20
     hidden: int = 64
     latents: int = 8
+    from_scratch: bool = False
     workdir: str = "runs/quantize"
     resume: bool = False
     overwrite: bool = False
@@ -100,6 +106,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     p.add_argument("--pretrain-evals", type=flags.positive(int), default=d.pretrain_evals,
                    help="loss evaluations of the Adam run that gives x*")
     p.add_argument("--seeds", default=d.seeds, help="comma-separated seeds, e.g. 0,1,2")
+    p.add_argument("--from-scratch", action="store_true",
+                   help="no x*: round the random initial parameters and train the integer model from there "
+                        "(--pretrain-evals is not used)")
     flags.add_gated_run_flags(p, d, "fraction of the training set held out for the gate and the tuning")
     flags.add_workdir_flags(p, d.workdir)
     flags.add_config_flag(p)
@@ -190,12 +199,16 @@ def run_seed(seed: int, config: QuantizeConfig, model, data, log) -> dict:
     key_init, key_pre, key_run = jax.random.split(jax.random.key(seed), 3)
     setup = Setup(loss=sv.make_loss(model), train=train, val=val, test=test, config=config, key=key_run)
     params = sv.models.init(key_init, model, train[:1])
-    adam = sv.from_optax(setup.loss, optax.adam(1e-3))
-    x_star, _, _ = dataclasses.replace(setup, key=key_pre).run(
-        adam, params, config.pretrain_evals, lambda p: setup.score(p, val), "adam")
+    if config.from_scratch:  # the methods train the rounded init
+        x_star = params
+    else:
+        adam = sv.from_optax(setup.loss, optax.adam(1e-3))
+        x_star, _, _ = dataclasses.replace(setup, key=key_pre).run(
+            adam, params, config.pretrain_evals, lambda p: setup.score(p, val), "adam")
     q0 = quantize.quantize(x_star, config.bits, clip="mse")
     out = {"x_star": setup.score(x_star, test), "rtn": setup.score(q0, test), "trials": {}, "methods": {}}
-    log(f"seed {seed}: x* {out['x_star']:.3f}, RTN at {config.bits} bits {out['rtn']:.3f} (test -ELBO)")
+    start = "the random init" if config.from_scratch else "x*"
+    log(f"seed {seed}: {start} {out['x_star']:.3f}, RTN at {config.bits} bits {out['rtn']:.3f} (test -ELBO)")
     chosen = {}
     for method, values, fn in (("ste-adam", STE_LRS, ste_adam), ("lattice-sa", MOVED, lattice_sa),
                                ("lattice-lowrank-sa", LOW_RANK_SCALES, lattice_lowrank_sa),
@@ -211,10 +224,13 @@ def run_seed(seed: int, config: QuantizeConfig, model, data, log) -> dict:
     kept, best, evals2 = lattice_sa(setup, q1, chosen["lattice-sa"], config.budget_evals - evals1)
     out["methods"]["ste-then-lattice"] = {"setting": [chosen["ste-adam"], chosen["lattice-sa"]], "val_neg_elbo": best,
                                           "evals": evals1 + evals2, "test_neg_elbo": setup.score(kept, test)}
-    gap = out["rtn"] - out["x_star"]
+    # The share of RTN's gap to x* recovered; None (JSON null, "-" in the tables) where there is no gap:
+    # from scratch, or RTN no worse than x*.
+    gap = None if config.from_scratch or out["rtn"] <= out["x_star"] else out["rtn"] - out["x_star"]
     for method, r in out["methods"].items():
-        r["gap_recovered"] = (out["rtn"] - r["test_neg_elbo"]) / gap if gap > 0 else float("nan")
-        log(f"seed {seed}: {method} {r['test_neg_elbo']:.3f} ({100 * r['gap_recovered']:.0f} % of RTN's gap)")
+        r["gap_recovered"] = None if gap is None else (out["rtn"] - r["test_neg_elbo"]) / gap
+        share = "no gap" if gap is None else f"{100 * r['gap_recovered']:.0f} % of RTN's gap"
+        log(f"seed {seed}: {method} {r['test_neg_elbo']:.3f} ({r['test_neg_elbo'] - out['rtn']:+.3f} from RTN, {share})")
     return out
 
 
@@ -223,6 +239,8 @@ def summarize(results: dict, config: QuantizeConfig) -> str:
         return report.format_mean_sd(report.mean_sd(values), fmt)
 
     seeds = sorted(results, key=int)
+    if config.from_scratch:
+        return _summarize_from_scratch(results, config, seeds, ms)
     lines = [f"# Integer weights on {config.dataset}: {config.bits} bits, {config.budget_evals} evaluations after RTN "
              f"(seeds {', '.join(seeds)})", "",
              "Test negative ELBO (nats) of the integer model each method's validation gate kept, and the fraction "
@@ -233,7 +251,30 @@ def summarize(results: dict, config: QuantizeConfig) -> str:
     for method in METHODS:
         rows = [results[s]["methods"][method] for s in seeds]
         lines.append(f"| {method} | {ms([r['test_neg_elbo'] for r in rows])} | "
-                     f"{ms([100 * r['gap_recovered'] for r in rows], '.0f')} % |")
+                     f"{_share([r['gap_recovered'] for r in rows], ms)} |")
+    return "\n".join(lines) + "\n"
+
+
+def _share(shares, ms) -> str:
+    """The mean ± sd of the shares recovered, in %, over the seeds that had a gap ("-" if none had)."""
+    shares = [100 * v for v in shares if v is not None]
+    return f"{ms(shares, '.0f')} %" if shares else "-"
+
+
+def _summarize_from_scratch(results: dict, config: QuantizeConfig, seeds, ms) -> str:
+    """The summary of a --from-scratch run: each method's test -ELBO and its change from the rounded init."""
+    lines = [f"# Integer weights trained from scratch on {config.dataset}: {config.bits} bits, "
+             f"{config.budget_evals} evaluations (seeds {', '.join(seeds)})", "",
+             "Test negative ELBO (nats) of the integer model each method's validation gate kept, trained from "
+             "the random init rounded to the lattice, and its change from that rounded init (mean ± sd over "
+             "seeds).", "",
+             "| model | test -ELBO | change from the rounded init |", "|---|---|---|",
+             f"| float random init | {ms([results[s]['x_star'] for s in seeds])} | – |",
+             f"| rounded init (RTN) | {ms([results[s]['rtn'] for s in seeds])} | 0 |"]
+    for method in METHODS:
+        rows = [results[s]["methods"][method] for s in seeds]
+        lines.append(f"| {method} | {ms([r['test_neg_elbo'] for r in rows])} | "
+                     f"{ms([r['test_neg_elbo'] - results[s]['rtn'] for r, s in zip(rows, seeds)], '+.3f')} |")
     return "\n".join(lines) + "\n"
 
 

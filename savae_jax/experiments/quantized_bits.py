@@ -55,6 +55,9 @@ def load_runs(workdirs: list[str]) -> dict[int, dict]:
                              f"(config.json and results.json): {err}") from None
         if not results:
             raise ValueError(f"--workdirs: {path}'s results.json holds no seed")
+        config.setdefault("from_scratch", False)  # runs written before --from-scratch existed
+        if config["from_scratch"]:
+            raise ValueError(f"--workdirs: {path} is a --from-scratch run: it has no x* and no gap to recover")
         bits = config["bits"]
         if bits in runs:
             raise ValueError(f"--workdirs: two runs at {bits} bits ({runs[bits]['workdir']} and {path}); give one per width")
