@@ -230,28 +230,38 @@ def run_seed(seed: int, config: QuantizeConfig, model, data, log) -> dict:
     for method, r in out["methods"].items():
         r["gap_recovered"] = None if gap is None else (out["rtn"] - r["test_neg_elbo"]) / gap
         share = "no gap" if gap is None else f"{100 * r['gap_recovered']:.0f} % of RTN's gap"
-        log(f"seed {seed}: {method} {r['test_neg_elbo']:.3f} ({r['test_neg_elbo'] - out['rtn']:+.3f} from RTN, {share})")
+        change = r["test_neg_elbo"] - out["rtn"]
+        log(f"seed {seed}: {method} {r['test_neg_elbo']:.3f} ({change:+.3f} from RTN, {share})")
     return out
 
 
 def summarize(results: dict, config: QuantizeConfig) -> str:
+    """summary.md: each method's test -ELBO and the share of RTN's gap it recovers (mean ± sd over seeds);
+    from scratch, its change from the rounded init instead."""
     def ms(values, fmt=".3f"):
         return report.format_mean_sd(report.mean_sd(values), fmt)
 
     seeds = sorted(results, key=int)
     if config.from_scratch:
-        return _summarize_from_scratch(results, config, seeds, ms)
-    lines = [f"# Integer weights on {config.dataset}: {config.bits} bits, {config.budget_evals} evaluations after RTN "
-             f"(seeds {', '.join(seeds)})", "",
-             "Test negative ELBO (nats) of the integer model each method's validation gate kept, and the fraction "
-             "of RTN's gap to the float x* it recovers (mean ± sd over seeds).", "",
-             "| model | test -ELBO | gap recovered |", "|---|---|---|",
-             f"| float x* | {ms([results[s]['x_star'] for s in seeds])} | – |",
-             f"| RTN | {ms([results[s]['rtn'] for s in seeds])} | 0 |"]
+        title = (f"Integer weights trained from scratch on {config.dataset}: {config.bits} bits, "
+                 f"{config.budget_evals} evaluations")
+        what = "trained from the random init rounded to the lattice, and its change from that rounded init"
+        column, start, rounded = "change from the rounded init", "float random init", "rounded init (RTN)"
+        last = lambda rows: ms([r["test_neg_elbo"] - results[s]["rtn"] for r, s in zip(rows, seeds)], "+.3f")  # noqa: E731
+    else:
+        title = f"Integer weights on {config.dataset}: {config.bits} bits, {config.budget_evals} evaluations after RTN"
+        what = "and the fraction of RTN's gap to the float x* it recovers"
+        column, start, rounded = "gap recovered", "float x*", "RTN"
+        last = lambda rows: _share([r["gap_recovered"] for r in rows], ms)  # noqa: E731
+    lines = [f"# {title} (seeds {', '.join(seeds)})", "",
+             f"Test negative ELBO (nats) of the integer model each method's validation gate kept, {what} "
+             "(mean ± sd over seeds).", "",
+             f"| model | test -ELBO | {column} |", "|---|---|---|",
+             f"| {start} | {ms([results[s]['x_star'] for s in seeds])} | – |",
+             f"| {rounded} | {ms([results[s]['rtn'] for s in seeds])} | 0 |"]
     for method in METHODS:
         rows = [results[s]["methods"][method] for s in seeds]
-        lines.append(f"| {method} | {ms([r['test_neg_elbo'] for r in rows])} | "
-                     f"{_share([r['gap_recovered'] for r in rows], ms)} |")
+        lines.append(f"| {method} | {ms([r['test_neg_elbo'] for r in rows])} | {last(rows)} |")
     return "\n".join(lines) + "\n"
 
 
@@ -259,23 +269,6 @@ def _share(shares, ms) -> str:
     """The mean ± sd of the shares recovered, in %, over the seeds that had a gap ("-" if none had)."""
     shares = [100 * v for v in shares if v is not None]
     return f"{ms(shares, '.0f')} %" if shares else "-"
-
-
-def _summarize_from_scratch(results: dict, config: QuantizeConfig, seeds, ms) -> str:
-    """The summary of a --from-scratch run: each method's test -ELBO and its change from the rounded init."""
-    lines = [f"# Integer weights trained from scratch on {config.dataset}: {config.bits} bits, "
-             f"{config.budget_evals} evaluations (seeds {', '.join(seeds)})", "",
-             "Test negative ELBO (nats) of the integer model each method's validation gate kept, trained from "
-             "the random init rounded to the lattice, and its change from that rounded init (mean ± sd over "
-             "seeds).", "",
-             "| model | test -ELBO | change from the rounded init |", "|---|---|---|",
-             f"| float random init | {ms([results[s]['x_star'] for s in seeds])} | – |",
-             f"| rounded init (RTN) | {ms([results[s]['rtn'] for s in seeds])} | 0 |"]
-    for method in METHODS:
-        rows = [results[s]["methods"][method] for s in seeds]
-        lines.append(f"| {method} | {ms([r['test_neg_elbo'] for r in rows])} | "
-                     f"{ms([r['test_neg_elbo'] - results[s]['rtn'] for r, s in zip(rows, seeds)], '+.3f')} |")
-    return "\n".join(lines) + "\n"
 
 
 def main(argv=None, prog: str | None = None) -> dict:
