@@ -305,6 +305,8 @@ def tuning_figure(method: str, rows: list[dict], names: list[str]):
         numbers = [x for x in xs if isinstance(x, (int, float))]
         if numbers and min(numbers) > 0 and max(numbers) / min(numbers) > 10:
             ax.set_xscale("log")
+            # Within about one decade matplotlib labels the minor ticks too, and they overlap.
+            ax.xaxis.set_minor_formatter(plt.NullFormatter())
         ax.set(xlabel=name, title=method if name == names[0] else "")
     axes[0][0].set_ylabel("validation -ELBO (nats)")
     axes[0][0].legend(fontsize=7)
