@@ -597,3 +597,20 @@ def test_the_summary_averages_the_share_over_the_seeds_that_had_a_gap():
     assert "| ste-adam | 100.500 ± 0.000 | 62 ± 18 % |" in summary  # 50 % and 75 %: mean 62.5, sd 17.7
     summary = quantized.summarize({"0": seed(99.9, None)}, config)
     assert "| lattice-es | 100.500 | - |" in summary
+
+
+def test_resume_of_a_run_saved_before_a_setting_existed_takes_its_default(tmp_path, capsys):
+    """A quantize run whose config.json predates --from-scratch resumes (the missing setting counts as its
+    default, False); asked to resume it --from-scratch, it is refused, naming the setting."""
+    from savae_jax.experiments import quantized
+
+    folder = tmp_path / "old"
+    _quantize_run(folder, 2, [0], from_scratch=None)  # finished, config.json without from_scratch
+    config = json.loads((folder / "config.json").read_text())["config"]
+    argv = ["--bits", "2", "--seeds", "0", "--hidden", "16", "--workdir", str(folder), "--resume"]
+    assert {k: config[k] for k in ("bits", "seeds", "hidden")} == {"bits": 2, "seeds": "0", "hidden": 16}
+    results = quantized.main(argv)  # every seed done: nothing runs, the summary is written again
+    assert list(results) == ["0"] and "| lattice-es |" in (folder / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        quantized.main([*argv, "--from-scratch"])
+    assert "from_scratch: saved False, now True" in capsys.readouterr().err

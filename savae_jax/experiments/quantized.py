@@ -282,7 +282,8 @@ def main(argv=None, prog: str | None = None) -> dict:
         train = sv.load(config.dataset, "train", config.data_dir)
         test = sv.load(config.dataset, "test", config.data_dir)
         train, val = sv.data.split_validation(train, config.validation)
-        workdirs.prepare(Path(config.workdir), config.to_dict(), config, OUTPUTS, NOT_COMPARED)
+        workdirs.prepare(Path(config.workdir), config.to_dict(), config, OUTPUTS, NOT_COMPARED,
+                         defaults=QuantizeConfig().to_dict())
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
     log = lambda line: print(line, flush=True)  # noqa: E731

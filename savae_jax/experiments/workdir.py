@@ -39,7 +39,7 @@ def check_same_workdir(workdir) -> None:
                          f"(one all processes see); this process has {path}, another has a different one")
 
 
-def prepare(workdir: Path, config: dict, args, outputs, not_compared, may_grow=()) -> None:
+def prepare(workdir: Path, config: dict, args, outputs, not_compared, may_grow=(), defaults=None) -> None:
     """The one workdir policy of every subcommand, applied before anything is written.
 
     A folder that holds a run is refused; ``--resume`` continues it (the
@@ -58,17 +58,19 @@ def prepare(workdir: Path, config: dict, args, outputs, not_compared, may_grow=(
         if distributed.is_primary():
             clear_run(workdir, outputs)
         distributed.barrier("earlier run cleared")
-    check_workdir(workdir, config, args.resume, not_compared, may_grow)
+    check_workdir(workdir, config, args.resume, not_compared, may_grow, defaults)
 
 
 def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resume", "quiet", "workdir"),
-                  may_grow=()) -> None:
+                  may_grow=(), defaults=None) -> None:
     """Refuse an unusable --workdir before any training (errors name --workdir / --resume).
 
     The folder must be writable (probed); one that holds a run (its
     config.json) is refused unless ``resume``, and then its saved config must
     equal ``config`` except for the keys in ``not_compared``, and the keys in
     ``may_grow`` (a budget such as ``epochs``), which may be larger than saved.
+    ``defaults`` (the subcommand's default settings): a setting added after the
+    run was saved, so missing from its config.json, counts as saved at its default.
     """
     import jax
 
@@ -90,6 +92,7 @@ def check_workdir(workdir: Path, config: dict, resume: bool, not_compared=("resu
         raise ValueError(f"--workdir: {workdir} already holds a run; pass --resume to continue it, --overwrite "
                          "to replace it, or choose another --workdir (nothing was overwritten)")
     saved = read_saved_config(saved_path)
+    saved = {k: v for k, v in (defaults or {}).items() if k in config} | saved  # settings added since
 
     def grown(k):
         return k in may_grow and isinstance(saved.get(k), int) and isinstance(config.get(k), int) \
