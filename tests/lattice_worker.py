@@ -4,7 +4,7 @@ Run as ``python lattice_worker.py DIR [--resume]`` (cwd tests/): ``driver.run`` 
 from :func:`start` on the digits, checkpointing to DIR/checkpoints at every row (every step),
 and at the end writes DIR/final.npz (every leaf of the last codes, scales and biases) and
 DIR/history.json. The test kills it with SIGKILL while it runs and starts it again with
-``--resume``; an uninterrupted run in the test's own process is the reference.
+``--resume``; an uninterrupted launch of the same worker in another folder is the reference.
 """
 
 from __future__ import annotations
@@ -21,7 +21,9 @@ from savae_jax import annealing as A
 from savae_jax import driver
 from savae_jax import quantize as Q
 
-STEPS = 60  # 30 steps of each phase (8 evaluations a step, plus lattice ES's decision batch)
+# The budget: 60 annealing steps' evaluations, split equally between the phases: 30 annealing
+# steps (9 evaluations each), then 22 lattice ES steps (12 each: 8 members and the decision batch).
+STEPS = 60
 
 
 def start():
@@ -38,7 +40,7 @@ def phases(loss, q):
     codes = q.num_codes
     sa = A.simulated_annealing(loss, 8, A.lattice(4 / codes), A.exponential(0.1, 0.99), A.greedy())
     es = A.lattice_es(loss, 4, 8 / codes, acceptance=A.confident(0.2), decision=A.decision_batch(100, 100))
-    return [driver.Phase("lattice-sa", sa), driver.Phase("lattice-es", es)], sa.cost * (STEPS // 2) * 2
+    return [driver.Phase("lattice-sa", sa), driver.Phase("lattice-es", es)], sa.cost * STEPS
 
 
 def run(checkpoint_dir, resume: bool):
