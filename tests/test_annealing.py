@@ -583,6 +583,7 @@ def test_as_optax_requires_value_fn_and_derives_a_key_from_its_seed():
 # ---------------------------------------------------------------- 6. end to end
 
 
+@pytest.mark.slow  # a 300-step refinement; Langevin refinement stays in the default run through `savae train` (test_train_cli)
 def test_langevin_refines_adam_optimum_without_increasing_loss():
     model, loss_fn, params, x = tiny_vae(num=64)
     opt = optax.adam(3e-3)

@@ -757,7 +757,13 @@ def test_doc_table_matches_the_cases():
     assert f"**{NUM_BAD_INPUTS} bad inputs**" in doc
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+# Cases that repeat another case's check with other values (each compiles and runs a fit of its
+# own) run in the slow tier; the first value of each stays in the default run.
+SLOW_CASES = {"decision-size-schedule-negative", "decision-size-schedule-fraction"}
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.slow) if c.id in SLOW_CASES else c
+                                  for c in CASES], ids=[c.id for c in CASES])
 def test_bad_input_gives_a_clear_error(case, tmp_path, capsys):
     if not case.cli:
         with pytest.raises(case.error) as info:

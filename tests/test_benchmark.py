@@ -96,6 +96,7 @@ def test_full_rank_chunks_are_sized_by_the_backend(monkeypatch):
                                      ()).chunk_size == 64 * 2**20 // param_bytes
 
 
+@pytest.mark.slow  # compiles the step at three K; the chunk sizing it rests on stays (test_full_rank_chunks_are_sized_by_the_backend)
 def test_gaussian_step_memory_does_not_grow_with_k():
     """No K copies of the parameters: the compiled step's scratch memory is flat in K."""
     model, loss_fn = small_vae(200, 8)
@@ -140,6 +141,7 @@ def test_necessary_flops_count_the_dense_products_the_step_cannot_avoid():
         benchmark.necessary_flops("lbfgs", 1)
 
 
+@pytest.mark.slow  # every step at three matmul precisions; the --quick run's JSON stays
 def test_precision_effect_compares_each_loss_with_its_float32_value():
     benchmark = _benchmark()
     model, loss_fn = small_vae(16, 2)

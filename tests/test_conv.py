@@ -34,7 +34,8 @@ def test_conv_vae_shapes(shape, likelihood):
     assert samples.shape == (2,) + shape
 
 
-@pytest.mark.parametrize("shape, likelihood", SHAPES[:2])
+# The second shape and likelihood run in the slow tier (the shapes of all four are checked above).
+@pytest.mark.parametrize("shape, likelihood", [SHAPES[0], pytest.param(*SHAPES[1], marks=pytest.mark.slow)])
 def test_conv_vae_values(shape, likelihood):
     """Run for real (a learned-scale and the Bernoulli likelihood): the scale floor holds, prior samples
     are images in [0, 1], the loss is finite."""

@@ -173,7 +173,9 @@ def small_reference(tmp_path_factory):
     return workdir
 
 
-@pytest.mark.parametrize("target, fail_at", DISK_FAULTS, ids=[f"{t}-call{n}" for t, n in DISK_FAULTS])
+# The first fault runs by default, the other two in the slow tier (the same handler at other calls).
+@pytest.mark.parametrize("target, fail_at", [DISK_FAULTS[0], *(pytest.param(*f, marks=pytest.mark.slow) for f in DISK_FAULTS[1:])],
+                         ids=[f"{t}-call{n}" for t, n in DISK_FAULTS])
 def test_disk_full_mid_run_is_a_clear_error_and_resume_completes(tmp_path, monkeypatch, small_reference,
                                                                    target, fail_at):
     calls = {"n": 0}
@@ -345,7 +347,9 @@ def test_three_runs_of_compare_give_identical_results(reference_run, determinism
         assert_same_params(other, reference_run, ("adam", "sa-refine"))
 
 
-@pytest.mark.parametrize("subcommand", SUBCOMMAND_DISK_FAULTS)
+# `savae train` by default, `savae plateau` in the slow tier: one handler serves both (issue 23).
+@pytest.mark.parametrize("subcommand", [SUBCOMMAND_DISK_FAULTS[0],
+                                        *(pytest.param(s, marks=pytest.mark.slow) for s in SUBCOMMAND_DISK_FAULTS[1:])])
 def test_a_full_disk_is_one_clear_error_in_every_subcommand(tmp_path, monkeypatch, subcommand):
     """Issue 23: `savae train` on a full disk ended in a raw OSError traceback (compare's clear message
     did not reach it). One handler (flags.disk_errors) now serves every subcommand."""

@@ -48,6 +48,7 @@ def acceptance_rate(acceptance, decision=None, chains=4000):
     return float(jnp.mean(info.accepted)), info
 
 
+@pytest.mark.slow  # a statistical demonstration over many draws
 def test_best_of_k_on_one_batch_is_biased_and_a_decision_batch_removes_it():
     """The issue's synthetic check: same-batch greedy accepts > 90 % of truly worse moves;
     deciding on an independent batch < 40 % (the unbiased rate is P(N(0.05, 0.1) < 0) = 31 %);

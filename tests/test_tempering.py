@@ -30,6 +30,7 @@ def exact_left_fraction(temperature: float) -> float:
     return float(np.trapezoid(np.where(x < 0, w, 0.0), x) / np.trapezoid(w, x))
 
 
+@pytest.mark.slow  # a statistical demonstration over a long chain; the swap rule's formula test stays
 def test_the_coldest_replica_samples_the_boltzmann_distribution_of_a_double_well():
     """K = 1 proposal per step makes every replica an exact Metropolis chain; with swaps across a
     ladder 0.1 .. 1.6 the coldest replica crosses a barrier it could not cross alone (height

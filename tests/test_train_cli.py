@@ -250,6 +250,7 @@ def pretrain_killed_runs(request):
     return background_result(request)
 
 
+@pytest.mark.slow  # a third SIGKILL run; the SIGKILL tests of test_faults stay in the default run
 def test_pretrain_then_annealing_killed_mid_annealing_resumes_bitwise(pretrain_killed_runs):
     """train.py --pretrain-epochs: SIGKILL after the first annealing checkpoint, --resume, and the
     history and final parameters equal an uninterrupted run's, bitwise."""

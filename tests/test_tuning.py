@@ -110,8 +110,9 @@ def test_every_methods_trial_group_builds_inside_the_traced_step(work, method):
         assert jax.tree.structure(new_state) == jax.tree.structure(state), method
 
 
+# sa-refine-naive (an Adam phase, then annealing) runs by default; the Adam-only group in the slow tier.
 @pytest.mark.parametrize("method, tuned", [
-    ("adam", [{"lr": 3e-3}, {"lr": 1e-4}]),
+    pytest.param("adam", [{"lr": 3e-3}, {"lr": 1e-4}], marks=pytest.mark.slow),
     ("sa-refine-naive", [{"adam_lr": 3e-3, "scale": 1e-3, "t0": 0.01, "decay": 0.99},
                          {"adam_lr": 1e-3, "scale": 3e-3, "t0": 0.002, "decay": 0.995}]),
 ])
@@ -364,6 +365,7 @@ def rounds_runs(request):
     return background_result(request)
 
 
+@pytest.mark.slow  # two more studies run twice; the SIGKILL resume of the quasi-random study stays (tune_killed)
 @pytest.mark.parametrize("tuner", ["optuna", "anneal"])
 def test_a_study_in_rounds_resumes_to_the_same_trials(rounds_runs, tuner):
     """--tuner optuna|anneal: 6 trials in rounds of 4 (then 2); the second round depends on the first's
