@@ -185,6 +185,15 @@ def pytest_unconfigure(config):
 
 
 # ------------------------------------------------------------------ fixtures and helpers
+def slow_after_first(cases):
+    """Parametrize cases with every case but the first in the ``slow`` tier: for a property test
+    whose later cases repeat the first one's mechanism with other values (tuples are unpacked as
+    ``pytest.param`` arguments)."""
+    def later(case):
+        return pytest.param(*case if isinstance(case, tuple) else (case,), marks=pytest.mark.slow)
+    return [cases[0], *map(later, cases[1:])]
+
+
 
 
 @pytest.fixture

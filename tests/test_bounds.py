@@ -21,6 +21,7 @@ import pytest
 from savae_jax import annealing as an
 from savae_jax import driver
 from savae_jax.annealing import bounds
+from conftest import slow_after_first
 
 LOW, HIGH = -1.0, 1.0
 X = jnp.linspace(-1.0, 1.0, 24).reshape(8, 3)
@@ -74,7 +75,7 @@ PROPOSALS = {
 
 # The gaussian case runs by default, the other proposals in the slow tier (the box check is one
 # mechanism for every proposal; each proposal's own bounded step is tested below).
-@pytest.mark.parametrize("name", [n if n == "gaussian" else pytest.param(n, marks=pytest.mark.slow) for n in PROPOSALS])
+@pytest.mark.parametrize("name", slow_after_first(list(PROPOSALS)))
 def test_ten_thousand_bounded_steps_never_evaluate_or_return_a_point_outside(name):
     """64 chains x 157 steps (10,048 steps) of each proposal kind at a scale that leaves the box often."""
     sa = an.simulated_annealing(guarded, 4, PROPOSALS[name], 1.0, an.metropolis(), bounds=(LOW, HIGH))

@@ -10,6 +10,7 @@ import pytest
 
 import savae_jax as sv
 from savae_jax import data, models, objectives
+from conftest import slow_after_first
 
 SMALL = dict(latents=4, features=(8, 16), hidden=32)
 
@@ -35,7 +36,7 @@ def test_conv_vae_shapes(shape, likelihood):
 
 
 # The second shape and likelihood run in the slow tier (the shapes of all four are checked above).
-@pytest.mark.parametrize("shape, likelihood", [SHAPES[0], pytest.param(*SHAPES[1], marks=pytest.mark.slow)])
+@pytest.mark.parametrize("shape, likelihood", slow_after_first(SHAPES[:2]))
 def test_conv_vae_values(shape, likelihood):
     """Run for real (a learned-scale and the Bernoulli likelihood): the scale floor holds, prior samples
     are images in [0, 1], the loss is finite."""

@@ -34,7 +34,7 @@ from savae_jax import checkpoint, driver
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare.py"
 from savae_jax.experiments import builders, compare, registry  # noqa: E402
-from conftest import background, background_result, popen, small_vae, without_seconds  # noqa: E402
+from conftest import background, background_result, popen, slow_after_first, small_vae, without_seconds  # noqa: E402
 
 TINY = ["--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet"]
 # The subprocess runs of the SIGKILL test (the issue's tiny digits config): Adam, then sa-refine
@@ -174,8 +174,7 @@ def small_reference(tmp_path_factory):
 
 
 # The first fault runs by default, the other two in the slow tier (the same handler at other calls).
-@pytest.mark.parametrize("target, fail_at", [DISK_FAULTS[0], *(pytest.param(*f, marks=pytest.mark.slow) for f in DISK_FAULTS[1:])],
-                         ids=[f"{t}-call{n}" for t, n in DISK_FAULTS])
+@pytest.mark.parametrize("target, fail_at", slow_after_first(DISK_FAULTS), ids=[f"{t}-call{n}" for t, n in DISK_FAULTS])
 def test_disk_full_mid_run_is_a_clear_error_and_resume_completes(tmp_path, monkeypatch, small_reference,
                                                                    target, fail_at):
     calls = {"n": 0}
@@ -348,8 +347,7 @@ def test_three_runs_of_compare_give_identical_results(reference_run, determinism
 
 
 # `savae train` by default, `savae plateau` in the slow tier: one handler serves both (issue 23).
-@pytest.mark.parametrize("subcommand", [SUBCOMMAND_DISK_FAULTS[0],
-                                        *(pytest.param(s, marks=pytest.mark.slow) for s in SUBCOMMAND_DISK_FAULTS[1:])])
+@pytest.mark.parametrize("subcommand", slow_after_first(SUBCOMMAND_DISK_FAULTS))
 def test_a_full_disk_is_one_clear_error_in_every_subcommand(tmp_path, monkeypatch, subcommand):
     """Issue 23: `savae train` on a full disk ended in a raw OSError traceback (compare's clear message
     did not reach it). One handler (flags.disk_errors) now serves every subcommand."""
