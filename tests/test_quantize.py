@@ -417,7 +417,7 @@ def test_lattice_runs_killed_in_each_phase_resume_to_the_uninterrupted_codes(lat
 # `savae quantize` at a tiny scale, run twice (the second with --resume) in a subprocess as background
 # work (see conftest.py): about 40 s of one core that the other tests do not wait for.
 QUANTIZE_FLAGS = ["--bits", "2", "--budget-evals", "150", "--pretrain-evals", "300", "--seeds", "0", "--hidden", "16",
-                  "--latents", "3", "--batch-size", "100", "--eval-every", "5"]
+                  "--latents", "3", "--batch-size", "100", "--eval-every", "5", "--trials", "2"]
 
 
 @background("quantize_runs")
@@ -441,7 +441,7 @@ def quantize_runs(request):
 @pytest.mark.slow
 def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(quantize_runs):
     """`savae quantize` at a tiny scale: x*, RTN at 2 bits, every method (STE, lattice SA with sparse
-    and low-rank moves, lattice ES, STE then lattice SA) with its 3 trials within the budget, the
+    and low-rank moves, lattice ES, STE then lattice SA) with its 2 trials within the budget, the
     table, and --resume keeping the seed done (not run again)."""
     from savae_jax.experiments import quantized
 
@@ -449,13 +449,14 @@ def test_savae_quantize_runs_every_method_at_its_budget_and_resumes(quantize_run
     r = results["0"]
     assert r["rtn"] > r["x_star"] + 0.5  # two bits cost nats
     assert sorted(r["methods"]) == sorted(quantized.METHODS)
-    assert sorted(r["trials"]["ste-adam"]) == sorted(str(v) for v in quantized.STE_LRS)
+    for method, trials in r["trials"].items():  # the sampler's 2 trials, each run, the best kept
+        assert [t["setting"] for t in trials] == quantized.method_trials(method, 2), method
+        assert r["methods"][method]["val_neg_elbo"] == min(t["val_neg_elbo"] for t in trials), method
     for method, m in r["methods"].items():
         assert 0 < m["evals"] <= 150, method
         # The gate keeps RTN's codes unless a step beats them on validation: the kept model is never
         # far above RTN on test (validation and test are different examples).
         assert m["test_neg_elbo"] < r["rtn"] + 1.0, (method, m, r["rtn"])
-    assert sorted(r["trials"]["lattice-lowrank-sa"]) == sorted(str(v) for v in quantized.LOW_RANK_SCALES)
     assert all(f"| {method} |" in summary for method in ("RTN", *quantized.METHODS))
     assert resumed == results and "seed 0:" not in resumed_log  # the seed done is kept, not rerun
 
@@ -499,7 +500,8 @@ def _quantize_run(folder, bits, seeds, hidden=16, from_scratch=False):
     for s in seeds:
         x_star, rtn = 100.0 + s, 110.0 + s + (4 - bits)
         results[str(s)] = {"x_star": x_star, "rtn": rtn, "methods": {
-            m: {"test_neg_elbo": rtn - (s + 1), "gap_recovered": (s + 1) / (rtn - x_star)} for m in quantized.METHODS}}
+            m: {"test_neg_elbo": rtn - (s + 1), "gap_recovered": (s + 1) / (rtn - x_star), "setting": {"lr": 1e-3}}
+            for m in quantized.METHODS}}
     (folder / "results.json").write_text(json.dumps(results))
 
 
@@ -583,6 +585,59 @@ def test_from_scratch_rounds_the_random_init_and_reports_each_method_s_change_fr
         in summary
 
 
+def test_each_method_runs_the_same_sobol_trials_on_every_seed_and_keeps_its_best_on_validation(monkeypatch):
+    """Equal tuning with the study's sampler: every tuned method runs its ``--trials`` trials from its search
+    space (the same on every seed, inside the bounds), each at the full budget; the trial with the lowest
+    validation score is kept, and ste-then-lattice runs ste-adam's then lattice-sa's chosen settings, half
+    the budget each. The methods are stand-ins whose validation score is a known function of the settings
+    (their distance in log from a point inside each space), so the right choice is known."""
+    from savae_jax.experiments import quantized
+
+    target = {"lr": 3e-4, "moved": 30.0, "level": 0.05, "scale": 0.1}
+    calls = []
+
+    def stand_in(name):
+        def run(setup, q0, hp, budget):
+            calls.append((name, hp, budget))
+            score = sum(abs(np.log(v / target.get(k, 1.0))) for k, v in hp.items())
+            return q0, float(score), budget
+        return run
+
+    for name in ("ste_adam", "lattice_sa", "lattice_lowrank_sa", "lattice_es"):
+        monkeypatch.setattr(quantized, name, stand_in(name))
+    config = quantized.QuantizeConfig(bits=4, hidden=16, latents=3, budget_evals=100, trials=5, from_scratch=True)
+    model = sv.MLPVAE(hidden=16, latents=3)
+    images = jnp.asarray(sv.load("digits", "train").images)
+    data = (images[:800], images[800:1000], images[1000:1200])
+    runs = [quantized.run_seed(seed, config, model, data, lambda line: None) for seed in (0, 1)]
+    for method, space in quantized.SEARCH_SPACES.items():
+        trials = quantized.method_trials(method, 5)
+        assert len(trials) == 5 and len({tuple(t.values()) for t in trials}) == 5, method
+        for t in trials:
+            assert sorted(t) == sorted(space) and all(space[k].low <= v <= space[k].high for k, v in t.items())
+        scores = [sum(abs(np.log(v / target.get(k, 1.0))) for k, v in t.items()) for t in trials]
+        for out in runs:  # the same trials on both seeds, the lowest validation score kept
+            assert [t["setting"] for t in out["trials"][method]] == trials
+            assert out["methods"][method]["setting"] == trials[int(np.argmin(scores))]
+    fn_of = {"ste-adam": "ste_adam", "lattice-sa": "lattice_sa", "lattice-lowrank-sa": "lattice_lowrank_sa",
+             "lattice-es": "lattice_es"}
+    for method, fn in fn_of.items():  # 5 trials per seed at the full budget
+        assert sum(1 for name, _, budget in calls if name == fn and budget == 100) == 2 * 5
+    chosen = runs[0]["methods"]
+    assert calls[20:22] == [("ste_adam", chosen["ste-adam"]["setting"], 50),
+                            ("lattice_sa", chosen["lattice-sa"]["setting"], 50)]  # seed 0's ste-then-lattice
+    assert runs[0]["methods"]["ste-then-lattice"]["setting"] == [chosen["ste-adam"]["setting"],
+                                                                chosen["lattice-sa"]["setting"]]
+
+
+def test_the_search_spaces_in_the_docs_are_the_code_s():
+    from savae_jax.experiments import quantized, tuning
+
+    doc = (Path(__file__).parent.parent / "docs" / "quantization.md").read_text()
+    assert tuning.space_table(quantized.SEARCH_SPACES) in doc, \
+        "docs/quantization.md is out of date: paste tuning.space_table(quantized.SEARCH_SPACES) into it"
+
+
 def test_the_summary_averages_the_share_over_the_seeds_that_had_a_gap():
     """A seed whose RTN is no worse than x* (possible at 8 bits) has no share of a gap (None, JSON null): the
     table averages the other seeds' shares, and shows "-" when no seed had a gap."""
@@ -590,7 +645,8 @@ def test_the_summary_averages_the_share_over_the_seeds_that_had_a_gap():
 
     def seed(rtn, share):
         return {"x_star": 100.0, "rtn": rtn,
-                "methods": {m: {"test_neg_elbo": 100.5, "gap_recovered": share} for m in quantized.METHODS}}
+                "methods": {m: {"test_neg_elbo": 100.5, "gap_recovered": share, "setting": {"moved": 4.0}}
+                            for m in quantized.METHODS}}
 
     config = quantized.QuantizeConfig(bits=8)
     summary = quantized.summarize({"0": seed(101.0, 0.5), "1": seed(102.0, 0.75), "2": seed(99.9, None)}, config)

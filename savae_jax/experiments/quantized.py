@@ -17,23 +17,26 @@ Per seed:
      RTN's scales (``quantize.requantize``);
    - ``lattice-sa``: annealing on the integer lattice (``annealing.lattice``:
      K = 16 proposals each moving about ``moved`` codes by +-1), deciding by
-     the noise-aware confident rule (a paired t-test at level 0.05) on a
+     the noise-aware confident rule (a paired t-test at level ``level``) on a
      decision batch of 128 other examples;
    - ``lattice-lowrank-sa``: the same annealer with low-rank lattice moves
      (``annealing.lattice_low_rank``, rank 1: each kernel's codes move by the
      rounded outer product of two Gaussian vectors);
    - ``lattice-es``: ES on the lattice (``annealing.lattice_es``: 8
-     antithetic pairs of sparse moves, the search gradient rounded to one
-     step per code, learning rate 1), the same decision rule and batch;
+     antithetic pairs of sparse moves, the search gradient times ``lr``
+     rounded to whole steps), the same decision rule and batch;
    - ``ste-then-lattice``: the seed's recipe in this regime: ``ste-adam`` for
      half the budget, then ``lattice-sa`` from its rounded result.
 
-   Equal tuning: each method gets the same 3 trials of its one
-   hyperparameter, chosen on the validation split (STE's learning rate in
-   1e-4, 3e-4, 1e-3; the codes moved per proposal or member in 1, 4, 16;
-   the low-rank scale in 0.08, 0.1, 0.15, which moves about 0.06 %, 0.2 % and
-   1.4 % of the codes); ``ste-then-lattice`` uses the values chosen for
-   ``ste-adam`` and ``lattice-sa``.
+   Equal tuning, with the tuning study's sampler (``savae tune``): each
+   method declares a search space (:data:`SEARCH_SPACES`; STE's learning
+   rate, the codes moved per proposal or ES member, the low-rank scale, the
+   confident rule's level, lattice ES's learning rate), and every method gets
+   the same ``--trials`` quasi-random trials from it (``tuning.sample_trials``:
+   scrambled Sobol, log ranges sampled in log; the same trials for every
+   seed), each a run at the full budget, the best on the validation split
+   kept. ``ste-then-lattice`` runs the values chosen for ``ste-adam`` and
+   ``lattice-sa`` (it has no trials of its own).
 4. The test negative ELBO of each kept model, and the fraction of RTN's gap
    to x* it recovers: (RTN - method) / (RTN - x*).
 
@@ -61,14 +64,23 @@ import optax
 import savae_jax as sv
 from savae_jax import annealing as A
 from savae_jax import checkpoint, driver, quantize
-from savae_jax.experiments import flags, report
+from savae_jax.experiments import flags, registry, report, tuning
 from savae_jax.experiments import workdir as workdirs
 from savae_jax.experiments.settings import Config
 
 METHODS = ("ste-adam", "lattice-sa", "lattice-lowrank-sa", "lattice-es", "ste-then-lattice")
-STE_LRS = (1e-4, 3e-4, 1e-3)          # the 3 trials of ste-adam
-MOVED = (1, 4, 16)                    # the 3 trials of lattice-sa and lattice-es: codes moved per proposal
-LOW_RANK_SCALES = (0.08, 0.1, 0.15)   # the 3 trials of lattice-lowrank-sa (rank 1)
+# Each tuned method's search space (registry.Dist, as ``savae tune``'s). The ranges are wide on
+# purpose: a first grid (lr 1e-4..1e-3, 1..16 codes moved, scale 0.08..0.15) chose its edge at every
+# MNIST width and seed. ``moved``: codes moved per proposal (or ES member), about; ``scale``: the
+# rank-1 product's sd (0.05 moves about 1e-5 of the codes, 8 of the MNIST VAE's 0.8 M; 0.3 about 9 %);
+# ``level``: the confident rule's alpha; lattice ES's ``lr`` multiplies the search gradient (in steps).
+SEARCH_SPACES = {
+    "ste-adam": {"lr": registry.log(3e-5, 3e-3)},
+    "lattice-sa": {"moved": registry.log(1, 1024), "level": registry.log(0.01, 0.3)},
+    "lattice-lowrank-sa": {"scale": registry.log(0.05, 0.3), "level": registry.log(0.01, 0.3)},
+    "lattice-es": {"moved": registry.log(1, 1024), "level": registry.log(0.01, 0.3), "lr": registry.log(0.5, 4.0)},
+}
+TRIALS_SEED = 0  # the sampler's study seed: every experiment seed runs the same trials
 NOT_COMPARED = ("resume", "overwrite", "workdir")
 OUTPUTS = ("config.json", "results.json", "summary.md")
 
@@ -81,6 +93,7 @@ class QuantizeConfig(Config):
     data_dir: str | None = None
     bits: int = 3
     budget_evals: int = 3000
+    trials: int = 4
     pretrain_evals: int = 15000
     seeds: str = "0"
     validation: float = 0.1
@@ -105,6 +118,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="loss evaluations each method spends after RTN")
     p.add_argument("--pretrain-evals", type=flags.positive(int), default=d.pretrain_evals,
                    help="loss evaluations of the Adam run that gives x*")
+    p.add_argument("--trials", type=flags.positive(int), default=d.trials,
+                   help="quasi-random validation trials per tuned method (the same for every method)")
     p.add_argument("--seeds", default=d.seeds, help="comma-separated seeds, e.g. 0,1,2")
     p.add_argument("--from-scratch", action="store_true",
                    help="no x*: round the random initial parameters and train the integer model from there "
@@ -155,9 +170,10 @@ class Setup:
         return result.params, best, result.history[-1]["evals"]
 
 
-def ste_adam(setup: Setup, q0, lr: float, budget: int):
-    """Straight-through Adam from ``q0``'s values; ``(integer model, validation score, evals)``."""
-    optimizer = sv.from_optax(quantize.straight_through(setup.loss, q0), optax.adam(lr))
+def ste_adam(setup: Setup, q0, hp: dict, budget: int):
+    """Straight-through Adam (learning rate ``hp["lr"]``) from ``q0``'s values;
+    ``(integer model, validation score, evals)``."""
+    optimizer = sv.from_optax(quantize.straight_through(setup.loss, q0), optax.adam(hp["lr"]))
     shadow, best, evals = setup.run(optimizer, quantize.dequantize(q0), budget,
                                     lambda w: setup.score(quantize.requantize(w, q0), setup.val), "ste-adam")
     return quantize.requantize(shadow, q0), best, evals
@@ -172,25 +188,39 @@ def _decision(setup: Setup):
     return A.decision_batch(setup.config.batch_size, 128)
 
 
-def lattice_sa(setup: Setup, q0, moved: int, budget: int):
-    """Annealing on ``q0``'s lattice, noise-aware decisions; ``(integer model, validation score, evals)``."""
-    sa = A.simulated_annealing(setup.loss, 16, A.lattice(min(1.0, moved / q0.num_codes)), A.exponential(1.0, 0.99),
-                               A.confident(0.05), decision=_decision(setup))
+def _fraction(q0, moved: float) -> float:
+    """The probability that a code moves, for about ``moved`` codes moved of ``q0``'s."""
+    return min(1.0, moved / q0.num_codes)
+
+
+def lattice_sa(setup: Setup, q0, hp: dict, budget: int):
+    """Annealing on ``q0``'s lattice, about ``hp["moved"]`` codes per proposal, noise-aware decisions at
+    level ``hp["level"]``; ``(integer model, validation score, evals)``."""
+    sa = A.simulated_annealing(setup.loss, 16, A.lattice(_fraction(q0, hp["moved"])), A.exponential(1.0, 0.99),
+                               A.confident(hp["level"]), decision=_decision(setup))
     return _lattice_run(setup, q0, sa, budget, "lattice-sa")
 
 
-def lattice_lowrank_sa(setup: Setup, q0, scale: float, budget: int):
-    """Annealing with rank-1 lattice moves of ``scale``; ``(integer model, validation score, evals)``."""
-    sa = A.simulated_annealing(setup.loss, 16, A.lattice_low_rank(scale), A.exponential(1.0, 0.99),
-                               A.confident(0.05), decision=_decision(setup))
+def lattice_lowrank_sa(setup: Setup, q0, hp: dict, budget: int):
+    """Annealing with rank-1 lattice moves of ``hp["scale"]``, decisions at level ``hp["level"]``;
+    ``(integer model, validation score, evals)``."""
+    sa = A.simulated_annealing(setup.loss, 16, A.lattice_low_rank(hp["scale"]), A.exponential(1.0, 0.99),
+                               A.confident(hp["level"]), decision=_decision(setup))
     return _lattice_run(setup, q0, sa, budget, "lattice-lowrank-sa")
 
 
-def lattice_es(setup: Setup, q0, moved: int, budget: int):
-    """ES on the lattice, 8 pairs each moving about ``moved`` codes; ``(integer model, validation score, evals)``."""
-    es = A.lattice_es(setup.loss, 8, min(1.0, moved / q0.num_codes), acceptance=A.confident(0.05),
+def lattice_es(setup: Setup, q0, hp: dict, budget: int):
+    """ES on the lattice, 8 pairs each moving about ``hp["moved"]`` codes, learning rate ``hp["lr"]``,
+    decisions at level ``hp["level"]``; ``(integer model, validation score, evals)``."""
+    es = A.lattice_es(setup.loss, 8, _fraction(q0, hp["moved"]), hp["lr"], acceptance=A.confident(hp["level"]),
                       temperature=A.exponential(1.0, 0.99), decision=_decision(setup))
     return _lattice_run(setup, q0, es, budget, "lattice-es")
+
+
+def method_trials(method: str, num: int) -> list[dict]:
+    """The ``num`` trials of ``method`` (each ``{hyperparameter: value}``): the tuning study's Sobol
+    draw from its search space, the same for every experiment seed."""
+    return tuning.sample_trials(SEARCH_SPACES[method], num, tuning.method_seed(TRIALS_SEED, method))
 
 
 def run_seed(seed: int, config: QuantizeConfig, model, data, log) -> dict:
@@ -210,14 +240,13 @@ def run_seed(seed: int, config: QuantizeConfig, model, data, log) -> dict:
     start = "the random init" if config.from_scratch else "x*"
     log(f"seed {seed}: {start} {out['x_star']:.3f}, RTN at {config.bits} bits {out['rtn']:.3f} (test -ELBO)")
     chosen = {}
-    for method, values, fn in (("ste-adam", STE_LRS, ste_adam), ("lattice-sa", MOVED, lattice_sa),
-                               ("lattice-lowrank-sa", LOW_RANK_SCALES, lattice_lowrank_sa),
-                               ("lattice-es", MOVED, lattice_es)):
-        trials = [(value, *fn(setup, q0, value, config.budget_evals)) for value in values]
-        out["trials"][method] = {str(v): best for v, _, best, _ in trials}
-        value, kept, best, evals = min(trials, key=lambda t: t[2])  # the best validation score
-        chosen[method] = value
-        out["methods"][method] = {"setting": value, "val_neg_elbo": best, "evals": evals,
+    for method, fn in (("ste-adam", ste_adam), ("lattice-sa", lattice_sa),
+                       ("lattice-lowrank-sa", lattice_lowrank_sa), ("lattice-es", lattice_es)):
+        trials = [(hp, *fn(setup, q0, hp, config.budget_evals)) for hp in method_trials(method, config.trials)]
+        out["trials"][method] = [{"setting": hp, "val_neg_elbo": best} for hp, _, best, _ in trials]
+        hp, kept, best, evals = min(trials, key=lambda t: t[2])  # the best validation score (the first of ties)
+        chosen[method] = hp
+        out["methods"][method] = {"setting": hp, "val_neg_elbo": best, "evals": evals,
                                   "test_neg_elbo": setup.score(kept, test)}
     half = config.budget_evals // 2
     q1, _, evals1 = ste_adam(setup, q0, chosen["ste-adam"], half)
@@ -262,6 +291,12 @@ def summarize(results: dict, config: QuantizeConfig) -> str:
     for method in METHODS:
         rows = [results[s]["methods"][method] for s in seeds]
         lines.append(f"| {method} | {ms([r['test_neg_elbo'] for r in rows])} | {last(rows)} |")
+    lines += ["", f"The settings each seed's validation trials chose ({config.trials} trials per method; "
+              "ste-then-lattice runs ste-adam's then lattice-sa's).", "",
+              "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
+    for method in METHODS:
+        lines.append(f"| {method} | " + " | ".join(report.format_settings(results[s]["methods"][method]["setting"])
+                                                   for s in seeds) + " |")
     return "\n".join(lines) + "\n"
 
 

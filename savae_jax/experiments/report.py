@@ -88,6 +88,16 @@ def time_to_target_table(results: dict, goals: list[float]) -> list[str]:
     return lines
 
 
+def format_settings(settings) -> str:
+    """Hyperparameters as "name=value, ..." (floats to 3 significant digits); a list of such dicts
+    (the phases of a method) joined by " then "; anything else as it is."""
+    if isinstance(settings, list):
+        return " then ".join(format_settings(s) for s in settings)
+    if not isinstance(settings, dict):
+        return str(settings)
+    return ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in settings.items())
+
+
 def format_mean_sd(stat: dict | None, fmt: str = ".2f") -> str:
     """A :func:`mean_sd` as "mean ± sd" (just the mean for one value; "-" for none)."""
     if stat is None:

@@ -42,7 +42,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import savae_jax as sv
 from savae_jax import checkpoint, distributed, driver, evaluation
-from savae_jax.experiments import builders, figures, flags, registry, tuners
+from savae_jax.experiments import builders, figures, flags, registry, report, tuners
 from savae_jax.experiments import workdir as workdirs
 from savae_jax.experiments.settings import ModelConfig
 from savae_jax.optimizer import Optimizer
@@ -96,19 +96,25 @@ def groups(trials: list[dict], space: dict) -> dict[tuple, list[int]]:
     return out
 
 
-def space_table() -> str:
-    """The search spaces of every method as one Markdown table (docs/tuning.md holds it; a test keeps
-    the two in sync)."""
+def space_table(spaces: dict | None = None) -> str:
+    """The search spaces (``{method: {name: registry.Dist}}``; the registry's by default, with each
+    hyperparameter's default) as one Markdown table. docs/tuning.md holds the registry's and
+    docs/quantization.md ``savae quantize``'s; tests keep each in sync."""
     def shown(d):
         if d.kind == "choice":
             return "one of " + ", ".join(map(str, d.choices))
         return f"{d.kind} [{d.low:g}, {d.high:g}]"
 
-    rows = ["| method | hyperparameter | default | sampled from |", "|---|---|---|---|"]
-    for method in registry.METHODS:
-        defaults = registry.method_keys(method)
-        for name, d in sorted(registry.SEARCH_SPACES[method].items()):
-            rows.append(f"| {method} | {name} | {defaults[name]:g} | {shown(d)} |")
+    if spaces is None:
+        rows = ["| method | hyperparameter | default | sampled from |", "|---|---|---|---|"]
+        for method in registry.METHODS:
+            defaults = registry.method_keys(method)
+            for name, d in sorted(registry.SEARCH_SPACES[method].items()):
+                rows.append(f"| {method} | {name} | {defaults[name]:g} | {shown(d)} |")
+    else:
+        rows = ["| method | hyperparameter | sampled from |", "|---|---|---|"]
+        rows += [f"| {method} | {name} | {shown(d)} |" for method, space in spaces.items()
+                 for name, d in sorted(space.items())]
     return "\n".join(rows) + "\n"
 
 
@@ -553,8 +559,7 @@ def summarize(study, results, methods, config: TuneConfig) -> str:
     for method in methods:
         default = results[f"{method}/default"]["val_neg_elbo"]
         top = results[trial_id(best[method])]["val_neg_elbo"]
-        settings = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}"
-                             for k, v in best[method]["tuned"].items())
+        settings = report.format_settings(best[method]["tuned"])
         lines.append(f"| {method} | {default:.3f} | {top:.3f} | {default - top:+.3f} | {settings} |")
     if config.one_by_one:
         lines += ["", "Wall-clock of the study (compiles included): each trial group as one vmap against its "
