@@ -630,6 +630,29 @@ def test_each_method_runs_the_same_sobol_trials_on_every_seed_and_keeps_its_best
                                                                 chosen["lattice-sa"]["setting"]]
 
 
+def test_resume_refuses_to_mix_the_first_protocol_s_grid_with_the_sampled_trials(tmp_path, capsys):
+    """A run whose saved seeds were tuned on the first protocol's fixed grids ({value: score}) resumes when every
+    seed is done (the summary is rewritten); stopped with a seed left to tune, it is refused, naming --resume,
+    and its results.json is left as it was."""
+    from savae_jax.experiments import quantized
+
+    folder = tmp_path / "old"
+    _quantize_run(folder, 2, [0, 1])
+    results = json.loads((folder / "results.json").read_text())
+    for r in results.values():
+        r["trials"] = {"ste-adam": {"0.0001": 30.1, "0.0003": 29.8, "0.001": 30.4}}
+    (folder / "results.json").write_text(json.dumps(results))
+    argv = ["--bits", "2", "--hidden", "16", "--seeds", "0,1", "--workdir", str(folder), "--resume"]
+    assert list(quantized.main(argv)) == ["0", "1"]  # every seed done: nothing to tune
+    del results["1"]  # as if the run had stopped after seed 0
+    (folder / "results.json").write_text(json.dumps(results))
+    with pytest.raises(SystemExit):
+        quantized.main(argv)
+    err = capsys.readouterr().err
+    assert "--resume: " in err and "fixed 3-value grids" in err and "seeds left (1)" in err
+    assert json.loads((folder / "results.json").read_text()) == results
+
+
 def test_the_search_spaces_in_the_docs_are_the_code_s():
     from savae_jax.experiments import quantized, tuning
 

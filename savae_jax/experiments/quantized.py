@@ -325,6 +325,12 @@ def main(argv=None, prog: str | None = None) -> dict:
     workdir = Path(config.workdir)
     results = json.loads((workdir / "results.json").read_text()) if config.resume and (
         workdir / "results.json").is_file() else {}
+    left = [seed for seed in seeds if str(seed) not in results]
+    if left and any(isinstance(r.get("trials", {}).get("ste-adam"), dict) for r in results.values()):
+        # Seeds saved by the first protocol hold their trials as {value: score}: 3 fixed values each.
+        parser.error(f"--resume: {workdir}'s seeds were tuned on the first protocol's fixed 3-value grids, "
+                     f"the seeds left ({', '.join(map(str, left))}) would be tuned by --trials from the search "
+                     "spaces, and the run would mix the two; start a new --workdir")
     data = tuple(jnp.asarray(d.images) for d in (train, val, test))
     with flags.disk_errors(parser.prog, workdir):
         checkpoint.atomic_write_json(workdir / "config.json", {"config": config.to_dict()})
