@@ -5,6 +5,7 @@
     loss(q, key, x)                              # = loss(dequantize(q), key, x): the model runs dequantized
     sa = simulated_annealing(loss, 16, lattice(fraction=1e-3), ...)   # search the lattice
     ste = straight_through(loss, q)              # Optax baseline: STE on q's lattice, then requantize
+    ada = learned_rounding(loss, q, x_star, steps=1000)   # AdaRound-style: learn each weight's up/down
 
 A kernel ``w`` (its last axis the output channels) becomes integer codes
 ``c`` in ``[-(2^(b-1) - 1), 2^(b-1) - 1]`` and one float32 scale per output
@@ -192,6 +193,105 @@ def straight_through(loss_fn, like: QuantizedParams):
             setattr(loss, name, getattr(loss_fn, name))
     loss.per_example = None
     return loss
+
+
+# AdaRound's rectified sigmoid h(v) = clip(sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0, 1) (Nagel et al.
+# 2020, "Up or Down? Adaptive Rounding for Post-Training Quantization"): stretched past [0, 1] so
+# that 0 and 1 are reached at finite v, where the gradient of the clip is zero.
+ZETA, GAMMA = 1.1, -0.1
+
+
+def _rectified_sigmoid(v):
+    return jnp.clip(jax.nn.sigmoid(v) * (ZETA - GAMMA) + GAMMA, 0.0, 1.0)
+
+
+def learned_rounding(loss_fn, like: QuantizedParams, params, *, steps: int, reg: float = 0.01,
+                     exponent: tuple[float, float] = (20.0, 2.0), warmup: float = 0.2):
+    """AdaRound-style learned rounding of ``params`` onto ``like``'s lattice, for Optax.
+
+    Each kernel weight w, on its channel's scale s, is rounded down or up:
+    its code is ``floor(w / s) + h(v)`` with one free variable v per weight
+    and h the rectified sigmoid (``ZETA``, ``GAMMA``), v initialised so that
+    ``h(v) = w / s - floor(w / s)`` (the soft model starts at ``params``,
+    clipped to the code range). Biases (and other float leaves) are trained
+    as they are. The loss of the soft model plus, from step ``warmup * steps``
+    on, ``reg * mean(1 - |2 h(v) - 1| ** b)`` over every kernel weight (in the
+    loss's units: nats), with b falling linearly from ``beta[0]`` to
+    ``beta[1]`` by step ``steps``: the term pushes every h to 0 or 1, so that
+    the hardened model ``floor(w / s) + [h(v) >= 1/2]`` is the one trained.
+    Unlike the original (layer by layer, on each layer's output), it is
+    trained on the model's own loss, as every other method here.
+
+    Args:
+      loss_fn: a loss of float parameters (``make_loss``).
+      like: the lattice (scales and bits), e.g. ``quantize(params, bits)``.
+      params: the float parameters to round (x*).
+      steps: the optimizer steps the run will take (the regularizer's schedule).
+      reg: the regularizer's weight, >= 0.
+      exponent: b's first and last value, first >= last > 0.
+      warmup: the share of ``steps`` without the regularizer, in [0, 1).
+
+    Returns:
+      ``(loss, v0, harden)``: ``loss(v, key, x, step=None)`` (scheduled: Optax
+      passes the step; without one, the soft model's loss alone), the initial
+      variables ``v0`` (``params``' tree, kernels replaced by v), and
+      ``harden(v) -> QuantizedParams`` on ``like``'s scales.
+    """
+    validation.integer("steps", steps, 1)
+    validation.non_negative("reg", reg)
+    params = as_float(params)
+    if jax.tree_util.tree_structure(params) != jax.tree_util.tree_structure(like.codes):
+        raise ValueError("params: not the tree of like's codes (round the parameters of the model that was quantized)")
+    validation.in_interval("warmup", warmup, 0, 1, closed_low=True)
+    if not (isinstance(exponent, tuple | list) and len(exponent) == 2
+            and all(isinstance(e, int | float) for e in exponent) and exponent[0] >= exponent[1] > 0):
+        raise ValueError(f"exponent must be (first, last) with first >= last > 0, got {exponent!r}")
+
+    def base_of(w, code, scale):  # the code below each weight (0 for a float leaf: unused)
+        return jnp.floor(w / scale) if is_code(code) else 0.0
+
+    base = tree_map(base_of, params, like.codes, like.scales)
+
+    def v_of(w, code, scale, b):
+        if not is_code(code):
+            return w
+        frac = jnp.clip(w / scale - b, 0.0, 1.0)
+        return jax.scipy.special.logit((frac - GAMMA) / (ZETA - GAMMA))
+
+    def soft(v):
+        return tree_map(lambda x, code, scale, b: jnp.clip(b + _rectified_sigmoid(x), -like.qmax, like.qmax) * scale
+                        if is_code(code) else x, v, like.codes, like.scales, base)
+
+    def kernel_hs(v):
+        return [_rectified_sigmoid(x) for x, code in zip(jax.tree_util.tree_leaves(v),
+                                                          jax.tree_util.tree_leaves(like.codes)) if is_code(code)]
+
+    scheduled = bool(getattr(loss_fn, "scheduled", False))
+
+    def loss(v, key, x, *args, step=None, **kwargs):
+        value = loss_fn(soft(v), key, x, *args, **({"step": step} if scheduled else {}), **kwargs)
+        if step is None:
+            return value
+        progress = jnp.clip((step - warmup * steps) / ((1 - warmup) * steps), 0.0, 1.0)
+        b = exponent[0] + (exponent[1] - exponent[0]) * progress
+        hs = jnp.concatenate([h.ravel() for h in kernel_hs(v)])
+        penalty = jnp.mean(1.0 - jnp.abs(2.0 * hs - 1.0) ** b)
+        return value + jnp.where(step >= warmup * steps, reg * penalty, 0.0)
+
+    def harden(v) -> QuantizedParams:
+        def one(x, code, b):
+            if not is_code(code):
+                return x
+            return jnp.clip(b + (_rectified_sigmoid(x) >= 0.5), -like.qmax, like.qmax).astype(code.dtype)
+        return like.replace(codes=tree_map(one, v, like.codes, base))
+
+    for name in ("model", "beta", "free_bits"):
+        if hasattr(loss_fn, name):
+            setattr(loss, name, getattr(loss_fn, name))
+    loss.scheduled = True
+    loss.per_example = None
+    v0 = tree_map(v_of, params, like.codes, like.scales, base)
+    return loss, v0, harden
 
 
 def codes_in_range(q: QuantizedParams) -> bool:

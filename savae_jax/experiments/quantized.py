@@ -15,6 +15,10 @@ Per seed:
    - ``ste-adam``: straight-through Adam on a float shadow of the weights
      started at RTN's values (``quantize.straight_through``), rounded back on
      RTN's scales (``quantize.requantize``);
+   - ``adaround``: AdaRound-style learned rounding of x*'s weights on RTN's
+     lattice (``quantize.learned_rounding``: each weight rounded down or up
+     by a variable Adam trains on the loss plus a regularizer that pushes it
+     to a decision), hardened;
    - ``lattice-sa``: annealing on the integer lattice (``annealing.lattice``:
      K = 16 proposals each moving about ``moved`` codes by +-1), deciding by
      the noise-aware confident rule (a paired t-test at level ``level``) on a
@@ -68,14 +72,17 @@ from savae_jax.experiments import flags, registry, report, tuning
 from savae_jax.experiments import workdir as workdirs
 from savae_jax.experiments.settings import Config
 
-METHODS = ("ste-adam", "lattice-sa", "lattice-lowrank-sa", "lattice-es", "ste-then-lattice")
+METHODS = ("ste-adam", "adaround", "lattice-sa", "lattice-lowrank-sa", "lattice-es", "ste-then-lattice")
 # Each tuned method's search space (registry.Dist, as ``savae tune``'s). The ranges are wide on
 # purpose: a first grid (lr 1e-4..1e-3, 1..16 codes moved, scale 0.08..0.15) chose its edge at every
 # MNIST width and seed. ``moved``: codes moved per proposal (or ES member), about; ``scale``: the
 # rank-1 product's sd (0.05 moves about 1e-5 of the codes, 8 of the MNIST VAE's 0.8 M; 0.3 about 9 %);
-# ``level``: the confident rule's alpha; lattice ES's ``lr`` multiplies the search gradient (in steps).
+# ``level``: the confident rule's alpha; lattice ES's ``lr`` multiplies the search gradient (in steps);
+# adaround's ``reg``: its regularizer's weight in nats (around the 1 to 10 that decided the rounding of
+# a small digits VAE in 300 steps), its ``lr`` Adam's on the rounding variables (and the biases).
 SEARCH_SPACES = {
     "ste-adam": {"lr": registry.log(3e-5, 3e-3)},
+    "adaround": {"lr": registry.log(1e-3, 3e-2), "reg": registry.log(0.1, 10.0)},
     "lattice-sa": {"moved": registry.log(1, 1024), "level": registry.log(0.01, 0.3)},
     "lattice-lowrank-sa": {"scale": registry.log(0.05, 0.3), "level": registry.log(0.01, 0.3)},
     "lattice-es": {"moved": registry.log(1, 1024), "level": registry.log(0.01, 0.3), "lr": registry.log(0.5, 4.0)},
@@ -94,6 +101,7 @@ class QuantizeConfig(Config):
     bits: int = 3
     budget_evals: int = 3000
     trials: int = 4
+    methods: str = ",".join(METHODS)
     pretrain_evals: int = 15000
     seeds: str = "0"
     validation: float = 0.1
@@ -118,6 +126,9 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                    help="loss evaluations each method spends after RTN")
     p.add_argument("--pretrain-evals", type=flags.positive(int), default=d.pretrain_evals,
                    help="loss evaluations of the Adam run that gives x*")
+    p.add_argument("--methods", default=d.methods,
+                   help="comma-separated, from " + ", ".join(METHODS) + " (ste-then-lattice needs ste-adam and "
+                        "lattice-sa: it runs their chosen settings)")
     p.add_argument("--trials", type=flags.positive(int), default=d.trials,
                    help="quasi-random validation trials per tuned method (the same for every method)")
     p.add_argument("--seeds", default=d.seeds, help="comma-separated seeds, e.g. 0,1,2")
@@ -130,8 +141,21 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     return p
 
 
+def check_methods(config: QuantizeConfig) -> list[str]:
+    """The methods of ``--methods``, in :data:`METHODS`' order (ValueError naming the flag)."""
+    given = flags.comma_list(config.methods, "--methods", example="ste-adam,lattice-sa")
+    unknown = [m for m in given if m not in METHODS]
+    if unknown:
+        raise ValueError(f"--methods: unknown method {unknown[0]!r}; choose from {', '.join(METHODS)}")
+    if "ste-then-lattice" in given and not {"ste-adam", "lattice-sa"} <= set(given):
+        raise ValueError("--methods: ste-then-lattice runs the settings chosen for ste-adam and lattice-sa; "
+                         "list them too")
+    return [m for m in METHODS if m in given]
+
+
 def check(config: QuantizeConfig) -> list[int]:
     """The seeds (ValueError naming the flag)."""
+    check_methods(config)
     try:
         quantize.check_bits(config.bits)
     except ValueError as err:
@@ -156,6 +180,7 @@ class Setup:
     test: np.ndarray
     config: QuantizeConfig
     key: jax.Array
+    start: object = None  # the float parameters the lattice rounds (x*, or the init from scratch)
     batch_fn: sv.data.BatchFn = dataclasses.field(default_factory=lambda: sv.data.BatchFn("dynamic"))
 
     def score(self, params, images) -> float:
@@ -177,6 +202,17 @@ def ste_adam(setup: Setup, q0, hp: dict, budget: int):
     shadow, best, evals = setup.run(optimizer, quantize.dequantize(q0), budget,
                                     lambda w: setup.score(quantize.requantize(w, q0), setup.val), "ste-adam")
     return quantize.requantize(shadow, q0), best, evals
+
+
+def adaround(setup: Setup, q0, hp: dict, budget: int):
+    """AdaRound-style learned rounding of ``setup.start`` on ``q0``'s lattice (Adam at ``hp["lr"]``, the
+    regularizer's weight ``hp["reg"]``, scheduled over the budget's steps); ``(integer model, validation
+    score, evals)``."""
+    loss, v0, harden = quantize.learned_rounding(setup.loss, q0, setup.start, steps=max(1, budget // 3),
+                                                 reg=hp["reg"])  # a gradient step counts 3 evaluations
+    optimizer = sv.from_optax(loss, optax.adam(hp["lr"]))
+    v, best, evals = setup.run(optimizer, v0, budget, lambda v: setup.score(harden(v), setup.val), "adaround")
+    return harden(v), best, evals
 
 
 def _lattice_run(setup: Setup, q0, optimizer, budget: int, name: str):
@@ -236,23 +272,28 @@ def run_seed(seed: int, config: QuantizeConfig, model, data, log) -> dict:
         x_star, _, _ = dataclasses.replace(setup, key=key_pre).run(
             adam, params, config.pretrain_evals, lambda p: setup.score(p, val), "adam")
     q0 = quantize.quantize(x_star, config.bits, clip="mse")
+    setup = dataclasses.replace(setup, start=x_star)
+    methods = check_methods(config)
     out = {"x_star": setup.score(x_star, test), "rtn": setup.score(q0, test), "trials": {}, "methods": {}}
     start = "the random init" if config.from_scratch else "x*"
     log(f"seed {seed}: {start} {out['x_star']:.3f}, RTN at {config.bits} bits {out['rtn']:.3f} (test -ELBO)")
     chosen = {}
-    for method, fn in (("ste-adam", ste_adam), ("lattice-sa", lattice_sa),
+    for method, fn in (("ste-adam", ste_adam), ("adaround", adaround), ("lattice-sa", lattice_sa),
                        ("lattice-lowrank-sa", lattice_lowrank_sa), ("lattice-es", lattice_es)):
+        if method not in methods:
+            continue
         trials = [(hp, *fn(setup, q0, hp, config.budget_evals)) for hp in method_trials(method, config.trials)]
         out["trials"][method] = [{"setting": hp, "val_neg_elbo": best} for hp, _, best, _ in trials]
         hp, kept, best, evals = min(trials, key=lambda t: t[2])  # the best validation score (the first of ties)
         chosen[method] = hp
         out["methods"][method] = {"setting": hp, "val_neg_elbo": best, "evals": evals,
                                   "test_neg_elbo": setup.score(kept, test)}
-    half = config.budget_evals // 2
-    q1, _, evals1 = ste_adam(setup, q0, chosen["ste-adam"], half)
-    kept, best, evals2 = lattice_sa(setup, q1, chosen["lattice-sa"], config.budget_evals - evals1)
-    out["methods"]["ste-then-lattice"] = {"setting": [chosen["ste-adam"], chosen["lattice-sa"]], "val_neg_elbo": best,
-                                          "evals": evals1 + evals2, "test_neg_elbo": setup.score(kept, test)}
+    if "ste-then-lattice" in methods:
+        q1, _, evals1 = ste_adam(setup, q0, chosen["ste-adam"], config.budget_evals // 2)
+        kept, best, evals2 = lattice_sa(setup, q1, chosen["lattice-sa"], config.budget_evals - evals1)
+        out["methods"]["ste-then-lattice"] = {"setting": [chosen["ste-adam"], chosen["lattice-sa"]],
+                                              "val_neg_elbo": best, "evals": evals1 + evals2,
+                                              "test_neg_elbo": setup.score(kept, test)}
     # The share of RTN's gap to x* recovered; None (JSON null, "-" in the tables) where there is no gap:
     # from scratch, or RTN no worse than x*.
     gap = None if config.from_scratch or out["rtn"] <= out["x_star"] else out["rtn"] - out["x_star"]
@@ -271,6 +312,7 @@ def summarize(results: dict, config: QuantizeConfig) -> str:
         return report.format_mean_sd(report.mean_sd(values), fmt)
 
     seeds = sorted(results, key=int)
+    methods = [m for m in METHODS if all(m in results[s]["methods"] for s in seeds)]  # a run may have fewer
     if config.from_scratch:
         title = (f"Integer weights trained from scratch on {config.dataset}: {config.bits} bits, "
                  f"{config.budget_evals} evaluations")
@@ -288,13 +330,13 @@ def summarize(results: dict, config: QuantizeConfig) -> str:
              f"| model | test -ELBO | {column} |", "|---|---|---|",
              f"| {start} | {ms([results[s]['x_star'] for s in seeds])} | – |",
              f"| {rounded} | {ms([results[s]['rtn'] for s in seeds])} | 0 |"]
-    for method in METHODS:
+    for method in methods:
         rows = [results[s]["methods"][method] for s in seeds]
         lines.append(f"| {method} | {ms([r['test_neg_elbo'] for r in rows])} | {last(rows)} |")
     lines += ["", f"The settings each seed's validation trials chose ({config.trials} trials per method; "
               "ste-then-lattice runs ste-adam's then lattice-sa's).", "",
               "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
-    for method in METHODS:
+    for method in methods:
         lines.append(f"| {method} | " + " | ".join(report.format_settings(results[s]["methods"][method]["setting"])
                                                    for s in seeds) + " |")
     return "\n".join(lines) + "\n"

@@ -26,8 +26,9 @@ from savae_jax import checkpoint
 from savae_jax.experiments import figures, flags, report
 from savae_jax.experiments.quantized import METHODS
 
-# Settings that may differ between the runs: the width itself, and where and how each run was written.
-PER_RUN = ("bits", "seeds", "workdir", "resume", "overwrite")
+# Settings that may differ between the runs: the width itself, the methods each ran (a method is
+# tabulated at the widths that ran it), and where and how each run was written.
+PER_RUN = ("bits", "seeds", "methods", "workdir", "resume", "overwrite")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -88,11 +89,16 @@ def _method(name: str, field: str):
     return lambda s: s["methods"][name][field] if name in s["methods"] else None
 
 
+def ran(runs: dict[int, dict]) -> list[str]:
+    """The methods some seed of some run has, in ``METHODS``' order."""
+    return [m for m in METHODS if any(m in s["methods"] for run in runs.values() for s in run["results"].values())]
+
+
 def gap_table(runs: dict[int, dict]) -> dict[str, dict[int, dict]]:
     """``{row: {bits: mean_sd}}`` for the rows x*, RTN (test -ELBO) and, per method, its test -ELBO and
     the gap it recovers (in %), over the seeds of each run."""
     table = {"x*": _over_seeds(runs, lambda s: s["x_star"]), "RTN": _over_seeds(runs, lambda s: s["rtn"])}
-    for name in METHODS:
+    for name in ran(runs):
         table[name] = _over_seeds(runs, _method(name, "test_neg_elbo"))
         gap = _method(name, "gap_recovered")
         table[f"{name} gap %"] = _over_seeds(runs, lambda s, gap=gap: None if gap(s) is None else 100 * gap(s))
@@ -104,7 +110,7 @@ def excess_table(runs: dict[int, dict]) -> dict[str, dict[int, dict]]:
     and every method: the figure's second panel, readable where RTN's gap is too small for a share of it
     to mean much (at 8 bits it is about 0.015 nats, and a method that trains on beats x* by more)."""
     table = {"RTN": _over_seeds(runs, lambda s: s["rtn"] - s["x_star"])}
-    for name in METHODS:
+    for name in ran(runs):
         elbo = _method(name, "test_neg_elbo")
         table[name] = _over_seeds(runs, lambda s, elbo=elbo: None if elbo(s) is None else elbo(s) - s["x_star"])
     return table
@@ -139,6 +145,6 @@ def main(argv=None, prog: str | None = None) -> dict:
         out.mkdir(parents=True, exist_ok=True)
         summary = summarize(runs, table)
         checkpoint.atomic_write_text(out / "gap_by_bits.md", summary)
-        figures.save_gap_by_bits_figure(out, {m: table[f"{m} gap %"] for m in METHODS}, excess_table(runs))
+        figures.save_gap_by_bits_figure(out, {m: table[f"{m} gap %"] for m in ran(runs)}, excess_table(runs))
     print(summary)
     return table
