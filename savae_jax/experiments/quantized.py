@@ -76,7 +76,7 @@ METHODS = ("ste-adam", "adaround", "lattice-sa", "lattice-lowrank-sa", "lattice-
 # Each tuned method's search space (registry.Dist, as ``savae tune``'s). The ranges are wide on
 # purpose: a first grid (lr 1e-4..1e-3, 1..16 codes moved, scale 0.08..0.15) chose its edge at every
 # MNIST width and seed. ``moved``: codes moved per proposal (or ES member), about; ``scale``: the
-# rank-1 product's sd (0.05 moves about 1e-5 of the codes, 8 of the MNIST VAE's 0.8 M; 0.3 about 9 %);
+# rank-1 product's sd (0.05 moves about 1.1e-5 of the codes, 9 of the MNIST VAE's 0.81 M; 0.3 about 9 %);
 # ``level``: the confident rule's alpha; lattice ES's ``lr`` multiplies the search gradient (in steps);
 # adaround's ``reg``: its regularizer's weight in nats (around the 1 to 10 that decided the rounding of
 # a small digits VAE in 300 steps), its ``lr`` Adam's on the rounding variables (and the biases).
