@@ -188,9 +188,16 @@ def straight_through(loss_fn, like: QuantizedParams):
         rounded = tree_map(lambda w, r: w + jax.lax.stop_gradient(r - w), params, to_lattice(params, like))
         return loss_fn(rounded, key, x, *args, **kwargs)
 
-    for name in ("model", "beta", "free_bits", "scheduled"):
+    return _like(loss, loss_fn, scheduled=getattr(loss_fn, "scheduled", False))
+
+
+def _like(loss, loss_fn, scheduled: bool):
+    """``loss`` carrying ``loss_fn``'s model, beta and free bits (what evaluation and the trainers read),
+    marked ``scheduled`` or not, and without ``per_example`` (it has no per-example losses)."""
+    for name in ("model", "beta", "free_bits"):
         if hasattr(loss_fn, name):
             setattr(loss, name, getattr(loss_fn, name))
+    loss.scheduled = scheduled
     loss.per_example = None
     return loss
 
@@ -216,8 +223,8 @@ def learned_rounding(loss_fn, like: QuantizedParams, params, *, steps: int, reg:
     clipped to the code range). Biases (and other float leaves) are trained
     as they are. The loss of the soft model plus, from step ``warmup * steps``
     on, ``reg * mean(1 - |2 h(v) - 1| ** b)`` over every kernel weight (in the
-    loss's units: nats), with b falling linearly from ``beta[0]`` to
-    ``beta[1]`` by step ``steps``: the term pushes every h to 0 or 1, so that
+    loss's units: nats), with b falling linearly from ``exponent[0]`` to
+    ``exponent[1]`` by step ``steps``: the term pushes every h to 0 or 1, so that
     the hardened model ``floor(w / s) + [h(v) >= 1/2]`` is the one trained.
     Unlike the original (layer by layer, on each layer's output), it is
     trained on the model's own loss, as every other method here.
@@ -285,13 +292,8 @@ def learned_rounding(loss_fn, like: QuantizedParams, params, *, steps: int, reg:
             return jnp.clip(b + (_rectified_sigmoid(x) >= 0.5), -like.qmax, like.qmax).astype(code.dtype)
         return like.replace(codes=tree_map(one, v, like.codes, base))
 
-    for name in ("model", "beta", "free_bits"):
-        if hasattr(loss_fn, name):
-            setattr(loss, name, getattr(loss_fn, name))
-    loss.scheduled = True
-    loss.per_example = None
     v0 = tree_map(v_of, params, like.codes, like.scales, base)
-    return loss, v0, harden
+    return _like(loss, loss_fn, scheduled=True), v0, harden
 
 
 def codes_in_range(q: QuantizedParams) -> bool:
