@@ -621,6 +621,23 @@ def test_quantize_bits_refuses_runs_it_cannot_compare(tmp_path, capsys, runs, ne
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
+# The functions of the tuned methods, which the tests below replace by stand-ins.
+TUNED_FUNCTIONS = ("ste_adam", "adaround", "lattice_sa", "lattice_lowrank_sa", "lattice_es")
+
+
+def _run_seeds_with_stand_ins(monkeypatch, stand_in, config, seeds=(0,)):
+    """``run_seed`` on small digits splits (800 training, 200 validation, 200 test examples) with each tuned
+    method's function replaced by ``stand_in(name)``: ``(one result per seed, the model, the images)``."""
+    from savae_jax.experiments import quantized
+
+    for name in TUNED_FUNCTIONS:
+        monkeypatch.setattr(quantized, name, stand_in(name))
+    model = sv.MLPVAE(hidden=16, latents=3)
+    images = jnp.asarray(sv.load("digits", "train").images)
+    data = (images[:800], images[800:1000], images[1000:1200])
+    return [quantized.run_seed(seed, config, model, data, lambda line: None) for seed in seeds], model, images
+
+
 def test_from_scratch_rounds_the_random_init_and_reports_each_method_s_change_from_it(monkeypatch):
     """--from-scratch: no Adam run gives x*; the methods start from the random init rounded to the lattice
     (its own scales), and the summary gives each method's change from that rounded init. The methods are
@@ -632,13 +649,9 @@ def test_from_scratch_rounds_the_random_init_and_reports_each_method_s_change_fr
         q = q0.replace(codes=codes)
         return q, setup.score(q, setup.val), budget
 
-    for name in ("ste_adam", "adaround", "lattice_sa", "lattice_lowrank_sa", "lattice_es"):
-        monkeypatch.setattr(quantized, name, moved_one)
     monkeypatch.setattr(quantized.Setup, "run", lambda *a, **k: pytest.fail("from scratch runs no Adam for x*"))
     config = quantized.QuantizeConfig(bits=4, hidden=16, latents=3, budget_evals=100, from_scratch=True)
-    model = sv.MLPVAE(hidden=16, latents=3)
-    images = jnp.asarray(sv.load("digits", "train").images)
-    out = quantized.run_seed(0, config, model, (images[:800], images[800:1000], images[1000:1200]), lambda line: None)
+    (out,), model, images = _run_seeds_with_stand_ins(monkeypatch, lambda name: moved_one, config)
 
     key_init = jax.random.split(jax.random.key(0), 3)[0]  # run_seed's split: the init's key comes first
     init = sv.models.init(key_init, model, images[:1])
@@ -672,13 +685,8 @@ def test_each_method_runs_the_same_sobol_trials_on_every_seed_and_keeps_its_best
             return q0, float(score), budget
         return run
 
-    for name in ("ste_adam", "adaround", "lattice_sa", "lattice_lowrank_sa", "lattice_es"):
-        monkeypatch.setattr(quantized, name, stand_in(name))
     config = quantized.QuantizeConfig(bits=4, hidden=16, latents=3, budget_evals=100, trials=5, from_scratch=True)
-    model = sv.MLPVAE(hidden=16, latents=3)
-    images = jnp.asarray(sv.load("digits", "train").images)
-    data = (images[:800], images[800:1000], images[1000:1200])
-    runs = [quantized.run_seed(seed, config, model, data, lambda line: None) for seed in (0, 1)]
+    runs, _, _ = _run_seeds_with_stand_ins(monkeypatch, stand_in, config, seeds=(0, 1))
     for method, space in quantized.SEARCH_SPACES.items():
         trials = quantized.method_trials(method, 5)
         assert len(trials) == 5 and len({tuple(t.values()) for t in trials}) == 5, method
@@ -688,9 +696,8 @@ def test_each_method_runs_the_same_sobol_trials_on_every_seed_and_keeps_its_best
         for out in runs:  # the same trials on both seeds, the lowest validation score kept
             assert [t["setting"] for t in out["trials"][method]] == trials
             assert out["methods"][method]["setting"] == trials[int(np.argmin(scores))]
-    fn_of = {"ste-adam": "ste_adam", "adaround": "adaround", "lattice-sa": "lattice_sa",
-             "lattice-lowrank-sa": "lattice_lowrank_sa", "lattice-es": "lattice_es"}
-    for method, fn in fn_of.items():  # 5 trials per seed at the full budget
+    for method in quantized.SEARCH_SPACES:  # 5 trials per seed at the full budget
+        fn = method.replace("-", "_")
         assert sum(1 for name, _, budget in calls if name == fn and budget == 100) == 2 * 5
     chosen = runs[0]["methods"]
     assert calls[25:27] == [("ste_adam", chosen["ste-adam"]["setting"], 50),
@@ -735,13 +742,9 @@ def test_methods_runs_only_the_methods_it_names(monkeypatch):
             return q0, 1.0, budget
         return run
 
-    for name in ("ste_adam", "adaround", "lattice_sa", "lattice_lowrank_sa", "lattice_es"):
-        monkeypatch.setattr(quantized, name, stand_in(name))
     config = quantized.QuantizeConfig(bits=4, hidden=16, latents=3, budget_evals=100, trials=3, from_scratch=True,
                                       methods="lattice-es,adaround")
-    model = sv.MLPVAE(hidden=16, latents=3)
-    images = jnp.asarray(sv.load("digits", "train").images)
-    out = quantized.run_seed(0, config, model, (images[:800], images[800:1000], images[1000:1200]), lambda line: None)
+    (out,), _, _ = _run_seeds_with_stand_ins(monkeypatch, stand_in, config)
     assert calls == ["adaround"] * 3 + ["lattice_es"] * 3
     assert list(out["methods"]) == list(out["trials"]) == ["adaround", "lattice-es"]
     summary = quantized.summarize({"0": out}, config)

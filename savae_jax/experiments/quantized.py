@@ -71,6 +71,7 @@ from savae_jax import checkpoint, driver, quantize
 from savae_jax.experiments import flags, registry, report, tuning
 from savae_jax.experiments import workdir as workdirs
 from savae_jax.experiments.settings import Config
+from savae_jax.optimizer import GRAD_COST
 
 METHODS = ("ste-adam", "adaround", "lattice-sa", "lattice-lowrank-sa", "lattice-es", "ste-then-lattice")
 # Each tuned method's search space (registry.Dist, as ``savae tune``'s). The ranges are wide on
@@ -208,8 +209,8 @@ def adaround(setup: Setup, q0, hp: dict, budget: int):
     """AdaRound-style learned rounding of ``setup.start`` on ``q0``'s lattice (Adam at ``hp["lr"]``, the
     regularizer's weight ``hp["reg"]``, scheduled over the budget's steps); ``(integer model, validation
     score, evals)``."""
-    loss, v0, harden = quantize.learned_rounding(setup.loss, q0, setup.start, steps=max(1, budget // 3),
-                                                 reg=hp["reg"])  # a gradient step counts 3 evaluations
+    steps = max(1, budget // GRAD_COST)  # the regularizer's schedule spans the run's gradient steps
+    loss, v0, harden = quantize.learned_rounding(setup.loss, q0, setup.start, steps=steps, reg=hp["reg"])
     optimizer = sv.from_optax(loss, optax.adam(hp["lr"]))
     v, best, evals = setup.run(optimizer, v0, budget, lambda v: setup.score(harden(v), setup.val), "adaround")
     return harden(v), best, evals
