@@ -100,7 +100,7 @@ class QuantizeConfig(Config):
     dataset: str = "digits"
     data_dir: str | None = None
     bits: int = 3
-    budget_evals: int = 3000
+    budget_evals: int = 15000
     trials: int = 4
     methods: str = ",".join(METHODS)
     pretrain_evals: int = 15000
