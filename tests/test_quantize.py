@@ -749,6 +749,7 @@ def test_methods_runs_only_the_methods_it_names(monkeypatch):
     assert list(out["methods"]) == list(out["trials"]) == ["adaround", "lattice-es"]
     summary = quantized.summarize({"0": out}, config)
     assert "| adaround |" in summary and "| lattice-es |" in summary and "| ste-adam |" not in summary
+    assert "(3 trials per method)." in summary and "ste-then-lattice" not in summary  # not run, not explained
 
 
 def test_the_search_spaces_in_the_docs_are_the_code_s():
@@ -772,6 +773,7 @@ def test_the_summary_averages_the_share_over_the_seeds_that_had_a_gap():
     config = quantized.QuantizeConfig(bits=8)
     summary = quantized.summarize({"0": seed(101.0, 0.5), "1": seed(102.0, 0.75), "2": seed(99.9, None)}, config)
     assert "| ste-adam | 100.500 ± 0.000 | 62 ± 18 % |" in summary  # 50 % and 75 %: mean 62.5, sd 17.7
+    assert "(4 trials per method; ste-then-lattice runs ste-adam's then lattice-sa's)." in summary
     summary = quantized.summarize({"0": seed(99.9, None)}, config)
     assert "| lattice-es | 100.500 | - |" in summary
 

@@ -334,8 +334,8 @@ def summarize(results: dict, config: QuantizeConfig) -> str:
     for method in methods:
         rows = [results[s]["methods"][method] for s in seeds]
         lines.append(f"| {method} | {ms([r['test_neg_elbo'] for r in rows])} | {last(rows)} |")
-    lines += ["", f"The settings each seed's validation trials chose ({config.trials} trials per method; "
-              "ste-then-lattice runs ste-adam's then lattice-sa's).", "",
+    chained = "; ste-then-lattice runs ste-adam's then lattice-sa's" if "ste-then-lattice" in methods else ""
+    lines += ["", f"The settings each seed's validation trials chose ({config.trials} trials per method{chained}).", "",
               "| method | " + " | ".join(f"seed {s}" for s in seeds) + " |", "|---" * (len(seeds) + 1) + "|"]
     for method in methods:
         lines.append(f"| {method} | " + " | ".join(report.format_settings(results[s]["methods"][method]["setting"])
