@@ -621,16 +621,13 @@ def test_quantize_bits_refuses_runs_it_cannot_compare(tmp_path, capsys, runs, ne
     assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
-# The functions of the tuned methods, which the tests below replace by stand-ins.
-TUNED_FUNCTIONS = ("ste_adam", "adaround", "lattice_sa", "lattice_lowrank_sa", "lattice_es")
-
-
 def _run_seeds_with_stand_ins(monkeypatch, stand_in, config, seeds=(0,)):
     """``run_seed`` on small digits splits (800 training, 200 validation, 200 test examples) with each tuned
     method's function replaced by ``stand_in(name)``: ``(one result per seed, the model, the images)``."""
     from savae_jax.experiments import quantized
 
-    for name in TUNED_FUNCTIONS:
+    for method in quantized.SEARCH_SPACES:  # each tuned method is the function of its name
+        name = method.replace("-", "_")
         monkeypatch.setattr(quantized, name, stand_in(name))
     model = sv.MLPVAE(hidden=16, latents=3)
     images = jnp.asarray(sv.load("digits", "train").images)
