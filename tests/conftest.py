@@ -189,9 +189,9 @@ def slow_after_first(cases):
     """Parametrize cases with every case but the first in the ``slow`` tier: for a property test
     whose later cases repeat the first one's mechanism with other values (tuples are unpacked as
     ``pytest.param`` arguments)."""
-    def later(case):
-        return pytest.param(*case if isinstance(case, tuple) else (case,), marks=pytest.mark.slow)
-    return [cases[0], *map(later, cases[1:])]
+    def param(case, marks=()):
+        return pytest.param(*case if isinstance(case, tuple) else (case,), marks=marks)
+    return [param(cases[0]), *(param(case, pytest.mark.slow) for case in cases[1:])]
 
 
 

@@ -98,7 +98,8 @@ def test_without_bounds_the_same_steps_do_leave_the_box():
     assert int(infos.num_reflected.sum()) == 0
 
 
-@pytest.mark.parametrize("noise", ["gaussian", "low_rank"])
+# low_rank in the slow tier: the bounds act on the materialised members either way.
+@pytest.mark.parametrize("noise", slow_after_first(["gaussian", "low_rank"]))
 def test_bounded_es_steps_evaluate_and_return_points_inside(noise):
     es = an.evolution_strategy(guarded, 4, 0.5, noise=noise, optimizer=optax.sgd(0.5), temperature=1.0,
                                bounds=(LOW, HIGH))

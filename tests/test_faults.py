@@ -94,6 +94,8 @@ def nan_on(loss_fn, target):
 # ------------------------------------------------------------------ NaN incumbent
 
 
+@pytest.mark.slow  # the default run keeps an annealer's NaN loss through compare (test_compare_stops_on_a_nan_annealing_loss_...)
+# and the driver's stop at the last good checkpoint (test_driver.py::test_a_nan_loss_stops_the_run_...)
 def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train, test = sv.load("digits", "train"), sv.load("digits", "test")
     images = jnp.asarray(train.images)

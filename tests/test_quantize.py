@@ -12,7 +12,7 @@ import savae_jax as sv
 from savae_jax import annealing as A
 from savae_jax import quantize as Q
 
-from conftest import background, background_result, run_script, small_vae
+from conftest import background, background_result, run_script, slow_after_first, small_vae
 
 
 @pytest.fixture(scope="module")
@@ -284,13 +284,15 @@ def test_a_lattice_move_never_copies_the_incumbent(trained):
     assert np.all(per_layer.sum(axis=0) > 0)
 
 
-def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained):
-    """At 2, 3, 4 and 8 bits, 10^4 lattice moves in a row, every move accepted: sparse steps of
-    1 and 3 with each code moving with probability 1/2, and rank-2 low-rank steps of 2 (scale 1): the
+# 2 bits by default (qmax 1: a step of 3 clips on every move); 8, 3 and 4 bits in the slow tier.
+@pytest.mark.parametrize("bits", slow_after_first([2, 8, 3, 4]))
+def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained, bits):
+    """At each width, 10^4 lattice moves in a row, every move accepted: sparse steps of 1 and 3
+    with each code moving with probability 1/2, and rank-2 low-rank steps of 2 (scale 1): the
     codes reach +-qmax and never leave it. And the move evaluated for a key is the one re-created
     from it, for both kinds."""
     _, loss, params, x = trained
-    quantized = [Q.quantize(params, bits) for bits in (2, 3, 4, 8)]
+    q = Q.quantize(params, bits)
     moves = [A.lattice(0.5, step=1), A.lattice(0.5, step=3), A.lattice_low_rank(1.0, rank=2, step=2)]
 
     def peak(p):
@@ -305,14 +307,13 @@ def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained):
         return jax.lax.scan(body, q, keys)
 
     keys = jax.random.split(jax.random.key(7), 3_334)  # three moves each: 10 002 moves
-    results = jax.jit(lambda qs: [walk(q, keys) for q in qs])(quantized)
-    for q, (final, peaks) in zip(quantized, results):
-        assert int(peaks.max()) == q.qmax and int(peaks.min()) <= q.qmax and Q.codes_in_range(final), q.bits
+    final, peaks = jax.jit(walk)(q, keys)
+    assert int(peaks.max()) == q.qmax and int(peaks.min()) <= q.qmax and Q.codes_in_range(final), q.bits
     for move in (moves[0], moves[2]):
-        prepared = move.prepare(loss, quantized[1], jax.random.key(0), x, 1.0, 1.0, ())
+        prepared = move.prepare(loss, q, jax.random.key(0), x, 1.0, 1.0, ())
         key = jax.random.key(11)
         assert float(prepared.loss(key, jnp.bool_(True))) == float(loss(prepared.materialize(key), jax.random.key(0), x))
-        assert float(prepared.loss(key, jnp.bool_(False))) == float(loss(quantized[1], jax.random.key(0), x))
+        assert float(prepared.loss(key, jnp.bool_(False))) == float(loss(q, jax.random.key(0), x))
 
 
 def test_a_rank_one_lattice_move_has_rank_one_signs_and_moves_the_expected_share_of_codes(trained):
@@ -373,7 +374,9 @@ def test_lattice_es_refuses_float_parameters_and_a_step_beyond_int8(trained):
         A.lattice_low_rank(0.0)
 
 
-@pytest.mark.parametrize("method", ["lattice-sa", "lattice-es"])
+# lattice-es in the slow tier: its checkpoint and resume are those of lattice-sa (the same
+# QuantizedParams state), and `savae quantize --resume` (quantize_runs) resumes it in the default run.
+@pytest.mark.parametrize("method", slow_after_first(["lattice-sa", "lattice-es"]))
 def test_lattice_annealing_runs_in_the_driver_deterministically_and_resumes_exactly(tmp_path, method):
     """driver.run with a lattice annealer and with lattice ES (noise-aware decisions on a decision
     batch): quantized parameters are checkpointed (Orbax) and restored; a run stopped at 10 steps

@@ -205,6 +205,7 @@ def test_replicas_may_be_wrapped_optimizers_such_as_a_polished_annealer():
         sv.optimizer.replace_params((1, 2), 0)
 
 
+@pytest.mark.slow  # ES replicas; the exchange's driver run, determinism and resume stay in the default run (SA replicas)
 def test_replicas_may_be_es_steps_and_the_exchange_resumes_exactly(vae, tmp_path):
     """R = 3 ES recombination steps on a ladder (temperature is the ES rule's T): the driver runs
     them like any optimizer, the coldest replica learns, the same key gives the same bits, and a
