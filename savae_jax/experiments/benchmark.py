@@ -707,7 +707,7 @@ def _even_k(text: str) -> int:
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog or "savae bench", description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="small K and data: a smoke run under a minute")
+    parser.add_argument("--quick", action="store_true", help="small K and data: a smoke run (1-2 min on 2 CPU cores)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     parser.add_argument("--ks", type=_even_k, nargs="+", default=None, metavar="K",
                         help="numbers of proposals of the SA-step and efficiency sections (default: "
