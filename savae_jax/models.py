@@ -310,8 +310,8 @@ def conv_kernel_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
 
     JAX's threefry counters are the elements' row-major indices, so a flat draw reshaped has the
     bits of the shaped draw (tested), and on CPU it compiles several times faster: a
-    (4, 4, 128, 64) kernel's draw took 0.6 s against 3.3 s, the conv VAE's initialisation
-    (``init``) about half its time (measured on 2 CPU cores).
+    (4, 4, 128, 64) kernel's draw took 0.6 s against 3.3 s, and the default conv VAE's
+    initialisation for 32x32x3 images 4.0-4.5 s against 19.6-19.8 s (2 CPU cores).
     """
     shape = tuple(shape)
     fan_in = math.prod(shape[:-1])  # kernel (..., in, out): receptive field x in, as flax's fan_in
