@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from savae_jax import rng
+
 DATASETS = ("digits", "mnist", "fashion_mnist", "binarized_mnist", "cifar10")
 BINARIZE = (None, "dynamic", "static")
 SPLITS = ("train", "test")
@@ -531,7 +533,7 @@ def _check_binarize(binarize) -> None:
 
 
 def _bernoulli(key, probs) -> jax.Array:
-    return jax.random.bernoulli(key, probs).astype(jnp.float32)
+    return rng.bernoulli(key, probs).astype(jnp.float32)
 
 
 def binarize(key, images) -> jax.Array:
@@ -560,7 +562,7 @@ def _binarize_batch(x, idx, key, binarize, static_seed: int) -> jax.Array:
     base = jax.random.key(static_seed)
 
     def one(i, p):
-        u = jax.random.uniform(jax.random.fold_in(base, i), p.shape, dtype=jnp.float32)
+        u = rng.flat_draw(jax.random.uniform, jax.random.fold_in(base, i), p.shape, dtype=jnp.float32)
         return (u < p).astype(jnp.float32)
 
     return jax.vmap(one)(idx, x)

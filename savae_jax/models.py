@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from savae_jax import validation
+from savae_jax import rng, validation
 from savae_jax.quantize import as_float
 
 LIKELIHOODS = ("bernoulli", "gaussian", "logistic")
@@ -54,7 +54,7 @@ class VAEOutput(NamedTuple):
 
 def reparameterize(key: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
     """Sample z = mean + exp(logvar / 2) * eps with eps ~ N(0, I) from ``key``."""
-    eps = jax.random.normal(key, mean.shape, mean.dtype)
+    eps = rng.flat_draw(jax.random.normal, key, mean.shape, dtype=mean.dtype)
     return mean + jnp.exp(0.5 * logvar) * eps
 
 
@@ -317,7 +317,7 @@ def conv_kernel_init(key: jax.Array, shape, dtype=jnp.float32) -> jax.Array:
     fan_in = math.prod(shape[:-1])  # kernel (..., in, out): receptive field x in, as flax's fan_in
     variance = jnp.array(1.0 / fan_in, dtype=dtype)
     stddev = jnp.sqrt(variance) / jnp.array(.87962566103423978, dtype)  # sd of a normal truncated to +-2
-    return jax.random.truncated_normal(key, -2, 2, (math.prod(shape),), dtype).reshape(shape) * stddev
+    return rng.flat_draw(jax.random.truncated_normal, key, shape, lower=-2, upper=2, dtype=dtype) * stddev
 
 
 class ConvEncoder(nn.Module):

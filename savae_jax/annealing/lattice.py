@@ -40,7 +40,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from savae_jax import validation
+from savae_jax import rng, validation
 from savae_jax.annealing import es as es_lib
 from savae_jax.annealing import sharding
 from savae_jax.annealing.proposals import Prepared, Proposal, _chunk_size, _stateless_init
@@ -93,8 +93,8 @@ def _sparse_draw(fraction: float, step: int):
         out = []
         for k, shape in zip(jax.random.split(key, len(shapes)), shapes):
             key_move, key_sign = jax.random.split(k)
-            sign = step * jax.random.rademacher(key_sign, shape, dtype=jnp.int32)
-            out.append((jnp.where(jax.random.bernoulli(key_move, fraction, shape), sign, 0), sign))
+            sign = step * rng.flat_draw(jax.random.rademacher, key_sign, shape, dtype=jnp.int32)
+            out.append((jnp.where(rng.flat_draw(jax.random.bernoulli, key_move, shape, p=fraction), sign, 0), sign))
         return out
     return draw
 
@@ -110,7 +110,8 @@ def _low_rank_draw(scale: float, rank: int, step: int):
             n = shape[-1]
             m = math.prod(shape) // n
             key_a, key_b = jax.random.split(k)
-            product = coef * (jax.random.normal(key_a, (m, rank)) @ jax.random.normal(key_b, (n, rank)).T)
+            product = coef * (rng.flat_draw(jax.random.normal, key_a, (m, rank))
+                              @ rng.flat_draw(jax.random.normal, key_b, (n, rank)).T)
             move = step * jnp.round(product).astype(jnp.int32)
             fallback = step * jnp.where(product < 0, -1, 1).astype(jnp.int32)
             out.append((move.reshape(shape), fallback.reshape(shape)))

@@ -43,7 +43,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from savae_jax import validation
+from savae_jax import rng, validation
 from savae_jax.annealing import lowrank
 from savae_jax.optimizer import GRAD_COST, checked_loss
 
@@ -175,7 +175,7 @@ def _masked(sampler, fraction: float):
 
     def masked(key, shape, dtype):
         key_noise, key_mask = jax.random.split(key)
-        keep = jax.random.bernoulli(key_mask, fraction, shape)
+        keep = rng.flat_draw(jax.random.bernoulli, key_mask, shape, p=fraction)
         size = math.prod(shape)
         one = jax.random.randint(jax.random.fold_in(key_mask, 1), (), 0, max(size, 1))
         keep = jnp.where(jnp.any(keep), keep, (jnp.arange(size) == one).reshape(shape))
