@@ -10,6 +10,7 @@ import pytest
 from scipy import integrate, stats
 
 import savae_jax.annealing as an
+from savae_jax import rng
 from savae_jax.annealing import acceptance
 from savae_jax.annealing.acceptance import student_t_quantile, t_quantile_table, with_max_num
 
@@ -227,7 +228,7 @@ def test_the_annealers_decide_with_the_exact_quantiles(monkeypatch):
 
     loss_fn.per_example = per_example
     params = {"w": jnp.full((dim,), 0.6, jnp.float32)}
-    data = jax.random.normal(jax.random.key(1), (64, 8 + 5, dim)) * 0.5
+    data = rng.flat_draw(jax.random.normal, jax.random.key(1), (64, 8 + 5, dim)) * 0.5
     rule = an.confident(0.05)
     optimizers = {
         "sa, decision batch of 5": an.simulated_annealing(loss_fn, 8, an.gaussian(0.1), 1.0, rule,

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import savae_jax.annealing as an
+from savae_jax import rng
 from savae_jax.annealing import lowrank
 from savae_jax.models import init as model_init
 from savae_jax.optimizer import GRAD_COST, Optimizer
@@ -41,7 +42,7 @@ def shift_proposal(dl, nan_fraction=0.0):
 
 def tiny_vae(num=32, seed=0):
     model, loss_fn = small_vae(32, 4)
-    x = jax.random.uniform(jax.random.key(seed), (num, 8, 8, 1))
+    x = rng.flat_draw(jax.random.uniform, jax.random.key(seed), (num, 8, 8, 1))
     params = model_init(jax.random.key(seed + 1), model, x)
     return model, loss_fn, params, x
 

@@ -14,6 +14,7 @@ import pytest
 
 import savae_jax as sv
 from savae_jax import annealing as an
+from savae_jax import rng
 from savae_jax.annealing import proposals
 
 from conftest import background, background_result, run_script, small_vae
@@ -62,7 +63,7 @@ def quick_result(request):
 def test_chunked_gaussian_matches_one_vmap(monkeypatch):
     """Full-rank proposals evaluated a chunk at a time give the losses of one vmap."""
     model, loss_fn = small_vae(16, 4)
-    x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 1))
+    x = rng.flat_draw(jax.random.uniform, jax.random.key(0), (8, 8, 8, 1))
     params = sv.models.init(jax.random.key(1), model, x)
 
     def run():
@@ -100,7 +101,7 @@ def test_full_rank_chunks_are_sized_by_the_backend(monkeypatch):
 def test_gaussian_step_memory_does_not_grow_with_k():
     """No K copies of the parameters: the compiled step's scratch memory is flat in K."""
     model, loss_fn = small_vae(200, 8)
-    x = jax.random.uniform(jax.random.key(0), (16, 28, 28, 1))
+    x = rng.flat_draw(jax.random.uniform, jax.random.key(0), (16, 28, 28, 1))
     params = sv.models.init(jax.random.key(1), model, x)
     param_bytes = sum(leaf.size * 4 for leaf in jax.tree_util.tree_leaves(params))
 
@@ -145,7 +146,7 @@ def test_necessary_flops_count_the_dense_products_the_step_cannot_avoid():
 def test_precision_effect_compares_each_loss_with_its_float32_value():
     benchmark = _benchmark()
     model, loss_fn = small_vae(16, 2)
-    x = jax.random.uniform(jax.random.key(0), (8, 28, 28, 1))
+    x = rng.flat_draw(jax.random.uniform, jax.random.key(0), (8, 28, 28, 1))
     params = sv.models.init(jax.random.key(1), model, x)
     # The section's float32 values are the plain programs' (computed here without the benchmark):
     # the incumbent's loss at key 2, and the loss after one low_rank step (K = 4, scale 1e-3, key 3).

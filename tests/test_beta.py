@@ -9,7 +9,7 @@ import pytest
 import savae_jax as sv
 from savae_jax import beta as beta_lib
 from savae_jax import objectives as elbo_lib
-from savae_jax import models, optimizer
+from savae_jax import models, optimizer, rng
 
 
 def _values(schedule, counts):
@@ -57,7 +57,7 @@ def test_schedule_validation(bad):
 @pytest.fixture(scope="module")
 def setup():
     model = sv.MLPVAE(hidden=16, latents=3)
-    x = jax.random.bernoulli(jax.random.key(0), 0.4, (8, 4, 4, 1)).astype(jnp.float32)
+    x = rng.flat_draw(jax.random.bernoulli, jax.random.key(0), (8, 4, 4, 1), p=0.4).astype(jnp.float32)
     params = models.init(jax.random.key(1), model, x)
     return model, params, x
 

@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import savae_jax as sv
-from savae_jax import data, models, objectives
+from savae_jax import data, models, objectives, rng
 from conftest import slow_after_first
 
 SMALL = dict(latents=4, features=(8, 16), hidden=32)
@@ -43,7 +43,7 @@ def test_conv_vae_values(shape, likelihood):
     """Run for real (a learned-scale and the Bernoulli likelihood): the scale floor holds, prior samples
     are images in [0, 1], the loss is finite."""
     model = models.ConvVAE(likelihood=likelihood, **SMALL)
-    x = jax.random.uniform(jax.random.key(0), (3,) + shape)
+    x = rng.flat_draw(jax.random.uniform, jax.random.key(0), (3,) + shape)
     params = models.init(jax.random.key(1), model, x)
     # Jitted: one compile of the forward pass, not one per primitive.
     out = jax.jit(model.apply)(params, x, jax.random.key(2))

@@ -10,7 +10,7 @@ import optax
 import pytest
 
 import savae_jax as sv
-from savae_jax import evaluation, models, objectives
+from savae_jax import evaluation, models, objectives, rng
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +38,7 @@ _iwae = jax.jit(objectives.iwae_bound, static_argnames=("model", "num_samples", 
 
 def test_k1_is_the_one_sample_elbo_on_the_same_key_path():
     model = sv.MLPVAE(hidden=32, latents=4)
-    x = jax.random.bernoulli(jax.random.key(0), 0.3, (5, 8, 8, 1)).astype(jnp.float32)
+    x = rng.flat_draw(jax.random.bernoulli, jax.random.key(0), (5, 8, 8, 1), p=0.3).astype(jnp.float32)
     params = models.init(jax.random.key(1), model, x)
     key = jax.random.key(2)
     bound = _iwae(key, params, x, model=model, num_samples=1)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import savae_jax as sv
-from savae_jax import models, objectives
+from savae_jax import models, objectives, rng
 
 
 def test_gaussian_kl_matches_closed_form():
@@ -60,7 +60,7 @@ def test_elbo_of_one_pixel_model_matches_hand_computation():
 
 def test_vae_shapes_and_key_dependence():
     model = sv.MLPVAE(hidden=16, latents=3)
-    x = jax.random.uniform(jax.random.key(0), (5, 8, 8, 1))
+    x = rng.flat_draw(jax.random.uniform, jax.random.key(0), (5, 8, 8, 1))
     params = models.init(jax.random.key(1), model, x)
     out = model.apply(params, x, jax.random.key(2))
     assert out.logits.shape == (5, 8, 8, 1)
@@ -76,7 +76,7 @@ def test_vae_shapes_and_key_dependence():
 
 def test_loss_is_mean_negative_elbo():
     model = sv.MLPVAE(hidden=16, latents=3)
-    x = jax.random.uniform(jax.random.key(0), (6, 8, 8, 1))
+    x = rng.flat_draw(jax.random.uniform, jax.random.key(0), (6, 8, 8, 1))
     params = models.init(jax.random.key(1), model, x)
     parts = objectives.elbo(jax.random.key(5), params, x, model)
     loss = sv.make_loss(model)(params, jax.random.key(5), x)
