@@ -521,7 +521,7 @@ _jitted_init = jax.jit(_init, static_argnums=1)
 
 def sample_prior(key: jax.Array, params, model: nn.Module, num: int, image_shape) -> jax.Array:
     """Draw ``num`` images' means with z ~ N(0, I) (Bernoulli: sigmoid(decode(z)); see ``mean_image``)."""
-    z = jax.random.normal(key, (num, model.latents))
+    z = rng.flat_draw(jax.random.normal, key, (num, model.latents))
     logits = model.apply(as_float(params), z, tuple(image_shape), method=model.decode)
     return mean_image(getattr(model, "likelihood", "bernoulli"), logits)
 
