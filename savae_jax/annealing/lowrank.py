@@ -16,8 +16,8 @@ formed only for the accepted member (:func:`materialize`). Dense biases and
 every other floating leaf get plain Gaussian noise of their std.
 
 Also here, because the full-rank kernels share them: the per-leaf std
-(:func:`leaf_std`), one normal draw split over many shapes
-(:func:`sample_flat`) and the floating-leaf test (:func:`is_float`).
+(:func:`leaf_std`) and the floating-leaf test (:func:`is_float`); one normal draw split over many
+shapes is :func:`savae_jax.rng.sample_flat`.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ from typing import Any, NamedTuple
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from savae_jax import rng
 
 
 def is_float(x) -> bool:
@@ -42,24 +44,6 @@ def leaf_std(leaf, base, scale_by_rms: bool, rms_floor: float):
         return base
     rms = jnp.sqrt(jnp.mean(jnp.square(leaf.astype(jnp.float32))))
     return base * jnp.maximum(rms, rms_floor)
-
-
-def sample_flat(sampler, key, shapes):
-    """One draw of sum(sizes) float32 variates split into ``shapes``.
-
-    A single random call for all leaves: far cheaper to compile (and run)
-    than one threefry call per leaf.
-    """
-    sizes = [math.prod(shape) for shape in shapes]
-    total = sum(sizes)
-    if total == 0:
-        return [jnp.zeros(shape, jnp.float32) for shape in shapes]
-    flat = sampler(key, (total,), jnp.float32)
-    out, offset = [], 0
-    for shape, size in zip(shapes, sizes):
-        out.append(flat[offset : offset + size].reshape(shape))
-        offset += size
-    return out
 
 
 class DenseLayer(NamedTuple):
@@ -235,7 +219,7 @@ def draw(layout: Layout, key) -> Noise:
             shapes += [(m, layout.rank), (n, layout.rank)]
         else:
             shapes.append(layout.leaves[i].shape)
-    flat = iter(sample_flat(jax.random.normal, key, shapes))
+    flat = iter(rng.sample_flat(jax.random.normal, key, shapes))
     noise = Noise(factors={}, biases={}, leaves={})
     for i, std in layout.stds.items():
         dtype = layout.leaves[i].dtype

@@ -138,7 +138,7 @@ def _full_rank(loss_fn, params, key_loss, batch, sampler, delta, proposal_state)
     floats = [i for i, p in enumerate(leaves) if lowrank.is_float(p)]
 
     def moved(key, active):
-        noise = lowrank.sample_flat(sampler, key, [leaves[i].shape for i in floats])
+        noise = rng.sample_flat(sampler, key, [leaves[i].shape for i in floats])
         out = list(leaves)
         for i, e in zip(floats, noise):
             p = leaves[i]
