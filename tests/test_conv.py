@@ -150,23 +150,24 @@ def test_training_step_on_mock_cifar10_lowers_the_loss(tfds_mock, tmp_path, monk
     assert bool(jnp.all(jnp.isfinite(objectives.iwae_bound(key, params1, x[:2], model, 3))))
 
 
-def test_conv_kernels_have_the_bits_of_flax_s_default_initialiser(monkeypatch):
-    """conv_kernel_init draws a kernel as one flat vector (faster to compile) with the bits of flax's
-    default ``lecun_normal`` at the kernel's shape, which the Conv and ConvTranspose layers used
-    before; and every conv kernel of the conv VAE is drawn by it."""
+def test_kernels_have_the_bits_of_flax_s_default_initialiser(monkeypatch):
+    """kernel_init draws a kernel as one flat vector (faster to compile) with the bits of flax's
+    default ``lecun_normal`` at the kernel's shape, which the Dense, Conv and ConvTranspose layers
+    used before; and every kernel of the MLP and conv VAEs is drawn by it."""
     default = nn.initializers.lecun_normal()
-    for shape in [(2, 2, 1, 3), (3, 5, 2, 4)]:  # small: flax's own 4-D draw compiles slowly
+    for shape in [(2, 2, 1, 3), (3, 5, 2, 4), (7, 3), (64, 16)]:  # small: flax's own 4-D draw compiles slowly
         key = jax.random.key(sum(shape))
-        chex.assert_trees_all_equal(models.conv_kernel_init(key, shape), default(key, shape))
-    drawn, original = [], models.conv_kernel_init
+        chex.assert_trees_all_equal(models.kernel_init(key, shape), default(key, shape))
+    drawn, original = [], models.kernel_init
 
     def recording(key, shape, dtype=jnp.float32):
         drawn.append(tuple(shape))
         return original(key, shape, dtype)
 
-    monkeypatch.setattr(models, "conv_kernel_init", recording)
-    model = models.ConvVAE(**SMALL)
-    shapes = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 28, 28, 1)), key), jax.random.key(0))
-    kernels = [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
-               if "conv" in jax.tree_util.keystr(path) and leaf.ndim == 4]
-    assert len(kernels) == 4 and sorted(drawn) == sorted(kernels), (drawn, kernels)
+    monkeypatch.setattr(models, "kernel_init", recording)
+    for model, num_kernels in ((models.ConvVAE(**SMALL), 9), (models.MLPVAE(hidden=8, latents=2), 5)):
+        drawn.clear()
+        shapes = jax.eval_shape(lambda key: model.init(key, jnp.zeros((1, 28, 28, 1)), key), jax.random.key(0))
+        kernels = [leaf.shape for path, leaf in jax.tree_util.tree_flatten_with_path(shapes)[0]
+                   if jax.tree_util.keystr(path).endswith("['kernel']")]
+        assert len(kernels) == num_kernels and sorted(drawn) == sorted(kernels), (drawn, kernels)
