@@ -14,6 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 from savae_jax.experiments import compare, figures, registry, report  # noqa: E402
+from savae_jax.experiments import workdir as workdir_lib  # noqa: E402
 from conftest import background, background_result, run_script, small_vae, without_seconds  # noqa: E402
 
 
@@ -39,6 +40,10 @@ def test_compare_writes_every_output_with_fair_budgets(digits_comparison):
     """The README's `savae compare` (every method, every default but the budget: the pinned run below): its files."""
     tmp_path, results = digits_comparison
     assert list(results) == list(registry.METHODS)
+    # Every file written is one of the comparison's own (those --overwrite may delete): the
+    # performance profile once was not, and --overwrite then refused every finished run.
+    assert (tmp_path / "performance_profile.png").is_file()
+    assert workdir_lib.foreign_files(tmp_path, compare.OUTPUTS) == []
     for name, entry in results.items():
         assert list(entry["seeds"]) == ["0"]
         r = entry["seeds"]["0"]

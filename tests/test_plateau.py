@@ -7,6 +7,7 @@ import pytest
 
 import savae_jax as sv
 from savae_jax.experiments import plateau
+from savae_jax.experiments import workdir as workdir_lib
 
 from conftest import background, background_result, run_script, without_seconds
 
@@ -29,6 +30,7 @@ def plateau_run(request):
 
 def test_every_arm_starts_from_the_plateau_point_and_never_ends_worse_on_validation(plateau_run):
     workdir = plateau_run
+    assert workdir_lib.foreign_files(workdir, plateau.OUTPUTS) == []  # every file its own (--overwrite's)
     r = json.loads((workdir / "results.json").read_text())["0"]
     args = plateau.build_parser().parse_args(TINY)
     loss_fn = sv.make_loss(sv.MLPVAE(hidden=32, latents=4))

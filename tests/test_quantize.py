@@ -494,6 +494,10 @@ def _quantize_runs(tmp):
     log = run_script("-m", "savae_jax.cli", "quantize", *QUANTIZE_FLAGS, "--workdir", workdir, "--resume")
     scratch = tmp / "scratch"
     run_script("-m", "savae_jax.cli", "quantize", *QUANTIZE_FLAGS, "--from-scratch", "--workdir", scratch)
+    from savae_jax.experiments import quantized, workdir as workdir_lib
+
+    for folder in (workdir, scratch):  # every file written is its own (those --overwrite may delete)
+        assert workdir_lib.foreign_files(folder, quantized.OUTPUTS) == [], folder
     from_scratch = json.loads((scratch / "results.json").read_text()), (scratch / "summary.md").read_text()
     return results, summary, json.loads((workdir / "results.json").read_text()), log, from_scratch
 

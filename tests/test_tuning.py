@@ -172,6 +172,9 @@ def test_a_study_writes_its_files_never_reads_the_test_set_and_resumes(tmp_path,
     config = compare.resolve_config(args)
     assert config.method_config["adam"]["lr"] == tuned["method_config"]["adam"]["lr"]
     assert (tmp_path / "tuning_sgd.png").read_bytes()[:4] == b"\x89PNG"
+    from savae_jax.experiments import workdir as workdir_lib
+
+    assert workdir_lib.foreign_files(tmp_path, tuning.OUTPUTS) == []  # every file its own (--overwrite's)
     # As if killed after the first group: --resume runs the rest, to the same results.
     study = json.loads((tmp_path / "study.json").read_text())
     adam_only = {k: v for k, v in study["results"].items() if k.startswith("adam/")}

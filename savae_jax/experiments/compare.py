@@ -32,7 +32,9 @@ per step: the optimizer's info, e.g. the annealer's temperature, accepted, dL
 and its standard errors), summary.md, report.html (the summary and every figure
 in one self-contained page), test_neg_elbo_vs_seconds.png,
 test_neg_elbo_vs_evals.png (--log-evals: log-scaled), sa_traces.png (per
-annealing step, first seed), reconstructions_<method>.png,
+annealing step, first seed), performance_profile.png (each method's share of
+seeds that reached each validation target within tau times the fastest's
+evaluations; when Adam ran with the validation gate), reconstructions_<method>.png,
 samples_<method>.png (first seed); checkpoints/<method>/seed<s>/ (run state,
 for --resume) and params/<method>/seed<s>/ (returned parameters).
 """
@@ -84,8 +86,8 @@ NOT_COMPARED = ("resume", "quiet", "workdir", "log_evals", "overwrite")
 
 # Everything a comparison writes into --workdir (what --overwrite may delete), as fnmatch patterns.
 OUTPUTS = ("config.json", "results.json", "summary.md", "report.html", "history_*_seed*.csv",
-           "trace_*_seed*.csv", "test_neg_elbo_vs_*.png", "sa_traces.png", "reconstructions_*.png",
-           "samples_*.png", "checkpoints", "params")
+           "trace_*_seed*.csv", "test_neg_elbo_vs_*.png", "sa_traces.png", "performance_profile.png",
+           "reconstructions_*.png", "samples_*.png", "checkpoints", "params")
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:

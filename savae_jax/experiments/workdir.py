@@ -128,24 +128,32 @@ def clear_run(workdir: Path, outputs) -> None:
     temporary files) are removed, and only when nothing else is there, so no
     file the user did not ask the subcommand to write is ever deleted.
     """
-    import fnmatch
-
     if not (workdir / "config.json").is_file():
         return  # no run to replace
-    ours = lambda name: any(fnmatch.fnmatchcase(name, pattern) for pattern in outputs)  # noqa: E731
-    foreign = sorted(p.name for p in workdir.iterdir() if not ours(p.name) and not p.name.startswith((".write-test", ".")))
+    foreign = foreign_files(workdir, outputs)
     if foreign:
         raise ValueError(f"--overwrite: {workdir} holds files this subcommand did not write ({', '.join(foreign)}); "
                          "refusing to delete anything (move them, or choose another --workdir)")
     if (workdir / "params").exists() and not _only_checkpoints(workdir / "params"):
         raise ValueError(f"--overwrite: {workdir / 'params'} is not a parameter checkpoint; refusing to delete it")
     for path in sorted(workdir.iterdir()):
-        if not ours(path.name):
+        if not _ours(path.name, outputs):
             continue
         if path.is_dir():
             shutil.rmtree(path)
         else:
             path.unlink()
+
+
+def _ours(name: str, outputs) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in outputs)
+
+
+def foreign_files(workdir: Path, outputs) -> list[str]:
+    """The names in ``workdir`` that are none of ``outputs`` (names or patterns) nor our hidden temporary files."""
+    return sorted(p.name for p in workdir.iterdir() if not _ours(p.name, outputs) and not p.name.startswith("."))
 
 
 def _only_checkpoints(path: Path) -> bool:
