@@ -145,24 +145,31 @@ def test_noise_aware_steps_are_deterministic_compile_once_and_resume_exactly(vae
     images, params, loss_fn = vae
     sa = an.simulated_annealing(loss_fn, 6, an.gaussian(0.01), an.exponential(0.05, 0.9), an.confident(0.1),
                                 decision=an.decision_batch(50, lambda count: 20 + 10 * count, max_size=80))
-    step = jax.jit(chex.assert_max_traces(sa.step, n=1))
-    x = jnp.asarray(images[:130])
-    a, ia = step(jax.random.key(3), sa.init(params), x)
-    b, ib = step(jax.random.key(3), sa.init(params), x)
-    chex.assert_trees_all_equal((a, ia), (b, ib))
-    _, i2 = step(jax.random.key(4), a, x)
-    assert (int(ia.decision_size), int(i2.decision_size)) == (20, 30)  # the size schedule of count
+    traces = []
+
+    def counted(key, state, x):
+        traces.append(1)
+        return sa.step(key, state, x)
+
+    # Each run goes through the driver's jitted step (one program, shared through the compilation
+    # cache); ``sizes`` are the decision sizes of its steps.
+    def run(optimizer, state, start, stop):
+        sizes = []
+        for count, state, info in driver.iterate(jax.random.key(1), optimizer, state, images, sa.examples_per_step,
+                                                 start_step=start):
+            sizes.append(int(info.decision_size))
+            if count == stop:
+                return state, sizes
+
+    straight, sizes = run(sa._replace(step=counted), sa.init(params), 0, 12)
+    assert len(traces) == 1  # 12 steps, one trace
+    assert sizes[:2] == [20, 30]  # the size schedule of count
+    again, _ = run(sa, sa.init(params), 0, 12)
+    chex.assert_trees_all_equal(straight, again)  # same key, same bits
     # Resume: stopping after 7 steps and continuing from that state (what driver.run does from a
     # checkpoint) equals 12 uninterrupted steps, bitwise.
-    def run(state, start, stop):
-        for count, state, info in driver.iterate(jax.random.key(1), sa, state, images, sa.examples_per_step,
-                                                 start_step=start):
-            if count == stop:
-                return state, info
-
-    straight, _ = run(sa.init(params), 0, 12)
-    halfway, _ = run(sa.init(params), 0, 7)
-    resumed, _ = run(halfway, 7, 12)
+    halfway, _ = run(sa, sa.init(params), 0, 7)
+    resumed, _ = run(sa, halfway, 7, 12)
     chex.assert_trees_all_equal(straight, resumed)
     assert int(straight.num_accepted) > 0  # the comparison covers accepted moves
 
