@@ -37,11 +37,14 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("SAVAE_TEST_
 # ------------------------------------------------------------------ background subprocess work
 #
 # A few module fixtures are one long single-process subprocess each (the --quick benchmark, the
-# 8-device comparisons, the reference runs of the SIGKILL and determinism tests). The test process
-# itself mostly keeps one of CI's two cores busy, so these run in one background thread, one after
-# another, from the moment the tests are collected; their fixture then only waits for the result
-# (or runs the work itself if the thread has not reached it yet). Only the work of fixtures that a
-# selected test uses is started.
+# 8-device comparisons, the reference runs of the SIGKILL and determinism tests). The README's test
+# command runs the tests in pytest-xdist workers, one per core (at most 2), file by file: there a
+# fixture runs its work when a test asks for it, and the files with such work go first (see
+# pytest_collection_modifyitems). Run in one process (``-p no:xdist`` or ``-n 0``), the tests
+# mostly keep one core busy, so the work runs in one background thread, one job after another,
+# from the moment the tests are collected; its fixture then only waits for the result (or runs
+# the work itself if the thread has not reached it yet). Only the work of fixtures that a selected
+# test uses is started.
 
 
 class _Job:
@@ -117,21 +120,38 @@ def _waits(item) -> bool:
     return any(job.fixture in getattr(item, "fixturenames", ()) for job in _JOBS.values())
 
 
-def pytest_collection_modifyitems(session, config, items):
-    """Run the tests that wait on background work last, in their order; every other test first.
+def _xdist_worker() -> bool:
+    """Whether this process is a pytest-xdist worker (the README's test command runs two)."""
+    return "PYTEST_XDIST_WORKER" in os.environ
 
-    Their jobs start when the tests are collected and run one after another on the second core
-    while the other tests keep the first busy, so by the time a waiting test runs its result is
-    (mostly) there: the foreground does not sit idle waiting for it (it did: 40 s for the MNIST
-    comparison, run early among test_compare.py's tests).
+
+def pytest_collection_modifyitems(session, config, items):
+    """Order the tests so that the background work overlaps the rest.
+
+    In one process: the tests that wait on background work run last, in their order, every other
+    test first. Their jobs start when the tests are collected and run one after another on the
+    second core while the other tests keep the first busy, so by the time a waiting test runs its
+    result is (mostly) there: the foreground does not sit idle waiting for it (it did: 40 s for
+    the MNIST comparison, run early among test_compare.py's tests).
+
+    Under pytest-xdist (``--dist loadfile``, files handed out in this order): the files that hold
+    such tests go first, each worker running their work when one of its tests asks for it, so the
+    long subprocess runs start early and the many short files fill the other worker around them
+    (longest first, as a scheduler of jobs of unequal length should).
     """
+    if _xdist_worker():
+        heavy = {item.path for item in items if _waits(item)}
+        items.sort(key=lambda item: item.path not in heavy)  # stable: each file keeps its order
+        return
     waiting = [item for item in items if _waits(item)]
     if waiting:
         items[:] = [item for item in items if not _waits(item)] + waiting
 
 
 def pytest_collection_finish(session):
-    if session.config.option.collectonly:
+    # An xdist worker collects every test but runs only the files it is handed: its fixtures run
+    # their background work when a test asks (a thread here would start every job in every worker).
+    if session.config.option.collectonly or _xdist_worker():
         return
     _CLOCK["start"] = time.perf_counter()
     needed = []

@@ -3,9 +3,10 @@
 Run by the test as ``python -m sharding_worker PART`` (cwd tests/) with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8``, which must be set
 before JAX starts; prints one line ``RESULT {json}`` of comparisons. PART ``core`` (the default
-run's) compares annealing, ES, data-parallel Adam and ``fit`` with a sharded annealer; ``extended``
-(the slow tier's) the noise-aware rules, the lattice optimizers, replica exchange, dual annealing's
-chains and a tuning group.
+run's) compares annealing (two proposals, and a device count that does not divide the members);
+``extended`` (the slow tier's) ES, data-parallel Adam, ``fit`` with a sharded annealer, the
+noise-aware rules, the lattice optimizers, replica exchange, dual annealing's chains and a tuning
+group.
 """
 
 import json
@@ -88,6 +89,7 @@ def core(out, single, anneal, run_steps, compare, params, loss_fn, train, mesh8)
     out["sa/gaussian/10/mesh3"] = {"params": compare(a.params, b.params)}
 
 
+def extended(out, anneal, run_steps, compare, params, loss_fn, train, mesh8):
     # ES recombination: its 2 x 5 = 10 members sharded over 8 devices (padded to 16); the gradient
     # assembly and the confident decision on the other 32 examples run replicated.
     def run_es(mesh, steps=6):
@@ -120,9 +122,6 @@ def core(out, single, anneal, run_steps, compare, params, loss_fn, train, mesh8)
                    mesh=mesh8)
     out["fit_sa"] = {"params": compare(a, b), "train_loss": [ha[0]["train_loss"], hb[0]["train_loss"]]}
 
-
-
-def extended(out, anneal, run_steps, compare, params, loss_fn, train, mesh8):
     # The noise-aware step: select on the first 32 examples of x, decide on the other 32 with
     # fresh noise (the paired differences computed outside the sharded member evaluation).
     # penalty: stochastic, at T0 = 0.3 (at 1.0 it accepted all 6 steps); confident: deterministic,

@@ -564,9 +564,10 @@ def test_as_optax_takes_the_arguments_of_simulated_annealing_in_its_order():
     zeros = jax.tree_util.tree_map(jnp.zeros_like, params)
     key = jax.random.fold_in(jax.random.key(1), 0)  # the key the update derives from its seed
     sa = an.simulated_annealing(loss_fn, *args)
-    stepped, _ = sa.step(key, sa.init(params), x)
-    chex.assert_trees_all_close(optax.apply_updates(params, tx.update(zeros, tx.init(params), params, batch=x)[0]),
-                                stepped.params, rtol=1e-6, atol=1e-7)
+    # Both jitted: one program each, not an eager dispatch (and compile) of every op of the step.
+    stepped, _ = jax.jit(sa.step)(key, sa.init(params), x)
+    updates = jax.jit(lambda p: tx.update(zeros, tx.init(p), p, batch=x)[0])(params)
+    chex.assert_trees_all_close(optax.apply_updates(params, updates), stepped.params, rtol=1e-6, atol=1e-7)
 
 
 def test_as_optax_requires_value_fn_and_derives_a_key_from_its_seed():
@@ -588,7 +589,9 @@ def test_as_optax_requires_value_fn_and_derives_a_key_from_its_seed():
 # ---------------------------------------------------------------- 6. end to end
 
 
-@pytest.mark.slow  # a 300-step refinement; Langevin refinement stays in the default run through `savae train` (test_train_cli)
+# Slow tier: a 300-step refinement; Langevin refinement stays in the default run through `savae
+# train` (test_train_cli).
+@pytest.mark.slow
 def test_langevin_refines_adam_optimum_without_increasing_loss():
     model, loss_fn, params, x = tiny_vae(num=64)
     opt = optax.adam(3e-3)

@@ -60,6 +60,7 @@ def quick_result(request):
     return background_result(request)
 
 
+@pytest.mark.slow  # the default tier keeps chunked evaluation through the low-rank and ES members
 def test_chunked_gaussian_matches_one_vmap(monkeypatch):
     """Full-rank proposals evaluated a chunk at a time give the losses of one vmap."""
     model, loss_fn = small_vae(16, 4)
@@ -97,7 +98,9 @@ def test_full_rank_chunks_are_sized_by_the_backend(monkeypatch):
                                      ()).chunk_size == 64 * 2**20 // param_bytes
 
 
-@pytest.mark.slow  # compiles the step at three K; the chunk sizing it rests on stays (test_full_rank_chunks_are_sized_by_the_backend)
+# Slow tier: compiles the step at three K; the chunk sizing it rests on stays
+# (test_full_rank_chunks_are_sized_by_the_backend).
+@pytest.mark.slow
 def test_gaussian_step_memory_does_not_grow_with_k():
     """No K copies of the parameters: the compiled step's scratch memory is flat in K."""
     model, loss_fn = small_vae(200, 8)

@@ -126,6 +126,7 @@ def test_training_passes_the_step_count(setup):
     assert int(state.count) == 3
 
 
+@pytest.mark.slow  # the default tier keeps the beta schedule in test_warmup_changes_the_gradient
 def test_fit_and_annealer_with_a_schedule():
     train = sv.load("digits", "train")
     model = sv.MLPVAE(hidden=16, latents=2)

@@ -192,6 +192,7 @@ def test_huge_bounds_change_no_bit_of_a_run_that_stays_inside():
     np.testing.assert_array_max_ulp(np.float32(runs[0][1]), np.float32(runs[1][1]), maxulp=4)
 
 
+@pytest.mark.slow  # the default tier keeps the ten-thousand-step bounds check and the driver's exact resume
 def test_bounded_annealing_is_deterministic_and_resumes_exactly(tmp_path):
     def loss(p, key, batch):
         return jnp.sum((p - 3.0) ** 2) + 0.0 * jnp.mean(batch)

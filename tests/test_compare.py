@@ -161,6 +161,9 @@ def check_report(workdir, results):
     assert all(f"]({name})" in summary for name in names)
 
 
+# Slow tier: --seeds end to end; the default tier keeps the statistics' unit tests and the README's
+# comparison.
+@pytest.mark.slow
 def test_seeds_give_mean_and_sd_and_each_seed_equals_its_own_run(tmp_path):
     """--seeds 0,1: every method runs once per seed; a seed's run equals a one-seed run with that
     seed (bitwise: the seeds share nothing), and the summary is their mean and sample sd."""

@@ -44,6 +44,7 @@ def test_phases_split_the_budget_and_hand_over_parameters(setup):
     assert all(np.isfinite(r["test_neg_elbo"]) for r in history)
 
 
+@pytest.mark.slow  # the README's comparison checks the shared Adam half against its pinned numbers
 def test_a_run_started_from_another_runs_phase_end_equals_computing_that_phase_itself(setup):
     """Two refinements with the same Adam half: the second starts from the first's end of phase 0
     (on_phase_end -> start) and equals the second run alone, bitwise: parameters (the gate's), every
@@ -285,6 +286,7 @@ def test_a_non_finite_validation_score_later_in_the_run_names_validate_and_the_s
                    budget_evals=60, validate=validate)
 
 
+@pytest.mark.slow  # the default tier keeps train's resume with more epochs (test_train_cli.py)
 def test_a_run_given_more_epochs_on_resume_continues_exactly(setup, tmp_path):
     """Issue 23: 2 epochs, then the finished run resumed with 3, equals 3 epochs from the start, bitwise."""
     images, _, params, loss_fn = setup

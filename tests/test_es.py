@@ -28,6 +28,9 @@ def cosine(a, b):
     return float(jnp.dot(a, b) / (jnp.linalg.norm(a) * jnp.linalg.norm(b)))
 
 
+# Slow tier: a statistical demonstration; the default tier keeps the estimate against materialised
+# perturbations.
+@pytest.mark.slow
 def test_the_search_gradient_on_a_quadratic_matches_antithetic_es_theory():
     """With n = K / 2 antithetic pairs, g = (1/n) sum (grad . eps_i) eps_i exactly (a quadratic's
     even terms cancel in each pair), so E[cos^2(g, grad)] = (n + 2) / (n + D + 1) (derived in

@@ -54,6 +54,9 @@ def test_k1_is_the_one_sample_elbo_on_the_same_key_path():
                                rtol=1e-5, atol=1e-5)
 
 
+# Slow tier: trains a model; the default tier keeps the IWAE bound's exact cases (K = 1, the closed
+# form).
+@pytest.mark.slow
 def test_bound_increases_with_k_on_a_trained_model(trained, digits):
     model, params = trained
     x = jnp.asarray(sv.data.binarize(jax.random.key(4), digits[1].images))  # 297 test digits

@@ -174,6 +174,9 @@ def test_noise_aware_steps_are_deterministic_compile_once_and_resume_exactly(vae
     assert int(straight.num_accepted) > 0  # the comparison covers accepted moves
 
 
+# Slow tier: a statistical demonstration; the default tier keeps the noise-aware step's determinism
+# and budget.
+@pytest.mark.slow
 def test_refinement_from_an_adam_optimum_with_a_decision_batch_does_not_get_worse(vae):
     """The seed's recipe on the digits: Adam, then annealing from its optimum. Deciding on a
     decision batch with the confidence rule keeps the training-set loss (measured on all 1500

@@ -28,6 +28,9 @@ def plateau_run(request):
     return background_result(request)
 
 
+# Slow tier: a plateau run end to end; the default tier keeps plateau's workdir policy and resume
+# in-process.
+@pytest.mark.slow
 def test_every_arm_starts_from_the_plateau_point_and_never_ends_worse_on_validation(plateau_run):
     workdir = plateau_run
     assert workdir_lib.foreign_files(workdir, plateau.OUTPUTS) == []  # every file its own (--overwrite's)

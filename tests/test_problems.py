@@ -69,6 +69,9 @@ def dual_table_run(request):
     return background_result(request)
 
 
+# Slow tier: a dual-annealing comparison end to end; the default tier keeps the problems and the
+# bounded optimizers in-process.
+@pytest.mark.slow
 def test_the_comparison_table_scores_success_inside_the_box(dual_table_run):
     """A tiny `savae dual-annealing` on two problems: ours beside scipy, every best point inside."""
     out, log = dual_table_run

@@ -159,6 +159,9 @@ def test_learned_rounding_starts_at_the_float_model_and_hardens_to_round_to_near
     assert 0.01 < penalty <= 0.5  # reg 0.5 times the mean of 1 - |2h - 1|^20: the weights not already at 0 or 1
 
 
+# Slow tier: the default tier keeps learned rounding in
+# test_learned_rounding_starts_at_the_float_model_and_hardens_to_round_to_nearest.
+@pytest.mark.slow
 def test_learned_rounding_s_regularizer_decides_the_rounding_and_beats_rtn(trained):
     """Adam on AdaRound's variables at 2 bits (300 steps, the regularizer on after 60), with the regularizer
     (reg 1) and without (reg 0, the soft model alone): with it, fewer rounding variables are left between 0
@@ -284,7 +287,10 @@ def test_a_lattice_move_never_copies_the_incumbent(trained):
     assert np.all(per_layer.sum(axis=0) > 0)
 
 
-# 2 bits by default (qmax 1: a step of 3 clips on every move); 8, 3 and 4 bits in the slow tier.
+# All widths in the slow tier; the default tier keeps the range check of
+# test_lattice_moves_keep_every_code_in_range_and_greedy_search_lowers_the_loss. 2 bits first
+# (qmax 1: a step of 3 clips on every move).
+@pytest.mark.slow
 @pytest.mark.parametrize("bits", slow_after_first([2, 8, 3, 4]))
 def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained, bits):
     """At each width, 10^4 lattice moves in a row, every move accepted: sparse steps of 1 and 3

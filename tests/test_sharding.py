@@ -52,15 +52,16 @@ def _eight_devices_extended_run(tmp):
 
 @pytest.fixture(scope="module")
 def eight_devices(request):
-    """sharding_worker's ``core`` report: annealing, ES, data-parallel Adam and ``fit`` (its subprocess
-    starts in the background when the tests are collected)."""
+    """sharding_worker's ``core`` report: annealing with two proposals and a padded mesh (its
+    subprocess starts in the background when the tests are collected)."""
     return background_result(request)
 
 
 @pytest.fixture(scope="module")
 def eight_devices_extended(request):
-    """sharding_worker's ``extended`` report (the slow tier): the noise-aware rules, the lattice
-    optimizers, replica exchange, dual annealing's chains and a tuning group."""
+    """sharding_worker's ``extended`` report (the slow tier): ES, data-parallel Adam, ``fit`` with a
+    sharded annealer, the noise-aware rules, the lattice optimizers, replica exchange, dual
+    annealing's chains and a tuning group."""
     return background_result(request)
 
 
@@ -147,12 +148,13 @@ def test_sharded_lattice_es_equals_one_device(eight_devices_extended):
     assert r["member_loss_mean"]["max_abs"] <= 1e-6 * 100, r  # losses are ~50 nats
 
 
-def test_sharded_es_equals_one_device(eight_devices):
+@pytest.mark.slow
+def test_sharded_es_equals_one_device(eight_devices_extended):
     """evolution_strategy(mesh=...): each member's loss on one device, the rest replicated. The
     fitness ranks, hence the gradient estimate, the candidate and the decision, are the same, so
     the parameters are bitwise equal; member losses are vmaps of another width per device
     (1e-6 relative, as for the annealer's members)."""
-    r = eight_devices["es"]
+    r = eight_devices_extended["es"]
     assert r["params"]["bitwise"], r
     accepted, mesh_accepted = r["accepted"]
     assert accepted == mesh_accepted and any(accepted), r
@@ -177,8 +179,9 @@ def test_padding_to_a_device_count_that_does_not_divide(eight_devices):
     assert eight_devices["sa/gaussian/10/mesh3"]["params"]["bitwise"]
 
 
-def test_optax_data_parallel_equals_one_device(eight_devices):
-    r = eight_devices["optax"]
+@pytest.mark.slow
+def test_optax_data_parallel_equals_one_device(eight_devices_extended):
+    r = eight_devices_extended["optax"]
     # Gradients are means over a batch split in 8: a different summation
     # order, so equal to 1e-6, not bitwise (measured max |diff| ~1e-7).
     assert r["params"]["max_abs"] <= 1e-6, r
@@ -193,8 +196,9 @@ def test_dual_annealing_chains_sharded_equal_one_device(eight_devices_extended):
     assert len(set(r["values"])) == 16  # 16 distinct chains were compared
 
 
-def test_fit_on_a_mesh_with_an_annealer_built_on_it_equals_one_device(eight_devices):
-    r = eight_devices["fit_sa"]
+@pytest.mark.slow
+def test_fit_on_a_mesh_with_an_annealer_built_on_it_equals_one_device(eight_devices_extended):
+    r = eight_devices_extended["fit_sa"]
     assert r["params"]["bitwise"], r
     assert r["train_loss"][0] == pytest.approx(r["train_loss"][1], rel=1e-6)
 

@@ -111,6 +111,9 @@ def tiny_pt(loss_fn, swap_every=2):
         swap_every=swap_every)
 
 
+# Slow tier: the default tier keeps replica exchange's one trace and swaps, and the driver's exact
+# resume through SA and ES.
+@pytest.mark.slow
 def test_replica_exchange_runs_in_the_driver_deterministically_and_resumes_exactly(vae, tmp_path):
     """A replica exchange is an Optimizer like any other: the driver runs it (rows log the coldest
     replica's temperature and the swap rate), the same key gives the same bits, one compile serves
@@ -205,7 +208,9 @@ def test_replicas_may_be_wrapped_optimizers_such_as_a_polished_annealer():
         sv.optimizer.replace_params((1, 2), 0)
 
 
-@pytest.mark.slow  # ES replicas; the exchange's driver run, determinism and resume stay in the default run (SA replicas)
+# Slow tier: ES replicas; the exchange's driver run, determinism and resume stay in the default run
+# (SA replicas).
+@pytest.mark.slow
 def test_replicas_may_be_es_steps_and_the_exchange_resumes_exactly(vae, tmp_path):
     """R = 3 ES recombination steps on a ladder (temperature is the ES rule's T): the driver runs
     them like any optimizer, the coldest replica learns, the same key gives the same bits, and a

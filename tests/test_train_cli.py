@@ -111,6 +111,7 @@ def langevin_refine_runs(request):
     return background_result(request)
 
 
+@pytest.mark.slow  # two train runs end to end; the default tier keeps the Langevin proposal in-process
 def test_sa_refines_an_adam_optimum_with_langevin_proposals(langevin_refine_runs):
     """The seed's x0 = x*: Adam first, then annealing from its parameters (--init-from)."""
     adam, sa = langevin_refine_runs
@@ -193,6 +194,9 @@ def conv_train_run(request):
     return background_result(request)
 
 
+# Slow tier: a conv train run end to end; the default tier keeps the conv VAE's training step and
+# the bits-per-dim warning in-process.
+@pytest.mark.slow
 def test_conv_model_with_logistic_likelihood_reports_bits_per_dim(conv_train_run):
     metrics, log = conv_train_run
     assert "bits_per_dim assumes 8-bit images" in log  # the digits have 17 grey levels

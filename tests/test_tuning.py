@@ -245,6 +245,9 @@ def test_bad_tune_flags_are_refused_before_anything_is_written(tmp_path, capsys,
     assert not (tmp_path / "w").exists()
 
 
+# Slow tier: an end-to-end SIGKILL sequence; the default tier keeps compare's (test_faults.py) and
+# the study's in-process resume.
+@pytest.mark.slow
 def test_a_study_sigkilled_mid_way_resumes_to_the_uninterrupted_study(tune_killed, tmp_path):
     """Issue 24: SIGKILL `savae tune` after its first trial group, --resume: the same trials, scores
     and choice as the study run without a stop (timings aside)."""
@@ -368,7 +371,9 @@ def rounds_runs(request):
     return background_result(request)
 
 
-@pytest.mark.slow  # two more studies run twice; the SIGKILL resume of the quasi-random study stays (tune_killed)
+# Slow tier: two more studies run twice; the SIGKILL resume of the quasi-random study stays
+# (tune_killed).
+@pytest.mark.slow
 @pytest.mark.parametrize("tuner", ["optuna", "anneal"])
 def test_a_study_in_rounds_resumes_to_the_same_trials(rounds_runs, tuner):
     """--tuner optuna|anneal: 6 trials in rounds of 4 (then 2); the second round depends on the first's
