@@ -287,10 +287,7 @@ def test_a_lattice_move_never_copies_the_incumbent(trained):
     assert np.all(per_layer.sum(axis=0) > 0)
 
 
-# All widths in the slow tier; the default tier keeps the range check of
-# test_lattice_moves_keep_every_code_in_range_and_greedy_search_lowers_the_loss. 2 bits first
-# (qmax 1: a step of 3 clips on every move).
-@pytest.mark.slow
+# 2 bits by default (qmax 1: a step of 3 clips on every move); 8, 3 and 4 bits in the slow tier.
 @pytest.mark.parametrize("bits", slow_after_first([2, 8, 3, 4]))
 def test_codes_stay_in_range_under_ten_thousand_random_lattice_moves(trained, bits):
     """At each width, 10^4 lattice moves in a row, every move accepted: sparse steps of 1 and 3
