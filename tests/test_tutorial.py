@@ -1,5 +1,6 @@
 """docs/tutorial.py (a jupytext percent script) runs as a notebook: every cell, in a fresh kernel."""
 
+import ast
 import json
 import textwrap
 from pathlib import Path
@@ -38,6 +39,24 @@ def tutorial_run(request):
     return background_result(request)
 
 
+def test_the_tutorial_draws_its_figures_with_the_package_s_functions():
+    """The tutorial imports the figures `savae compare` writes (issue 22) instead of re-implementing
+    them: read from its source, so the default run checks it without executing the notebook."""
+    tree = ast.parse((ROOT / "docs" / "tutorial.py").read_text())
+    imported = {(node.module, alias.name) for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assert ("savae_jax.experiments", "figures") in imported
+    called = {f"{node.func.value.id}.{node.func.attr}" for node in ast.walk(tree)
+              if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+              and isinstance(node.func.value, ast.Name)}
+    assert {"figures.traces_figure", "figures.histories_figure", "figures.grid_figures"} <= called, called
+    defined = [node.name for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+    assert not [name for name in defined if any(word in name for word in ("figure", "plot", "grid", "image"))], defined
+
+
+# Slow tier: the notebook run (about a minute of one core in a fresh kernel); the default run checks
+# its figures' source above and runs the docs' code blocks (test_docs.py).
+@pytest.mark.slow
 def test_the_tutorial_notebook_runs_every_cell(tutorial_run):
     pytest.importorskip("jupytext", reason="the test extra (pip install -e '.[test]') brings jupytext")
     pytest.importorskip("nbclient", reason="the test extra brings nbclient and ipykernel")
