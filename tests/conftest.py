@@ -38,7 +38,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("SAVAE_TEST_
 #
 # A few module fixtures are one long single-process subprocess each (the --quick benchmark, the
 # 8-device comparisons, the reference runs of the SIGKILL and determinism tests). The README's test
-# command runs the tests in pytest-xdist workers, one per core (at most 2), file by file: there a
+# command runs the tests in pytest-xdist workers, one per core (at most 4), file by file: there a
 # fixture runs its work when a test asks for it, and the files with such work go first (see
 # pytest_collection_modifyitems). Run in one process (``-p no:xdist`` or ``-n 0``), the tests
 # mostly keep one core busy, so the work runs in one background thread, one job after another,

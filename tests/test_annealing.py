@@ -589,8 +589,8 @@ def test_as_optax_requires_value_fn_and_derives_a_key_from_its_seed():
 # ---------------------------------------------------------------- 6. end to end
 
 
-# Slow tier: a 300-step refinement; Langevin refinement stays in the default run through `savae
-# train` (test_train_cli).
+# Slow tier: a 300-step refinement; Langevin proposals stay in the default run through the README's
+# comparison (langevin-sa against its pinned numbers, test_compare.py).
 @pytest.mark.slow
 def test_langevin_refines_adam_optimum_without_increasing_loss():
     model, loss_fn, params, x = tiny_vae(num=64)

@@ -95,9 +95,9 @@ def nan_on(loss_fn, target):
 
 
 # Slow tier: the default run keeps an annealer's NaN loss through compare
-# (test_compare_stops_on_a_nan_annealing_loss_...).
+# (test_compare_stops_on_a_nan_annealing_loss_...) and the driver's stop at the last good checkpoint
+# (test_driver.py::test_a_nan_loss_stops_the_run_...).
 @pytest.mark.slow
-# and the driver's stop at the last good checkpoint (test_driver.py::test_a_nan_loss_stops_the_run_...)
 def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     train, test = sv.load("digits", "train"), sv.load("digits", "test")
     images = jnp.asarray(train.images)
@@ -134,7 +134,6 @@ def test_annealer_whose_loss_goes_nan_stops_and_keeps_the_last_good_checkpoint(t
     chex.assert_trees_all_equal(state.params, clean)
 
 
-@pytest.mark.slow  # the default tier keeps the driver's NaN stop (test_driver.py)
 def test_compare_stops_on_a_nan_annealing_loss_and_keeps_finished_results(tmp_path, monkeypatch, capsys):
     train, _ = sv.data.split_validation(sv.load("digits", "train"), compare.DEFAULTS["validation"])  # compare.py's
     key_run = jax.random.split(jax.random.key(0), 3)[1]  # compare.py's derivation (seed 0)
@@ -178,8 +177,8 @@ def small_reference(tmp_path_factory):
     return workdir
 
 
-# All three faults in the slow tier; the default tier keeps the full-disk error of every
-# subcommand (below) and the SIGKILL sequence's resume.
+# All three faults in the slow tier; the default tier keeps the full-disk error of `savae train`
+# (below: one handler for every subcommand) and the SIGKILL sequence's resume.
 @pytest.mark.slow
 @pytest.mark.parametrize("target, fail_at", slow_after_first(DISK_FAULTS), ids=[f"{t}-call{n}" for t, n in DISK_FAULTS])
 def test_disk_full_mid_run_is_a_clear_error_and_resume_completes(tmp_path, monkeypatch, small_reference,

@@ -111,7 +111,9 @@ def langevin_refine_runs(request):
     return background_result(request)
 
 
-@pytest.mark.slow  # two train runs end to end; the default tier keeps the Langevin proposal in-process
+# Slow tier: two train runs end to end; Langevin proposals stay in the default run through the
+# README's comparison (langevin-sa against its pinned numbers, test_compare.py).
+@pytest.mark.slow
 def test_sa_refines_an_adam_optimum_with_langevin_proposals(langevin_refine_runs):
     """The seed's x0 = x*: Adam first, then annealing from its parameters (--init-from)."""
     adam, sa = langevin_refine_runs

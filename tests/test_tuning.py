@@ -371,8 +371,8 @@ def rounds_runs(request):
     return background_result(request)
 
 
-# Slow tier: two more studies run twice; the SIGKILL resume of the quasi-random study stays
-# (tune_killed).
+# Slow tier: two more studies run twice; the quasi-random study's resume stays in the default run
+# (test_a_study_writes_its_files_never_reads_the_test_set_and_resumes).
 @pytest.mark.slow
 @pytest.mark.parametrize("tuner", ["optuna", "anneal"])
 def test_a_study_in_rounds_resumes_to_the_same_trials(rounds_runs, tuner):
