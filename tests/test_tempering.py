@@ -111,9 +111,6 @@ def tiny_pt(loss_fn, swap_every=2):
         swap_every=swap_every)
 
 
-# Slow tier: the default tier keeps replica exchange's one trace and swaps, and the driver's exact
-# resume through SA and ES.
-@pytest.mark.slow
 def test_replica_exchange_runs_in_the_driver_deterministically_and_resumes_exactly(vae, tmp_path):
     """A replica exchange is an Optimizer like any other: the driver runs it (rows log the coldest
     replica's temperature and the swap rate), the same key gives the same bits, one compile serves
