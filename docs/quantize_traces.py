@@ -30,6 +30,14 @@ def traced(name, optimizer, start):
                    budget_evals=BUDGET, eval_every=config.eval_every, batch_fn=setup.batch_fn, trace=True)
     return r
 
+
+
+def codes_changed(q):
+    """How many integer codes of ``q`` differ from RTN's (biases, float leaves, not counted)."""
+    return sum(int(jnp.sum(a != b)) for a, b in zip(jax.tree.leaves(q.codes), jax.tree.leaves(q0.codes))
+               if a.dtype.kind == "i")
+
+
 out = {}
 sa = A.simulated_annealing(setup.loss, 16, A.lattice(Q._fraction(q0, 17.8)), A.exponential(1.0, 0.99),
                            A.confident(0.0509), decision=Q._decision(setup))
@@ -41,7 +49,7 @@ for name, opt in (("lattice-sa", sa), ("lattice-es", es)):
     rows = r.trace
     keys = sorted(rows[0])
     acc = np.array([bool(row.get("accepted", False)) for row in rows])
-    moved = sum(int(jnp.sum(a != b)) for a, b in zip(jax.tree.leaves(r.params.codes), jax.tree.leaves(q0.codes)) if a.dtype.kind == 'i')
+    moved = codes_changed(r.params)
     summ = {"steps": len(rows), "keys": keys, "acceptance": float(acc.mean()), "codes_changed": moved,
             "test": setup.score(r.params, test), "seconds": time.time() - t}
     for k in ("delta", "stderr", "loss", "proposal_loss_min", "proposal_loss_mean", "decision_delta", "threshold",
@@ -57,7 +65,7 @@ t = time.time()
 ste = sv.from_optax(quantize.straight_through(setup.loss, q0), optax.adam(3.67e-5))
 r = traced("ste-adam", ste, quantize.dequantize(q0))
 kept = quantize.requantize(r.params, q0)
-moved = sum(int(jnp.sum(a != b)) for a, b in zip(jax.tree.leaves(kept.codes), jax.tree.leaves(q0.codes)) if a.dtype.kind == 'i')
+moved = codes_changed(kept)
 v = np.array([float(row["loss"]) for row in r.trace]) if "loss" in r.trace[0] else None
 out["ste-adam"] = {"steps": len(r.trace), "keys": sorted(r.trace[0]), "codes_changed": moved,
                    "test": setup.score(kept, test), "seconds": time.time() - t,
