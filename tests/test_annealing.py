@@ -550,6 +550,7 @@ def test_as_optax_composes_with_chain_and_matches_step():
     assert int(opt_state[0].count) == 5
 
 
+@pytest.mark.slow  # the default keeps as_optax's step against sa.step (test_as_optax_composes_with_chain_and_matches_step)
 def test_as_optax_takes_the_arguments_of_simulated_annealing_in_its_order():
     """as_optax's signature is simulated_annealing's (loss_fn first, then K, proposal, temperature,
     acceptance, radius, t_min, patience) plus seed; the old loss_fn-last order is gone (0.1.0)."""

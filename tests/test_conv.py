@@ -121,6 +121,9 @@ def test_bits_per_dim():
     assert models.bits_per_dim(784 * math.log(2), (28, 28, 1)) == pytest.approx(1.0)
 
 
+# Slow tier: the default keeps the mocked CIFAR-10 load (tests/test_data.py) and the conv VAE's loss
+# values and shapes above; this adds Adam steps on that loss.
+@pytest.mark.slow
 def test_training_step_on_mock_cifar10_lowers_the_loss(tfds_mock, tmp_path, monkeypatch):
     monkeypatch.delenv(data.ENV_DATA_DIR, raising=False)
     with tfds_mock.testing.mock_data(num_examples=8, policy=tfds_mock.testing.MockPolicy.USE_CODE):

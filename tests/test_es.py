@@ -115,6 +115,9 @@ def make_es(loss_fn, **kw):
     return es.evolution_strategy(loss_fn, 8, 0.02, optimizer=optax.adam(3e-3), **kw)
 
 
+# Slow tier: the default keeps ES's learning on digits in the pinned comparison (es and es-refine,
+# tests/test_compare.py) and its cost in the comparison's budget check.
+@pytest.mark.slow
 def test_es_learns_on_digits_and_counts_its_evaluations(vae):
     images, params, loss_fn = vae
     opt = make_es(loss_fn, acceptance=an.greedy())

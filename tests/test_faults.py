@@ -54,8 +54,10 @@ SMALL_FLAGS = [*TINY, "--methods", "adam,sa", "--set", "sa.proposals=8", "--eval
 # while an orbax temporary checkpoint folder exists (a checkpoint write in progress);
 # "second-method" as soon as sa-refine has committed a checkpoint (adam finished, sa-refine's
 # Adam phase under way: mid-run and mid-method); "delay" a random time after the launch has
-# committed a new checkpoint.
-KILL_POINTS = ["tmp", "second-method", "tmp", "delay", "delay"]
+# committed a new checkpoint. The default tier kills once at each kind of point; the slow tier
+# repeats the sequence with a second "tmp" and a second random "delay" (MORE_KILL_POINTS).
+KILL_POINTS = ["tmp", "second-method", "delay"]
+MORE_KILL_POINTS = ["tmp", "second-method", "tmp", "delay", "delay"]
 # (what fails with ENOSPC, on which call): run-state checkpoints mid-Adam,
 # the first annealing checkpoint (Adam finished), a results file write.
 DISK_FAULTS = [("run-checkpoint", 4), ("run-checkpoint", 8), ("atomic-write", 7)]
@@ -282,18 +284,17 @@ def committed_checkpoints(workdir: Path, method: str = "*") -> int:
     return sum(1 for p in workdir.glob(f"checkpoints/{method}/seed*/*") if p.name.isdigit())
 
 
-@background("sigkill_runs")
-def _sigkill_runs(tmp):
-    """The SIGKILL sequence (background work, see conftest.py): ``(workdir, what was seen)``.
+def kill_sequence(tmp, points):
+    """The SIGKILL sequence: ``(workdir, what was seen)``.
 
-    Run i kills `savae compare` at KILL_POINTS[i] (run 0 starts it, the others --resume), then a
-    last --resume finishes it; the test compares the result with the reference run.
+    Run i kills `savae compare` at points[i] (run 0 starts it, the others --resume), then a last
+    --resume finishes it; the tests compare the result with the reference run.
     """
     workdir = tmp / "killed"
     rng = np.random.default_rng(7)
-    delays = iter(rng.uniform(0.0, 2.0, size=KILL_POINTS.count("delay")))
-    seen = {"kills": 0, "unreadable": [], "second_method": None}
-    for i, kind in enumerate(KILL_POINTS):
+    delays = iter(rng.uniform(0.0, 2.0, size=points.count("delay")))
+    seen = {"kills": 0, "unreadable": [], "second_method": None, "points": len(points)}
+    for i, kind in enumerate(points):
         log_path = tmp / f"run{i}.log"
         proc, log = launch(workdir, log_path, *(["--resume"] if i else []))
         start_count, deadline = committed_checkpoints(workdir), time.time() + 300
@@ -326,22 +327,47 @@ def _sigkill_runs(tmp):
     return workdir, seen
 
 
+@background("sigkill_runs")
+def _sigkill_runs(tmp):
+    return kill_sequence(tmp, KILL_POINTS)
+
+
+@background("more_sigkill_runs")
+def _more_sigkill_runs(tmp):
+    return kill_sequence(tmp, MORE_KILL_POINTS)
+
+
 @pytest.fixture(scope="module")
 def sigkill_runs(request):
+    """The SIGKILL sequence at KILL_POINTS (background work, see conftest.py)."""
     return background_result(request)
 
 
-def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(sigkill_runs, reference_run):
-    workdir, seen = sigkill_runs
+@pytest.fixture(scope="module")
+def more_sigkill_runs(request):
+    """The SIGKILL sequence at MORE_KILL_POINTS (background work, see conftest.py)."""
+    return background_result(request)
+
+
+def check_killed_run(workdir, seen, reference_run):
     # Every --resume started from a complete checkpoint: none had to skip a damaged one.
     assert not any(seen["unreadable"]), seen["unreadable"]
     # Killed mid-run: adam's results are written, sa-refine's and the summary are not.
     second = seen["second_method"]
     assert second["killed"], second["log"]
     assert second["results"] == ["adam"] and not second["summary"]
-    assert seen["kills"] >= len(KILL_POINTS) - 1
+    assert seen["kills"] >= seen["points"] - 1
     assert results(workdir) == results(reference_run)
     assert_same_params(workdir, reference_run, ("adam", "sa-refine"))
+
+
+def test_sigkill_at_many_points_then_resume_equals_an_uninterrupted_run(sigkill_runs, reference_run):
+    check_killed_run(*sigkill_runs, reference_run)
+
+
+@pytest.mark.slow  # two more kills, at a second "tmp" and a second random "delay" point (the test above kills once at each kind)
+def test_sigkill_at_more_points_then_resume_equals_an_uninterrupted_run(more_sigkill_runs, reference_run):
+    check_killed_run(*more_sigkill_runs, reference_run)
 
 
 @pytest.mark.slow

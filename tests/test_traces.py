@@ -84,6 +84,9 @@ def test_the_trace_has_one_row_per_step_with_the_annealers_diagnostics(setup):
         {k: v for k, v in r.items() if k != "seconds"} for r in plain_history]
 
 
+# Slow tier: the default keeps the exact resume of the run itself (tests/test_driver.py, the SIGKILL
+# sequence of tests/test_faults.py) and the trace's rows above.
+@pytest.mark.slow
 def test_a_resumed_runs_trace_equals_an_uninterrupted_one(setup, tmp_path):
     phases = refinement(setup[3])
     kwargs = dict(budget_evals=400, trace=True, initial_row=True, checkpoint_every=14)
