@@ -1,5 +1,5 @@
-"""Shared test helpers: a session-wide JAX compilation cache, subprocess work started in the
-background, the TFDS mock fixture and result comparison without wall-clock fields."""
+"""Shared test helpers: a session-wide JAX compilation cache, the long subprocess runs of module
+fixtures (their files first), the TFDS mock fixture and result comparison without wall-clock fields."""
 
 import functools
 import os
@@ -7,9 +7,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
@@ -34,68 +33,39 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ and os.environ.get("SAVAE_TEST_
                           float(os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"]))
 
 
-# ------------------------------------------------------------------ background subprocess work
+# ------------------------------------------------------------------ subprocess work
 #
-# A few module fixtures are one long single-process subprocess each (the --quick benchmark, the
-# 8-device comparisons, the reference runs of the SIGKILL and determinism tests). The README's test
-# command runs the tests in pytest-xdist workers, one per core (at most 4), file by file: there a
-# fixture runs its work when a test asks for it, and the files with such work go first (see
-# pytest_collection_modifyitems). Run in one process (``-p no:xdist`` or ``-n 0``), the tests
-# mostly keep one core busy, so the work runs in one background thread, one job after another,
-# from the moment the tests are collected; its fixture then only waits for the result (or runs
-# the work itself if the thread has not reached it yet). Only the work of fixtures that a selected
-# test uses is started.
+# A few module fixtures are one long subprocess run each (the README's comparison, the SIGKILL
+# sequence, the 8-device comparisons, the docs' blocks). The README's test command runs the tests
+# in pytest-xdist workers, one per core (at most 4), a file at a time; the files that hold such
+# fixtures are handed out first (pytest_collection_modifyitems), so the long runs start early and
+# the many short files fill the other workers around them (longest first, as a scheduler of jobs
+# of unequal length should).
 
-
-class _Job:
-    def __init__(self, fixture: str, fn):
-        self.fixture, self.fn = fixture, fn
-        self.lock = threading.Lock()
-        self.done, self.result, self.error, self.seconds = False, None, None, 0.0
-
-    def run(self, config):
-        """The work's result, computed once (by whichever thread asks first; the other waits)."""
-        with self.lock:
-            if not self.done:
-                start = time.perf_counter()
-                try:
-                    factory = getattr(config, "_tmp_path_factory", None)
-                    tmp = (factory.mktemp(self.fixture) if factory is not None
-                           else Path(tempfile.mkdtemp(prefix=f"{self.fixture}-")))
-                    self.result = self.fn(tmp)
-                except BaseException as err:  # re-raised in the fixture that needs it
-                    self.error = err
-                self.done, self.seconds = True, time.perf_counter() - start
-        if self.error is not None:
-            raise self.error
-        return self.result
-
-
-_JOBS: dict[str, _Job] = {}
+_SUBPROCESS_WORK: dict[str, Callable] = {}
 _CHILDREN: list[subprocess.Popen] = []
-# Seconds from the start of the tests to the end of the background thread and to the first test that
-# waits on it: which of the two paths sets the suite's wall time (printed in the terminal summary).
-_CLOCK = {"start": None, "background done": None, "first waiting test": None}
 
 
-def background(fixture: str):
-    """Register ``fn(tmp_path) -> result``, the subprocess work of the fixture named ``fixture``.
+def subprocess_work(fixture: str):
+    """Register ``fn(tmp_path) -> result``, the subprocess work of the module fixture ``fixture``.
 
-    The fixture returns ``background_result(request)``. ``fn`` starts its subprocesses with
+    The fixture returns ``subprocess_result(request)``. ``fn`` starts its subprocesses with
     :func:`popen` (so that they are stopped if the session ends first) and raises (e.g. an
     AssertionError with the log) when they fail.
     """
 
     def register(fn):
-        _JOBS[fixture] = _Job(fixture, fn)
+        _SUBPROCESS_WORK[fixture] = fn
         return fn
 
     return register
 
 
-def background_result(request):
-    """The result of the background work registered for ``request``'s fixture."""
-    return _JOBS[request.fixturename].run(request.config)
+def subprocess_result(request):
+    """The result of the subprocess work registered for ``request``'s fixture, run in a fresh
+    temporary folder of its own."""
+    tmp = request.getfixturevalue("tmp_path_factory").mktemp(request.fixturename)
+    return _SUBPROCESS_WORK[request.fixturename](tmp)
 
 
 def popen(cmd, **kwargs) -> subprocess.Popen:
@@ -115,84 +85,11 @@ def run_script(*args, env=None, timeout: float = 900) -> str:
     return log
 
 
-def _waits(item) -> bool:
-    """Whether ``item`` uses the result of background work."""
-    return any(job.fixture in getattr(item, "fixturenames", ()) for job in _JOBS.values())
-
-
-def _xdist_worker() -> bool:
-    """Whether this process is a pytest-xdist worker (the README's test command runs two)."""
-    return "PYTEST_XDIST_WORKER" in os.environ
-
-
 def pytest_collection_modifyitems(session, config, items):
-    """Order the tests so that the background work overlaps the rest.
-
-    In one process: the tests that wait on background work run last, in their order, every other
-    test first. Their jobs start when the tests are collected and run one after another on the
-    second core while the other tests keep the first busy, so by the time a waiting test runs its
-    result is (mostly) there: the foreground does not sit idle waiting for it (it did: 40 s for
-    the MNIST comparison, run early among test_compare.py's tests).
-
-    Under pytest-xdist (``--dist loadfile``, files handed out in this order): the files that hold
-    such tests go first, each worker running their work when one of its tests asks for it, so the
-    long subprocess runs start early and the many short files fill the other worker around them
-    (longest first, as a scheduler of jobs of unequal length should).
-    """
-    if _xdist_worker():
-        heavy = {item.path for item in items if _waits(item)}
-        items.sort(key=lambda item: item.path not in heavy)  # stable: each file keeps its order
-        return
-    waiting = [item for item in items if _waits(item)]
-    if waiting:
-        items[:] = [item for item in items if not _waits(item)] + waiting
-
-
-def pytest_collection_finish(session):
-    # An xdist worker collects every test but runs only the files it is handed: its fixtures run
-    # their background work when a test asks (a thread here would start every job in every worker).
-    if session.config.option.collectonly or _xdist_worker():
-        return
-    _CLOCK["start"] = time.perf_counter()
-    needed = []
-    for item in session.items:  # in the order the tests will need them
-        for job in _JOBS.values():
-            if job.fixture in getattr(item, "fixturenames", ()) and job not in needed:
-                needed.append(job)
-    if needed:
-        # Create the session's temporary root here, in the main thread: pytest's TempPathFactory
-        # is not thread-safe, and two threads creating it at once make two roots.
-        factory = getattr(session.config, "_tmp_path_factory", None)
-        if factory is not None:
-            factory.getbasetemp()
-
-        def work():
-            for job in needed:
-                try:
-                    job.run(session.config)
-                except BaseException:  # reported by the fixture
-                    pass
-            _CLOCK["background done"] = time.perf_counter()
-
-        threading.Thread(target=work, name="background-fixtures", daemon=True).start()
-
-
-def pytest_runtest_setup(item):
-    if _CLOCK["first waiting test"] is None and _waits(item):
-        _CLOCK["first waiting test"] = time.perf_counter()
-
-
-def pytest_terminal_summary(terminalreporter):
-    """The wall time of each background job (they overlap the tests, so --durations does not show them),
-    and when the background thread ended against when the foreground reached the tests that wait on it."""
-    done = [job for job in _JOBS.values() if job.done]
-    if done:
-        terminalreporter.write_line("background jobs: " + ", ".join(
-            f"{job.fixture} {job.seconds:.1f} s" for job in done))
-    if _CLOCK["start"] is not None:
-        terminalreporter.write_line("from the start of the tests: " + ", ".join(
-            f"{name} at {value - _CLOCK['start']:.0f} s" for name, value in _CLOCK.items()
-            if name != "start" and value is not None))
+    """The files whose tests use subprocess work first, each file's tests in their order (under
+    pytest-xdist's ``--dist loadfile`` the files are handed to the workers in this order)."""
+    heavy = {item.path for item in items if set(getattr(item, "fixturenames", ())) & set(_SUBPROCESS_WORK)}
+    items.sort(key=lambda item: item.path not in heavy)  # stable: each file keeps its order
 
 
 def pytest_unconfigure(config):

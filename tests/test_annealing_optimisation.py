@@ -21,7 +21,7 @@ import textwrap
 import numpy as np
 import pytest
 
-from conftest import background, background_result, run_script
+from conftest import subprocess_work, subprocess_result, run_script
 
 DIM, CHAINS, K, STEPS = 10, 32, 16, 1000
 
@@ -33,8 +33,8 @@ DIM, CHAINS, K, STEPS = 10, 32, 16, 1000
 # (Before the scale was relative to the box, Ackley's full moves of absolute scale 0.1 found it in
 # 0.53-0.78: relative to Ackley's wide box, full moves are not what fails there.)
 
-# The four runs (two problems, sparse and full moves), in a subprocess, as background work (see
-# conftest.py): about a minute of one core that the other tests do not wait for.
+# The four runs (two problems, sparse and full moves), in a subprocess (subprocess work, see
+# conftest.py): about a minute of one core.
 RUNS = textwrap.dedent(f"""
     import json
     from savae_jax.experiments import dual_annealing as D
@@ -51,7 +51,7 @@ RUNS = textwrap.dedent(f"""
 """)
 
 
-@background("optimisation_runs")
+@subprocess_work("optimisation_runs")
 def _optimisation_runs(tmp):
     log = run_script("-c", RUNS)
     line = [ln for ln in log.splitlines() if ln.startswith("RESULT ")][-1]
@@ -60,7 +60,7 @@ def _optimisation_runs(tmp):
 
 @pytest.fixture(scope="module")
 def optimisation_runs(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.experiment

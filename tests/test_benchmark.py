@@ -17,7 +17,7 @@ from savae_jax import annealing as an
 from savae_jax import rng
 from savae_jax.annealing import proposals
 
-from conftest import background, background_result, run_script, small_vae
+from conftest import subprocess_work, subprocess_result, run_script, small_vae
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -43,7 +43,7 @@ def _finite_numbers(obj, path="result"):
             yield from _finite_numbers(v, f"{path}[{i}]")
 
 
-@background("quick_result")
+@subprocess_work("quick_result")
 def _quick_run(tmp):
     """One --quick run on 2 fake CPU devices with --devices 2 (adds the sharded section)."""
     out = tmp / "bench.json"
@@ -56,8 +56,8 @@ def _quick_run(tmp):
 
 @pytest.fixture(scope="module")
 def quick_result(request):
-    """The --quick run's JSON (started in the background when the tests are collected)."""
-    return background_result(request)
+    """The --quick run's JSON (subprocess work, see conftest.py)."""
+    return subprocess_result(request)
 
 
 @pytest.mark.slow  # the default tier keeps chunked evaluation through the low-rank and ES members
@@ -189,9 +189,9 @@ def test_ks_flag_sets_the_sections_k_and_accelerators_go_to_4096(monkeypatch, ca
         assert info.value.code == 2 and needle in capsys.readouterr().err
 
 
-# Last in this file, so that its background --quick run overlaps the tests above. Slow tier: the
-# --quick run compiles about 25 steps of the 784-500-20 VAE (2.5 min of a loaded 2-core CI machine);
-# the default tier keeps the benchmark's pieces tested above (FLOP counts, chunk sizes, timing).
+# Slow tier: the --quick run compiles about 25 steps of the 784-500-20 VAE (2.5 min of a loaded
+# 2-core CI machine); the default tier keeps the pieces tested above (the FLOP counts, the chunk
+# sizes, the --ks flag).
 @pytest.mark.slow
 def test_quick_json_is_complete_and_finite(quick_result):
     r = quick_result

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 from savae_jax.experiments import compare, figures, registry, report  # noqa: E402
 from savae_jax.experiments import workdir as workdir_lib  # noqa: E402
-from conftest import background, background_result, run_script, small_vae, without_seconds  # noqa: E402
+from conftest import subprocess_work, subprocess_result, run_script, small_vae, without_seconds  # noqa: E402
 
 
 SMALL = ["--hidden", "32", "--latents", "4", "--batch-size", "100",
@@ -300,7 +300,7 @@ RMSPROP_ACROSS_CPUS = 1e-3
 TOLERANCE = {"adam": GRADIENT_ACROSS_CPUS, "sgd": GRADIENT_ACROSS_CPUS, "rmsprop": RMSPROP_ACROSS_CPUS}
 
 
-@background("digits_comparison")
+@subprocess_work("digits_comparison")
 def _digits_comparison(tmp):
     """`python experiments/compare.py` with every default, in a subprocess: ``(workdir, results.json)``.
 
@@ -314,7 +314,7 @@ def _digits_comparison(tmp):
 
 @pytest.fixture(scope="module")
 def digits_comparison(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 def test_the_digits_comparison_keeps_its_pinned_numbers(digits_comparison):
@@ -350,7 +350,7 @@ def _mnist_dir():
     return path
 
 
-@background("mnist_comparison")
+@subprocess_work("mnist_comparison")
 def _mnist_comparison(tmp):
     """Issue 12's MNIST comparison (seed 0), `savae compare` in a subprocess; its results.json.
 
@@ -366,7 +366,7 @@ def _mnist_comparison(tmp):
 @pytest.fixture(scope="module")
 def mnist_comparison(request):
     _mnist_dir()  # skips, with its reason, where real MNIST is absent
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.experiment

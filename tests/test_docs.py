@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import background, background_result, popen
+from conftest import subprocess_work, subprocess_result, popen
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
@@ -57,9 +57,9 @@ def test_the_pages_hold_python_blocks():
     assert counts["README.md"] >= 2 and counts["architecture.md"] >= 1, counts
 
 
-@background("python_block_runs")
+@subprocess_work("python_block_runs")
 def _python_block_runs(tmp):
-    """Every page's blocks, one fresh process per page (background work, see conftest.py):
+    """Every page's blocks, one fresh process per page (subprocess work, see conftest.py):
     ``{page name: (return code, stdout, stderr)}``."""
     out = {}
     for page in PAGES:
@@ -74,7 +74,7 @@ def _python_block_runs(tmp):
 
 @pytest.fixture(scope="module")
 def python_block_runs(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: p.name)

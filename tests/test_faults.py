@@ -34,7 +34,7 @@ from savae_jax import checkpoint, driver
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "experiments" / "compare.py"
 from savae_jax.experiments import builders, compare, registry  # noqa: E402
-from conftest import background, background_result, popen, slow_after_first, small_vae, without_seconds  # noqa: E402
+from conftest import subprocess_work, subprocess_result, popen, slow_after_first, small_vae, without_seconds  # noqa: E402
 
 TINY = ["--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet"]
 # The subprocess runs of the SIGKILL test (the issue's tiny digits config): Adam, then sa-refine
@@ -237,17 +237,16 @@ def finish(proc, log, timeout=600):
 
 
 # The DETERMINISM_RUNS uninterrupted subprocess runs of REFERENCE_FLAGS: run 1 (the SIGKILL
-# test's reference), then runs 2 and 3 side by side. Both are background work (see conftest.py):
-# started when the tests are collected, they run beside the in-process tests.
+# test's reference), then runs 2 and 3 side by side (subprocess work, see conftest.py).
 
 
-@background("reference_run")
+@subprocess_work("reference_run")
 def _reference_run(tmp):
     finish(*launch(tmp / "run1", tmp / "run1.log", flags=REFERENCE_FLAGS))
     return tmp / "run1"
 
 
-@background("determinism_runs")
+@subprocess_work("determinism_runs")
 def _determinism_runs(tmp):
     runs = [(tmp / f"run{i}", launch(tmp / f"run{i}", tmp / f"run{i}.log", flags=REFERENCE_FLAGS))
             for i in range(2, DETERMINISM_RUNS + 1)]
@@ -259,13 +258,13 @@ def _determinism_runs(tmp):
 @pytest.fixture(scope="module")
 def reference_run(request):
     """An uninterrupted subprocess run of REFERENCE_FLAGS (determinism run 1, the SIGKILL reference)."""
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.fixture(scope="module")
 def determinism_runs(request):
     """Determinism runs 2 and 3: the same command as ``reference_run``."""
-    return background_result(request)
+    return subprocess_result(request)
 
 
 def orbax_tmp_exists(workdir: Path) -> bool:
@@ -327,26 +326,26 @@ def kill_sequence(tmp, points):
     return workdir, seen
 
 
-@background("sigkill_runs")
+@subprocess_work("sigkill_runs")
 def _sigkill_runs(tmp):
     return kill_sequence(tmp, KILL_POINTS)
 
 
-@background("more_sigkill_runs")
+@subprocess_work("more_sigkill_runs")
 def _more_sigkill_runs(tmp):
     return kill_sequence(tmp, MORE_KILL_POINTS)
 
 
 @pytest.fixture(scope="module")
 def sigkill_runs(request):
-    """The SIGKILL sequence at KILL_POINTS (background work, see conftest.py)."""
-    return background_result(request)
+    """The SIGKILL sequence at KILL_POINTS (subprocess work, see conftest.py)."""
+    return subprocess_result(request)
 
 
 @pytest.fixture(scope="module")
 def more_sigkill_runs(request):
-    """The SIGKILL sequence at MORE_KILL_POINTS (background work, see conftest.py)."""
-    return background_result(request)
+    """The SIGKILL sequence at MORE_KILL_POINTS (subprocess work, see conftest.py)."""
+    return subprocess_result(request)
 
 
 def check_killed_run(workdir, seen, reference_run):

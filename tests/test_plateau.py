@@ -9,15 +9,15 @@ import savae_jax as sv
 from savae_jax.experiments import plateau
 from savae_jax.experiments import workdir as workdir_lib
 
-from conftest import background, background_result, run_script, without_seconds
+from conftest import subprocess_work, subprocess_result, run_script, without_seconds
 
 TINY = ["--dataset", "digits", "--hidden", "32", "--latents", "4", "--batch-size", "100",
         "--eval-every", "5", "--eval-iwae", "0"]
 
 
-@background("plateau_run")
+@subprocess_work("plateau_run")
 def _plateau_run(tmp):
-    """`savae plateau` at a tiny scale, in a subprocess (background work, see conftest.py): its workdir."""
+    """`savae plateau` at a tiny scale, in a subprocess (subprocess work, see conftest.py): its workdir."""
     run_script("-m", "savae_jax.cli", "plateau", *TINY, "--seeds", "0", "--max-epochs", "3", "--patience", "1",
                "--extra-evals", "300", "--workdir", tmp / "w")
     return tmp / "w"
@@ -25,7 +25,7 @@ def _plateau_run(tmp):
 
 @pytest.fixture(scope="module")
 def plateau_run(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 # Slow tier: a plateau run end to end; the default tier keeps plateau's workdir policy and resume

@@ -9,7 +9,7 @@ import pytest
 from savae_jax.experiments import dual_annealing as D
 from savae_jax.experiments.problems import PROBLEMS, STYBLINSKI_TANG_MIN
 
-from conftest import background, background_result, run_script
+from conftest import subprocess_work, subprocess_result, run_script
 
 # The known minimisers (Surjanovic & Bingham's Virtual Library of Simulation Experiments), per coordinate.
 ARGMIN = {"rastrigin": 0.0, "ackley": 0.0, "griewank": 0.0, "levy": 1.0, "rosenbrock": 1.0,
@@ -55,9 +55,9 @@ def test_styblinski_tang_minimum_scales_with_the_dimension():
     assert PROBLEMS["styblinski_tang"].minimum(10) == pytest.approx(10 * STYBLINSKI_TANG_MIN)
 
 
-@background("dual_table_run")
+@subprocess_work("dual_table_run")
 def _dual_table_run(tmp):
-    """A tiny `savae dual-annealing` on two problems, in a subprocess (background work, see conftest.py):
+    """A tiny `savae dual-annealing` on two problems, in a subprocess (subprocess work, see conftest.py):
     (its --json numbers, its output)."""
     log = run_script("-m", "savae_jax.cli", "dual-annealing", "--runs", "4", "--steps", "60", "--proposals", "4",
                      "--dim", "3", "--polish-steps", "0", "--problems", "levy", "schwefel", "--json", tmp / "out.json")
@@ -66,7 +66,7 @@ def _dual_table_run(tmp):
 
 @pytest.fixture(scope="module")
 def dual_table_run(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 # Slow tier: a dual-annealing comparison end to end; the default tier keeps the problems and the

@@ -12,7 +12,7 @@ import savae_jax as sv
 from savae_jax import annealing as A
 from savae_jax import quantize as Q
 
-from conftest import background, background_result, run_script, slow_after_first, small_vae
+from conftest import subprocess_work, subprocess_result, run_script, slow_after_first, small_vae
 
 
 @pytest.fixture(scope="module")
@@ -412,8 +412,7 @@ def test_lattice_annealing_runs_in_the_driver_deterministically_and_resumes_exac
 
 # The SIGKILL test of the lattice optimizers: tests/lattice_worker.py (lattice annealing for 30 steps,
 # then lattice ES for 22, a checkpoint at every step) killed once in each phase, then resumed to its
-# end, against an uninterrupted run of the same worker. Subprocesses in the background (see
-# conftest.py); in the slow tier (`pytest -m slow`): four launches, each compiling both phases' steps.
+# end, against an uninterrupted run of the same worker (subprocess work, see conftest.py); in the slow tier (`pytest -m slow`): four launches, each compiling both phases' steps.
 LATTICE_KILL_AT = (10, 38)  # kill once the newest checkpoint is at this step or later: SA's 10th, ES's 8th
 
 
@@ -422,7 +421,7 @@ def _newest_step(folder) -> int:
     return max(steps, default=0)
 
 
-@background("lattice_kill_runs")
+@subprocess_work("lattice_kill_runs")
 def _lattice_kill_runs(tmp):
     """``(uninterrupted run's folder, killed-and-resumed run's folder, steps at which each launch was killed)``."""
     import signal
@@ -461,7 +460,7 @@ def _lattice_kill_runs(tmp):
 
 @pytest.fixture(scope="module")
 def lattice_kill_runs(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.slow
@@ -482,13 +481,13 @@ def test_lattice_runs_killed_in_each_phase_resume_to_the_uninterrupted_codes(lat
     assert len(codes) == 5 and all(np.abs(c).max() <= 3 for c in codes)  # a valid 3-bit model
 
 
-# `savae quantize` at a tiny scale, run twice (the second with --resume) in a subprocess as background
-# work (see conftest.py): about 40 s of one core that the other tests do not wait for.
+# `savae quantize` at a tiny scale, run twice (the second with --resume) in a subprocess (subprocess
+# work, see conftest.py): about 40 s of one core.
 QUANTIZE_FLAGS = ["--bits", "2", "--budget-evals", "150", "--pretrain-evals", "300", "--seeds", "0", "--hidden", "16",
                   "--latents", "3", "--batch-size", "100", "--eval-every", "5", "--trials", "2"]
 
 
-@background("quantize_runs")
+@subprocess_work("quantize_runs")
 def _quantize_runs(tmp):
     """``(results.json of the run, summary.md, results.json after --resume, the resumed run's output)``."""
     workdir = tmp / "w"
@@ -507,7 +506,7 @@ def _quantize_runs(tmp):
 
 @pytest.fixture(scope="module")
 def quantize_runs(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.slow

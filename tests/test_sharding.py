@@ -24,7 +24,7 @@ import pytest
 import savae_jax as sv
 from savae_jax import annealing, checkpoint, distributed
 
-from conftest import background, background_result, popen
+from conftest import subprocess_work, subprocess_result, popen
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -40,12 +40,12 @@ def _eight_devices(part: str):
     return json.loads(line[len("RESULT "):])
 
 
-@background("eight_devices")
+@subprocess_work("eight_devices")
 def _eight_devices_run(tmp):
     return _eight_devices("core")
 
 
-@background("eight_devices_extended")
+@subprocess_work("eight_devices_extended")
 def _eight_devices_extended_run(tmp):
     return _eight_devices("extended")
 
@@ -53,8 +53,8 @@ def _eight_devices_extended_run(tmp):
 @pytest.fixture(scope="module")
 def eight_devices(request):
     """sharding_worker's ``core`` report: annealing with two proposals and a padded mesh (its
-    subprocess starts in the background when the tests are collected)."""
-    return background_result(request)
+    subprocess work, see conftest.py)."""
+    return subprocess_result(request)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def eight_devices_extended(request):
     """sharding_worker's ``extended`` report (the slow tier): ES, data-parallel Adam, ``fit`` with a
     sharded annealer, the noise-aware rules, the lattice optimizers, replica exchange, dual
     annealing's chains and a tuning group."""
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.parametrize("proposal, num_proposals",
@@ -345,9 +345,9 @@ def _single(script: str, args: list[str]) -> str:
     return log
 
 
-# The one-device reference runs of the two-process tests below are background work (see
-# conftest.py): each is one process, run before its test needs it, so that the test's two
-# processes do not share CI's two cores with a third.
+# The one-device reference runs of the two-process tests below are subprocess work (see
+# conftest.py): each is one process, run before the test's own two processes start, so that
+# those two do not share the cores with a third.
 
 TRAIN_ARGS = ["experiments/train.py", "--dataset", "digits", "--optimizer", "adam", "--lr", "3e-3",
               "--epochs", "1", "--batch-size", "64", "--hidden", "32", "--latents", "4", "--quiet"]
@@ -359,7 +359,7 @@ DUAL_ARGS = ["experiments/dual_annealing.py", "--runs", "8", "--steps", "30", "-
              "--problems", "rastrigin"]
 
 # The saved initial parameters of the train.py runs (MLPVAE(32, 4), init key 7), written in a
-# subprocess like everything else in the background.
+# subprocess like the other reference runs.
 SAVE_INIT = textwrap.dedent(
     """
     import sys
@@ -373,7 +373,7 @@ SAVE_INIT = textwrap.dedent(
 )
 
 
-@background("train_single")
+@subprocess_work("train_single")
 def _train_single(tmp):
     init = tmp / "init"
     _single("-c", [SAVE_INIT, str(init)])
@@ -385,10 +385,10 @@ def _train_single(tmp):
 @pytest.fixture(scope="module")
 def train_single(request):
     """The saved initial parameters (``init``) and train.py from them on one device (``single``)."""
-    return background_result(request)
+    return subprocess_result(request)
 
 
-@background("compare_single")
+@subprocess_work("compare_single")
 def _compare_single(tmp):
     _single(COMPARE_ARGS[0], COMPARE_ARGS[1:] + ["--workdir", str(tmp / "single")])
     return tmp / "single"
@@ -397,10 +397,10 @@ def _compare_single(tmp):
 @pytest.fixture(scope="module")
 def compare_single(request):
     """The workdir of COMPARE_ARGS run on one device."""
-    return background_result(request)
+    return subprocess_result(request)
 
 
-@background("dual_single")
+@subprocess_work("dual_single")
 def _dual_single(tmp):
     _single(DUAL_ARGS[0], DUAL_ARGS[1:] + ["--json", str(tmp / "single.json")])
     return tmp / "single.json"
@@ -409,7 +409,7 @@ def _dual_single(tmp):
 @pytest.fixture(scope="module")
 def dual_single(request):
     """The JSON report of DUAL_ARGS run on one device."""
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.slow
@@ -433,10 +433,10 @@ def test_two_processes_on_loopback_agree(tmp_path, train_single):
                                                                  abs=1e-4)
 
 
-@background("two_process_killed")
+@subprocess_work("two_process_killed")
 def _two_process_killed(tmp):
     """Two processes of COMPARE_ARGS SIGKILLed after the first annealing checkpoint, then resumed with two
-    (background work): ``(workdir, what was seen)``."""
+    (subprocess work): ``(workdir, what was seen)``."""
     args = COMPARE_ARGS
     both = tmp / "both"
     procs = _two_processes(args[0], args[1:] + ["--workdir", str(both)])
@@ -458,7 +458,7 @@ def _two_process_killed(tmp):
 
 @pytest.fixture(scope="module")
 def two_process_killed(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.slow
@@ -508,9 +508,9 @@ def test_two_process_compare_killed_and_resumed_equals_one_device(two_process_ki
         assert (both / name).is_file(), name
 
 
-@background("two_process_time_budget")
+@subprocess_work("two_process_time_budget")
 def _two_process_time_budget(tmp):
-    """Two processes of `savae compare --budget-seconds 1.5` (background work): ``(workdir, rcs, logs)``."""
+    """Two processes of `savae compare --budget-seconds 1.5` (subprocess work): ``(workdir, rcs, logs)``."""
     args = ["experiments/compare.py", "--dataset", "digits", "--methods", "sa,adam",
             "--budget-evals", "100000", "--budget-seconds", "1.5", "--eval-every", "5",
             "--batch-size", "64", "--hidden", "32", "--latents", "4", "--eval-iwae", "0",
@@ -522,7 +522,7 @@ def _two_process_time_budget(tmp):
 
 @pytest.fixture(scope="module")
 def two_process_time_budget(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ import pytest
 import savae_jax as sv
 from savae_jax import checkpoint
 
-from conftest import background, background_result, popen, run_script
+from conftest import subprocess_work, subprocess_result, popen, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -95,10 +95,10 @@ def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatc
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.json"]
 
 
-@background("langevin_refine_runs")
+@subprocess_work("langevin_refine_runs")
 def _langevin_refine_runs(tmp):
     """`savae train` of Adam, then annealing with Langevin proposals from its parameters, in subprocesses
-    (background work, see conftest.py): their metrics.json."""
+    (subprocess work, see conftest.py): their metrics.json."""
     run_script("-m", "savae_jax.cli", "train", "--epochs", "5", "--workdir", tmp / "adam", *SMALL)
     run_script("-m", "savae_jax.cli", "train", "--optimizer", "sa", "--epochs", "3", "--init-from", tmp / "adam" / "params",
                "--sa-proposal", "langevin", "--sa-proposals", "8", "--sa-langevin-optimizer", "adam",
@@ -108,7 +108,7 @@ def _langevin_refine_runs(tmp):
 
 @pytest.fixture(scope="module")
 def langevin_refine_runs(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 # Slow tier: two train runs end to end; Langevin proposals stay in the default run through the
@@ -181,9 +181,9 @@ def test_iwae_diagnostics_and_beta_warmup_reach_metrics(tmp_path):
     assert len(final["diagnostics"]["kl_per_dim"]) == 4
 
 
-@background("conv_train_run")
+@subprocess_work("conv_train_run")
 def _conv_train_run(tmp):
-    """`savae train` of the conv VAE with the logistic likelihood, in a subprocess (background work, see
+    """`savae train` of the conv VAE with the logistic likelihood, in a subprocess (subprocess work, see
     conftest.py): (its metrics.json, its output)."""
     log = run_script("-m", "savae_jax.cli", "train", "--model", "conv", "--likelihood", "logistic", "--binarize", "none",
                      "--epochs", "1", "--hidden", "32", "--latents", "4", "--batch-size", "100", "--quiet",
@@ -193,7 +193,7 @@ def _conv_train_run(tmp):
 
 @pytest.fixture(scope="module")
 def conv_train_run(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 # Slow tier: a conv train run end to end; the default tier keeps the conv VAE's training step and
@@ -224,10 +224,10 @@ PRETRAIN_FLAGS = ["--optimizer", "sa", "--pretrain-epochs", "1", "--epochs", "8"
                   "--eval-iwae", "0", *SMALL]
 
 
-@background("pretrain_killed_runs")
+@subprocess_work("pretrain_killed_runs")
 def _pretrain_killed_runs(tmp):
     """An uninterrupted `savae train --pretrain-epochs` run, and the same run SIGKILLed after its first
-    annealing checkpoint and resumed, in subprocesses (background work, see conftest.py):
+    annealing checkpoint and resumed, in subprocesses (subprocess work, see conftest.py):
     ``(reference workdir, killed workdir, what was seen at the kill)``."""
     import signal
     import sys
@@ -253,7 +253,7 @@ def _pretrain_killed_runs(tmp):
 
 @pytest.fixture(scope="module")
 def pretrain_killed_runs(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 @pytest.mark.slow  # a third SIGKILL run; the SIGKILL tests of test_faults stay in the default run

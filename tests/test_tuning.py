@@ -15,16 +15,16 @@ import savae_jax as sv
 from savae_jax import driver
 from savae_jax.experiments import registry, tuning
 
-from conftest import background, background_result, popen, run_script, small_vae
+from conftest import subprocess_work, subprocess_result, popen, run_script, small_vae
 
 # A study of three groups (one per method), small enough to run in seconds.
 KILL_FLAGS = ["--methods", "adam,sgd,rmsprop", "--trials", "2", "--budget-evals", "120", "--eval-every", "10",
               "--hidden", "16", "--latents", "3", "--batch-size", "100", "--quiet"]
 
 
-@background("tune_killed")
+@subprocess_work("tune_killed")
 def _tune_killed(tmp):
-    """`savae tune` SIGKILLed as soon as its first group is saved, then `--resume`d to the end (background
+    """`savae tune` SIGKILLed as soon as its first group is saved, then `--resume`d to the end (subprocess
     work, see conftest.py): ``(workdir, what was seen)``."""
     workdir = tmp / "killed"
     proc = popen([sys.executable, "-m", "savae_jax.cli", "tune", *KILL_FLAGS, "--workdir", str(workdir)],
@@ -43,7 +43,7 @@ def _tune_killed(tmp):
 
 @pytest.fixture(scope="module")
 def tune_killed(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 def test_the_sampler_is_deterministic_covers_each_space_and_samples_log_ranges_in_log():
@@ -358,7 +358,7 @@ def _rounds_flags(tuner, workdir):
 
 def _rounds_run(tuner, tmp):
     """`savae tune --tuner TUNER` in rounds, in a subprocess; then its last group deleted from study.json and
-    --resume (background work, see conftest.py): (the workdir, the study before, the study after)."""
+    --resume (subprocess work, see conftest.py): (the workdir, the study before, the study after)."""
     workdir = tmp / "w"
     run_script("-m", "savae_jax.cli", "tune", *_rounds_flags(tuner, workdir))
     before = json.loads((workdir / "study.json").read_text())["results"]
@@ -368,7 +368,7 @@ def _rounds_run(tuner, tmp):
     return workdir, before, json.loads((workdir / "study.json").read_text())["results"]
 
 
-@background("rounds_runs")
+@subprocess_work("rounds_runs")
 def _rounds_runs(tmp):
     return {tuner: _rounds_run(tuner, tmp / tuner) for tuner in ("optuna", "anneal")}
 
@@ -376,7 +376,7 @@ def _rounds_runs(tmp):
 @pytest.fixture(scope="module")
 def rounds_runs(request):
     """``{tuner: (workdir, study, resumed study)}`` of :func:`_rounds_run` for optuna and anneal."""
-    return background_result(request)
+    return subprocess_result(request)
 
 
 # Slow tier: two more studies run twice; the quasi-random study's resume stays in the default run

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import background, background_result, run_script
+from conftest import subprocess_work, subprocess_result, run_script
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Executes the notebook in a fresh kernel (in a subprocess, as background work: see conftest.py)
+# Executes the notebook in a fresh kernel (in a subprocess, as subprocess work: see conftest.py)
 # and writes its code cells' outputs as JSON to argv[1]. Raises CellExecutionError, naming the
 # cell, if any cell raises.
 EXECUTE = textwrap.dedent("""
@@ -27,7 +27,7 @@ EXECUTE = textwrap.dedent("""
 """)
 
 
-@background("tutorial_run")
+@subprocess_work("tutorial_run")
 def _tutorial_run(tmp):
     result = tmp / "outputs.json"
     run_script("-c", EXECUTE, result, tmp, timeout=900)
@@ -36,7 +36,7 @@ def _tutorial_run(tmp):
 
 @pytest.fixture(scope="module")
 def tutorial_run(request):
-    return background_result(request)
+    return subprocess_result(request)
 
 
 def test_the_tutorial_draws_its_figures_with_the_package_s_functions():

@@ -282,7 +282,7 @@ class TuneConfig:
     eval_every: int = 200
     hidden: int = 500
     latents: int = 20
-    one_by_one: bool = False        # also run every trial alone (driver.run), to time the vmap against it
+    one_by_one: bool = False        # also run every trial alone (driver.run), to time and check the vmap against it
     tuner: str = "random"           # tuners.TUNERS
     round_size: int | None = None   # trials per round (optuna, anneal; default tuners.DEFAULT_ROUND_SIZE)
 
@@ -308,7 +308,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
                         f"(default {tuners.DEFAULT_ROUND_SIZE})")
     p.add_argument("--one-by-one", action="store_true",
                    help="also run every trial alone (driver.run) and report the group's wall-clock against "
-                        "the sum of the trials' (doubles the work; the choice of trials does not change)")
+                        "the sum of the trials', and each lone run's kept step and score beside the group's "
+                        "in trials.csv (doubles the work; the choice of trials does not change)")
     flags.add_devices_flag(p, "shard each trial group's trials over")
     flags.add_workdir_flags(p, "runs/tune")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
