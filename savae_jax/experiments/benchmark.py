@@ -369,18 +369,20 @@ def evosax_step(k: int, loss_fn, params, x):
     return compiled, args
 
 
-def bench_evosax(cache: Cache, ks, rounds: int):
+def bench_evosax(cache: Cache, ks, rounds: int, hidden: int = HIDDEN):
+    """Our SA step (gaussian and low_rank) against evosax's SimulatedAnnealing, same objective, batch
+    and K: ``(rows, evosax version)``, or ``({"error": ...}, version)`` where evosax is missing or fails."""
     version = evosax_version()
     if version is None:
         return {"error": "evosax is not installed (pip install 'savae_jax[bench]')"}, None
     rows = []
     try:
-        loss_fn, params, x = cache.problem(HIDDEN)
+        loss_fn, params, x = cache.problem(hidden)
         for k in ks:
             theirs, theirs_args = evosax_step(k, loss_fn, params, x)
             fns = {"evosax": (theirs, theirs_args)}
             for prop in ("gaussian", "low_rank"):
-                fns[prop] = cache.step(prop, k)[:2]
+                fns[prop] = cache.step(prop, k, hidden)[:2]
             t = time_interleaved(fns, rounds)
             theirs_mem = memory(theirs)["temp_mb"]
             for prop in ("gaussian", "low_rank"):
@@ -388,7 +390,7 @@ def bench_evosax(cache: Cache, ks, rounds: int):
                     "proposal": prop, "K": k,
                     "speedup": t["evosax"] / t[prop],
                     "ours_step_s": t[prop], "theirs_step_s": t["evosax"],
-                    "ours_mem_mb": cache.step(prop, k)[2]["temp_mb"],
+                    "ours_mem_mb": cache.step(prop, k, hidden)[2]["temp_mb"],
                     "theirs_mem_mb": theirs_mem,
                 })
             print(f"  evosax K={k}: " + "  ".join(f"{n} {s:.3f}s" for n, s in t.items()), flush=True)
