@@ -93,13 +93,6 @@ def pytest_collection_modifyitems(session, config, items):
     items.sort(key=lambda item: item.path not in heavy)  # stable: each file keeps its order
 
 
-def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: one worker more than the cores (``--maxprocesses`` caps it). The workers wait on
-    their subprocesses' start-up, on checkpoint writes and on each other at the end: with one worker
-    per core, 1.72-1.73 of 2 cores were busy on average (two fresh-clone runs, 2026-12-07)."""
-    return (os.cpu_count() or 1) + 1
-
-
 def pytest_unconfigure(config):
     for proc in _CHILDREN:
         if proc.poll() is None:
