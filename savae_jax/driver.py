@@ -303,10 +303,10 @@ def iterate(key: jax.Array, optimizer: Optimizer, state, images, batch_size: int
     idx, step_keys = _epoch_plan(key, start_step // steps_per_epoch, images.shape[0], batch_size)
     step = make_train_step(optimizer, batch_fn, mesh, axis_name)
 
-    def train_step(state, step_keys, images, idx, i):  # the step's row is sliced on the device
+    def row_step(state, step_keys, images, idx, i):  # the step's row is sliced on the device
         return step(state, step_keys[i], images, idx[i])
 
-    train_step = jax.jit(train_step).lower(state, step_keys, images, idx, np.int32(0)).compile()
+    train_step = jax.jit(row_step).lower(state, step_keys, images, idx, np.int32(0)).compile()
     check_step_memory(train_step)
     return _steps(train_step, key, state, images, batch_size, steps_per_epoch, start_step)
 
